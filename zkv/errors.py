@@ -1,0 +1,123 @@
+"""The one exception family of zkv.
+
+Every error a user can see is a :class:`ZkvError`. Errors cross the wire as a
+``(code, message)`` pair and are rebuilt on the client side as the same class,
+so ``except zkv.NodeUnavailable`` works the same for a local and a remote failure::
+
+    ZkvError                      base of everything zkv raises
+    ├── ProtocolError             BAD_REQUEST   the peer sent bytes that are not a valid request
+    │   ├── UnknownCommand        UNKNOWN_COMMAND
+    │   └── LimitExceeded         TOO_LARGE     a key, value, batch or message over a limit
+    ├── CommandError              BAD_COMMAND   a well-formed request that cannot be done
+    │                                           (e.g. SCAN with an expired cursor)
+    ├── Unavailable               UNAVAILABLE   no answer in time; names the node or proxy
+    │   ├── NodeUnavailable       NODE_DOWN     the node owning the key is marked down
+    │   └── Timeout               TIMEOUT       no reply before the deadline (outcome unknown)
+    ├── StorageError              STORAGE       the node could not make a write durable;
+    │                                           the write was not applied
+    ├── ClusterError              CLUSTER       an admin operation was refused (ADD/REMOVE)
+    ├── InternalError             INTERNAL      a bug: reported, never silent
+    ├── ConfigError               (local)       a bad YAML topology or command-line value
+    └── LogCorruption             (local)       a damaged data file; names file and offset
+
+Lower layers (zmq, cbor2, OSError) are translated at the boundary with
+``raise ... from exc`` so users only ever see this family.
+"""
+
+from __future__ import annotations
+
+
+class ZkvError(Exception):
+    """Base class of every error zkv raises."""
+
+    code = "ERROR"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(ZkvError):
+    code = "BAD_REQUEST"
+
+
+class UnknownCommand(ProtocolError):
+    code = "UNKNOWN_COMMAND"
+
+
+class LimitExceeded(ProtocolError):
+    code = "TOO_LARGE"
+
+
+class CommandError(ZkvError):
+    code = "BAD_COMMAND"
+
+
+class Unavailable(ZkvError):
+    code = "UNAVAILABLE"
+
+
+class NodeUnavailable(Unavailable):
+    code = "NODE_DOWN"
+
+
+class Timeout(Unavailable):
+    code = "TIMEOUT"
+
+
+class StorageError(ZkvError):
+    code = "STORAGE"
+
+
+class ClusterError(ZkvError):
+    code = "CLUSTER"
+
+
+class InternalError(ZkvError):
+    code = "INTERNAL"
+
+
+class ConfigError(ZkvError):
+    code = "CONFIG"
+
+
+class LogCorruption(ZkvError):
+    """A log or snapshot holds a bad record followed by good ones."""
+
+    code = "CORRUPT"
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(
+            f"{path}: corrupt record at byte offset {offset} ({reason}); "
+            "refusing to start. Restart with --repair to keep the good prefix "
+            "(the dropped bytes are saved beside the log)."
+        )
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+_BY_CODE: dict[str, type[ZkvError]] = {}
+
+
+def _register(cls: type[ZkvError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(ZkvError)
+
+
+def error_from_wire(code: str, message: str) -> ZkvError:
+    """Rebuild the exception a peer reported as ``(code, message)``."""
+    cls = _BY_CODE.get(code, ZkvError)
+    if cls is LogCorruption:
+        return ZkvError(message)
+    err = cls(message)
+    if cls is ZkvError:
+        err.code = code
+    return err

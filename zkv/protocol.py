@@ -1,0 +1,291 @@
+"""The zkv wire protocol: bytes in, requests out; results in, bytes out. No I/O.
+
+A message on the wire is a ZeroMQ multipart message. Every frame but the last is
+*routing* (the ROUTER identity, the empty delimiter a REQ socket adds, and any
+opaque tag a pipelining DEALER client puts before the body); replies carry the
+same routing frames back. The last frame is the *body*, one CBOR item:
+
+    request  = [op: text, arg, ...]            e.g. ["SET", b"k", b"v"]
+    reply    = [0, result]                     success
+             | [1, code: text, message: text]  error (see zkv.errors)
+
+Keys and values are CBOR byte strings (text is accepted and UTF-8 encoded).
+:data:`COMMANDS` describes every operation as data: its arguments and whether it
+reads, writes or administers. :func:`parse_request` checks a body against it and
+the configured :class:`Limits`; anything that is not a valid request raises a
+:class:`~zkv.errors.ProtocolError` whose code and message go back to the peer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import translate
+from typing import Any, Iterable
+
+import cbor2
+
+from .errors import LimitExceeded, ProtocolError, UnknownCommand, ZkvError, error_from_wire
+
+OK = 0
+ERR = 1
+
+READ, WRITE, META, ADMIN, INTERNAL = "read", "write", "meta", "admin", "internal"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes a request may have. Enforced at the proxy and at every node."""
+
+    max_key_bytes: int = 64 * 1024
+    max_value_bytes: int = 16 * 1024 * 1024
+    max_batch: int = 10_000  # keys in one MGET/MSET, commands in one PIPE
+    max_frames: int = 8  # frames in one ZeroMQ message, routing included
+    max_message_bytes: int = 64 * 1024 * 1024  # hard cap; larger messages are dropped by ZeroMQ
+
+    def __post_init__(self) -> None:
+        for name in ("max_key_bytes", "max_value_bytes", "max_batch", "max_frames",
+                     "max_message_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Command:
+    """What an operation takes. ``args`` name argument kinds; a trailing ``?`` is optional."""
+
+    name: str
+    kind: str
+    args: tuple[str, ...]
+    help: str
+
+    @property
+    def required(self) -> int:
+        return sum(1 for a in self.args if not a.endswith("?"))
+
+    @property
+    def usage(self) -> str:
+        parts = [a[:-1].join("[]") if a.endswith("?") else a for a in self.args]
+        return " ".join([self.name, *(p.upper() for p in parts)])
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("PING", META, (), "Check the server answers; replies PONG."),
+        Command("INFO", META, (), "Server statistics: keys, memory, log sizes, counters."),
+        Command("GET", READ, ("key",), "Value of KEY, or nil."),
+        Command("EXISTS", READ, ("key",), "1 if KEY exists, else 0."),
+        Command("SET", WRITE, ("key", "value"), "Set KEY to VALUE."),
+        Command("DEL", WRITE, ("key",), "Delete KEY; 1 if it existed, else 0."),
+        Command("MGET", READ, ("keys",), "Values of several keys, in the order asked."),
+        Command("MSET", WRITE, ("pairs",), "Set several keys at once (KEY VALUE ...)."),
+        Command("SCAN", READ, ("cursor", "pattern?", "count?"),
+                "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
+        Command("KEYS", READ, ("pattern?",), "All keys matching a glob PATTERN (default *)."),
+        Command("PIPE", META, ("commands",), "Run several commands in one message."),
+        Command("NODES", META, (), "Cluster members: address, state, keys, ring share."),
+        Command("RING", META, ("key",), "Which node owns KEY, and why."),
+        Command("STATUS", META, (), "Cluster epoch and any move under way."),
+        Command("ADD", ADMIN, ("addr", "options?"), "Add node HOST:PORT and move its share to it."),
+        Command("REMOVE", ADMIN, ("addr", "options?"),
+                "Move the keys of node HOST:PORT away, then drop it."),
+        # Node-to-node and proxy-to-node operations used by rebalancing.
+        Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
+        Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),
+        Command("XEND", INTERNAL, ("any",), "internal: close a move"),
+        Command("XDROP", INTERNAL, ("any",), "internal: drop moved-away ranges"),
+        Command("XSTAT", INTERNAL, ("any?",), "internal: state of moves on a node"),
+    )
+}
+
+# The commands a user types; the internal ones are not advertised.
+USER_COMMANDS = [c for c in COMMANDS.values() if c.kind != INTERNAL]
+
+
+def _as_bytes(value: Any, what: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ProtocolError(f"{what} must be bytes or text, not {type(value).__name__}")
+
+
+def _key(value: Any, limits: Limits) -> bytes:
+    key = _as_bytes(value, "key")
+    if len(key) > limits.max_key_bytes:
+        raise LimitExceeded(f"key of {len(key)} bytes is over the limit of {limits.max_key_bytes}")
+    return key
+
+
+def _value(value: Any, limits: Limits) -> bytes:
+    data = _as_bytes(value, "value")
+    if len(data) > limits.max_value_bytes:
+        raise LimitExceeded(
+            f"value of {len(data)} bytes is over the limit of {limits.max_value_bytes}"
+        )
+    return data
+
+
+def _list(value: Any, what: str, limits: Limits) -> list[Any]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{what} must be an array, not {type(value).__name__}")
+    if not value:
+        raise ProtocolError(f"{what} must not be empty")
+    if len(value) > limits.max_batch:
+        raise LimitExceeded(
+            f"{what} has {len(value)} items, over the batch limit of {limits.max_batch}"
+        )
+    return value
+
+
+def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
+    kind = kind.rstrip("?")
+    if kind == "key":
+        return _key(value, limits)
+    if kind == "value":
+        return _value(value, limits)
+    if kind == "keys":
+        return [_key(k, limits) for k in _list(value, "key list", limits)]
+    if kind == "pairs":
+        items = value
+        if isinstance(items, dict):
+            items = [x for kv in items.items() for x in kv]
+        if not isinstance(items, list) or len(items) % 2:
+            raise ProtocolError("MSET takes an even number of items: KEY VALUE [KEY VALUE ...]")
+        if len(items) // 2 > limits.max_batch:
+            raise LimitExceeded(
+                f"MSET of {len(items) // 2} keys is over the batch limit of {limits.max_batch}"
+            )
+        if not items:
+            raise ProtocolError("MSET needs at least one KEY VALUE pair")
+        return [_key(x, limits) if i % 2 == 0 else _value(x, limits) for i, x in enumerate(items)]
+    if kind == "cursor":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str) or len(value) > 256:
+            raise ProtocolError("cursor must be the text a previous SCAN returned, or 0")
+        return value
+    if kind == "pattern":
+        if value is None:
+            return None
+        return _as_bytes(value, "pattern")
+    if kind == "count":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ProtocolError("count must be a positive integer")
+        return min(value, limits.max_batch)
+    if kind == "addr":
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if not isinstance(value, str):
+            raise ProtocolError("node address must be text HOST:PORT")
+        return value
+    if kind == "options":
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ProtocolError("options must be a map of text keys")
+        return value
+    if kind == "commands":
+        return _list(value, "pipeline", limits)
+    return value  # "any": checked by the receiver
+
+
+def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
+    """Decode and check one request body. Returns ``(op, args)``.
+
+    Raises :class:`ProtocolError` (or a subclass) for anything else.
+    """
+    try:
+        item = cbor2.loads(body)
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise ProtocolError(f"body is not valid CBOR: {exc}") from None
+    return check_request(item, limits)
+
+
+def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
+    """Check an already decoded request (one element of a PIPE, for example)."""
+    if not isinstance(item, list) or not item:
+        raise ProtocolError("request must be a non-empty CBOR array [OP, ARG, ...]")
+    op = item[0]
+    if isinstance(op, bytes):
+        op = op.decode("ascii", "replace")
+    if not isinstance(op, str):
+        raise ProtocolError("request operation must be text")
+    op = op.upper()
+    cmd = COMMANDS.get(op)
+    if cmd is None:
+        raise UnknownCommand(f"unknown command {op[:64]!r}")
+    args = item[1:]
+    if not cmd.required <= len(args) <= len(cmd.args):
+        raise ProtocolError(f"wrong number of arguments for {op}; usage: {cmd.usage}")
+    return op, [_check_arg(kind, a, limits) for kind, a in zip(cmd.args, args)]
+
+
+def encode_request(op: str, *args: Any) -> bytes:
+    return cbor2.dumps([op, *args])
+
+
+def encode_ok(result: Any) -> bytes:
+    return cbor2.dumps([OK, result])
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return cbor2.dumps([ERR, code, message])
+
+
+def encode_exc(exc: ZkvError) -> bytes:
+    return encode_error(exc.code, exc.message)
+
+
+def reply_item(result: Any) -> list[Any]:
+    return [OK, result]
+
+
+def error_item(exc: ZkvError) -> list[Any]:
+    return [ERR, exc.code, exc.message]
+
+
+def result_of(item: Any) -> Any:
+    """The result a decoded reply carries, or raise the error it reports."""
+    if isinstance(item, list) and item:
+        if item[0] == OK and len(item) == 2:
+            return item[1]
+        if item[0] == ERR and len(item) == 3:
+            raise error_from_wire(str(item[1]), str(item[2]))
+    raise ProtocolError(f"malformed reply: {item!r:.80}")
+
+
+def decode_reply(body: bytes) -> Any:
+    """The result carried by a reply body; raises the zkv error it reports."""
+    try:
+        item = cbor2.loads(body)
+    except Exception as exc:
+        raise ProtocolError(f"reply is not valid CBOR: {exc}") from None
+    return result_of(item)
+
+
+def glob_matcher(pattern: bytes | None) -> "re.Pattern[bytes] | None":
+    """A compiled matcher for a Redis-style glob over bytes keys (None matches all)."""
+    if pattern is None or pattern == b"*":
+        return None
+    text = translate(pattern.decode("latin-1"))
+    return re.compile(text.encode("latin-1"), re.DOTALL)
+
+
+def split_routing(frames: list[bytes]) -> tuple[list[bytes], bytes]:
+    """Routing frames and the body of one multipart message."""
+    return frames[:-1], frames[-1]
+
+
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,159 @@
+"""The write-ahead log record codec: items in, bytes out; bytes in, items out. No I/O.
+
+A log (and a snapshot) is a sequence of records::
+
+    record = length: u32 little-endian | crc32(payload): u32 little-endian | payload
+    payload = one CBOR item (never empty)
+
+:func:`encode` frames one item. :class:`LogScan` walks a buffer and yields
+``(offset, item)`` for every whole record; when it stops early it says why in
+:attr:`LogScan.damage`:
+
+* a *torn tail*: the buffer ends inside a record, or the last record is bad and
+  nothing valid follows it. A crash mid-append leaves exactly this; the reader
+  cuts it off.
+* *corruption*: a bad record with at least one valid record after it. That is
+  not what a crash leaves, so the caller must refuse to go on (or repair on an
+  explicit request).
+
+Opening, truncating and renaming files is the storage layer's business.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import cbor2
+
+HEADER = struct.Struct("<II")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 30
+
+# Record kinds (the first element of every payload array).
+SET, DEL, MSET, CHUNK, META = 0, 1, 2, 3, 4
+
+
+def encode(item: Any) -> bytes:
+    """Frame one CBOR item as a log record."""
+    payload = cbor2.dumps(item)
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def encode_payload(payload: bytes) -> bytes:
+    """Frame an already CBOR-encoded payload."""
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Where and why a scan stopped before the end of its buffer."""
+
+    offset: int
+    reason: str
+    corrupt: bool  # True: valid records follow the bad one
+
+    @property
+    def kind(self) -> str:
+        return "corruption" if self.corrupt else "torn tail"
+
+
+def _check(buf: bytes | memoryview, off: int, end: int) -> tuple[int, str]:
+    """Length of the valid record at ``off`` (header included), or 0 and why not."""
+    if end - off < HEADER_SIZE:
+        return 0, f"incomplete header ({end - off} of {HEADER_SIZE} bytes)"
+    length, crc = HEADER.unpack_from(buf, off)
+    if length == 0 or length > MAX_PAYLOAD:
+        return 0, f"impossible record length {length}"
+    stop = off + HEADER_SIZE + length
+    if stop > end:
+        return 0, f"record of {length} bytes runs past the end ({end - off - HEADER_SIZE} left)"
+    if zlib.crc32(buf[off + HEADER_SIZE : stop]) != crc:
+        return 0, "checksum mismatch"
+    return HEADER_SIZE + length, ""
+
+
+def _chain(buf: bytes | memoryview, start: int, end: int) -> tuple[int, int]:
+    """Walk valid records from ``start``: (offset where the chain stops, records walked)."""
+    off, count = start, 0
+    while off < end:
+        size, _ = _check(buf, off, end)
+        if not size:
+            break
+        try:
+            cbor2.loads(buf[off + HEADER_SIZE : off + size])
+        except Exception:
+            break
+        off += size
+        count += 1
+    return off, count
+
+
+# A chain of this many valid records after a bad one is taken as proof of corruption
+# even when it does not reach the end of the buffer (a second, torn, record may end it).
+CORRUPTION_CHAIN = 8
+
+
+def resync(buf: bytes | memoryview, start: int, end: int | None = None) -> int | None:
+    """Offset of the first record after ``start`` that begins a run of valid records
+    reaching the end of the buffer (or of CORRUPTION_CHAIN records), or None.
+
+    Requiring a run, not one lucky record, keeps a value that happens to contain
+    record-like bytes from making a torn tail look like corruption.
+    """
+    end = len(buf) if end is None else end
+    for off in range(start, end - HEADER_SIZE + 1):
+        if _check(buf, off, end)[0]:
+            stop, count = _chain(buf, off, end)
+            if count and (stop == end or count >= CORRUPTION_CHAIN):
+                return off
+    return None
+
+
+class LogScan:
+    """Iterate the records of one buffer; afterwards ``end`` and ``damage`` say how it ended.
+
+    ``end`` is the offset just past the last whole record yielded.
+    """
+
+    def __init__(self, buf: bytes | memoryview, start: int = 0) -> None:
+        self.buf = buf
+        self.start = start
+        self.end = start
+        self.damage: Damage | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        buf, n = self.buf, len(self.buf)
+        off = self.start
+        unpack, crc32, loads = HEADER.unpack_from, zlib.crc32, cbor2.loads
+        mv = memoryview(buf)
+        while off < n:
+            if n - off >= HEADER_SIZE:
+                length, crc = unpack(buf, off)
+                stop = off + HEADER_SIZE + length
+                if 0 < length <= MAX_PAYLOAD and stop <= n:
+                    payload = mv[off + HEADER_SIZE : stop]
+                    if crc32(payload) == crc:
+                        try:
+                            item = loads(payload)
+                        except Exception:
+                            item = _BAD
+                        if item is not _BAD:
+                            yield off, item
+                            off = stop
+                            self.end = off
+                            continue
+            self.damage = self._classify(off, n)
+            return
+
+    def _classify(self, off: int, n: int) -> Damage:
+        size, reason = _check(self.buf, off, n)
+        if size:
+            reason = "payload is not valid CBOR"
+        following = resync(self.buf, off + 1, n)
+        return Damage(off, reason, corrupt=following is not None)
+
+
+_BAD = object()
