@@ -1,0 +1,40 @@
+"""zkv: a sharded, persistent key-value store on ZeroMQ.
+
+``zkv.Client`` talks to a proxy; every error it raises is a ``zkv.ZkvError``.
+"""
+
+from .client import Client
+from .errors import (
+    ClusterError,
+    CommandError,
+    ConfigError,
+    InternalError,
+    LimitExceeded,
+    LogCorruption,
+    NodeUnavailable,
+    ProtocolError,
+    StorageError,
+    Timeout,
+    Unavailable,
+    UnknownCommand,
+    ZkvError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "ClusterError",
+    "CommandError",
+    "ConfigError",
+    "InternalError",
+    "LimitExceeded",
+    "LogCorruption",
+    "NodeUnavailable",
+    "ProtocolError",
+    "StorageError",
+    "Timeout",
+    "Unavailable",
+    "UnknownCommand",
+    "ZkvError",
+]

@@ -72,15 +72,53 @@ def _add_node_parser(sub: Any) -> None:
     p.set_defaults(func=_node)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from .config import ProxyConfig, load_topology, parse_address
+    from .proxy import Proxy
+
+    members: dict[str, float] = {}
+    if args.config:
+        topo = load_topology(args.config)
+        cfg = topo.proxy
+        members = topo.members()
+    else:
+        cfg = ProxyConfig()
+    for text in args.node or []:
+        host, port = parse_address(text, "--node")
+        members[f"{host}:{port}"] = 1.0
+    proxy = Proxy(
+        host=args.host or cfg.host,
+        port=args.port or cfg.port,
+        state_dir=args.state_dir or cfg.state_dir,
+        members=members,
+        vnodes=cfg.vnodes,
+        timeout_ms=args.timeout_ms or cfg.timeout_ms,
+        heartbeat_ms=cfg.heartbeat_ms,
+        heartbeat_misses=cfg.heartbeat_misses,
+        limits=cfg.limits,
+    )
+    proxy.run(on_ready=lambda line: print(line, flush=True))
+    return 0
+
+
+def _add_proxy_parser(sub: Any) -> None:
+    p = sub.add_parser("proxy", help="run the proxy clients connect to")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to bind (default 8000)")
+    p.add_argument("--config", default=None, help="YAML topology (initial membership, settings)")
+    p.add_argument("--state-dir", default=None,
+                   help="where membership and moves are kept (default ./data/proxy)")
+    p.add_argument("--node", action="append", metavar="HOST:PORT",
+                   help="initial member (repeatable); ignored once the state dir has members")
+    p.add_argument("--timeout-ms", type=int, default=None, help="per-request deadline")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_proxy)
+
+
 def _parsers() -> list[Callable[[Any], None]]:
-    parsers: list[Callable[[Any], None]] = [_add_node_parser]
-    for name in ("proxy", "cli", "up", "bench"):
-        try:
-            module = __import__(f"zkv._cmd_{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        parsers.append(module.add_parser)
-    return parsers
+    from . import cli, launch
+
+    return [_add_node_parser, _add_proxy_parser, cli.add_parser, launch.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,314 @@
+"""``zkv cli``: a terminal client in the manner of redis-cli.
+
+    zkv cli                          interactive shell (history, HELP, tab completion)
+    zkv cli SET username Alice       run one command and exit
+    zkv cli --raw GET username       unstyled output, for scripts
+
+Exit status of a one-shot command: 0 on success, 1 when the server answered
+with an error or could not be reached in time, 2 for a usage mistake.
+Arguments are split as a shell does, so quote values with spaces:
+``SET greeting "hello world"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from . import protocol as P
+from .client import Client
+from .errors import ZkvError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+HISTORY = os.path.expanduser("~/.zkv_history")
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
+    """Typed tokens -> (op, args) for Client.call, or UsageError saying what is wrong."""
+    if not tokens:
+        raise UsageError("empty command")
+    op = tokens[0].upper()
+    cmd = P.COMMANDS.get(op)
+    if cmd is None or cmd.kind == P.INTERNAL:
+        raise UsageError(f"unknown command '{tokens[0]}'; type HELP for the list")
+    rest = tokens[1:]
+    kinds = [k.rstrip("?") for k in cmd.args]
+    if kinds in (["keys"], ["pairs"]):
+        if not rest or (kinds == ["pairs"] and len(rest) % 2):
+            raise UsageError(f"usage: {cmd.usage}")
+        return op, [[t.encode() for t in rest]]
+    if kinds[-1:] == ["options"]:
+        return op, _admin_args(cmd, rest)
+    if not cmd.required <= len(rest) <= len(cmd.args):
+        raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
+    args: list[Any] = []
+    for kind, token in zip(kinds, rest):
+        if kind == "count":
+            if not token.isdigit() or int(token) < 1:
+                raise UsageError(f"COUNT must be a positive integer, not {token!r}")
+            args.append(int(token))
+        elif kind in ("cursor", "addr"):
+            args.append(token)
+        else:
+            args.append(token.encode())
+    return op, args
+
+
+def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
+    flags = [t for t in rest if t.startswith("--")]
+    plain = [t for t in rest if not t.startswith("--")]
+    if len(plain) != 1:
+        raise UsageError(f"usage: {cmd.name} HOST:PORT [--dry-run] [--rate KEYS_PER_SECOND]")
+    options: dict[str, Any] = {}
+    for flag in flags:
+        name, _, value = flag[2:].partition("=")
+        if name == "dry-run" and not value:
+            options["dry_run"] = True
+        elif name == "rate" and value.replace(".", "", 1).isdigit():
+            options["rate"] = float(value)
+        else:
+            raise UsageError(f"unknown option {flag!r}; {cmd.name} takes --dry-run and --rate=N")
+    return [plain[0], options]
+
+
+def text(value: bytes) -> str:
+    """A value as the shell shows it: quoted text, or escaped bytes when not UTF-8."""
+    try:
+        return '"' + value.decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
+    except UnicodeDecodeError:
+        return repr(value)[1:]
+
+
+class Printer:
+    """Renders results: rich styling for people, plain lines with --raw."""
+
+    def __init__(self, raw: bool, console: Console | None = None) -> None:
+        self.raw = raw
+        self.console = console or Console(highlight=False, soft_wrap=True)
+
+    def out(self, line: str) -> None:
+        if self.raw:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        else:
+            self.console.print(line, markup=False)
+
+    def value(self, value: bytes | None) -> None:
+        if self.raw:
+            sys.stdout.buffer.write((value or b"") + b"\n")
+            sys.stdout.flush()
+        else:
+            self.console.print("(nil)" if value is None else text(value), style="bold" if value else "dim", markup=False)
+
+    def error(self, exc: ZkvError | UsageError) -> None:
+        code = getattr(exc, "code", "USAGE")
+        if self.raw:
+            sys.stderr.write(f"(error) {code} {exc}\n")
+        else:
+            Console(stderr=True, highlight=False).print(f"(error) {code} {exc}", style="red", markup=False)
+
+    def result(self, op: str, result: Any) -> None:
+        show: Callable[[Any], None] = getattr(self, f"_{op.lower()}", self._default)
+        show(result)
+
+    def _default(self, result: Any) -> None:
+        if isinstance(result, bytes) or result is None:
+            self.value(result)
+        elif isinstance(result, bool) or isinstance(result, int):
+            self.out(str(int(result)) if self.raw else f"(integer) {int(result)}")
+        elif isinstance(result, list):
+            self._list(result)
+        elif isinstance(result, dict):
+            self._mapping(result)
+        else:
+            self.out(str(result))
+
+    _get = _default
+
+    def _list(self, items: list[Any]) -> None:
+        if not items:
+            self.out("" if self.raw else "(empty list)")
+        for i, item in enumerate(items, 1):
+            if self.raw:
+                sys.stdout.buffer.write((item if isinstance(item, bytes) else str(item).encode()) + b"\n")
+                sys.stdout.flush()
+            else:
+                shown = "(nil)" if item is None else text(item) if isinstance(item, bytes) else str(item)
+                self.console.print(f"{i}) {shown}", markup=False)
+
+    def _scan(self, result: Any) -> None:
+        cursor, keys = result
+        self.out(cursor if self.raw else f"cursor: {cursor}")
+        self._list(keys)
+
+    def _mapping(self, data: dict[str, Any], title: str | None = None) -> None:
+        if self.raw:
+            for k, v in data.items():
+                self.out(f"{k}:{v}")
+            return
+        table = Table(title=title, show_header=False, box=None, pad_edge=False)
+        table.add_column(style="cyan")
+        table.add_column()
+        for k, v in data.items():
+            table.add_row(str(k), self._cell(v))
+        self.console.print(table)
+
+    def _cell(self, v: Any) -> str:
+        if isinstance(v, bytes):
+            return text(v)
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={x}" for k, x in v.items())
+        return "-" if v is None else str(v)
+
+    def _info(self, info: dict[str, Any]) -> None:
+        if "nodes" not in info:
+            return self._mapping(info)
+        self._mapping(info["proxy"], title="proxy")
+        self._mapping(info.get("totals", {}), title="totals")
+        for addr, node in info["nodes"].items():
+            self._mapping(node, title=f"node {addr}")
+
+    def _nodes(self, nodes: list[dict[str, Any]]) -> None:
+        if self.raw:
+            for n in nodes:
+                self.out(" ".join(str(n.get(k)) for k in ("address", "state", "keys", "share")))
+            return
+        table = Table(title="nodes")
+        for col in ("address", "state", "keys", "share", "weight", "fsync"):
+            table.add_column(col, justify="right" if col in ("keys", "share", "weight") else "left")
+        for n in nodes:
+            state = n["state"]
+            table.add_row(
+                n["address"],
+                f"[green]{state}[/]" if state == "up" else f"[red]{state}[/]",
+                "-" if n.get("keys") is None else f"{n['keys']:,}",
+                f"{n['share'] * 100:.1f}%",
+                f"{n.get('weight', 1):g}",
+                n.get("fsync") or "-",
+            )
+        self.console.print(table)
+
+    def _ring(self, data: dict[str, Any]) -> None:
+        self._mapping(data)
+
+    def _status(self, data: dict[str, Any]) -> None:
+        self._mapping(data)
+
+
+def help_text(op: str | None = None) -> str:
+    if op:
+        cmd = P.COMMANDS.get(op.upper())
+        if cmd is None or cmd.kind == P.INTERNAL:
+            return f"unknown command '{op}'"
+        return f"{cmd.usage}\n  {cmd.help}"
+    lines = ["Commands (case-insensitive; quote values with spaces as in a shell):"]
+    for cmd in P.USER_COMMANDS:
+        lines.append(f"  {cmd.usage:<42} {cmd.help}")
+    lines.append("  HELP [COMMAND]                             This help.")
+    lines.append("  EXIT | QUIT                                Leave the shell.")
+    return "\n".join(lines)
+
+
+def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
+    """Run one command line; returns its exit status."""
+    if tokens and tokens[0].upper() == "HELP":
+        printer.out(help_text(tokens[1] if len(tokens) > 1 else None))
+        return EXIT_OK
+    try:
+        op, args = parse_command(tokens)
+    except UsageError as exc:
+        printer.error(exc)
+        return EXIT_USAGE
+    try:
+        result = client.call(op, *args)
+    except ZkvError as exc:
+        printer.error(exc)
+        return EXIT_ERROR
+    printer.result(op, result)
+    return EXIT_OK
+
+
+def _setup_readline() -> None:
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - not on every platform
+        return
+    words = [c.name for c in P.USER_COMMANDS] + ["HELP", "EXIT", "QUIT"]
+
+    def complete(prefix: str, state: int) -> str | None:
+        line = readline.get_line_buffer()
+        if " " in line.lstrip():
+            return None
+        matches = [w + " " for w in words if w.startswith(prefix.upper())]
+        return matches[state] if state < len(matches) else None
+
+    readline.set_completer(complete)
+    readline.parse_and_bind("tab: complete")
+    try:
+        readline.read_history_file(HISTORY)
+    except OSError:
+        pass
+    import atexit
+
+    def save() -> None:
+        try:
+            readline.write_history_file(HISTORY)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def shell(client: Client, printer: Printer) -> int:
+    _setup_readline()
+    printer.out(f"zkv cli connected to {client.address}; type HELP for commands, EXIT to leave")
+    prompt = f"zkv {client.address}> "
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            printer.out("")
+            return EXIT_OK
+        except KeyboardInterrupt:
+            printer.out("")
+            continue
+        try:
+            tokens = shlex.split(line)
+        except ValueError as exc:
+            printer.error(UsageError(f"cannot parse the line: {exc}"))
+            continue
+        if not tokens:
+            continue
+        if tokens[0].upper() in ("EXIT", "QUIT"):
+            return EXIT_OK
+        run_one(client, printer, tokens)
+
+
+def main(args: argparse.Namespace) -> int:
+    printer = Printer(args.raw)
+    with Client(args.proxy, timeout=args.timeout) as client:
+        if args.words:
+            return run_one(client, printer, list(args.words))
+        return shell(client, printer)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("cli", help="terminal client (interactive, or one command)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT",
+                   help="the proxy (or a node) to talk to (default 127.0.0.1:8000)")
+    p.add_argument("--raw", action="store_true", help="plain output without styling, for scripts")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",
+                   help="a command to run once, e.g. SET username Alice")
+    p.set_defaults(func=main)

@@ -1,0 +1,124 @@
+"""The proxy's view of the cluster, as data: membership, epoch, node health. No I/O.
+
+:class:`ClusterState` is what the proxy persists in its state directory (as
+JSON, written atomically by the proxy before a change takes effect).
+:class:`Health` turns heartbeat replies and clock ticks, both passed in, into
+each node's up/down state (the Paranoid Pirate pattern of the ZeroMQ Guide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import ClusterError
+from .ring import Ring
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    epoch: int
+    members: dict[str, float]  # address -> weight
+    vnodes: int
+    move: dict[str, Any] | None = None  # an unfinished move, see zkv.rebalance
+
+    def ring(self) -> Ring:
+        return Ring(self.members, self.vnodes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "vnodes": self.vnodes,
+            "members": dict(sorted(self.members.items())),
+            "move": self.move,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> "ClusterState":
+        def bad(what: str) -> ClusterError:
+            return ClusterError(f"{source}: {what}; the proxy's state file is damaged")
+
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise bad(f"not a zkv proxy state (version {STATE_VERSION})")
+        epoch, vnodes, members = data.get("epoch"), data.get("vnodes"), data.get("members")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise bad("epoch must be a non-negative integer")
+        if not isinstance(vnodes, int) or vnodes < 1:
+            raise bad("vnodes must be a positive integer")
+        if not isinstance(members, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+            for k, v in members.items()
+        ):
+            raise bad("members must map HOST:PORT to a positive weight")
+        move = data.get("move")
+        if move is not None and not isinstance(move, dict):
+            raise bad("move must be an object or null")
+        return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move)
+
+    def with_members(self, members: dict[str, float]) -> "ClusterState":
+        return replace(self, epoch=self.epoch + 1, members=dict(members))
+
+    def with_move(self, move: dict[str, Any] | None) -> "ClusterState":
+        return replace(self, move=move)
+
+
+@dataclass
+class NodeHealth:
+    up: bool = False
+    last_seen: float = 0.0
+    last_ping: float = 0.0
+    since: float = 0.0  # when the state last changed
+
+
+@dataclass
+class Health:
+    """Up/down state of every node from heartbeats: a node is up once it answers,
+    and down after ``misses`` heartbeat intervals without any reply."""
+
+    interval: float
+    misses: int
+    nodes: dict[str, NodeHealth] = field(default_factory=dict)
+
+    def track(self, addr: str, now: float) -> None:
+        """Start watching ``addr``; it counts as up until it misses its heartbeats."""
+        self.nodes.setdefault(addr, NodeHealth(up=True, last_seen=now, since=now))
+
+    def forget(self, addr: str) -> None:
+        self.nodes.pop(addr, None)
+
+    def seen(self, addr: str, now: float) -> bool:
+        """A reply came from ``addr``. True when this brings it up."""
+        node = self.nodes.get(addr)
+        if node is None:
+            return False
+        node.last_seen = now
+        if not node.up:
+            node.up, node.since = True, now
+            return True
+        return False
+
+    def due_pings(self, now: float) -> list[str]:
+        """Nodes to send a heartbeat to now."""
+        due = []
+        for addr, node in self.nodes.items():
+            if now - node.last_ping >= self.interval:
+                node.last_ping = now
+                due.append(addr)
+        return due
+
+    def expire(self, now: float) -> list[str]:
+        """Mark down the nodes silent for too long; returns the ones that just went down."""
+        gone = []
+        limit = self.interval * self.misses
+        for addr, node in self.nodes.items():
+            if node.up and now - node.last_seen > limit:
+                node.up, node.since = False, now
+                gone.append(addr)
+        return gone
+
+    def is_up(self, addr: str) -> bool:
+        node = self.nodes.get(addr)
+        return node is not None and node.up

@@ -1,0 +1,52 @@
+"""``zkv up``: start a whole topology (nodes and proxy) under honcho.
+
+Every process gets a prefixed, coloured log stream; Ctrl-C (or SIGTERM) stops
+them all, each shutting down cleanly. ``Procfile`` at the repository root is
+the same launch for ``honcho start``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from .config import Topology, load_topology
+
+DEFAULT_CONFIG = "configs/local.yaml"
+
+
+def commands(topology: Topology, config_path: str, python: str = sys.executable) -> list[tuple[str, str]]:
+    """(name, shell command) for each process of the topology; nodes first."""
+    zkv = f"{shlex.quote(python)} -m zkv"
+    cfg = shlex.quote(config_path)
+    out = [
+        (f"node{i}", f"exec {zkv} node --config {cfg} --host {shlex.quote(n.host)} --port {n.port}")
+        for i, n in enumerate(topology.nodes, 1)
+    ]
+    out.append(("proxy", f"exec {zkv} proxy --config {cfg}"))
+    return out
+
+
+def up(args: argparse.Namespace) -> int:
+    from honcho.manager import Manager
+
+    topology = load_topology(args.config)  # validate before starting anything
+    manager = Manager()
+    for name, cmd in commands(topology, args.config):
+        manager.add_process(name, cmd)
+    print(
+        f"zkv up: {len(topology.nodes)} nodes and a proxy on "
+        f"{topology.proxy.host}:{topology.proxy.port} from {args.config}; Ctrl-C stops them all",
+        flush=True,
+    )
+    manager.loop()
+    return int(manager.returncode or 0)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("up", help="start a topology (nodes and proxy) in the foreground")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                   help=f"YAML topology (default {DEFAULT_CONFIG})")
+    p.set_defaults(func=up)
