@@ -26,12 +26,12 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from .config import FSYNC_POLICIES, NodeConfig, load_topology
+    from .config import FSYNC_POLICIES, NodeConfig, format_address, load_topology
     from .node import Node
 
     if args.config:
         topo = load_topology(args.config)
-        key = f"{args.host}:{args.port}" if args.host and args.port else args.port
+        key = format_address(args.host, args.port) if args.host and args.port else args.port
         if key is None:
             raise ZkvError("--config needs --port (or --host and --port) to pick the node")
         cfg = topo.node(key)
