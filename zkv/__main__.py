@@ -96,6 +96,9 @@ def _proxy(args: argparse.Namespace) -> int:
         heartbeat_ms=cfg.heartbeat_ms,
         heartbeat_misses=cfg.heartbeat_misses,
         limits=cfg.limits,
+        move_batch_keys=cfg.move_batch_keys,
+        move_batch_bytes=cfg.move_batch_bytes,
+        move_rate=cfg.move_rate,
     )
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0

@@ -173,3 +173,69 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return dict(self.call("STATUS"))
+
+    # -- administration ------------------------------------------------------------
+    def add_node(self, address: str, *, weight: float | None = None, dry_run: bool = False,
+                 rate: float | None = None, wait: bool = True,
+                 wait_timeout: float | None = None) -> "dict[str, Any] | MoveHandle":
+        """Add a node and move its share of the keys onto it.
+
+        Waits for the move to finish by default and returns its final status;
+        ``wait=False`` returns a :class:`MoveHandle` at once; ``dry_run`` returns
+        the plan (which share moves from which node to which) and changes nothing.
+        """
+        options: dict[str, Any] = {"dry_run": dry_run}
+        if weight is not None:
+            options["weight"] = weight
+        return self._admin("ADD", address, options, rate, wait, wait_timeout)
+
+    def remove_node(self, address: str, *, dry_run: bool = False, rate: float | None = None,
+                    wait: bool = True,
+                    wait_timeout: float | None = None) -> "dict[str, Any] | MoveHandle":
+        """Move a node's keys to their new owners, then drop it from the ring."""
+        return self._admin("REMOVE", address, {"dry_run": dry_run}, rate, wait, wait_timeout)
+
+    def _admin(self, op: str, address: str, options: dict[str, Any], rate: float | None,
+               wait: bool, wait_timeout: float | None) -> "dict[str, Any] | MoveHandle":
+        if rate is not None:
+            options["rate"] = rate
+        plan: dict[str, Any] = self.call(op, address, options)
+        if plan.get("dry_run"):
+            return plan
+        handle = MoveHandle(self, plan)
+        if not wait:
+            return handle
+        return handle.wait(wait_timeout)
+
+
+class MoveHandle:
+    """A move started by ``add_node``/``remove_node(wait=False)``: follow it or wait for it."""
+
+    def __init__(self, client: Client, plan: dict[str, Any]) -> None:
+        self.client = client
+        self.plan = plan
+        self.id: str | None = plan.get("id")
+
+    def status(self) -> dict[str, Any] | None:
+        """The move's progress, or None once it has finished."""
+        move = self.client.status().get("move")
+        if self.id is None or move is None or move.get("id") != self.id:
+            return None
+        return dict(move)
+
+    def done(self) -> bool:
+        return self.status() is None
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2,
+             on_progress: "Any | None" = None) -> dict[str, Any]:
+        """Block until the move has finished; ``on_progress(status)`` on every poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status is None:
+                return {**self.plan, "finished": True, "epoch": self.client.status()["epoch"]}
+            if on_progress is not None:
+                on_progress(status)
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"move {self.id} still running after {timeout:g}s: {status}")
+            time.sleep(poll)

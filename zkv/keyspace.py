@@ -5,6 +5,13 @@ start, so what recovery produces is by construction what serving produced.
 Live mutations go through :meth:`set`, :meth:`delete` and :meth:`mset`, which
 return the log record to append and remember how to undo themselves until the
 caller commits (see :class:`zkv.storage.Storage`).
+
+While a node receives keys from a rebalancing move, it also keeps *tombstones*:
+keys deleted during the move in the hash ranges it is receiving, so that a copy
+of the key still streaming in from the old owner does not bring it back.
+The move records (``META`` maps with ``open``, ``close`` or ``drop``) pass
+through the log like any other, so a restarted node knows which moves it had
+open and which keys it had deleted.
 """
 
 from __future__ import annotations
@@ -12,18 +19,27 @@ from __future__ import annotations
 from typing import Any
 
 from . import wal
+from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
 
+# XGET answers: whether the key's latest state is known here.
+ABSENT, PRESENT, UNKNOWN = 0, 1, 2
+
 
 class Keyspace:
-    __slots__ = ("data", "live_bytes", "undo")
+    __slots__ = ("data", "live_bytes", "undo", "incoming", "tombstones", "receiving", "undo_tombs")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
         self.live_bytes = 0
         # (key, previous value or MISSING) for every change not yet committed.
         self.undo: list[tuple[bytes, Any]] = []
+        # Open incoming moves: move id -> hash ranges being received.
+        self.incoming: dict[str, RangeSet] = {}
+        self.receiving: RangeSet | None = None  # union of incoming, None when no move is open
+        self.tombstones: set[bytes] = set()
+        self.undo_tombs: list[tuple[bytes, bool]] = []  # (key, was a tombstone before)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -35,10 +51,93 @@ class Keyspace:
 
     def delete(self, key: bytes) -> tuple[bool, bytes | None]:
         """Whether the key existed, and the record to log (None when nothing changed)."""
+        if self.receiving is not None and self.receiving.contains(key_hash(key)):
+            existed = key in self.data
+            if existed:
+                self._drop(key)
+            if key not in self.tombstones:
+                self._tomb(key, True)
+            return existed, wal.encode((wal.DEL, key))
         if key not in self.data:
             return False, None
         self._drop(key)
         return True, wal.encode((wal.DEL, key))
+
+    def state(self, key: bytes) -> tuple[int, bytes | None]:
+        """PRESENT with the value, ABSENT (known deleted or never here), or UNKNOWN
+        (in a range still being received and not written or deleted here yet)."""
+        value = self.data.get(key)
+        if value is not None:
+            return PRESENT, value
+        if key in self.tombstones:
+            return ABSENT, None
+        if self.receiving is not None and self.receiving.contains(key_hash(key)):
+            return UNKNOWN, None
+        return ABSENT, None
+
+    # -- moves ------------------------------------------------------------------
+    def open_move(self, move_id: str, ranges: RangeSet) -> bytes | None:
+        """Start receiving ``ranges``; anything this node held there is stale and goes.
+        Idempotent: None when the move is already open."""
+        if move_id in self.incoming:
+            return None
+        item = (wal.META, {"open": move_id, "ranges": ranges.to_list()})
+        self.apply(item)
+        return wal.encode(item)
+
+    def close_move(self, move_id: str) -> bytes | None:
+        if move_id not in self.incoming:
+            return None
+        item = (wal.META, {"close": move_id})
+        self.apply(item)
+        return wal.encode(item)
+
+    def drop_ranges(self, ranges: RangeSet) -> tuple[int, bytes]:
+        """Forget every key in ``ranges`` (they moved away); how many went, and the record."""
+        before = len(self.data)
+        item = (wal.META, {"drop": ranges.to_list()})
+        self.apply(item)
+        return before - len(self.data), wal.encode(item)
+
+    def absorb(self, move_id: str, pairs: list[Any]) -> tuple[int, bytes | None]:
+        """Apply a batch streamed in by a move: a key is taken only when this node holds
+        no newer state of it (no value written here, no tombstone). Returns how many
+        keys were taken and the record to log."""
+        ranges = self.incoming.get(move_id)
+        if ranges is None:
+            return 0, None
+        taken: list[bytes] = []
+        data, tombs = self.data, self.tombstones
+        for i in range(0, len(pairs) - 1, 2):
+            key, value = pairs[i], pairs[i + 1]
+            if (type(key) is bytes and type(value) is bytes and key not in data
+                    and key not in tombs and ranges.contains(key_hash(key))):
+                taken.append(key)
+                taken.append(value)
+        if not taken:
+            return 0, None
+        return len(taken) // 2, self.mset(taken)
+
+    def keys_in(self, ranges: RangeSet) -> list[bytes]:
+        contains = ranges.contains
+        return [k for k in self.data if contains(key_hash(k))]
+
+    def _rebuild_receiving(self) -> None:
+        union = RangeSet()
+        for r in self.incoming.values():
+            union = union.union(r)
+        self.receiving = None if not self.incoming else union
+        if self.receiving is None:
+            self.tombstones.clear()
+        else:
+            self.tombstones = {k for k in self.tombstones if union.contains(key_hash(k))}
+
+    def _tomb(self, key: bytes, add: bool) -> None:
+        self.undo_tombs.append((key, key in self.tombstones))
+        if add:
+            self.tombstones.add(key)
+        else:
+            self.tombstones.discard(key)
 
     def mset(self, pairs: list[bytes]) -> bytes:
         for i in range(0, len(pairs), 2):
@@ -47,8 +146,15 @@ class Keyspace:
 
     def commit(self) -> None:
         self.undo.clear()
+        self.undo_tombs.clear()
 
     def rollback(self) -> None:
+        for key, was in reversed(self.undo_tombs):
+            if was:
+                self.tombstones.add(key)
+            else:
+                self.tombstones.discard(key)
+        self.undo_tombs.clear()
         data = self.data
         for key, old in reversed(self.undo):
             cur = data.get(key)
@@ -62,6 +168,8 @@ class Keyspace:
         self.undo.clear()
 
     def _put(self, key: bytes, value: bytes) -> None:
+        if self.tombstones and key in self.tombstones:
+            self._tomb(key, False)
         old = self.data.get(key, MISSING)
         self.undo.append((key, old))
         if old is MISSING:
@@ -80,15 +188,21 @@ class Keyspace:
         """Apply one decoded log or snapshot record (no undo: replay is not a transaction)."""
         kind = item[0]
         data = self.data
+        tombs = self.tombstones
         if kind == wal.SET:
             key, value = item[1], item[2]
             old = data.get(key)
             self.live_bytes += len(value) - (len(old) if old is not None else -len(key))
             data[key] = value
+            if tombs:
+                tombs.discard(key)
         elif kind == wal.DEL:
-            old = data.pop(item[1], None)
+            key = item[1]
+            old = data.pop(key, None)
             if old is not None:
-                self.live_bytes -= len(item[1]) + len(old)
+                self.live_bytes -= len(key) + len(old)
+            if self.receiving is not None and self.receiving.contains(key_hash(key)):
+                tombs.add(key)
         elif kind == wal.MSET or kind == wal.CHUNK:
             pairs = item[1]
             for i in range(0, len(pairs), 2):
@@ -96,7 +210,35 @@ class Keyspace:
                 old = data.get(key)
                 self.live_bytes += len(value) - (len(old) if old is not None else -len(key))
                 data[key] = value
+                if tombs:
+                    tombs.discard(key)
+        elif kind == wal.TOMBS:
+            tombs.update(item[1])
         elif kind == wal.META:
-            pass
+            self._apply_meta(item[1])
         else:
             raise ValueError(f"unknown record kind {kind!r}")
+
+    def _apply_meta(self, meta: dict[str, Any]) -> None:
+        if "open" in meta:
+            move_id, ranges = str(meta["open"]), RangeSet.from_list(meta["ranges"])
+            if move_id not in self.incoming:
+                self._forget(self.keys_in(ranges))
+                self.incoming[move_id] = ranges
+                self._rebuild_receiving()
+        elif "close" in meta:
+            if self.incoming.pop(str(meta["close"]), None) is not None:
+                self._rebuild_receiving()
+        elif "drop" in meta:
+            self._forget(self.keys_in(RangeSet.from_list(meta["drop"])))
+        elif "incoming" in meta:  # a snapshot's header
+            self.incoming = {str(k): RangeSet.from_list(v) for k, v in meta["incoming"].items()}
+            self._rebuild_receiving()
+
+    def _forget(self, keys: list[bytes]) -> None:
+        data = self.data
+        for key in keys:
+            self.live_bytes -= len(key) + len(data.pop(key))
+
+    def snapshot_meta(self) -> dict[str, Any]:
+        return {"incoming": {k: v.to_list() for k, v in self.incoming.items()}}

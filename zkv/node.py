@@ -20,7 +20,9 @@ import zmq
 
 from . import protocol as P
 from .errors import CommandError, InternalError, ProtocolError, StorageError, ZkvError
+from .ring import RangeSet
 from .storage import Recovery, Storage
+from .transfer import Incoming, Outgoing, decode_batch
 
 log = logging.getLogger("zkv.node")
 
@@ -95,6 +97,12 @@ class Node:
         self.started = time.monotonic()
         self.recovery: Recovery | None = None
         self._stop = False
+        self._durable = False  # this turn wrote move records: fsync whatever the policy
+        self.pull_endpoint = ""
+        self.outgoing: dict[tuple[str, str], Outgoing] = {}
+        self.pushes: dict[tuple[str, str], zmq.Socket[bytes]] = {}
+        self.incoming: dict[tuple[str, str], Incoming] = {}
+        self.ctx: zmq.Context[Any] | None = None
         self._handlers: dict[str, Callable[[list[Any]], Any]] = {
             "PING": lambda a: "PONG",
             "INFO": lambda a: self.info(),
@@ -107,6 +115,13 @@ class Node:
             "SCAN": self._scan,
             "KEYS": self._keys,
             "PIPE": self._pipe,
+            "XBEGIN": self._xbegin,
+            "XEND": self._xend,
+            "XDROP": self._xdrop,
+            "XSEND": self._xsend,
+            "XSTAT": lambda a: self.move_status(),
+            "XGET": lambda a: list(self.storage.keyspace.state(a[0])),
+            "XDEL": self._xdel,
         }
 
     # -- commands ----------------------------------------------------------
@@ -152,6 +167,127 @@ class Node:
             except ZkvError as exc:
                 out.append(P.error_item(exc))
         return out
+
+    # -- rebalancing (driven by the proxy) --------------------------------------
+    @staticmethod
+    def _move_args(a: list[Any], *fields: str) -> list[Any]:
+        spec = a[0] if a else None
+        if not isinstance(spec, dict) or not all(f in spec for f in fields):
+            raise ProtocolError(f"expected a map with {', '.join(fields)}")
+        try:
+            return [RangeSet.from_list(spec[f]) if f == "ranges" else spec[f] for f in fields]
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+
+    def _log(self, record: bytes | None) -> None:
+        if record is not None:
+            self.storage.pending += record
+            self._durable = True
+
+    def _xbegin(self, a: list[Any]) -> Any:
+        move_id, ranges = self._move_args(a, "id", "ranges")
+        self._log(self.storage.keyspace.open_move(str(move_id), ranges))
+        return {"pull": self.pull_endpoint}
+
+    def _xend(self, a: list[Any]) -> Any:
+        (move_id,) = self._move_args(a, "id")
+        self._log(self.storage.keyspace.close_move(str(move_id)))
+        for key in [k for k in self.incoming if k[0] == move_id]:
+            del self.incoming[key]
+        return "OK"
+
+    def _xdrop(self, a: list[Any]) -> Any:
+        move_id, ranges = self._move_args(a, "id", "ranges")
+        self._stop_outgoing(str(move_id))
+        dropped, record = self.storage.keyspace.drop_ranges(ranges)
+        self._log(record)
+        return dropped
+
+    def _xdel(self, a: list[Any]) -> Any:
+        state, _ = self.storage.keyspace.state(a[0])
+        existed = self._del(a)
+        return [existed, int(state == 2)]
+
+    def _xsend(self, a: list[Any]) -> Any:
+        move_id, dest, pull, ranges, batch_keys, batch_bytes, rate = self._move_args(
+            a, "id", "dest", "pull", "ranges", "batch_keys", "batch_bytes", "rate"
+        )
+        assert self.ctx is not None
+        key = (str(move_id), str(dest))
+        self._close_push(key)
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 4)
+        push.connect(str(pull))
+        keys = self.storage.keyspace.keys_in(ranges)
+        self.pushes[key] = push
+        self.outgoing[key] = Outgoing(
+            str(move_id), self.address, str(dest), keys, int(batch_keys), int(batch_bytes),
+            float(rate) if rate else None, started=time.monotonic(),
+        )
+        return {"keys": len(keys)}
+
+    def _close_push(self, key: tuple[str, str]) -> None:
+        sock = self.pushes.pop(key, None)
+        if sock is not None:
+            sock.close(0)
+        self.outgoing.pop(key, None)
+
+    def _stop_outgoing(self, move_id: str) -> None:
+        for key in [k for k in self.outgoing if k[0] == move_id]:
+            self._close_push(key)
+
+    def move_status(self) -> dict[str, Any]:
+        ks = self.storage.keyspace
+        return {
+            "pull": self.pull_endpoint,
+            "open": sorted(ks.incoming),
+            "tombstones": len(ks.tombstones),
+            "incoming": [
+                {"id": mid, "source": src, **st.status()} for (mid, src), st in self.incoming.items()
+            ],
+            "outgoing": [{"id": mid, **out.status()} for (mid, _), out in self.outgoing.items()],
+        }
+
+    def pump(self, now: float) -> bool:
+        """Send what the outgoing streams may send now; whether any could send more."""
+        busy = False
+        data = self.storage.keyspace.data
+        for key, out in list(self.outgoing.items()):
+            push = self.pushes[key]
+            for _ in range(8):
+                batch = out.next_batch(data, now)
+                if batch is None:
+                    break
+                try:
+                    push.send(batch, zmq.NOBLOCK)
+                except zmq.Again:
+                    out.held = batch
+                    break
+                busy = busy or not out.done
+        return busy
+
+    def receive(self, body: bytes) -> None:
+        """Apply one batch from another node's stream (durably, before it counts)."""
+        try:
+            move_id, source, seq, pairs, final, total = decode_batch(body)
+        except ProtocolError as exc:
+            log.warning("dropped a bad transfer batch: %s", exc)
+            return
+        if move_id not in self.storage.keyspace.incoming:
+            return  # a stream for a move this node does not have open
+        stream = self.incoming.setdefault((move_id, source), Incoming())
+        in_order = stream.accept(seq)
+        taken, record = self.storage.keyspace.absorb(move_id, pairs)
+        self._log(record)
+        self.storage.commit(durable=True)
+        self._durable = False
+        stream.keys += len(pairs) // 2
+        stream.taken += taken
+        stream.bytes += sum(len(x) for x in pairs if isinstance(x, bytes))
+        if final and in_order and not stream.broken:
+            stream.done = stream.keys == total
+            stream.broken = not stream.done
 
     def execute(self, op: str, args: list[Any]) -> Any:
         handler = self._handlers.get(op)
@@ -204,12 +340,15 @@ class Node:
             self.errors += 1
             return [*routing, P.encode_exc(InternalError(f"{type(exc).__name__}: {exc}"))]
 
-    def serve(self, sock: zmq.Socket[bytes]) -> None:
+    def serve(self, sock: zmq.Socket[bytes], pull: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
         storage = self.storage
+        busy = False
         while not self._stop:
-            if poller.poll(100):
+            events = dict(poller.poll(0 if busy else 100))
+            if sock in events:
                 replies = []
                 for _ in range(MAX_BATCH_PER_TURN):
                     try:
@@ -218,14 +357,29 @@ class Node:
                         break
                     replies.append(self.handle(frames))
                 try:
-                    storage.commit()
+                    storage.commit(durable=self._durable)
                 except StorageError as exc:
                     log.error("%s", exc)
                     body = P.encode_exc(exc)
                     replies = [[*r[:-1], body] for r in replies]
+                self._durable = False
                 for reply in replies:
                     sock.send_multipart(reply)
-            storage.tick(time.monotonic())
+            if pull in events:
+                for _ in range(16):
+                    try:
+                        body = pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        self.receive(body)
+                    except StorageError as exc:
+                        log.error("transfer batch not applied: %s", exc)
+                        for stream in self.incoming.values():
+                            stream.broken = True
+            now = time.monotonic()
+            busy = bool(self.outgoing) and self.pump(now)
+            storage.tick(now)
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -237,12 +391,19 @@ class Node:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.ctx = ctx
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 16)
+        pull.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         try:
             sock.bind(f"tcp://{self.host}:{self.port}")
+            pull.bind(f"tcp://{self.host}:*")
         except zmq.ZMQError as exc:
             self.storage.close()
             ctx.destroy(0)
             raise StorageError(f"cannot listen on {self.address}: {exc}") from exc
+        self.pull_endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         rec = self.recovery
@@ -253,11 +414,10 @@ class Node:
         if on_ready:
             on_ready(line)
         try:
-            self.serve(sock)
+            self.serve(sock, pull)
         finally:
             self.storage.close()
-            sock.close(0)
-            ctx.term()
+            ctx.destroy(0)
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
 
 

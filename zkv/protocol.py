@@ -100,6 +100,8 @@ COMMANDS: dict[str, Command] = {
         Command("XEND", INTERNAL, ("any",), "internal: close a move"),
         Command("XDROP", INTERNAL, ("any",), "internal: drop moved-away ranges"),
         Command("XSTAT", INTERNAL, ("any?",), "internal: state of moves on a node"),
+        Command("XGET", INTERNAL, ("key",), "internal: a key's state during a move"),
+        Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
     )
 }
 

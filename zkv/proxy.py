@@ -32,7 +32,11 @@ from .errors import (
     Timeout,
     ZkvError,
 )
-from .ring import Ring, key_hash
+from .config import format_address, parse_address
+from .keyspace import ABSENT, PRESENT, UNKNOWN
+from .mover import MoveDriver, moving_ranges, new_move
+from .planner import moved_fraction, summary
+from .ring import RangeSet, Ring, key_hash
 
 log = logging.getLogger("zkv.proxy")
 
@@ -121,8 +125,14 @@ class Proxy:
         heartbeat_ms: int = 500,
         heartbeat_misses: int = 3,
         limits: P.Limits = P.DEFAULT_LIMITS,
+        move_batch_keys: int = 1000,
+        move_batch_bytes: int = 1 << 20,
+        move_rate: float | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
+        self.move_defaults: dict[str, Any] = {
+            "batch_keys": move_batch_keys, "batch_bytes": move_batch_bytes, "rate": move_rate,
+        }
         self.host, self.port = host, port
         self.state_dir = state_dir
         self.timeout = timeout_ms / 1000.0
@@ -131,6 +141,10 @@ class Proxy:
         self.notes: list[str] = []
         self.state = self._initial_state(members or {}, vnodes)
         self.ring: Ring = self.state.ring()
+        self.moving: RangeSet | None = None  # hash ranges in copy, reads fall back
+        self.old_ring: Ring | None = None
+        self.driver: MoveDriver | None = None
+        self._admin_busy = False
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.front: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         self.links: dict[str, zmq.Socket[bytes]] = {}
@@ -138,6 +152,8 @@ class Proxy:
         self.poller = zmq.Poller()
         self.pending: dict[bytes, tuple[Any, str, int]] = {}
         self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.slow_deadlines: list[tuple[float, bytes]] = []  # admin steps with long deadlines
+        self.timers: list[tuple[float, Callable[[], None]]] = []
         self._seq = 0
         self._stop = False
         self.started = time.monotonic()
@@ -154,6 +170,8 @@ class Proxy:
             "NODES": self._nodes,
             "RING": self._ring,
             "STATUS": lambda r, a: self._answer(r, self.status()),
+            "ADD": self._add,
+            "REMOVE": self._remove,
         }
 
     # -- membership ------------------------------------------------------------
@@ -196,8 +214,13 @@ class Proxy:
         self.health.forget(addr)
 
     # -- sending ---------------------------------------------------------------
-    def _forward(self, addr: str, body: bytes, target: Any, part: int = -1) -> None:
-        """Send ``body`` to node ``addr``; its reply goes to ``target`` (routing or Gather)."""
+    def _forward(self, addr: str, body: bytes, target: Any, part: int = -1,
+                 timeout: float | None = None) -> None:
+        """Send ``body`` to node ``addr``. Its reply goes to ``target``: the client's
+        routing frames (part -1), a callable given the decoded result or error (part
+        -2), or part ``part`` of a Gather."""
+        if addr not in self.links:
+            raise NodeUnavailable(f"node {addr} is not a member")
         if not self.health.is_up(addr):
             raise NodeUnavailable(f"node {addr} is down")
         self._seq += 1
@@ -207,7 +230,10 @@ class Proxy:
         except zmq.Again:
             raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
         self.pending[tag] = (target, addr, part)
-        self.deadlines.append((time.monotonic() + self.timeout, tag))
+        if timeout is None:
+            self.deadlines.append((time.monotonic() + self.timeout, tag))
+        else:
+            self.slow_deadlines.append((time.monotonic() + timeout, tag))
 
     def _answer(self, routing: list[bytes], result: Any) -> None:
         self.front.send_multipart([*routing, P.encode_ok(result)])
@@ -249,7 +275,11 @@ class Proxy:
             body = frames[-1]
             op, args = P.parse_request(body, self.limits)
             if op in SINGLE_KEY:
-                self._forward(self.ring.owner(args[0]), body, routing)
+                key = args[0]
+                if self.moving is not None and self.moving.contains(key_hash(key)):
+                    self._moving(op, args, body, lambda r: self._reply(routing, r))
+                else:
+                    self._forward(self.ring.owner(key), body, routing)
                 return
             handler = self._ops.get(op)
             if handler is None:
@@ -270,6 +300,8 @@ class Proxy:
 
     def _mget(self, routing: list[bytes], args: list[Any]) -> None:
         keys: list[bytes] = args[0]
+        if self.moving is not None:
+            return self._moving_mget(routing, keys)
         groups = self._group(keys)
         order = list(groups.values())
 
@@ -302,6 +334,7 @@ class Proxy:
         items: list[Any] = args[0]
         out: list[Any] = [None] * len(items)
         groups: dict[str, list[int]] = {}
+        parsed: list[tuple[int, str, list[Any]]] = []
         for i, item in enumerate(items):
             try:
                 op, sub = P.check_request(item, self.limits)
@@ -310,9 +343,14 @@ class Proxy:
                 if op == "PING":
                     out[i] = P.reply_item("PONG")
                     continue
+                if self.moving is not None:
+                    parsed.append((i, op, sub))
+                    continue
                 groups.setdefault(self.ring.owner(sub[0]), []).append(i)
             except ZkvError as exc:
                 out[i] = P.error_item(exc)
+        if parsed:
+            return self._moving_pipe(routing, out, parsed)
         order = list(groups.values())
 
         def finish(results: list[Any]) -> Any:
@@ -332,6 +370,7 @@ class Proxy:
         cursor: str = args[0]
         pattern = args[1] if len(args) > 1 else None
         count = args[2] if len(args) > 2 else 1000
+        self._no_listing_during_move()
         members = self.ring.members
         if not members:
             return self._answer(routing, ["0", []])
@@ -358,7 +397,15 @@ class Proxy:
         body = P.encode_request("SCAN", node_cursor, pattern, count)
         self._scatter(routing, {members[idx]: body}, finish)
 
+    def _no_listing_during_move(self) -> None:
+        if self.state.move is not None:
+            raise CommandError(
+                "SCAN and KEYS are not available while a move is under way "
+                "(keys are on two nodes); retry when STATUS shows no move"
+            )
+
     def _keys(self, routing: list[bytes], args: list[Any]) -> None:
+        self._no_listing_during_move()
         body = P.encode_request("KEYS", *args)
 
         def finish(results: list[Any]) -> Any:
@@ -431,7 +478,7 @@ class Proxy:
             "epoch": self.state.epoch,
             "members": dict(self.state.members),
             "vnodes": self.state.vnodes,
-            "move": self.state.move,
+            "move": self.driver.status() if self.driver else None,
             "notes": list(self.notes),
         }
 
@@ -448,6 +495,230 @@ class Proxy:
             "in_flight": len(self.pending),
         }
 
+    # -- keys whose owner is changing (a move in its copy phase) ---------------------
+    def _reply(self, routing: list[bytes], result: Any) -> None:
+        if isinstance(result, ZkvError):
+            self._fail(routing, result)
+        else:
+            self._answer(routing, result)
+
+    def _call(self, addr: str, op: str, args: list[Any], done: Callable[[Any], None],
+              timeout: float | None = None) -> None:
+        """Send a request whose decoded result (or ZkvError) goes to ``done``."""
+        try:
+            self._forward(addr, P.encode_request(op, *args), done, -2, timeout)
+        except ZkvError as exc:
+            done(exc)
+
+    def _moving(self, op: str, args: list[Any], body: bytes, done: Callable[[Any], None]) -> None:
+        """One single-key command on a key that is being moved: writes go to the new
+        owner; reads ask the new owner and fall back to the old one when the new one
+        holds no state of the key yet; a delete leaves a tombstone at the new owner."""
+        key = args[0]
+        new = self.ring.owner(key)
+        assert self.old_ring is not None
+        old = self.old_ring.owner(key)
+        if op == "SET":
+            self._call(new, op, args, done)
+            return
+
+        if op == "DEL":
+            def after_del(result: Any) -> None:
+                if isinstance(result, ZkvError) or result[0] or not result[1]:
+                    done(result if isinstance(result, ZkvError) else int(result[0]))
+                else:  # not here and unknown here: it existed if the old owner had it
+                    self._call(old, "EXISTS", [key], done)
+            self._call(new, "XDEL", [key], after_del)
+            return
+
+        def after_get(result: Any) -> None:
+            if isinstance(result, ZkvError):
+                done(result)
+                return
+            state, value = result
+            if state == UNKNOWN:
+                self._call(old, op, [key], done)
+            elif op == "GET":
+                done(value if state == PRESENT else None)
+            else:
+                done(int(state == PRESENT))
+
+        self._call(new, "XGET", [key], after_get)
+
+    def _join(self, routing: list[bytes], parts: int,
+              finish: Callable[[list[Any]], Any]) -> Callable[[int], Callable[[Any], None]]:
+        """Callbacks for ``parts`` results; ``finish`` runs once all are in."""
+        gather = Gather(routing, parts, finish)
+        return lambda i: (lambda result: self._deliver(gather, i, result))
+
+    def _moving_mget(self, routing: list[bytes], keys: list[bytes]) -> None:
+        def finish(results: list[Any]) -> Any:
+            first_error(results)
+            return results
+
+        slot = self._join(routing, len(keys), finish)
+        for i, key in enumerate(keys):
+            self._moving_or_direct("GET", [key], slot(i))
+
+    def _moving_pipe(self, routing: list[bytes], out: list[Any],
+                     parsed: list[tuple[int, str, list[Any]]]) -> None:
+        """A pipeline while a move is open: each keyed command on its own, in order."""
+        def finish(results: list[Any]) -> Any:
+            for (i, _, _), r in zip(parsed, results):
+                out[i] = P.error_item(r) if isinstance(r, ZkvError) else P.reply_item(r)
+            return out
+
+        slot = self._join(routing, len(parsed), finish)
+        for n, (_, op, sub) in enumerate(parsed):
+            self._moving_or_direct(op, sub, slot(n))
+
+    def _moving_or_direct(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
+        assert self.moving is not None
+        if self.moving.contains(key_hash(args[0])):
+            self._moving(op, args, b"", done)
+        else:
+            self._call(self.ring.owner(args[0]), op, args, done)
+
+    # -- administration: ADD and REMOVE -------------------------------------------
+    def send(self, addr: str, op: str, args: list[Any], done: Callable[[Any], None],
+             timeout: float = 60.0) -> None:
+        """For the move driver: a request to a node, its result to ``done``."""
+        if addr not in self.links:
+            self._connect(addr)
+        self._call(addr, op, args, done, timeout)
+
+    def commit(self, state: ClusterState) -> None:
+        """Persist a new state, then let it take effect."""
+        save_state(self.state_dir, state)
+        self._apply_state(state)
+
+    def _apply_state(self, state: ClusterState) -> None:
+        self.state = state
+        self.ring = state.ring()
+        move = state.move
+        if move is not None and move["phase"] == "copy":
+            self.moving = moving_ranges(move)
+            self.old_ring = Ring(move["old"], state.vnodes)
+        else:
+            self.moving, self.old_ring = None, None
+        wanted = set(state.members) | (set(move["old"]) | set(move["new"]) if move else set())
+        for addr in sorted(wanted - set(self.links)):
+            self._connect(addr)
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.timers.append((time.monotonic() + delay, fn))
+
+    def _run_timers(self, now: float) -> None:
+        due = [fn for when, fn in self.timers if when <= now]
+        if due:
+            self.timers = [(w, f) for w, f in self.timers if w > now]
+            for fn in due:
+                fn()
+
+    def _drop_links(self) -> None:
+        wanted = set(self.state.members)
+        for addr in sorted(set(self.links) - wanted):
+            self._disconnect(addr)
+
+    def _check_admin(self) -> None:
+        if self.driver is not None:
+            m = self.driver.move
+            raise ClusterError(
+                f"a move is under way ({m['kind'].upper()} {m['node']}, phase {m['phase']}); "
+                "wait for it to finish (STATUS shows its progress)"
+            )
+        if self._admin_busy:
+            raise ClusterError("another ADD or REMOVE is being started; try again")
+
+    def _plan_reply(self, new_members: dict[str, float], dry_run: bool) -> dict[str, Any]:
+        old, new = self.state.ring(), Ring(new_members, self.state.vnodes)
+        transfers = summary(old, new) if old.members else []
+        from .planner import plan
+        return {
+            "dry_run": dry_run,
+            "epoch": self.state.epoch,
+            "moved": round(moved_fraction(plan(old, new)), 6) if old.members else 0.0,
+            "transfers": [dict(t) for t in transfers],
+        }
+
+    def _add(self, routing: list[bytes], args: list[Any]) -> None:
+        addr, options = self._admin_target(args)
+        self._check_admin()
+        if addr in self.state.members:
+            raise ClusterError(f"{addr} is already a member; nothing changed")
+        weight = options.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ClusterError("weight must be a positive number")
+        new_members = {**self.state.members, addr: float(weight)}
+        if options.get("dry_run"):
+            return self._answer(routing, self._plan_reply(new_members, True))
+        self._with_live_node(routing, addr, lambda: self._start(routing, "add", addr, new_members,
+                                                                options))
+
+    def _remove(self, routing: list[bytes], args: list[Any]) -> None:
+        addr, options = self._admin_target(args)
+        self._check_admin()
+        if addr not in self.state.members:
+            raise ClusterError(f"{addr} is not a member; nothing changed")
+        if len(self.state.members) == 1:
+            raise ClusterError(f"cannot remove {addr}: it is the last node; nothing changed")
+        new_members = {a: w for a, w in self.state.members.items() if a != addr}
+        if options.get("dry_run"):
+            return self._answer(routing, self._plan_reply(new_members, True))
+        self._with_live_node(routing, addr, lambda: self._start(routing, "remove", addr,
+                                                                new_members, options))
+
+    def _admin_target(self, args: list[Any]) -> tuple[str, dict[str, Any]]:
+        try:
+            host, port = parse_address(args[0], "node address")
+        except ZkvError as exc:
+            raise ClusterError(str(exc)) from None
+        options = args[1] if len(args) > 1 else {}
+        return format_address(host, port), options
+
+    def _with_live_node(self, routing: list[bytes], addr: str, then: Callable[[], None]) -> None:
+        """Run ``then`` once ``addr`` answers a PING; else a clear error, nothing changed."""
+        self._admin_busy = True
+        temporary = addr not in self.links
+        if temporary:
+            self._connect(addr)
+
+        deadline = time.monotonic() + self.timeout
+
+        def answered(result: Any) -> None:
+            if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
+                    and time.monotonic() < deadline):  # the connection is still being made
+                self._later(0.05, lambda: self._call(addr, "PING", [], answered, self.timeout))
+                return
+            self._admin_busy = False
+            if isinstance(result, ZkvError):
+                if temporary and addr in self.links:
+                    self._disconnect(addr)
+                self._fail(routing, ClusterError(
+                    f"node {addr} does not answer ({result}); nothing changed"))
+                return
+            try:
+                then()
+            except ZkvError as exc:
+                self._fail(routing, exc)
+
+        self._call(addr, "PING", [], answered, self.timeout)
+
+    def _start(self, routing: list[bytes], kind: str, addr: str,
+               new_members: dict[str, float], options: dict[str, Any]) -> None:
+        reply = self._plan_reply(new_members, False)
+        if not self.state.members:  # the first node: nothing to move
+            self.commit(self.state.with_members(new_members))
+            reply["epoch"] = self.state.epoch
+            return self._answer(routing, reply)
+        settings = dict(self.move_defaults)
+        settings.update({k: v for k, v in options.items() if k in settings and v is not None})
+        move = new_move(self.state, kind, addr, new_members, settings)
+        self.commit(self.state.with_move(move))
+        self.driver = MoveDriver(self, self.state)
+        reply["id"] = move["id"]
+        self._answer(routing, reply)
+
     # -- replies from nodes ------------------------------------------------------
     def handle_node(self, addr: str, frames: list[bytes], now: float) -> None:
         self.health.seen(addr, now)
@@ -457,30 +728,39 @@ class Proxy:
         if entry is None:
             return  # a late reply to a request that already timed out
         target, _, part = entry
-        if part < 0:
+        if part == -1:
             self.front.send_multipart([*target, frames[2]])
             return
         try:
             result: Any = P.decode_reply(frames[2])
         except ZkvError as exc:
             result = exc
-        self._deliver(target, part, result)
+        if part == -2:
+            target(result)
+        else:
+            self._deliver(target, part, result)
 
     def _expire(self, now: float) -> None:
         deadlines, pending = self.deadlines, self.pending
+        expired = []
         while deadlines and deadlines[0][0] <= now:
-            _, tag = deadlines.popleft()
+            expired.append(deadlines.popleft()[1])
+        if self.slow_deadlines:
+            expired += [tag for when, tag in self.slow_deadlines if when <= now]
+            self.slow_deadlines = [(w, t) for w, t in self.slow_deadlines if w > now]
+        for tag in expired:
             entry = pending.pop(tag, None)
             if entry is not None:
                 self._abandon(entry, Timeout(
-                    f"node {entry[1]} did not answer within {self.timeout * 1000:.0f} ms; "
-                    "the outcome of a write is unknown"
+                    f"node {entry[1]} did not answer in time; the outcome of a write is unknown"
                 ))
 
     def _abandon(self, entry: tuple[Any, str, int], exc: ZkvError) -> None:
         target, _, part = entry
-        if part < 0:
+        if part == -1:
             self._fail(target, exc)
+        elif part == -2:
+            target(exc)
         else:
             self._deliver(target, part, exc)
 
@@ -532,6 +812,13 @@ class Proxy:
             now = time.monotonic()
             self._expire(now)
             self._heartbeat(now)
+            if self.timers:
+                self._run_timers(now)
+            if self.driver is not None:
+                self.driver.tick(now)
+                if self.driver.finished:
+                    self.driver = None
+                    self._drop_links()
             for addr in self.links:
                 up = self.health.is_up(addr)
                 if up and not was_up.get(addr, True):
@@ -553,8 +840,10 @@ class Proxy:
             self.ctx.destroy(0)
             raise ClusterError(f"cannot listen on {self.address}: {exc}") from exc
         self.poller.register(front, zmq.POLLIN)
-        for addr in self.ring.members:
-            self._connect(addr)
+        self._apply_state(self.state)
+        if self.state.move is not None:
+            log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
+            self.driver = MoveDriver(self, self.state)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         line = (

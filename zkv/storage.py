@@ -71,8 +71,10 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, Any]) -> int:
-    """Write ``items`` as a snapshot at ``path`` atomically; returns its size."""
+def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, Any],
+                   tombstones: list[bytes] | None = None) -> int:
+    """Write ``items`` (and the tombstones of open moves) as a snapshot at ``path``
+    atomically; returns its size."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(wal.encode((wal.META, {"snapshot": 1, **meta})))
@@ -87,6 +89,8 @@ def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, 
                 chunk, size = [], 0
         if chunk:
             f.write(wal.encode((wal.CHUNK, chunk)))
+        for i in range(0, len(tombstones or ()), CHUNK_KEYS):
+            f.write(wal.encode((wal.TOMBS, (tombstones or [])[i : i + CHUNK_KEYS])))
         f.write(wal.encode((wal.META, {"end": len(items)})))
         f.flush()
         os.fsync(f.fileno())
@@ -133,6 +137,13 @@ class Storage:
         started = time.monotonic()
         os.makedirs(self.dir, exist_ok=True)
         self._lock()
+        try:
+            return self._recover(started)
+        except BaseException:  # refused (corruption) or failed: give the directory back
+            self._release()
+            raise
+
+    def _recover(self, started: float) -> Recovery:
         report = Recovery()
         for name in os.listdir(self.dir):
             if name.endswith(".tmp"):
@@ -275,8 +286,9 @@ class Storage:
         fsync_dir(self.dir)
 
     # -- writing ----------------------------------------------------------
-    def commit(self) -> None:
-        """Make the pending records as durable as the policy asks, or undo them."""
+    def commit(self, durable: bool = False) -> None:
+        """Make the pending records as durable as the policy asks (or on disk now, with
+        ``durable``: rebalancing records and batches), or undo them."""
         if not self.pending:
             self.keyspace.commit()
             return
@@ -284,7 +296,7 @@ class Storage:
         self.pending.clear()
         try:
             self._write_all(data)
-            if self.fsync == "always":
+            if self.fsync == "always" or durable:
                 os.fdatasync(self.fd)
                 self.fsyncs += 1
             else:
@@ -349,12 +361,14 @@ class Storage:
         self.seq += 1
         self._open_segment(self.seq)
         items = list(self.keyspace.data.items())
+        meta = {"seq": self.seq, **self.keyspace.snapshot_meta()}
+        tombs = list(self.keyspace.tombstones)
         path = os.path.join(self.dir, snapshot_name(self.seq))
         seq = self.seq
 
         def run() -> None:
             try:
-                self._snap_result = (seq, write_snapshot(path, items, {"seq": seq}))
+                self._snap_result = (seq, write_snapshot(path, items, meta, tombs))
             except BaseException as exc:  # reported by _finish_snapshot
                 self._snap_result = exc
 
@@ -391,6 +405,10 @@ class Storage:
                 os.fdatasync(self.fd)
             except OSError as exc:
                 log.error("final fsync of %s failed: %s", self.dir, exc)
+        self._release()
+
+    def _release(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if self._lock_fd >= 0:

@@ -21,6 +21,7 @@ Opening, truncating and renaming files is the storage layer's business.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 30
 
 # Record kinds (the first element of every payload array).
-SET, DEL, MSET, CHUNK, META = 0, 1, 2, 3, 4
+SET, DEL, MSET, CHUNK, META, TOMBS = 0, 1, 2, 3, 4, 5
 
 
 def encode(item: Any) -> bytes:
@@ -149,11 +150,39 @@ class LogScan:
             return
 
     def _classify(self, off: int, n: int) -> Damage:
-        size, reason = _check(self.buf, off, n)
-        if size:
-            reason = "payload is not valid CBOR"
-        following = resync(self.buf, off + 1, n)
-        return Damage(off, reason, corrupt=following is not None)
+        buf = self.buf
+        size, reason = _check(buf, off, n)
+        if size:  # a whole frame around bad CBOR: anything valid starts after it
+            return Damage(off, "payload is not valid CBOR", resync(buf, off + size, n) is not None)
+        if n - off < HEADER_SIZE:
+            return Damage(off, reason, corrupt=False)
+        length, crc = HEADER.unpack_from(buf, off)
+        body = off + HEADER_SIZE
+        item = _item_length(buf, body, n)
+        if item is not None and item == length:
+            # The frame is consistent (a bad byte in the payload or the checksum):
+            # records inside it are its own data, not evidence; look after it.
+            after = body + length
+        elif item is not None and zlib.crc32(buf[body : body + item]) == crc:
+            reason = f"damaged record length {length} (its payload is {item} bytes)"
+            after = body + item
+        elif 0 < length <= MAX_PAYLOAD and body + length > n:
+            # A sane header whose record the buffer ends inside: what a crash
+            # mid-append leaves. Whole records inside it belong to its value.
+            return Damage(off, reason, corrupt=False)
+        else:
+            after = off + 1
+        return Damage(off, reason, corrupt=resync(buf, after, n) is not None)
+
+
+def _item_length(buf: bytes | memoryview, start: int, end: int) -> int | None:
+    """Length of the one CBOR item that starts at ``start``, or None if there is none."""
+    stream = io.BytesIO(buf[start:end])
+    try:
+        cbor2.CBORDecoder(stream).decode()
+    except Exception:
+        return None
+    return stream.tell()
 
 
 _BAD = object()

@@ -1,0 +1,132 @@
+"""Bulk key streams between nodes during a rebalancing move. No sockets.
+
+A source node turns the keys of the hash ranges it hands over into batches
+(:class:`Outgoing`), which its PUSH socket sends to the destination's PULL
+socket. A batch is one CBOR array::
+
+    [move_id, source, seq, pairs, final, total]
+
+``seq`` counts from 0 for each stream; ``final`` marks the last batch and
+``total`` says how many keys the stream carried. The destination tracks each
+stream with :class:`Incoming`: a batch out of order (a restarted source or a
+dropped connection) marks the stream broken so the proxy restarts it; applying
+a batch twice is harmless, because a transferred key is only taken when the
+destination holds no newer state of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from .errors import ProtocolError
+
+
+def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final: bool,
+                 total: int) -> bytes:
+    return cbor2.dumps([move_id, source, seq, pairs, final, total])
+
+
+def decode_batch(body: bytes) -> tuple[str, str, int, list[Any], bool, int]:
+    try:
+        item = cbor2.loads(body)
+    except Exception as exc:
+        raise ProtocolError(f"transfer batch is not valid CBOR: {exc}") from None
+    if (not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str)
+            or not isinstance(item[1], str) or not isinstance(item[2], int)
+            or not isinstance(item[3], list) or not isinstance(item[5], int)):
+        raise ProtocolError("transfer batch must be [move_id, source, seq, pairs, final, total]")
+    return item[0], item[1], item[2], item[3], bool(item[4]), item[5]
+
+
+@dataclass
+class Outgoing:
+    """One stream from this node to a destination: the keys, cut into batches."""
+
+    move_id: str
+    source: str
+    dest: str
+    keys: list[bytes]
+    batch_keys: int = 1000
+    batch_bytes: int = 1 << 20
+    rate: float | None = None  # keys per second
+    started: float = 0.0
+    pos: int = 0
+    seq: int = 0
+    sent_keys: int = 0
+    sent_bytes: int = 0
+    done: bool = False
+    held: bytes | None = None  # a batch the socket would not take yet
+
+    def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
+        """The next batch to send, or None when finished or held back by the rate."""
+        if self.held is not None:
+            batch, self.held = self.held, None
+            return batch
+        if self.done:
+            return None
+        limit = self.batch_keys
+        if self.rate:
+            allowed = int(self.rate * (now - self.started)) + 1 - self.sent_keys
+            remaining = len(self.keys) - self.pos
+            if allowed < min(limit, remaining, max(1, int(self.rate))):
+                return None
+            limit = min(limit, allowed)
+        pairs: list[bytes] = []
+        size = 0
+        keys = self.keys
+        while self.pos < len(keys) and len(pairs) < 2 * limit and size < self.batch_bytes:
+            key = keys[self.pos]
+            self.pos += 1
+            value = data.get(key)
+            if value is None:
+                continue  # dropped or deleted since the list was taken
+            pairs.append(key)
+            pairs.append(value)
+            size += len(key) + len(value)
+        final = self.pos >= len(keys)
+        self.sent_keys += len(pairs) // 2
+        self.sent_bytes += size
+        batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys)
+        self.seq += 1
+        self.done = final
+        return batch
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "dest": self.dest,
+            "total_keys": len(self.keys),
+            "sent_keys": self.sent_keys,
+            "sent_bytes": self.sent_bytes,
+            "done": self.done and self.held is None,
+        }
+
+
+@dataclass
+class Incoming:
+    """What a destination has durably applied of one stream."""
+
+    next_seq: int = 0
+    keys: int = 0  # keys received
+    taken: int = 0  # keys applied (not superseded by newer writes here)
+    bytes: int = 0
+    done: bool = False
+    broken: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def accept(self, seq: int) -> bool:
+        """Whether a batch with ``seq`` continues the stream (seq 0 restarts it)."""
+        if seq == 0:
+            self.next_seq, self.keys, self.taken, self.bytes = 0, 0, 0, 0
+            self.done = self.broken = False
+        if seq != self.next_seq:
+            self.broken = True
+            return False
+        self.next_seq += 1
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"batches": self.next_seq, "keys": self.keys, "taken": self.taken,
+                "bytes": self.bytes, "done": self.done, "broken": self.broken}
