@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import protocol as P
-from .client import Client
+from .client import Client, MoveHandle
 from .errors import ZkvError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -198,11 +198,63 @@ class Printer:
             )
         self.console.print(table)
 
+    def plan(self, op: str, addr: str, plan: dict[str, Any]) -> None:
+        head = "would move" if plan.get("dry_run") else "moving"
+        self.out(f"{op} {addr}: {head} {plan['moved'] * 100:.1f}% of the keys")
+        for t in plan.get("transfers", []):
+            self.out(f"  {t['source']} -> {t['dest']}: {t['fraction'] * 100:.1f}% of the key space")
+
+    def follow(self, handle: MoveHandle) -> dict[str, Any]:
+        """Poll the move's progress into a rich progress display until it finishes."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.fields[total_text]} keys"),
+            TextColumn("{task.fields[mib]:.1f} MiB"), TextColumn("{task.fields[rate]:,.0f} keys/s"),
+            TimeElapsedColumn(),
+        )
+        tasks: dict[tuple[str, str], Any] = {}
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            def update(status: dict[str, Any]) -> None:
+                elapsed = max(status.get("elapsed_s", 0.0), 1e-3)
+                for st in status["streams"]:
+                    pair = (st["source"], st["dest"])
+                    if pair not in tasks:
+                        tasks[pair] = progress.add_task(
+                            f"{st['source']} -> {st['dest']}", total=None,
+                            total_text="?", mib=0.0, rate=0.0)
+                    total = st.get("total")
+                    keys = st["keys"]
+                    if st["done"]:
+                        total = keys if total is None else max(total, keys)
+                    progress.update(
+                        tasks[pair], completed=keys, total=total,
+                        total_text=f"{total:,}" if total is not None else "?",
+                        mib=st["bytes"] / 2**20, rate=keys / elapsed,
+                    )
+            final = handle.wait(on_progress=update)
+            for task in tasks.values():
+                t = progress.tasks[task]
+                progress.update(task, total=t.completed or 1, completed=t.completed or 1)
+        return final
+
     def _ring(self, data: dict[str, Any]) -> None:
         self._mapping(data)
 
     def _status(self, data: dict[str, Any]) -> None:
-        self._mapping(data)
+        move = data.get("move")
+        self._mapping({k: v for k, v in data.items() if k != "move"})
+        if not move:
+            self.out("move: none")
+            return
+        self.out(f"move: {move['kind'].upper()} {move['node']} id={move['id']} "
+                 f"phase={move['phase']} elapsed={move['elapsed_s']}s"
+                 + (f" error={move['error']}" if move.get("error") else ""))
+        for st in move["streams"]:
+            total = "?" if st.get("total") is None else f"{st['total']:,}"
+            self.out(f"  {st['source']} -> {st['dest']}: {st['keys']:,}/{total} keys, "
+                     f"{st['bytes'] / 2**20:.1f} MiB{' done' if st['done'] else ''}")
 
 
 def help_text(op: str | None = None) -> str:
@@ -230,11 +282,36 @@ def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
         printer.error(exc)
         return EXIT_USAGE
     try:
+        if op in ("ADD", "REMOVE"):
+            return run_admin(client, printer, op, args)
         result = client.call(op, *args)
     except ZkvError as exc:
         printer.error(exc)
         return EXIT_ERROR
     printer.result(op, result)
+    if op == "NODES" and not printer.raw:
+        move = client.status().get("move")
+        if move:
+            printer.out(f"move under way: {move['kind'].upper()} {move['node']} "
+                        f"(phase {move['phase']}); STATUS shows its progress")
+    return EXIT_OK
+
+
+def run_admin(client: Client, printer: Printer, op: str, args: list[Any]) -> int:
+    """ADD/REMOVE: show the plan, then follow the move to its end with a progress bar."""
+    plan: dict[str, Any] = client.call(op, *args)
+    printer.plan(op, args[0], plan)
+    if plan.get("dry_run"):
+        return EXIT_OK
+    handle = MoveHandle(client, plan)
+    if handle.id is None:
+        printer.out(f"{op} {args[0]}: done (epoch {plan['epoch']}); there were no keys to move")
+        return EXIT_OK
+    if printer.raw:
+        final = handle.wait()
+    else:
+        final = printer.follow(handle)
+    printer.out(f"{op} {args[0]}: done (epoch {final['epoch']})")
     return EXIT_OK
 
 
