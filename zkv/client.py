@@ -25,12 +25,23 @@ from typing import Any, Iterator, Mapping, Sequence
 import zmq
 
 from . import protocol as P
-from .errors import ProtocolError, Timeout
+from .errors import ConfigError, ProtocolError, Timeout, Unavailable, ZkvError
 
 Key = str | bytes
 Value = str | bytes | int | float
 
 _TAG = struct.Struct("<Q")
+
+
+def _checked_address(address: str) -> str:
+    """``HOST:PORT`` (or ``[IPv6]:PORT``, with an optional ``tcp://``), normalised;
+    ConfigError for anything else, before a socket is made."""
+    from .config import format_address, parse_address
+
+    if not isinstance(address, str):
+        raise ConfigError(f"the address must be text HOST:PORT, not {type(address).__name__}")
+    host, port = parse_address(address.removeprefix("tcp://"), "address")
+    return format_address(host, port)
 
 
 def to_bytes(value: Any, what: str = "value") -> bytes:
@@ -48,8 +59,12 @@ def to_bytes(value: Any, what: str = "value") -> bytes:
 class Client:
     def __init__(self, address: str = "127.0.0.1:8000", timeout: float = 5.0,
                  retries: int = 2) -> None:
-        self.address = address.removeprefix("tcp://")
-        self.timeout = timeout
+        self.address = _checked_address(address)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
+        self.timeout = float(timeout)
         self.retries = retries
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
@@ -62,6 +77,7 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
+            sock.setsockopt(zmq.IPV6, 1)  # "[::1]:8000" as well as IPv4 and names
             sock.connect(f"tcp://{self.address}")
             self._sock = sock
         return self._sock
@@ -82,6 +98,13 @@ class Client:
 
     def _exchange(self, body: bytes) -> bytes:
         """Send one body and wait for its reply, or raise Timeout."""
+        try:
+            return self._send_and_wait(body)
+        except zmq.ZMQError as exc:  # translated at the boundary: one error family
+            self._reset()
+            raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
+
+    def _send_and_wait(self, body: bytes) -> bytes:
         sock = self._socket()
         tag = _TAG.pack(next(self._tags))
         sock.send_multipart([b"", tag, body])
@@ -95,6 +118,50 @@ class Client:
             if len(frames) == 3 and frames[1] == tag:
                 return frames[2]
             # a late reply to an earlier request that timed out: drop it
+
+    def _exchange_many(self, bodies: list[bytes]) -> list[bytes | None]:
+        """Send every body at once (DEALER pipelining) and collect the replies in
+        order; a body with no reply before the deadline gets None."""
+        sock = self._socket()
+        tags = [_TAG.pack(next(self._tags)) for _ in bodies]
+        index = {tag: i for i, tag in enumerate(tags)}
+        for tag, body in zip(tags, bodies):
+            sock.send_multipart([b"", tag, body])
+        replies: list[bytes | None] = [None] * len(bodies)
+        left = len(bodies)
+        deadline = time.monotonic() + self.timeout
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+                self._reset()
+                break
+            frames = sock.recv_multipart()
+            i = index.pop(frames[1], None) if len(frames) == 3 else None
+            if i is not None:
+                replies[i] = frames[2]
+                left -= 1
+        return replies
+
+    def call_many(self, commands: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Send many commands at once, each its own request, all in flight together.
+        Returns each result, or the ZkvError it raised, in order. Nothing is retried."""
+        bodies = [P.encode_request(op, *args) for op, args in commands]
+        out: list[Any] = []
+        for (op, _), reply in zip(commands, self._exchange_many(bodies)):
+            if reply is None:
+                out.append(Timeout(f"no reply from {self.address} within {self.timeout:g}s; "
+                                   f"the outcome of {op} is unknown"))
+                continue
+            try:
+                out.append(P.decode_reply(reply))
+            except ZkvError as exc:
+                out.append(exc)
+        return out
+
+    def pipeline(self) -> "Pipeline":
+        """Queue commands and send them in few messages: ``with c.pipeline() as p:
+        p.set(k, v); p.get(k); results = p.execute()``."""
+        return Pipeline(self)
 
     def call(self, op: str, *args: Any, retry: bool | None = None) -> Any:
         """Send one command; retried on timeout when it is a read (or ``retry=True``)."""
@@ -239,3 +306,88 @@ class MoveHandle:
             if deadline is not None and time.monotonic() > deadline:
                 raise Timeout(f"move {self.id} still running after {timeout:g}s: {status}")
             time.sleep(poll)
+
+
+PIPELINE_CHUNK = 1000  # commands per PIPE message; several messages are in flight at once
+
+
+class Pipeline:
+    """Commands queued on the client and sent together by :meth:`execute`.
+
+    The proxy splits each message per node and merges the replies in order.
+    A pipeline is not a transaction: each command succeeds or fails on its own.
+    Supported: get, set, delete, exists, ping.
+    """
+
+    _CONVERT = {
+        "GET": lambda r: r,
+        "SET": lambda r: r == "OK",
+        "DEL": bool,
+        "EXISTS": bool,
+        "PING": lambda r: r == "PONG",
+    }
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.commands: list[list[Any]] = []
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.commands.clear()
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def get(self, key: Key) -> "Pipeline":
+        self.commands.append(["GET", to_bytes(key, "key")])
+        return self
+
+    def set(self, key: Key, value: Value) -> "Pipeline":
+        self.commands.append(["SET", to_bytes(key, "key"), to_bytes(value)])
+        return self
+
+    def delete(self, key: Key) -> "Pipeline":
+        self.commands.append(["DEL", to_bytes(key, "key")])
+        return self
+
+    def exists(self, key: Key) -> "Pipeline":
+        self.commands.append(["EXISTS", to_bytes(key, "key")])
+        return self
+
+    def ping(self) -> "Pipeline":
+        self.commands.append(["PING"])
+        return self
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued commands; their results in order. With ``raise_on_error``
+        (the default) the first failed command's error is raised after all have
+        run; otherwise errors are returned in place. The queue is emptied."""
+        commands, self.commands = self.commands, []
+        if not commands:
+            return []
+        chunks = [commands[i : i + PIPELINE_CHUNK] for i in range(0, len(commands), PIPELINE_CHUNK)]
+        bodies = [P.encode_request("PIPE", chunk) for chunk in chunks]
+        results: list[Any] = []
+        for chunk, reply in zip(chunks, self.client._exchange_many(bodies)):
+            if reply is None:
+                err = Timeout(f"no reply from {self.client.address} within "
+                              f"{self.client.timeout:g}s; the outcome of the pipeline is unknown")
+                results.extend([err] * len(chunk))
+                continue
+            try:
+                items = P.decode_reply(reply)
+            except ZkvError as exc:
+                results.extend([exc] * len(chunk))
+                continue
+            for cmd, item in zip(chunk, items):
+                try:
+                    results.append(self._CONVERT[cmd[0]](P.result_of(item)))
+                except ZkvError as exc:
+                    results.append(exc)
+        if raise_on_error:
+            for r in results:
+                if isinstance(r, ZkvError):
+                    raise r
+        return results
