@@ -653,7 +653,7 @@ class Proxy:
         if options.get("dry_run"):
             return self._answer(routing, self._plan_reply(new_members, True))
         self._with_live_node(routing, addr, lambda: self._start(routing, "add", addr, new_members,
-                                                                options))
+                                                                options), must_be_empty=True)
 
     def _remove(self, routing: list[bytes], args: list[Any]) -> None:
         addr, options = self._admin_target(args)
@@ -676,8 +676,11 @@ class Proxy:
         options = args[1] if len(args) > 1 else {}
         return format_address(host, port), options
 
-    def _with_live_node(self, routing: list[bytes], addr: str, then: Callable[[], None]) -> None:
-        """Run ``then`` once ``addr`` answers a PING; else a clear error, nothing changed."""
+    def _with_live_node(self, routing: list[bytes], addr: str, then: Callable[[], None],
+                        must_be_empty: bool = False) -> None:
+        """Run ``then`` once ``addr`` answers (INFO); else a clear error, nothing changed.
+        With ``must_be_empty``, a node that holds keys is refused: joining would mix
+        another data set into this cluster's."""
         self._admin_busy = True
         temporary = addr not in self.links
         if temporary:
@@ -688,7 +691,7 @@ class Proxy:
         def answered(result: Any) -> None:
             if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
                     and time.monotonic() < deadline):  # the connection is still being made
-                self._later(0.05, lambda: self._call(addr, "PING", [], answered, self.timeout))
+                self._later(0.05, lambda: self._call(addr, "INFO", [], answered, self.timeout))
                 return
             self._admin_busy = False
             if isinstance(result, ZkvError):
@@ -697,12 +700,20 @@ class Proxy:
                 self._fail(routing, ClusterError(
                     f"node {addr} does not answer ({result}); nothing changed"))
                 return
+            keys = result.get("keys", 0) if isinstance(result, dict) else 0
+            if must_be_empty and keys:
+                if temporary and addr in self.links:
+                    self._disconnect(addr)
+                self._fail(routing, ClusterError(
+                    f"node {addr} already holds {keys} keys; a node must be empty to join "
+                    "(start it with a new data directory); nothing changed"))
+                return
             try:
                 then()
             except ZkvError as exc:
                 self._fail(routing, exc)
 
-        self._call(addr, "PING", [], answered, self.timeout)
+        self._call(addr, "INFO", [], answered, self.timeout)
 
     def _start(self, routing: list[bytes], kind: str, addr: str,
                new_members: dict[str, float], options: dict[str, Any]) -> None:
