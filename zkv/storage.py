@@ -76,6 +76,18 @@ def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, 
     """Write ``items`` (and the tombstones of open moves) as a snapshot at ``path``
     atomically; returns its size."""
     tmp = path + ".tmp"
+    try:
+        return _write_snapshot(path, tmp, items, meta, tombstones)
+    except BaseException:
+        try:  # a full disk must not stay fuller because of a half snapshot
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_snapshot(path: str, tmp: str, items: list[tuple[bytes, bytes]],
+                    meta: dict[str, Any], tombstones: list[bytes] | None) -> int:
     with open(tmp, "wb") as f:
         f.write(wal.encode((wal.META, {"snapshot": 1, **meta})))
         chunk: list[bytes] = []
