@@ -77,8 +77,9 @@ class Keyspace:
 
     # -- moves ------------------------------------------------------------------
     def open_move(self, move_id: str, ranges: RangeSet) -> bytes | None:
-        """Start receiving ``ranges``; anything this node held there is stale and goes.
-        Idempotent: None when the move is already open."""
+        """Start receiving ``ranges`` (deletes there now leave tombstones). Idempotent:
+        None when the move is already open. Keys this node already held in ``ranges``
+        are stale; the node forgets them (:meth:`forget`) before the move's copy starts."""
         if move_id in self.incoming:
             return None
         item = (wal.META, {"open": move_id, "ranges": ranges.to_list()})
@@ -92,12 +93,13 @@ class Keyspace:
         self.apply(item)
         return wal.encode(item)
 
-    def drop_ranges(self, ranges: RangeSet) -> tuple[int, bytes]:
-        """Forget every key in ``ranges`` (they moved away); how many went, and the record."""
-        before = len(self.data)
-        item = (wal.META, {"drop": ranges.to_list()})
-        self.apply(item)
-        return before - len(self.data), wal.encode(item)
+    def forget(self, keys: list[bytes]) -> bytes | None:
+        """Drop keys that moved away (or are stale); the record to log, if any went.
+        Unlike a delete this leaves no tombstone."""
+        gone = [k for k in keys if k in self.data]
+        for key in gone:
+            self._drop(key)
+        return wal.encode((wal.DROP, gone)) if gone else None
 
     def absorb(self, move_id: str, pairs: list[Any]) -> tuple[int, bytes | None]:
         """Apply a batch streamed in by a move: a key is taken only when this node holds
@@ -118,9 +120,6 @@ class Keyspace:
             return 0, None
         return len(taken) // 2, self.mset(taken)
 
-    def keys_in(self, ranges: RangeSet) -> list[bytes]:
-        contains = ranges.contains
-        return [k for k in self.data if contains(key_hash(k))]
 
     def _rebuild_receiving(self) -> None:
         union = RangeSet()
@@ -212,6 +211,11 @@ class Keyspace:
                 data[key] = value
                 if tombs:
                     tombs.discard(key)
+        elif kind == wal.DROP:
+            for key in item[1]:
+                old = data.pop(key, None)
+                if old is not None:
+                    self.live_bytes -= len(key) + len(old)
         elif kind == wal.TOMBS:
             tombs.update(item[1])
         elif kind == wal.META:
@@ -223,22 +227,15 @@ class Keyspace:
         if "open" in meta:
             move_id, ranges = str(meta["open"]), RangeSet.from_list(meta["ranges"])
             if move_id not in self.incoming:
-                self._forget(self.keys_in(ranges))
                 self.incoming[move_id] = ranges
                 self._rebuild_receiving()
         elif "close" in meta:
             if self.incoming.pop(str(meta["close"]), None) is not None:
                 self._rebuild_receiving()
-        elif "drop" in meta:
-            self._forget(self.keys_in(RangeSet.from_list(meta["drop"])))
         elif "incoming" in meta:  # a snapshot's header
             self.incoming = {str(k): RangeSet.from_list(v) for k, v in meta["incoming"].items()}
             self._rebuild_receiving()
 
-    def _forget(self, keys: list[bytes]) -> None:
-        data = self.data
-        for key in keys:
-            self.live_bytes -= len(key) + len(data.pop(key))
 
     def snapshot_meta(self) -> dict[str, Any]:
         return {"incoming": {k: v.to_list() for k, v in self.incoming.items()}}

@@ -95,6 +95,7 @@ class MoveDriver:
         self.progress: dict[tuple[str, str], dict[str, Any]] = {}
         self.sent_at: dict[tuple[str, str], float] = {}
         self.done_streams: set[tuple[str, str]] = set()
+        self.dropped: set[str] = set()  # sources that finished forgetting what they sent
         self.finished = False
 
     # -- helpers ----------------------------------------------------------------
@@ -162,26 +163,39 @@ class MoveDriver:
             return
         self.next_at = now + POLL_INTERVAL
         if self.phase == "prepare":
-            self._open(lambda: self._set_phase("copy"))
+            self._open(lambda: self._set_phase("copy"), purge=True)
         elif self.phase == "copy":
             if not self.pulls:
-                self._open(lambda: None)
+                self._open(lambda: None, purge=False)
             else:
                 self._copy(now)
         elif self.phase == "cleanup":
             self._cleanup()
 
-    def _open(self, then: Callable[[], None]) -> None:
+    def _open(self, then: Callable[[], None], purge: bool) -> None:
+        """XBEGIN at every destination (idempotent; it also tells us their PULL
+        endpoints). In prepare it purges stale keys a bounded step per request,
+        so it is repeated until every destination says it is ready."""
         dests = sorted({t.dest for t in self.transfers})
+        unready: list[str] = []
 
         def got(addr: str, result: Any) -> None:
             if isinstance(result, dict) and isinstance(result.get("pull"), str):
                 self.pulls[addr] = result["pull"]
+                if not result.get("ready", True):
+                    unready.append(addr)
+
+        def after() -> None:
+            if unready:
+                self.next_at = 0.0  # more purging to do: go again at once
+            else:
+                then()
 
         self._step(
-            [(d, "XBEGIN", [{"id": self.move["id"], "ranges": self._dest_ranges(d).to_list()}])
+            [(d, "XBEGIN", [{"id": self.move["id"], "ranges": self._dest_ranges(d).to_list(),
+                             "purge": purge}])
              for d in dests],
-            got, then,
+            got, after,
         )
 
     def _send(self, t: Transfer) -> list[tuple[str, str, list[Any]]]:
@@ -243,12 +257,22 @@ class MoveDriver:
             self._set_phase("cleanup")
 
     def _cleanup(self) -> None:
-        sources = sorted({t.source for t in self.transfers})
+        """Sources forget what they handed over (a bounded step per XDROP, repeated
+        until done); then destinations close the move and the record goes."""
+        sources = sorted({t.source for t in self.transfers} - self.dropped)
+        if sources:
+            def got(addr: str, result: Any) -> None:
+                if isinstance(result, dict) and result.get("done"):
+                    self.dropped.add(addr)
+
+            def again() -> None:
+                self.next_at = 0.0
+
+            self._step([(s, "XDROP", [{"id": self.move["id"],
+                                       "ranges": self._source_ranges(s).to_list()}])
+                        for s in sources], got, again)
+            return
         dests = sorted({t.dest for t in self.transfers})
-        requests = [(s, "XDROP", [{"id": self.move["id"],
-                                   "ranges": self._source_ranges(s).to_list()}])
-                    for s in sources]
-        requests += [(d, "XEND", [{"id": self.move["id"]}]) for d in dests]
 
         def finish() -> None:
             self.state = self.state.with_move(None)
@@ -256,7 +280,8 @@ class MoveDriver:
             self.finished = True
             log.info("move %s finished", self.move["id"])
 
-        self._step(requests, lambda a, r: None, finish)
+        self._step([(d, "XEND", [{"id": self.move["id"]}]) for d in dests],
+                   lambda a, r: None, finish)
 
     def status(self) -> dict[str, Any]:
         streams = []

@@ -22,7 +22,7 @@ from . import protocol as P
 from .errors import CommandError, InternalError, ProtocolError, StorageError, ZkvError
 from .ring import RangeSet
 from .storage import Recovery, Storage
-from .transfer import Incoming, Outgoing, decode_batch
+from .transfer import Incoming, Outgoing, RangeScan, decode_batch
 
 log = logging.getLogger("zkv.node")
 
@@ -102,6 +102,8 @@ class Node:
         self.outgoing: dict[tuple[str, str], Outgoing] = {}
         self.pushes: dict[tuple[str, str], zmq.Socket[bytes]] = {}
         self.incoming: dict[tuple[str, str], Incoming] = {}
+        self.jobs: dict[tuple[str, str], RangeScan] = {}
+        self.finished_jobs: set[tuple[str, str]] = set()
         self.ctx: zmq.Context[Any] | None = None
         self._handlers: dict[str, Callable[[list[Any]], Any]] = {
             "PING": lambda a: "PONG",
@@ -184,10 +186,30 @@ class Node:
             self.storage.pending += record
             self._durable = True
 
+    def _chunked(self, kind: str, move_id: str, ranges: RangeSet) -> tuple[int, bool]:
+        """One bounded step of forgetting the keys of ``ranges``: (keys gone, finished).
+        A scan runs over several requests so that serving never stalls on a big node."""
+        ks = self.storage.keyspace
+        job = self.jobs.get((kind, move_id))
+        if job is None:
+            if (kind, move_id) in self.finished_jobs:
+                return 0, True
+            job = self.jobs[(kind, move_id)] = RangeScan(list(ks.data), ranges)
+        gone = job.step()
+        self._log(ks.forget(gone))
+        if job.done:
+            del self.jobs[(kind, move_id)]
+            self.finished_jobs.add((kind, move_id))
+        return len(gone), job.done
+
     def _xbegin(self, a: list[Any]) -> Any:
-        move_id, ranges = self._move_args(a, "id", "ranges")
-        self._log(self.storage.keyspace.open_move(str(move_id), ranges))
-        return {"pull": self.pull_endpoint}
+        move_id, ranges, purge = self._move_args(a, "id", "ranges", "purge")
+        move_id = str(move_id)
+        self._log(self.storage.keyspace.open_move(move_id, ranges))
+        ready = True
+        if purge:  # before the copy starts: keys already here in these ranges are stale
+            _, ready = self._chunked("purge", move_id, ranges)
+        return {"pull": self.pull_endpoint, "ready": ready}
 
     def _xend(self, a: list[Any]) -> Any:
         (move_id,) = self._move_args(a, "id")
@@ -199,9 +221,8 @@ class Node:
     def _xdrop(self, a: list[Any]) -> Any:
         move_id, ranges = self._move_args(a, "id", "ranges")
         self._stop_outgoing(str(move_id))
-        dropped, record = self.storage.keyspace.drop_ranges(ranges)
-        self._log(record)
-        return dropped
+        dropped, done = self._chunked("drop", str(move_id), ranges)
+        return {"dropped": dropped, "done": done}
 
     def _xdel(self, a: list[Any]) -> Any:
         state, _ = self.storage.keyspace.state(a[0])
@@ -219,13 +240,13 @@ class Node:
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 4)
         push.connect(str(pull))
-        keys = self.storage.keyspace.keys_in(ranges)
+        scan = RangeScan(list(self.storage.keyspace.data), ranges)
         self.pushes[key] = push
         self.outgoing[key] = Outgoing(
-            str(move_id), self.address, str(dest), keys, int(batch_keys), int(batch_bytes),
+            str(move_id), self.address, str(dest), scan, int(batch_keys), int(batch_bytes),
             float(rate) if rate else None, started=time.monotonic(),
         )
-        return {"keys": len(keys)}
+        return "OK"
 
     def _close_push(self, key: tuple[str, str]) -> None:
         sock = self.pushes.pop(key, None)
@@ -250,12 +271,13 @@ class Node:
         }
 
     def pump(self, now: float) -> bool:
-        """Send what the outgoing streams may send now; whether any could send more."""
+        """Send what the outgoing streams may send now; whether any has work it could
+        do right away (so the loop should not sleep)."""
         busy = False
         data = self.storage.keyspace.data
         for key, out in list(self.outgoing.items()):
             push = self.pushes[key]
-            for _ in range(8):
+            for _ in range(4):
                 batch = out.next_batch(data, now)
                 if batch is None:
                     break
@@ -264,30 +286,40 @@ class Node:
                 except zmq.Again:
                     out.held = batch
                     break
-                busy = busy or not out.done
+            busy = busy or not (out.done or out.throttled or out.held is not None)
         return busy
 
-    def receive(self, body: bytes) -> None:
-        """Apply one batch from another node's stream (durably, before it counts)."""
+    def receive(self, bodies: list[bytes]) -> None:
+        """Apply batches from other nodes' streams; they count (in XSTAT) only once
+        the one fsync that covers them all is done."""
+        counted = []
+        for body in bodies:
+            try:
+                move_id, source, seq, pairs, final, total = decode_batch(body)
+            except ProtocolError as exc:
+                log.warning("dropped a bad transfer batch: %s", exc)
+                continue
+            if move_id not in self.storage.keyspace.incoming:
+                continue  # a stream for a move this node does not have open
+            stream = self.incoming.setdefault((move_id, source), Incoming())
+            in_order = stream.accept(seq)
+            taken, record = self.storage.keyspace.absorb(move_id, pairs)
+            if record is not None:
+                self.storage.pending += record
+            counted.append((stream, in_order, pairs, taken, final, total))
         try:
-            move_id, source, seq, pairs, final, total = decode_batch(body)
-        except ProtocolError as exc:
-            log.warning("dropped a bad transfer batch: %s", exc)
-            return
-        if move_id not in self.storage.keyspace.incoming:
-            return  # a stream for a move this node does not have open
-        stream = self.incoming.setdefault((move_id, source), Incoming())
-        in_order = stream.accept(seq)
-        taken, record = self.storage.keyspace.absorb(move_id, pairs)
-        self._log(record)
-        self.storage.commit(durable=True)
-        self._durable = False
-        stream.keys += len(pairs) // 2
-        stream.taken += taken
-        stream.bytes += sum(len(x) for x in pairs if isinstance(x, bytes))
-        if final and in_order and not stream.broken:
-            stream.done = stream.keys == total
-            stream.broken = not stream.done
+            self.storage.commit(durable=True)
+        except StorageError:
+            for stream, *_ in counted:
+                stream.broken = True
+            raise
+        for stream, in_order, pairs, taken, final, total in counted:
+            stream.keys += len(pairs) // 2
+            stream.taken += taken
+            stream.bytes += sum(len(x) for x in pairs if isinstance(x, bytes))
+            if final and in_order and not stream.broken:
+                stream.done = stream.keys == total
+                stream.broken = not stream.done
 
     def execute(self, op: str, args: list[Any]) -> Any:
         handler = self._handlers.get(op)
@@ -366,17 +398,16 @@ class Node:
                 for reply in replies:
                     sock.send_multipart(reply)
             if pull in events:
-                for _ in range(16):
+                bodies = []
+                for _ in range(8):
                     try:
-                        body = pull.recv(zmq.NOBLOCK)
+                        bodies.append(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    try:
-                        self.receive(body)
-                    except StorageError as exc:
-                        log.error("transfer batch not applied: %s", exc)
-                        for stream in self.incoming.values():
-                            stream.broken = True
+                try:
+                    self.receive(bodies)
+                except StorageError as exc:
+                    log.error("transfer batches not applied: %s", exc)
             now = time.monotonic()
             busy = bool(self.outgoing) and self.pump(now)
             storage.tick(now)

@@ -22,6 +22,34 @@ from typing import Any
 import cbor2
 
 from .errors import ProtocolError
+from .ring import RangeSet, key_hash
+
+SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
+
+
+class RangeScan:
+    """Finds the keys of some hash ranges a bounded step at a time.
+
+    It walks a list of the keys taken when it started (cheap: no hashing), so the
+    node can interleave the hashing with serving requests. Keys of these ranges
+    are not written on this node while the scan runs (the proxy routes them
+    elsewhere), so the list cannot miss one that matters.
+    """
+
+    def __init__(self, keys: list[bytes], ranges: RangeSet) -> None:
+        self.keys = keys
+        self.ranges = ranges
+        self.pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.keys)
+
+    def step(self, limit: int = SCAN_STEP) -> list[bytes]:
+        contains = self.ranges.contains
+        chunk = self.keys[self.pos : self.pos + limit]
+        self.pos += len(chunk)
+        return [k for k in chunk if contains(key_hash(k))]
 
 
 def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final: bool,
@@ -48,7 +76,7 @@ class Outgoing:
     move_id: str
     source: str
     dest: str
-    keys: list[bytes]
+    scan: RangeScan
     batch_keys: int = 1000
     batch_bytes: int = 1 << 20
     rate: float | None = None  # keys per second
@@ -58,10 +86,14 @@ class Outgoing:
     sent_keys: int = 0
     sent_bytes: int = 0
     done: bool = False
+    throttled: bool = False  # the rate limit holds the next batch back
     held: bytes | None = None  # a batch the socket would not take yet
+    found: list[bytes] = field(default_factory=list)  # matched keys not yet sent
+    matched: int = 0
 
     def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
-        """The next batch to send, or None when finished or held back by the rate."""
+        """The next batch to send, or None (finished, throttled, or still scanning)."""
+        self.throttled = False
         if self.held is not None:
             batch, self.held = self.held, None
             return batch
@@ -70,23 +102,31 @@ class Outgoing:
         limit = self.batch_keys
         if self.rate:
             allowed = int(self.rate * (now - self.started)) + 1 - self.sent_keys
-            remaining = len(self.keys) - self.pos
-            if allowed < min(limit, remaining, max(1, int(self.rate))):
+            if allowed < min(limit, max(1, int(self.rate))):
+                self.throttled = True
                 return None
             limit = min(limit, allowed)
+        while len(self.found) < limit and not self.scan.done:
+            more = self.scan.step()
+            self.matched += len(more)
+            self.found.extend(more)
+            if len(self.found) < limit and not self.scan.done:
+                return None  # one scan step a call: let the node serve in between
         pairs: list[bytes] = []
         size = 0
-        keys = self.keys
-        while self.pos < len(keys) and len(pairs) < 2 * limit and size < self.batch_bytes:
-            key = keys[self.pos]
-            self.pos += 1
+        taken = 0
+        for key in self.found:
+            if len(pairs) >= 2 * limit or size >= self.batch_bytes:
+                break
+            taken += 1
             value = data.get(key)
             if value is None:
-                continue  # dropped or deleted since the list was taken
+                continue  # dropped or deleted since the scan found it
             pairs.append(key)
             pairs.append(value)
             size += len(key) + len(value)
-        final = self.pos >= len(keys)
+        del self.found[:taken]
+        final = self.scan.done and not self.found
         self.sent_keys += len(pairs) // 2
         self.sent_bytes += size
         batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys)
@@ -97,7 +137,7 @@ class Outgoing:
     def status(self) -> dict[str, Any]:
         return {
             "dest": self.dest,
-            "total_keys": len(self.keys),
+            "total_keys": self.matched if self.scan.done else None,
             "sent_keys": self.sent_keys,
             "sent_bytes": self.sent_bytes,
             "done": self.done and self.held is None,

@@ -34,7 +34,7 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 30
 
 # Record kinds (the first element of every payload array).
-SET, DEL, MSET, CHUNK, META, TOMBS = 0, 1, 2, 3, 4, 5
+SET, DEL, MSET, CHUNK, META, TOMBS, DROP = 0, 1, 2, 3, 4, 5, 6
 
 
 def encode(item: Any) -> bytes:
@@ -177,7 +177,7 @@ class LogScan:
 
 def _item_length(buf: bytes | memoryview, start: int, end: int) -> int | None:
     """Length of the one CBOR item that starts at ``start``, or None if there is none."""
-    stream = io.BytesIO(buf[start:end])
+    stream = io.BytesIO(buf[start : min(end, start + MAX_PAYLOAD)])
     try:
         cbor2.CBORDecoder(stream).decode()
     except Exception:
