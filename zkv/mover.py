@@ -24,6 +24,7 @@ callback for the reply) and to ``commit`` a new state.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Protocol
 
@@ -38,6 +39,9 @@ POLL_INTERVAL = 0.25
 RETRY_INTERVAL = 1.0
 RESTART_GRACE = 2.0  # a stream the source finished but the destination did not: restart after this
 STEP_TIMEOUT = 60.0
+# Seconds to wait on entering each phase before its first step. Zero in production;
+# the fault tests set it to kill processes at a known phase of a move.
+PHASE_PAUSE = float(os.environ.get("ZKV_MOVE_PHASE_PAUSE", "0") or 0)
 
 
 class Shell(Protocol):
@@ -89,7 +93,6 @@ class MoveDriver:
         self.move: dict[str, Any] = state.move
         self.transfers = transfers_of(self.move)
         self.waiting = 0  # replies outstanding for the current step
-        self.next_at = 0.0
         self.error: str | None = None
         self.pulls: dict[str, str] = {}
         self.progress: dict[tuple[str, str], dict[str, Any]] = {}
@@ -97,6 +100,7 @@ class MoveDriver:
         self.done_streams: set[tuple[str, str]] = set()
         self.dropped: set[str] = set()  # sources that finished forgetting what they sent
         self.finished = False
+        self.next_at = time.monotonic() + PHASE_PAUSE
 
     # -- helpers ----------------------------------------------------------------
     @property
@@ -155,6 +159,7 @@ class MoveDriver:
         self.state = state.with_move(move)
         self.move = move
         self.shell.commit(self.state)
+        self.next_at = time.monotonic() + PHASE_PAUSE
         log.info("move %s: %s", move["id"], phase)
 
     # -- phases --------------------------------------------------------------------
