@@ -33,11 +33,12 @@ def free_port() -> int:
 class Proc:
     """A zkv process started by a test, with its output collected in the background."""
 
-    def __init__(self, args: list[str], cwd: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cwd: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.args = args
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "zkv", *args],
+            [*(prefix or []), sys.executable, "-m", "zkv", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -194,3 +195,213 @@ def raw(zctx: zmq.Context[Any]) -> Iterator[Any]:
     finally:
         for r in made:
             r.close()
+
+
+# -- whole clusters from a YAML topology ---------------------------------------------
+
+
+def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.05,
+               what: str = "the condition") -> Any:
+    """Call ``check()`` until it returns something truthy; its last error or falsy
+    result is reported if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = check()
+        except Exception as exc:  # noqa: BLE001 - e.g. zkv.Unavailable while a process starts
+            result, last = None, exc
+        else:
+            if result:
+                return result
+            last = result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s (last: {last!r})")
+        time.sleep(interval)
+
+
+# The start lines, not the one-line errors ("zkv node: error: ...").
+NODE_READY = "zkv node "
+PROXY_READY = "zkv proxy "
+
+
+class Topo:
+    """A YAML topology written under a test's directory, on free loopback ports,
+    with every data and state directory under that directory too."""
+
+    def __init__(self, directory: Path, nodes: int = 3, *, name: str = "cluster.yaml",
+                 limits: dict[str, int] | None = None,
+                 proxy: dict[str, Any] | None = None,
+                 defaults: dict[str, Any] | None = None, host: str = "127.0.0.1") -> None:
+        import yaml
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.path = directory / name
+        self.proxy_port = free_port()
+        self.node_ports = [free_port() for _ in range(nodes)]
+        self.state_dir = directory / "state"
+        self.host = host
+        self.node_addrs = [self._addr(p) for p in self.node_ports]
+        self.data_dirs = {a: directory / "data" / f"node-{p}"
+                          for a, p in zip(self.node_addrs, self.node_ports)}
+        self.proxy_cfg = {
+            "host": host,
+            "port": self.proxy_port,
+            "state_dir": str(self.state_dir),
+            "timeout_ms": 1000,
+            "heartbeat_ms": 200,
+            "heartbeat_misses": 3,
+            **(proxy or {}),
+        }
+        doc: dict[str, Any] = {"proxy": self.proxy_cfg}
+        if limits:
+            doc["limits"] = limits
+        doc["defaults"] = {"fsync": "no", **(defaults or {})}
+        doc["nodes"] = [{"address": a, "data_dir": str(d)} for a, d in self.data_dirs.items()]
+        self.path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def _addr(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+    @property
+    def proxy_addr(self) -> str:
+        return self._addr(self.proxy_port)
+
+
+class Cluster:
+    """Three (or N) ``zkv node`` processes and a ``zkv proxy``, started from a
+    :class:`Topo`, with handles to kill -9, stop and restart each of them."""
+
+    def __init__(self, topo: Topo, procs: Procs) -> None:
+        self.topo = topo
+        self.procs = procs
+        self.nodes: dict[str, Proc] = {}
+        self.proxy: Proc | None = None
+        self._clients: list[Any] = []
+
+    @property
+    def address(self) -> str:
+        return self.topo.proxy_addr
+
+    @property
+    def node_addrs(self) -> list[str]:
+        return list(self.topo.node_addrs)
+
+    def start(self) -> Cluster:
+        for addr in self.topo.node_addrs:
+            self.start_node(addr, wait=False)
+        for addr in self.topo.node_addrs:
+            self.nodes[addr].wait_for(NODE_READY, 20)
+        self.start_proxy()
+        self.wait_routable()
+        return self
+
+    def start_node(self, addr: str, wait: bool = True) -> Proc:
+        port = addr.rsplit(":", 1)[1]
+        proc = self.procs.start("node", "--config", str(self.topo.path), "--port", port)
+        self.nodes[addr] = proc
+        if wait:
+            proc.wait_for(NODE_READY, 20)
+        return proc
+
+    def kill_node(self, addr: str) -> None:
+        """kill -9 the node at ``addr``."""
+        self.nodes[addr].kill()
+
+    def restart_node(self, addr: str) -> Proc:
+        self.nodes[addr].kill()
+        return self.start_node(addr)
+
+    def start_proxy(self, *args: str) -> Proc:
+        """Start the proxy: from the topology, or with ``args`` instead when given."""
+        if not args:
+            args = ("--config", str(self.topo.path))
+        self.proxy = self.procs.start("proxy", *args, ready=PROXY_READY, timeout=20)
+        return self.proxy
+
+    def kill_proxy(self) -> None:
+        assert self.proxy is not None
+        self.proxy.kill()
+
+    def restart_proxy(self, *args: str) -> Proc:
+        self.kill_proxy()
+        return self.start_proxy(*args)
+
+    def client(self, timeout: float = 3.0, retries: int = 0, address: str | None = None) -> Any:
+        """A zkv.Client of the proxy, closed when the cluster is."""
+        import zkv
+
+        c = zkv.Client(address or self.address, timeout=timeout, retries=retries)
+        self._clients.append(c)
+        return c
+
+    def node_states(self) -> dict[str, str]:
+        c = self.client(timeout=2.0)
+        try:
+            return {n["address"]: n["state"] for n in c.nodes()}
+        finally:
+            c.close()
+
+    def wait_state(self, addr: str, state: str, timeout: float = 10.0) -> None:
+        wait_until(lambda: self.node_states().get(addr) == state, timeout,
+                   what=f"NODES showing {addr} {state}")
+
+    def wait_routable(self, timeout: float = 10.0) -> None:
+        """Until the proxy reaches every node. A proxy prints its start line before its
+        connections to the nodes are made; until they are, it answers NODE_DOWN."""
+        def reached() -> bool:
+            c = self.client(timeout=2.0)
+            try:
+                nodes = c.info()["nodes"]
+            finally:
+                c.close()
+            return len(nodes) > 0 and all("error" not in n for n in nodes.values())
+
+        wait_until(reached, timeout, what="the proxy reaching every node")
+
+    def wait_all_up(self, timeout: float = 10.0) -> None:
+        wait_until(lambda: set(self.node_states().values()) == {"up"}, timeout,
+                   what="NODES showing every node up")
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        self.procs.close()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, procs: Procs) -> Iterator[Any]:
+    """``make_cluster(nodes=3, limits=..., proxy=..., start=True)``: a Cluster on free
+    ports under tmp_path; every process is killed when the test ends."""
+    made: list[Cluster] = []
+
+    def make(nodes: int = 3, start: bool = True, **settings: Any) -> Cluster:
+        topo = Topo(tmp_path / f"cluster{len(made)}", nodes, **settings)
+        cluster = Cluster(topo, procs)
+        made.append(cluster)
+        return cluster.start() if start else cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.close()
+
+
+@pytest.fixture
+def cluster(make_cluster: Any) -> Cluster:
+    """A running 3-node cluster of its own for one test (kill and restart freely)."""
+    return make_cluster()  # type: ignore[no-any-return]
+
+
+def module_cluster(request: Any, tmp_path_factory: Any, **settings: Any) -> Iterator[Cluster]:
+    """The body of a module-scoped cluster fixture: one cluster shared by the tests
+    of a module that only read and write (and do not kill anything)."""
+    directory = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    manager = Procs(str(directory))
+    cluster = Cluster(Topo(directory, **settings), manager)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
