@@ -382,12 +382,11 @@ class Node:
             events = dict(poller.poll(0 if busy else 100))
             if sock in events:
                 replies = []
+                handle = self.handle
                 for _ in range(MAX_BATCH_PER_TURN):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    replies.append(handle(sock.recv_multipart()))
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-                    replies.append(self.handle(frames))
                 try:
                     storage.commit(durable=self._durable)
                 except StorageError as exc:

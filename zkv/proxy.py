@@ -41,6 +41,8 @@ from .ring import RangeSet, Ring, key_hash
 log = logging.getLogger("zkv.proxy")
 
 HEARTBEAT_TAG = b"hb"
+PING_BODY = P.encode_request("PING")
+HOUSEKEEPING_EVERY = 0.01  # seconds between heartbeat/timer/move checks
 STATE_FILE = "cluster.json"
 MAX_PER_TURN = 4096
 SINGLE_KEY = frozenset(("GET", "SET", "DEL", "EXISTS"))
@@ -226,7 +228,7 @@ class Proxy:
         self._seq += 1
         tag = _TAG.pack(self._seq)
         try:
-            self.links[addr].send_multipart([b"", tag, body], zmq.NOBLOCK)
+            self.links[addr].send_multipart([tag, body], zmq.NOBLOCK)
         except zmq.Again:
             raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
         self.pending[tag] = (target, addr, part)
@@ -732,18 +734,19 @@ class Proxy:
 
     # -- replies from nodes ------------------------------------------------------
     def handle_node(self, addr: str, frames: list[bytes], now: float) -> None:
-        self.health.seen(addr, now)
-        if len(frames) != 3 or frames[1] == HEARTBEAT_TAG:
+        if self.health.seen(addr, now):
+            log.info("node %s is up", addr)
+        if len(frames) != 2 or frames[0] == HEARTBEAT_TAG:
             return
-        entry = self.pending.pop(frames[1], None)
+        entry = self.pending.pop(frames[0], None)
         if entry is None:
             return  # a late reply to a request that already timed out
         target, _, part = entry
         if part == -1:
-            self.front.send_multipart([*target, frames[2]])
+            self.front.send_multipart([*target, frames[1]])
             return
         try:
-            result: Any = P.decode_reply(frames[2])
+            result: Any = P.decode_reply(frames[1])
         except ZkvError as exc:
             result = exc
         if part == -2:
@@ -785,10 +788,9 @@ class Proxy:
             ))
 
     def _heartbeat(self, now: float) -> None:
-        ping = P.encode_request("PING")
         for addr in self.health.due_pings(now):
             try:
-                self.links[addr].send_multipart([b"", HEARTBEAT_TAG, ping], zmq.NOBLOCK)
+                self.links[addr].send_multipart([HEARTBEAT_TAG, PING_BODY], zmq.NOBLOCK)
             except zmq.Again:
                 pass
         for addr in self.health.expire(now):
@@ -798,43 +800,38 @@ class Proxy:
     def serve(self) -> None:
         front, poller = self.front, self.poller
         by_socket = self.by_socket
-        was_up = {a: True for a in self.links}
+        events_opt, pollin = zmq.EVENTS, zmq.POLLIN
+        next_housekeeping = 0.0
         while not self._stop:
-            events = poller.poll(50)
-            for sock, _ in events:
+            for sock, _ in poller.poll(10):
                 if sock is front:
+                    handle = self.handle_front
                     for _ in range(MAX_PER_TURN):
-                        try:
-                            frames = front.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
+                        handle(front.recv_multipart())
+                        if not front.getsockopt(events_opt) & pollin:
                             break
-                        self.handle_front(frames)
                 else:
                     addr = by_socket.get(sock)
                     if addr is None:
                         continue
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
+                        self.handle_node(addr, sock.recv_multipart(), now)
+                        if not sock.getsockopt(events_opt) & pollin:
                             break
-                        self.handle_node(addr, frames, now)
             now = time.monotonic()
-            self._expire(now)
-            self._heartbeat(now)
-            if self.timers:
-                self._run_timers(now)
-            if self.driver is not None:
-                self.driver.tick(now)
-                if self.driver.finished:
-                    self.driver = None
-                    self._drop_links()
-            for addr in self.links:
-                up = self.health.is_up(addr)
-                if up and not was_up.get(addr, True):
-                    log.info("node %s is up", addr)
-                was_up[addr] = up
+            if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
+                self._expire(now)
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_EVERY
+                self._heartbeat(now)
+                if self.timers:
+                    self._run_timers(now)
+                if self.driver is not None:
+                    self.driver.tick(now)
+                    if self.driver.finished:
+                        self.driver = None
+                        self._drop_links()
 
     def stop(self, *_: Any) -> None:
         self._stop = True

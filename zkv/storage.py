@@ -33,7 +33,7 @@ from typing import Any
 
 from . import wal
 from .errors import LogCorruption, StorageError, ZkvError
-from .keyspace import Keyspace
+from .keyspace import Keyspace, ReplayError
 
 log = logging.getLogger("zkv.storage")
 
@@ -246,14 +246,11 @@ class Storage:
         scan = wal.LogScan(buf)
         ks = self.keyspace
         n = 0
-        bad_shape: tuple[int, str] | None = None
-        for off, item in scan:
-            try:
-                ks.apply(item)
-            except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
-                bad_shape = (off, f"record of the wrong shape: {exc}")
-                break
-            n += 1
+        try:
+            n = ks.replay(scan)
+            bad_shape: tuple[int, str] | None = None
+        except ReplayError as exc:
+            n, bad_shape = exc.applied, (exc.offset, f"record of the wrong shape: {exc.reason}")
         damage = scan.damage
         if bad_shape is not None:
             damage = wal.Damage(bad_shape[0], bad_shape[1], corrupt=True)
