@@ -167,20 +167,23 @@ def drive(addr: str, clients: int, seconds: float, op: str = "SET") -> tuple[int
         ctx.term()
 
 
-def _drive_child(addr: str, clients: int, seconds: float, op: str, out: Any) -> None:
-    out.send(drive(addr, clients, seconds, op))
+def _drive_child(addr: str, clients: int, seconds: float, out: Any) -> None:
+    sets, set_s = drive(addr, clients, seconds, "SET")
+    pings, ping_s = drive(addr, clients, seconds / 3, "PING")
+    out.send((sets / set_s, pings / ping_s))
 
 
-def drive_in_process(addr: str, clients: int, seconds: float, op: str) -> tuple[int, float]:
-    """``drive`` in a separate process, so the client and its GIL are off this one."""
+def drive_in_process(addr: str, clients: int, seconds: float) -> tuple[float, float]:
+    """SETs then PINGs per second, driven from a separate process so that the clients
+    and their GIL are off this one (and off the node's)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_drive_child, args=(addr, clients, seconds, op, child))
+    p = ctx.Process(target=_drive_child, args=(addr, clients, seconds, child))
     p.start()
     try:
         if not parent.poll(seconds + 60):
             raise RuntimeError("load generator did not report")
-        result: tuple[int, float] = parent.recv()
+        result: tuple[float, float] = parent.recv()
     finally:
         p.join(10)
         if p.is_alive():
@@ -193,9 +196,7 @@ def node_writes(workdir: str, fsync: str, clients: int, seconds: float) -> tuple
     data_dir = os.path.join(workdir, f"node-{fsync}-{clients}")
     node = NodeProcess(data_dir, fsync)
     try:
-        n, secs = drive_in_process(node.addr, clients, seconds, "SET")
-        pings, psecs = drive_in_process(node.addr, clients, seconds / 3, "PING")
-        return n / secs, pings / psecs
+        return drive_in_process(node.addr, clients, seconds)
     finally:
         node.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=None, help="records in the replay log")
     parser.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     args = parser.parse_args(argv)
-    seconds = args.seconds or (0.2 if args.quick else 3.0)
+    seconds = args.seconds or (0.1 if args.quick else 3.0)
     records = args.records or (20_000 if args.quick else 1_000_000)
     workdir = tempfile.mkdtemp(prefix="zkv-bench-", dir=args.dir)
     try:
