@@ -18,6 +18,14 @@ from typing import Any, Iterator
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, settings
+
+# Property tests build rings and logs; on a loaded 2-core machine an example can take
+# longer than hypothesis's default 200 ms deadline without anything being wrong.
+settings.register_profile(
+    "zkv", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
+)
+settings.load_profile("zkv")
 
 from zkv import protocol as P
 
