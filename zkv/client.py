@@ -75,6 +75,7 @@ class Client:
         if self._sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IPV6, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.IPV6, 1)  # "[::1]:8000" as well as IPv4 and names
@@ -204,7 +205,9 @@ class Client:
         result: list[bytes | None] = self.call("MGET", [to_bytes(k, "key") for k in keys])
         return result
 
-    def mset(self, mapping: Mapping[Key, Value]) -> bool:
+    def mset(self, mapping: Mapping[str, Value] | Mapping[bytes, Value] | Mapping[Key, Value]
+             ) -> bool:
+        # (a Mapping is invariant in its key: dict[str, str] is not a Mapping[str | bytes, ...])
         pairs = [x for k, v in mapping.items() for x in (to_bytes(k, "key"), to_bytes(v))]
         return bool(self.call("MSET", pairs) == "OK")
 

@@ -19,7 +19,14 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol as P
-from .errors import CommandError, InternalError, ProtocolError, StorageError, ZkvError
+from .errors import (
+    CommandError,
+    InternalError,
+    LimitExceeded,
+    ProtocolError,
+    StorageError,
+    ZkvError,
+)
 from .ring import RangeSet
 from .storage import Recovery, Storage
 from .transfer import Incoming, Outgoing, RangeScan, decode_batch
@@ -87,7 +94,7 @@ class Node:
         snapshot_min_bytes: int = 4 << 20,
         repair: bool = False,
     ) -> None:
-        self.address = f"{host}:{port}"
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.host, self.port = host, port
         self.limits = limits
         self.storage = Storage(data_dir, fsync, snapshot_factor, snapshot_min_bytes, repair)
@@ -238,6 +245,7 @@ class Node:
         self._close_push(key)
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.IPV6, 1)
         push.setsockopt(zmq.SNDHWM, 4)
         push.connect(str(pull))
         scan = RangeScan(list(self.storage.keyspace.data), ranges)
@@ -363,7 +371,13 @@ class Node:
         routing, body = frames[:-1], frames[-1]
         try:
             op, args = P.parse_request(body, self.limits)
-            return [*routing, P.encode_ok(self.execute(op, args))]
+            reply = P.encode_ok(self.execute(op, args))
+            if len(reply) > self.limits.max_message_bytes:
+                raise LimitExceeded(
+                    f"the reply to {op} would be {len(reply)} bytes, over the "
+                    f"max_message_bytes limit of {self.limits.max_message_bytes}; ask for less"
+                )
+            return [*routing, reply]
         except ZkvError as exc:
             self.errors += 1
             return [*routing, P.encode_exc(exc)]
@@ -426,9 +440,12 @@ class Node:
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 16)
         pull.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        for s in (sock, pull):
+            s.setsockopt(zmq.IPV6, 1)
         try:
-            sock.bind(f"tcp://{self.host}:{self.port}")
-            pull.bind(f"tcp://{self.host}:*")
+            sock.bind(f"tcp://{host}:{self.port}")
+            pull.bind(f"tcp://{host}:*")
         except zmq.ZMQError as exc:
             self.storage.close()
             ctx.destroy(0)

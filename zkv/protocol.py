@@ -18,6 +18,7 @@ the configured :class:`Limits`; anything that is not a valid request raises a
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from fnmatch import translate
@@ -206,10 +207,16 @@ def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, li
 
     Raises :class:`ProtocolError` (or a subclass) for anything else.
     """
+    stream = io.BytesIO(body)
     try:
-        item = cbor2.loads(body)
+        item = cbor2.CBORDecoder(stream).decode()
     except Exception as exc:  # cbor2 raises several types for malformed input
         raise ProtocolError(f"body is not valid CBOR: {exc}") from None
+    if stream.tell() != len(body):
+        raise ProtocolError(
+            f"body has {len(body) - stream.tell()} bytes after its CBOR item; "
+            "a request is exactly one item"
+        )
     return check_request(item, limits)
 
 

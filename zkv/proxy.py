@@ -54,10 +54,11 @@ _TAG = struct.Struct("<Q")
 class Gather:
     """Collects the replies of the sub-requests one client request was split into."""
 
-    __slots__ = ("routing", "results", "left", "finish", "done")
+    __slots__ = ("routing", "results", "left", "finish", "done", "limit")
 
     def __init__(self, routing: list[bytes], parts: int,
-                 finish: Callable[[list[Any]], Any]) -> None:
+                 finish: Callable[[list[Any]], Any], limit: int = 1 << 62) -> None:
+        self.limit = limit
         self.routing = routing
         self.results: list[Any] = [None] * parts
         self.left = parts
@@ -74,9 +75,14 @@ class Gather:
             return None
         self.done = True
         try:
-            return P.encode_ok(self.finish(self.results))
+            reply = P.encode_ok(self.finish(self.results))
         except ZkvError as exc:
             return P.encode_exc(exc)
+        if len(reply) > self.limit:
+            return P.encode_error("TOO_LARGE", (
+                f"the reply would be {len(reply)} bytes, over the max_message_bytes limit "
+                f"of {self.limit}; ask for less"))
+        return reply
 
 
 def first_error(results: list[Any]) -> None:
@@ -131,7 +137,7 @@ class Proxy:
         move_batch_bytes: int = 1 << 20,
         move_rate: float | None = None,
     ) -> None:
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.move_defaults: dict[str, Any] = {
             "batch_keys": move_batch_keys, "batch_bytes": move_batch_bytes, "rate": move_rate,
         }
@@ -196,6 +202,7 @@ class Proxy:
     def _connect(self, addr: str) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -250,7 +257,7 @@ class Proxy:
         if not bodies:
             self._answer(routing, finish([]))
             return
-        gather = Gather(routing, len(bodies), finish)
+        gather = Gather(routing, len(bodies), finish, self.limits.max_message_bytes)
         for part, (addr, body) in enumerate(bodies.items()):
             try:
                 self._forward(addr, body, gather, part)
@@ -550,7 +557,7 @@ class Proxy:
     def _join(self, routing: list[bytes], parts: int,
               finish: Callable[[list[Any]], Any]) -> Callable[[int], Callable[[Any], None]]:
         """Callbacks for ``parts`` results; ``finish`` runs once all are in."""
-        gather = Gather(routing, parts, finish)
+        gather = Gather(routing, parts, finish, self.limits.max_message_bytes)
         return lambda i: (lambda result: self._deliver(gather, i, result))
 
     def _moving_mget(self, routing: list[bytes], keys: list[bytes]) -> None:
@@ -836,14 +843,36 @@ class Proxy:
     def stop(self, *_: Any) -> None:
         self._stop = True
 
+    def _warm_up(self, limit: float) -> None:
+        """Before serving, give the links to the nodes a moment to connect (a send on a
+        link still connecting fails at once), so that the first requests after a start
+        or restart do not get NODE_DOWN for nodes that are up. Bounded by ``limit``."""
+        waiting = set(self.links)
+        deadline = time.monotonic() + limit
+        poller = zmq.Poller()
+        for sock in self.by_socket:
+            poller.register(sock, zmq.POLLIN)
+        while waiting and time.monotonic() < deadline:
+            for addr in list(waiting):
+                try:
+                    self.links[addr].send_multipart([HEARTBEAT_TAG, PING_BODY], zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+            for sock, _ in poller.poll(20):
+                addr = self.by_socket[sock]
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.handle_node(addr, sock.recv_multipart(), time.monotonic())
+                waiting.discard(addr)
+
     def run(self, on_ready: Callable[[str], None] | None = None) -> None:
         front = self.front
         front.setsockopt(zmq.LINGER, 0)
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         front.setsockopt(zmq.SNDHWM, 100_000)
         front.setsockopt(zmq.RCVHWM, 100_000)
+        front.setsockopt(zmq.IPV6, 1)
         try:
-            front.bind(f"tcp://{self.host}:{self.port}")
+            front.bind(f"tcp://{self.address}")
         except zmq.ZMQError as exc:
             self.ctx.destroy(0)
             raise ClusterError(f"cannot listen on {self.address}: {exc}") from exc
@@ -854,6 +883,7 @@ class Proxy:
             self.driver = MoveDriver(self, self.state)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
+        self._warm_up(min(self.timeout, 1.0))
         line = (
             f"zkv proxy {self.address} epoch={self.state.epoch} "
             f"members={','.join(self.ring.members) or '-'} state={self.state_dir}"
