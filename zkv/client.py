@@ -384,9 +384,13 @@ class Pipeline:
             except ZkvError as exc:
                 results.extend([exc] * len(chunk))
                 continue
+            convert = self._CONVERT
             for cmd, item in zip(chunk, items):
+                if type(item) is list and len(item) == 2 and item[0] == P.OK:
+                    results.append(convert[cmd[0]](item[1]))
+                    continue
                 try:
-                    results.append(self._CONVERT[cmd[0]](P.result_of(item)))
+                    results.append(convert[cmd[0]](P.result_of(item)))
                 except ZkvError as exc:
                     results.append(exc)
         if raise_on_error:

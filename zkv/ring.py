@@ -42,6 +42,9 @@ DEFAULT_VNODES = 2048
 # -- hashing -------------------------------------------------------------------------------------
 
 
+_blake2b = hashlib.blake2b
+
+
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -59,8 +62,11 @@ def hash_tag(key: bytes) -> bytes | None:
 
 def key_hash(key: bytes) -> int:
     """The position of ``key`` on the ring: an unsigned 64-bit int (hash tag only, if any)."""
-    tag = hash_tag(key)
-    return _hash64(key if tag is None else tag)
+    if b"{" in key:
+        tag = hash_tag(key)
+        if tag is not None:
+            key = tag
+    return int.from_bytes(_blake2b(key, digest_size=8).digest(), "big")
 
 
 def _check_hash(h: int) -> None:
@@ -323,7 +329,11 @@ class Ring:
 
     def owner(self, key: bytes) -> str:
         """The member that owns ``key``; ClusterError if the ring is empty."""
-        return self._owners[self._index(key_hash(key))]
+        points = self._points
+        if not points:
+            raise ClusterError("the ring has no members")
+        i = bisect_left(points, key_hash(key))
+        return self._owners[i if i < len(points) else 0]
 
     def owner_of_hash(self, h: int) -> str:
         """The member that owns hash ``h`` (an int in ``[0, 2**64)``)."""
