@@ -356,8 +356,7 @@ class Cluster:
                    what=f"NODES showing {addr} {state}")
 
     def wait_routable(self, timeout: float = 10.0) -> None:
-        """Until the proxy reaches every node. A proxy prints its start line before its
-        connections to the nodes are made; until they are, it answers NODE_DOWN."""
+        """Until INFO through the proxy is answered by every node: the cluster is whole."""
         def reached() -> bool:
             c = self.client(timeout=2.0)
             try:

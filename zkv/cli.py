@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import protocol as P
 from .client import Client, MoveHandle
-from .errors import ZkvError
+from .errors import ConfigError, ZkvError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HISTORY = os.path.expanduser("~/.zkv_history")
@@ -115,7 +115,8 @@ class Printer:
         if self.raw:
             sys.stderr.write(f"(error) {code} {exc}\n")
         else:
-            Console(stderr=True, highlight=False).print(f"(error) {code} {exc}", style="red", markup=False)
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"(error) {code} {exc}", style="red", markup=False)
 
     def result(self, op: str, result: Any) -> None:
         show: Callable[[Any], None] = getattr(self, f"_{op.lower()}", self._default)
@@ -140,7 +141,8 @@ class Printer:
             self.out("" if self.raw else "(empty list)")
         for i, item in enumerate(items, 1):
             if self.raw:
-                sys.stdout.buffer.write((item if isinstance(item, bytes) else str(item).encode()) + b"\n")
+                data = b"" if item is None else item if isinstance(item, bytes) else str(item).encode()
+                sys.stdout.buffer.write(data + b"\n")  # nil is an empty line, as in redis-cli
                 sys.stdout.flush()
             else:
                 shown = "(nil)" if item is None else text(item) if isinstance(item, bytes) else str(item)
@@ -373,10 +375,25 @@ def shell(client: Client, printer: Printer) -> int:
 
 def main(args: argparse.Namespace) -> int:
     printer = Printer(args.raw)
-    with Client(args.proxy, timeout=args.timeout) as client:
+    try:
+        client = Client(args.proxy, timeout=args.timeout)
+    except ConfigError as exc:  # a bad --proxy: a usage mistake
+        printer.error(UsageError(f"--proxy: {exc}"))
+        return EXIT_USAGE
+    with client:
         if args.words:
             return run_one(client, printer, list(args.words))
         return shell(client, printer)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -385,7 +402,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="the proxy (or a node) to talk to (default 127.0.0.1:8000)")
     p.add_argument("--raw", action="store_true", help="plain output without styling, for scripts")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a reply")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",
                    help="a command to run once, e.g. SET username Alice")
     p.set_defaults(func=main)
