@@ -13,12 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import zmq
 from hypothesis import HealthCheck, settings
+
+from zkv import protocol as P
 
 # Property tests build rings and logs; on a loaded 2-core machine an example can take
 # longer than hypothesis's default 200 ms deadline without anything being wrong.
@@ -26,8 +29,6 @@ settings.register_profile(
     "zkv", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
 )
 settings.load_profile("zkv")
-
-from zkv import protocol as P
 
 REPO = Path(__file__).resolve().parent.parent
 

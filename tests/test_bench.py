@@ -22,8 +22,9 @@ RESULT_KEYS = {"target", "test", "ops_per_sec", "p50_ms", "p99_ms", "p999_ms", "
 
 def run_bench(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zkv", "bench", *args], check=False, cwd=tmp_path, capture_output=True,
-        text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-m", "zkv", "bench", *args], check=False, cwd=tmp_path,
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 
 

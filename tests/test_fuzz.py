@@ -16,11 +16,10 @@ from typing import Any
 import cbor2
 import pytest
 import zmq
+from conftest import free_port
 
 import zkv
 from zkv import protocol as P
-
-from conftest import free_port
 
 CASES = int(os.environ.get("ZKV_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("ZKV_FUZZ_SEED", "20261122"))

@@ -87,7 +87,7 @@ def test_commands_one_per_node_and_the_proxy(tmp_path: Path) -> None:
     topology = load_topology(topo.path)
     cmds = commands(topology, str(topo.path), python="/opt/my python/bin/python")
     assert [name for name, _ in cmds] == ["node1", "node2", "node3", "proxy"]
-    for (name, cmd), port in zip(cmds, topo.node_ports):
+    for (_name, cmd), port in zip(cmds, topo.node_ports):
         argv = shlex.split(cmd)
         assert argv[:4] == ["exec", "/opt/my python/bin/python", "-m", "zkv"]
         assert argv[4] == "node"

@@ -106,7 +106,8 @@ def test_commit_close_reopen_gives_the_same_map(tmp_path: Path, opened: list[Sto
     assert st2.keyspace.data == expected
     assert st2.keyspace.live_bytes == live == sum(len(k) + len(v) for k, v in expected.items())
     assert rec2.keys == len(expected)
-    assert rec2.records == 200 + 1 + 1 + 1  # sets, one DEL (the missing key logs nothing), MSET, big
+    # sets, one DEL (the missing key logs nothing), MSET, big
+    assert rec2.records == 200 + 1 + 1 + 1
     assert rec2.warnings == []
     # It keeps working after a reopen, appending to the same log.
     put(st2, b"after", b"reopen")

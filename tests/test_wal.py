@@ -112,7 +112,8 @@ def test_fed_whole_then_one_byte_at_a_time() -> None:
     buf, offsets = build(items)
     for cut in range(len(buf) + 1):
         got, s = scan(buf[:cut])
-        whole = [o for o in offsets if o < cut and (offsets + [len(buf)])[offsets.index(o) + 1] <= cut]
+        ends = [*offsets[1:], len(buf)]
+        whole = [o for o, end in zip(offsets, ends) if o < cut and end <= cut]
         assert [off for off, _ in got] == whole, cut
         if s.damage is not None:
             assert not s.damage.corrupt, (cut, s.damage)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import ZkvError
 
@@ -126,7 +127,9 @@ def _parsers() -> list[Callable[[Any], None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zkv", description="zkv: a sharded, persistent key-value store")
+    parser = argparse.ArgumentParser(
+        prog="zkv", description="zkv: a sharded, persistent key-value store"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _parsers():
         add(sub)

@@ -16,7 +16,8 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +42,9 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
     cmd = P.COMMANDS.get(op)
     if cmd is None or cmd.kind == P.INTERNAL:
         raise UsageError(f"unknown command '{tokens[0]}'; type HELP for the list")
+    if op == "PIPE":
+        raise UsageError("PIPE is sent by client libraries (zkv.Client.pipeline()); "
+                         "in the shell, run the commands one at a time")
     rest = tokens[1:]
     kinds = [k.rstrip("?") for k in cmd.args]
     if kinds in (["keys"], ["pairs"]):
@@ -108,7 +112,8 @@ class Printer:
             sys.stdout.buffer.write((value or b"") + b"\n")
             sys.stdout.flush()
         else:
-            self.console.print("(nil)" if value is None else text(value), style="bold" if value else "dim", markup=False)
+            shown = "(nil)" if value is None else text(value)
+            self.console.print(shown, style="bold" if value else "dim", markup=False)
 
     def error(self, exc: ZkvError | UsageError) -> None:
         code = getattr(exc, "code", "USAGE")
@@ -141,11 +146,13 @@ class Printer:
             self.out("" if self.raw else "(empty list)")
         for i, item in enumerate(items, 1):
             if self.raw:
-                data = b"" if item is None else item if isinstance(item, bytes) else str(item).encode()
+                data = (b"" if item is None else item if isinstance(item, bytes)
+                        else str(item).encode())
                 sys.stdout.buffer.write(data + b"\n")  # nil is an empty line, as in redis-cli
                 sys.stdout.flush()
             else:
-                shown = "(nil)" if item is None else text(item) if isinstance(item, bytes) else str(item)
+                shown = ("(nil)" if item is None else text(item) if isinstance(item, bytes)
+                         else str(item))
                 self.console.print(f"{i}) {shown}", markup=False)
 
     def _scan(self, result: Any) -> None:
@@ -267,6 +274,8 @@ def help_text(op: str | None = None) -> str:
         return f"{cmd.usage}\n  {cmd.help}"
     lines = ["Commands (case-insensitive; quote values with spaces as in a shell):"]
     for cmd in P.USER_COMMANDS:
+        if cmd.name == "PIPE":
+            continue
         lines.append(f"  {cmd.usage:<42} {cmd.help}")
     lines.append("  HELP [COMMAND]                             This help.")
     lines.append("  EXIT | QUIT                                Leave the shell.")
@@ -322,7 +331,7 @@ def _setup_readline() -> None:
         import readline
     except ImportError:  # pragma: no cover - not on every platform
         return
-    words = [c.name for c in P.USER_COMMANDS] + ["HELP", "EXIT", "QUIT"]
+    words = [c.name for c in P.USER_COMMANDS if c.name != "PIPE"] + ["HELP", "EXIT", "QUIT"]
 
     def complete(prefix: str, state: int) -> str | None:
         line = readline.get_line_buffer()

@@ -20,7 +20,8 @@ from __future__ import annotations
 import itertools
 import struct
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import zmq
 
@@ -66,7 +67,7 @@ class Client:
             raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
         self.timeout = float(timeout)
         self.retries = retries
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._tags = itertools.count(1)
 
@@ -91,10 +92,10 @@ class Client:
     def close(self) -> None:
         self._reset()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _exchange(self, body: bytes) -> bytes:
@@ -159,7 +160,7 @@ class Client:
                 out.append(exc)
         return out
 
-    def pipeline(self) -> "Pipeline":
+    def pipeline(self) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
         p.set(k, v); p.get(k); results = p.execute()``."""
         return Pipeline(self)
@@ -247,7 +248,7 @@ class Client:
     # -- administration ------------------------------------------------------------
     def add_node(self, address: str, *, weight: float | None = None, dry_run: bool = False,
                  rate: float | None = None, wait: bool = True,
-                 wait_timeout: float | None = None) -> "dict[str, Any] | MoveHandle":
+                 wait_timeout: float | None = None) -> dict[str, Any] | MoveHandle:
         """Add a node and move its share of the keys onto it.
 
         Waits for the move to finish by default and returns its final status;
@@ -261,12 +262,12 @@ class Client:
 
     def remove_node(self, address: str, *, dry_run: bool = False, rate: float | None = None,
                     wait: bool = True,
-                    wait_timeout: float | None = None) -> "dict[str, Any] | MoveHandle":
+                    wait_timeout: float | None = None) -> dict[str, Any] | MoveHandle:
         """Move a node's keys to their new owners, then drop it from the ring."""
         return self._admin("REMOVE", address, {"dry_run": dry_run}, rate, wait, wait_timeout)
 
     def _admin(self, op: str, address: str, options: dict[str, Any], rate: float | None,
-               wait: bool, wait_timeout: float | None) -> "dict[str, Any] | MoveHandle":
+               wait: bool, wait_timeout: float | None) -> dict[str, Any] | MoveHandle:
         if rate is not None:
             options["rate"] = rate
         plan: dict[str, Any] = self.call(op, address, options)
@@ -297,7 +298,7 @@ class MoveHandle:
         return self.status() is None
 
     def wait(self, timeout: float | None = None, poll: float = 0.2,
-             on_progress: "Any | None" = None) -> dict[str, Any]:
+             on_progress: Any | None = None) -> dict[str, Any]:
         """Block until the move has finished; ``on_progress(status)`` on every poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -322,7 +323,7 @@ class Pipeline:
     Supported: get, set, delete, exists, ping.
     """
 
-    _CONVERT = {
+    _CONVERT: dict[str, Callable[[Any], Any]] = {
         "GET": lambda r: r,
         "SET": lambda r: r == "OK",
         "DEL": bool,
@@ -334,32 +335,32 @@ class Pipeline:
         self.client = client
         self.commands: list[list[Any]] = []
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.commands.clear()
 
     def __len__(self) -> int:
         return len(self.commands)
 
-    def get(self, key: Key) -> "Pipeline":
+    def get(self, key: Key) -> Pipeline:
         self.commands.append(["GET", to_bytes(key, "key")])
         return self
 
-    def set(self, key: Key, value: Value) -> "Pipeline":
+    def set(self, key: Key, value: Value) -> Pipeline:
         self.commands.append(["SET", to_bytes(key, "key"), to_bytes(value)])
         return self
 
-    def delete(self, key: Key) -> "Pipeline":
+    def delete(self, key: Key) -> Pipeline:
         self.commands.append(["DEL", to_bytes(key, "key")])
         return self
 
-    def exists(self, key: Key) -> "Pipeline":
+    def exists(self, key: Key) -> Pipeline:
         self.commands.append(["EXISTS", to_bytes(key, "key")])
         return self
 
-    def ping(self) -> "Pipeline":
+    def ping(self) -> Pipeline:
         self.commands.append(["PING"])
         return self
 

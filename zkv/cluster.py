@@ -37,7 +37,7 @@ class ClusterState:
         }
 
     @classmethod
-    def from_json(cls, data: Any, source: str) -> "ClusterState":
+    def from_json(cls, data: Any, source: str) -> ClusterState:
         def bad(what: str) -> ClusterError:
             return ClusterError(f"{source}: {what}; the proxy's state file is damaged")
 
@@ -58,10 +58,10 @@ class ClusterState:
             raise bad("move must be an object or null")
         return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move)
 
-    def with_members(self, members: dict[str, float]) -> "ClusterState":
+    def with_members(self, members: dict[str, float]) -> ClusterState:
         return replace(self, epoch=self.epoch + 1, members=dict(members))
 
-    def with_move(self, move: dict[str, Any] | None) -> "ClusterState":
+    def with_move(self, move: dict[str, Any] | None) -> ClusterState:
         return replace(self, move=move)
 
 

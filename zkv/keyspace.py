@@ -16,7 +16,8 @@ open and which keys it had deleted.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from . import wal
 from .ring import RangeSet, key_hash
@@ -36,7 +37,7 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("data", "live_bytes", "undo", "incoming", "tombstones", "receiving", "undo_tombs")
+    __slots__ = ("data", "incoming", "live_bytes", "receiving", "tombstones", "undo", "undo_tombs")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -202,7 +203,7 @@ class Keyspace:
         n, off = 0, 0
         SET, DEL = wal.SET, wal.DEL
         try:
-            for off, item in records:
+            for off, item in records:  # noqa: B007 (off names a bad record below)
                 kind = item[0]
                 if kind == SET and self.receiving is None and not self.tombstones:
                     _, key, value = item

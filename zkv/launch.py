@@ -17,7 +17,9 @@ from .config import Topology, load_topology
 DEFAULT_CONFIG = "configs/local.yaml"
 
 
-def commands(topology: Topology, config_path: str, python: str = sys.executable) -> list[tuple[str, str]]:
+def commands(
+    topology: Topology, config_path: str, python: str = sys.executable
+) -> list[tuple[str, str]]:
     """(name, shell command) for each process of the topology; nodes first."""
     zkv = f"{shlex.quote(python)} -m zkv"
     cfg = shlex.quote(config_path)

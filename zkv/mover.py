@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .cluster import ClusterState
 from .errors import ZkvError

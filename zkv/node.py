@@ -14,7 +14,8 @@ import os
 import resource
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -273,7 +274,8 @@ class Node:
             "open": sorted(ks.incoming),
             "tombstones": len(ks.tombstones),
             "incoming": [
-                {"id": mid, "source": src, **st.status()} for (mid, src), st in self.incoming.items()
+                {"id": mid, "source": src, **st.status()}
+                for (mid, src), st in self.incoming.items()
             ],
             "outgoing": [{"id": mid, **out.status()} for (mid, _), out in self.outgoing.items()],
         }
@@ -399,7 +401,7 @@ class Node:
                 handle = self.handle
                 for _ in range(MAX_BATCH_PER_TURN):
                     replies.append(handle(sock.recv_multipart()))
-                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         break
                 try:
                     storage.commit(durable=self._durable)

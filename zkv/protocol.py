@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import translate
-from typing import Any, Iterable
+from typing import Any
 
 import cbor2
 
@@ -296,7 +297,7 @@ def decode_reply(body: bytes) -> Any:
     return result_of(item)
 
 
-def glob_matcher(pattern: bytes | None) -> "re.Pattern[bytes] | None":
+def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
     """A compiled matcher for a Redis-style glob over bytes keys (None matches all)."""
     if pattern is None or pattern == b"*":
         return None

@@ -18,22 +18,24 @@ import os
 import signal
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from . import protocol as P
 from .cluster import ClusterState, Health
+from .config import format_address, parse_address
 from .errors import (
     ClusterError,
     CommandError,
     InternalError,
     NodeUnavailable,
+    ProtocolError,
     Timeout,
     ZkvError,
 )
-from .config import format_address, parse_address
-from .keyspace import ABSENT, PRESENT, UNKNOWN
+from .keyspace import PRESENT, UNKNOWN
 from .mover import MoveDriver, moving_ranges, new_move
 from .planner import moved_fraction, summary
 from .ring import RangeSet, Ring, key_hash
@@ -54,7 +56,7 @@ _TAG = struct.Struct("<Q")
 class Gather:
     """Collects the replies of the sub-requests one client request was split into."""
 
-    __slots__ = ("routing", "results", "left", "finish", "done", "limit")
+    __slots__ = ("done", "finish", "left", "limit", "results", "routing")
 
     def __init__(self, routing: list[bytes], parts: int,
                  finish: Callable[[list[Any]], Any], limit: int = 1 << 62) -> None:
@@ -278,7 +280,7 @@ class Proxy:
         routing = frames[:-1]
         try:
             if len(frames) > self.limits.max_frames:
-                raise P.ProtocolError(
+                raise ProtocolError(
                     f"{len(frames)} frames in one message; at most {self.limits.max_frames}"
                 )
             body = frames[-1]

@@ -267,7 +267,8 @@ class Storage:
             log.warning(msg)
             report.warnings.append(msg)
             return n, False
-        reason = damage.reason if damage.corrupt else f"{damage.reason} in a segment that is not the last"
+        reason = (damage.reason if damage.corrupt
+                  else f"{damage.reason} in a segment that is not the last")
         if not self.repair:
             raise LogCorruption(path, damage.offset, reason)
         kept = f"{path}.corrupt-{damage.offset}"

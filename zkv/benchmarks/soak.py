@@ -115,7 +115,7 @@ def soak(minutes: float, restart_every: float, clients: int, keys: int,
             load = Load(proxy, clients, keys)
             for t in load.threads:
                 t.start()
-            phases = []
+            phases: list[dict[str, Any]] = []
             end = time.monotonic() + minutes * 60
             victim = 0
             while time.monotonic() < end:
@@ -137,7 +137,7 @@ def soak(minutes: float, restart_every: float, clients: int, keys: int,
             lost = verify(proxy, load.expected)
         finally:
             children.close()
-    totals = [sum(p["rss"].values()) for p in phases]
+    totals = [sum(dict(p["rss"]).values()) for p in phases]
     bounded = len(totals) < 3 or totals[-1] <= 2 * max(totals[1], 1)
     return {"phases": phases, "restarts": max(0, len(phases) - 1), "lost": lost,
             "keys": len(load.expected), "memory_bounded": bounded}
@@ -147,7 +147,7 @@ def restart_node(children: Children, name: str) -> None:
     """kill -9 the node called ``name`` and start it again on the same port and data."""
     for i, (popen, log) in enumerate(children.popens):
         if os.path.basename(log) == f"{name}.log" and popen.poll() is None:
-            argv = list(popen.args)  # type: ignore[arg-type]
+            argv = [str(a) for a in popen.args]  # type: ignore[union-attr]
             os.killpg(popen.pid, signal.SIGKILL)
             popen.wait(10)
             children.popens.pop(i)
