@@ -345,11 +345,15 @@ class Pipeline:
         return len(self.commands)
 
     def get(self, key: Key) -> Pipeline:
-        self.commands.append(["GET", to_bytes(key, "key")])
+        self.commands.append(["GET", key if type(key) is bytes else to_bytes(key, "key")])
         return self
 
     def set(self, key: Key, value: Value) -> Pipeline:
-        self.commands.append(["SET", to_bytes(key, "key"), to_bytes(value)])
+        self.commands.append([
+            "SET",
+            key if type(key) is bytes else to_bytes(key, "key"),
+            value if type(value) is bytes else to_bytes(value),
+        ])
         return self
 
     def delete(self, key: Key) -> Pipeline:

@@ -147,6 +147,10 @@ class Keyspace:
         else:
             self.tombstones.discard(key)
 
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set a key without making its record (the caller logs a batch of them)."""
+        self._put(key, value)
+
     def mset(self, pairs: list[bytes]) -> bytes:
         for i in range(0, len(pairs), 2):
             self._put(pairs[i], pairs[i + 1])

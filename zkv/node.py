@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from . import protocol as P
+from . import wal
 from .errors import (
     CommandError,
     InternalError,
@@ -35,6 +36,7 @@ from .transfer import Incoming, Outgoing, RangeScan, decode_batch
 log = logging.getLogger("zkv.node")
 
 MAX_BATCH_PER_TURN = 2048
+_OK_ITEM = [P.OK, "OK"]
 SCAN_TTL = 60.0
 MAX_SCANS = 64
 
@@ -167,8 +169,36 @@ class Node:
         return [k for k in self.storage.keyspace.data if match is None or match.match(k)]
 
     def _pipe(self, a: list[Any]) -> Any:
-        out = []
+        """Run a pipeline's commands in order. Plain GETs and SETs take a short path;
+        a run of consecutive SETs is logged as one MSET record instead of one each."""
+        out: list[Any] = []
+        ks = self.storage.keyspace
+        data, put = ks.data, ks.put
+        max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
+        run: list[bytes] = []  # pairs SET since the last record was logged
+        gets = sets = 0
         for item in a[0]:
+            if type(item) is list:
+                n = len(item)
+                if n == 2 and item[0] == "GET":
+                    key = item[1]
+                    if type(key) is bytes and len(key) <= max_key:
+                        out.append([P.OK, data.get(key)])
+                        gets += 1
+                        continue
+                elif n == 3 and item[0] == "SET":
+                    _, key, value = item
+                    if (type(key) is bytes and type(value) is bytes and len(key) <= max_key
+                            and len(value) <= max_value):
+                        put(key, value)
+                        run.append(key)
+                        run.append(value)
+                        out.append(_OK_ITEM)
+                        sets += 1
+                        continue
+            if run:
+                self.storage.pending += wal.encode((wal.MSET, run))
+                run = []
             try:
                 op, args = P.check_request(item, self.limits)
                 if op == "PIPE":
@@ -176,6 +206,13 @@ class Node:
                 out.append(P.reply_item(self.execute(op, args)))
             except ZkvError as exc:
                 out.append(P.error_item(exc))
+        if run:
+            self.storage.pending += wal.encode((wal.MSET, run))
+        counters = self.counters
+        if gets:
+            counters["GET"] = counters.get("GET", 0) + gets
+        if sets:
+            counters["SET"] = counters.get("SET", 0) + sets
         return out
 
     # -- rebalancing (driven by the proxy) --------------------------------------

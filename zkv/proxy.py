@@ -346,7 +346,19 @@ class Proxy:
         out: list[Any] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         parsed: list[tuple[int, str, list[Any]]] = []
+        owner = self.ring.owner
+        max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
+        plain = self.moving is None
         for i, item in enumerate(items):
+            # the short path: a plain GET or SET, checked inline and routed at once
+            if plain and type(item) is list and 2 <= len(item) <= 3:
+                op, key = item[0], item[1]
+                if type(key) is bytes and len(key) <= max_key and (
+                        (op == "GET" and len(item) == 2)
+                        or (op == "SET" and len(item) == 3 and type(item[2]) is bytes
+                            and len(item[2]) <= max_value)):
+                    groups.setdefault(owner(key), []).append(i)
+                    continue
             try:
                 op, sub = P.check_request(item, self.limits)
                 if op not in PIPE_OPS:
