@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import cbor2
 import pytest
 from conftest import Cluster, module_cluster
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zkv
+from zkv import protocol as P
 from zkv.ring import Ring
 
 LIMITS = {"max_key_bytes": 64, "max_value_bytes": 1024}
@@ -93,3 +97,17 @@ def test_an_empty_pipeline_sends_nothing_and_call_many_keeps_order(c: zkv.Client
                            ("SET", [b"many-b", b"2"]), ("GET", [b"many-b"])])
     assert results[0] == b"1" and isinstance(results[1], zkv.UnknownCommand)
     assert results[2:] == [None, "OK", b"2"]
+
+
+reply_items = st.lists(st.one_of(
+    st.tuples(st.just(0), st.one_of(st.binary(max_size=300), st.none(), st.just("OK"),
+                                    st.integers(-2**70, 2**70), st.text(max_size=20),
+                                    st.lists(st.binary(max_size=5), max_size=3))).map(list),
+    st.tuples(st.just(1), st.text(max_size=10), st.text(max_size=30)).map(list),
+), max_size=40)
+
+
+@given(reply_items)
+def test_fast_reply_encoding_is_byte_for_byte_cbor2(items: list[Any]) -> None:
+    assert P.encode_ok_items(items) == cbor2.dumps([0, items])
+    assert P.decode_reply(P.encode_ok_items(items)) == items

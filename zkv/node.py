@@ -410,7 +410,8 @@ class Node:
         routing, body = frames[:-1], frames[-1]
         try:
             op, args = P.parse_request(body, self.limits)
-            reply = P.encode_ok(self.execute(op, args))
+            result = self.execute(op, args)
+            reply = P.encode_ok_items(result) if op == "PIPE" else P.encode_ok(result)
             if len(reply) > self.limits.max_message_bytes:
                 raise LimitExceeded(
                     f"the reply to {op} would be {len(reply)} bytes, over the "

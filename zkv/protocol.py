@@ -266,6 +266,47 @@ def encode_error(code: str, message: str) -> bytes:
     return cbor2.dumps([ERR, code, message])
 
 
+def _head(major: int, n: int) -> bytes:
+    """A CBOR item head: major type and length, in the shortest form (as cbor2 writes)."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 256:
+        return bytes((major << 5 | 24, n))
+    if n < 65536:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 4294967296:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+_OK_OK = cbor2.dumps([OK, "OK"])
+_OK_NONE = cbor2.dumps([OK, None])
+
+
+def encode_ok_items(items: list[Any]) -> bytes:
+    """``encode_ok(items)`` for a pipeline's list of reply items, byte for byte, about
+    twice as fast: the common items ([0, bytes], [0, None], [0, "OK"]) are written
+    directly and anything else is left to cbor2."""
+    parts = [b"\x82\x00", _head(4, len(items))]
+    add = parts.append
+    for item in items:
+        if type(item) is list and len(item) == 2 and type(item[0]) is int and item[0] == OK:
+            value = item[1]
+            if type(value) is bytes:
+                add(b"\x82\x00")
+                add(_head(2, len(value)))
+                add(value)
+                continue
+            if value is None:
+                add(_OK_NONE)
+                continue
+            if type(value) is str and value == "OK":
+                add(_OK_OK)
+                continue
+        add(cbor2.dumps(item))
+    return b"".join(parts)
+
+
 def encode_exc(exc: ZkvError) -> bytes:
     return encode_error(exc.code, exc.message)
 

@@ -56,11 +56,13 @@ _TAG = struct.Struct("<Q")
 class Gather:
     """Collects the replies of the sub-requests one client request was split into."""
 
-    __slots__ = ("done", "finish", "left", "limit", "results", "routing")
+    __slots__ = ("done", "encode", "finish", "left", "limit", "results", "routing")
 
     def __init__(self, routing: list[bytes], parts: int,
-                 finish: Callable[[list[Any]], Any], limit: int = 1 << 62) -> None:
+                 finish: Callable[[list[Any]], Any], limit: int = 1 << 62,
+                 encode: Callable[[Any], bytes] = P.encode_ok) -> None:
         self.limit = limit
+        self.encode = encode
         self.routing = routing
         self.results: list[Any] = [None] * parts
         self.left = parts
@@ -77,7 +79,7 @@ class Gather:
             return None
         self.done = True
         try:
-            reply = P.encode_ok(self.finish(self.results))
+            reply = self.encode(self.finish(self.results))
         except ZkvError as exc:
             return P.encode_exc(exc)
         if len(reply) > self.limit:
@@ -254,12 +256,13 @@ class Proxy:
         self.front.send_multipart([*routing, P.encode_exc(exc)])
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
-                 finish: Callable[[list[Any]], Any], allow_down: bool = False) -> None:
+                 finish: Callable[[list[Any]], Any], allow_down: bool = False,
+                 encode: Callable[[Any], bytes] = P.encode_ok) -> None:
         """Send one body per node; ``finish`` gets results in the order of ``bodies``."""
         if not bodies:
             self._answer(routing, finish([]))
             return
-        gather = Gather(routing, len(bodies), finish, self.limits.max_message_bytes)
+        gather = Gather(routing, len(bodies), finish, self.limits.max_message_bytes, encode)
         for part, (addr, body) in enumerate(bodies.items()):
             try:
                 self._forward(addr, body, gather, part)
@@ -387,7 +390,7 @@ class Proxy:
             return out
 
         bodies = {a: P.encode_request("PIPE", [items[i] for i in idx]) for a, idx in groups.items()}
-        self._scatter(routing, bodies, finish, allow_down=True)
+        self._scatter(routing, bodies, finish, allow_down=True, encode=P.encode_ok_items)
 
     def _scan(self, routing: list[bytes], args: list[Any]) -> None:
         cursor: str = args[0]
