@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Self
 
 import pytest
 from conftest import PROXY_READY, Proc, Procs, Topo, free_port, wait_until
+from load import Load, Mix, Possible, assert_counts_match_ring, read_back
 
 import zkv
 from zkv.ring import Ring
@@ -39,8 +39,6 @@ TOTALS = {"keys_checked": 0, "acked_writes": 0, "unknown_writes": 0, "losses": 0
 PASSED: set[str] = set()  # the kill tests whose checks all held
 KILL_TESTS = 2 + 9  # the kill storm, the disk test and the nine move cases
 MIN_KILLS = 20
-
-Possible = dict[bytes, set[bytes | None]]
 
 
 def kill9(proc: Proc, kind: str) -> None:
@@ -159,152 +157,17 @@ def make_rig(procs: Procs, tmp_path: Path) -> Iterator[Any]:
 # -- the load: each thread its own client and its own keys ------------------------------------
 
 
-class Worker(threading.Thread):
-    """SET, DEL, GET, MSET and MGET on its own keys. For every key it keeps the values
-    the key may hold: exactly one after an acknowledged call, more after a call that
-    raised zkv.Unavailable (a timeout, a node down: the outcome is unknown). Any other
-    error is a failure of the test. Reads must return one of the possible values."""
-
-    def __init__(self, address: str, name: str, keys: int, stop: threading.Event,
-                 initial: dict[bytes, bytes], pause: float = 0.0, seed: int = 0) -> None:
-        super().__init__(daemon=True, name=f"worker-{name}")
-        self.client = zkv.Client(address, timeout=2.0, retries=0)
-        self.tag = name.encode()
-        self.keys = [b"%s-%05d" % (self.tag, i) for i in range(keys)]
-        self.rng = random.Random(f"{name}-{seed}")
-        self.stop = stop
-        self.pause = pause
-        self.possible: Possible = {k: {initial.get(k)} for k in self.keys}
-        self.acked_sets = 0
-        self.acked_dels = 0
-        self.unknown = 0
-        self.reads = 0
-        self.read_errors = 0
-        self.stale_reads: list[tuple[bytes, Any, set[Any]]] = []
-        self.failure: BaseException | None = None
-
-    def run(self) -> None:
-        n = 0
-        try:
-            while not self.stop.is_set():
-                n += 1
-                key = self.rng.choice(self.keys)
-                r = self.rng.random()
-                if r < 0.45:
-                    value = b"%s-%d" % (key, n)
-                    self._write({key: value}, self.client.set, key, value)
-                elif r < 0.65:
-                    self._write({key: None}, self.client.delete, key)
-                elif r < 0.72:
-                    values: dict[bytes, bytes | None] = {
-                        k: b"%s-%d-m" % (k, n) for k in set(self.rng.sample(self.keys, 3))}
-                    self._write(values, self.client.mset, values)
-                elif r < 0.78:
-                    self._read(self.rng.sample(self.keys, 3))
-                else:
-                    self._read([key])
-                if self.pause:
-                    time.sleep(self.pause)
-        except BaseException as exc:  # noqa: BLE001 -- reported by the test
-            self.failure = exc
-        finally:
-            self.client.close()
-
-    def _write(self, values: dict[bytes, bytes | None], call: Any, *args: Any) -> None:
-        try:
-            call(*args)
-        except zkv.Unavailable:  # Timeout, NodeUnavailable: applied or not, unknown
-            self.unknown += 1
-            for k, v in values.items():
-                self.possible[k].add(v)
-            time.sleep(0.02)
-            return
-        for k, v in values.items():
-            self.possible[k] = {v}
-            if v is None:
-                self.acked_dels += 1
-            else:
-                self.acked_sets += 1
-
-    def _read(self, keys: list[bytes]) -> None:
-        try:
-            got = self.client.mget(keys) if len(keys) > 1 else [self.client.get(keys[0])]
-        except zkv.Unavailable:
-            self.read_errors += 1
-            time.sleep(0.02)
-            return
-        self.reads += len(keys)
-        for k, v in zip(keys, got):
-            if v not in self.possible[k]:
-                self.stale_reads.append((k, v, set(self.possible[k])))
-
-
-class Load:
-    """Worker threads on disjoint key sets, started and stopped as a context."""
-
-    def __init__(self, address: str, initial: dict[bytes, bytes] | None = None,
-                 workers: int = 4, keys_each: int = 300, pause: float = 0.0,
-                 prefix: str = "w") -> None:
-        self.stop = threading.Event()
-        self.workers = [Worker(address, f"{prefix}{w}", keys_each, self.stop, initial or {},
-                               pause, seed=w) for w in range(workers)]
-
-    def __enter__(self) -> Self:
-        for w in self.workers:
-            w.start()
-        time.sleep(0.3)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for w in self.workers:
-            w.join(20)
-
-    def possible(self) -> Possible:
-        out: Possible = {}
-        for w in self.workers:
-            out.update(w.possible)
-        return out
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "acked_sets": sum(w.acked_sets for w in self.workers),
-            "acked_dels": sum(w.acked_dels for w in self.workers),
-            "unknown": sum(w.unknown for w in self.workers),
-            "reads": sum(w.reads for w in self.workers),
-            "read_errors": sum(w.read_errors for w in self.workers),
-        }
-
-    def check_threads(self) -> None:
-        for w in self.workers:
-            assert not w.is_alive(), f"{w.name} did not stop"
-            assert w.failure is None, f"{w.name} failed: {w.failure!r}"
-        stale = [s for w in self.workers for s in w.stale_reads]
-        assert not stale, (f"{len(stale)} reads returned a value that was neither the latest "
-                           f"acknowledged one nor an unknown-outcome one: {stale[:5]}")
+MIX = Mix(set=0.45, delete=0.20, mset=0.07, mget=0.06)
 
 
 def verify(address: str, expected: Possible) -> dict[bytes, bytes]:
-    """Read every key back: each must hold one of its possible values (a lost
-    acknowledged write or an undone acknowledged delete is a loss). Returns the keys
-    that exist, with their values."""
-    keys = sorted(expected)
-    found: dict[bytes, bytes] = {}
-    losses: list[tuple[bytes, Any, Any]] = []
+    """:func:`load.read_back` through a client of its own, waiting for each MGET to be
+    answered; the keys checked and the losses count in TOTALS."""
     with zkv.Client(address, timeout=10.0, retries=3) as c:
-        for i in range(0, len(keys), 1000):
-            chunk = keys[i:i + 1000]
-            got = wait_until(lambda chunk=chunk: c.mget(chunk), 30, interval=0.2,
-                             what="an MGET answering")
-            for key, value in zip(chunk, got):
-                if value not in expected[key]:
-                    losses.append((key, value, expected[key]))
-                if value is not None:
-                    found[key] = value
-    TOTALS["keys_checked"] += len(keys)
-    TOTALS["losses"] += len(losses)
-    assert not losses, f"{len(losses)} keys lost or reverted, e.g. {losses[:5]}"
-    return found
+        def mget(chunk: list[bytes]) -> Any:
+            return wait_until(lambda: c.mget(chunk), 30, interval=0.2, what="an MGET answering")
+
+        return read_back(mget, expected, TOTALS)
 
 
 def count(load: Load) -> dict[str, int]:
@@ -312,20 +175,6 @@ def count(load: Load) -> dict[str, int]:
     TOTALS["acked_writes"] += totals["acked_sets"] + totals["acked_dels"]
     TOTALS["unknown_writes"] += totals["unknown"]
     return totals
-
-
-def assert_counts_match_ring(address: str, present: set[bytes]) -> dict[str, int]:
-    """Every node holds exactly the keys the ring gives it: none left on an old owner."""
-    with zkv.Client(address, timeout=10.0, retries=3) as c:
-        status = c.status()
-        assert status["move"] is None
-        ring = Ring(status["members"], status["vnodes"])
-        want = {m: 0 for m in ring.members}
-        for key in present:
-            want[ring.owner(key)] += 1
-        have = {n["address"]: n["keys"] for n in c.nodes()}
-    assert have == want, f"node key counts {have} != the ring's shares {want}"
-    return have
 
 
 def keys_owned(ring: Ring, owner: str, prefix: str, n: int) -> list[bytes]:
@@ -351,7 +200,7 @@ def test_repeated_kill9_of_nodes_and_proxy_loses_no_acknowledged_write(make_rig:
     a, b, c = rig.members
     schedule = [a, "proxy", b, c, "proxy", a, b, "proxy", c, a, "proxy", b][:STORM_KILLS]
     rng = random.Random(6)
-    with Load(rig.address, workers=4, keys_each=300) as load:
+    with Load(rig.address, MIX, workers=4, keys_each=300) as load:
         for victim in schedule:
             time.sleep(rng.uniform(0.4, 1.0))  # let writes land between kills
             if victim == "proxy":
@@ -628,7 +477,8 @@ def test_kill9_at_every_phase_of_a_move(make_rig: Any, phase: str, victim: str) 
         for i in range(0, len(items), 1000):
             assert c.mset(dict(items[i:i + 1000]))
     new = rig.start_node()
-    with Load(rig.address, workers=2, keys_each=150, pause=0.005, prefix=f"m{phase[:2]}") as load:
+    with Load(rig.address, MIX, workers=2, keys_each=150, pause=0.005,
+              prefix=f"m{phase[:2]}") as load:
         with zkv.Client(rig.address, timeout=10.0) as admin:
             handle = admin.add_node(new, wait=False)
             assert isinstance(handle, zkv.client.MoveHandle)
@@ -652,7 +502,8 @@ def test_kill9_at_every_phase_of_a_move(make_rig: Any, phase: str, victim: str) 
     expected: Possible = {k: {v} for k, v in initial.items()}
     expected.update(load.possible())
     found = verify(rig.address, expected)
-    counts = assert_counts_match_ring(rig.address, set(found))
+    with zkv.Client(rig.address, timeout=10.0, retries=3) as c:
+        counts = assert_counts_match_ring(c, set(found))
     assert counts[new] > 0
     print(f"\nkill -9 of the {victim} in {phase}: {load.totals()}, keys checked="
           f"{len(expected)}, counts {counts}, losses=0")

@@ -84,6 +84,12 @@ def conns(zctx: zmq.Context[Any]) -> Any:
         c.close()
 
 
+def node_place(tmp_path: Path) -> tuple[int, Path, str]:
+    """Where a test's node lives across its restarts: (free port, data directory, address)."""
+    port = free_port()
+    return port, tmp_path / "node", f"{HOST}:{port}"
+
+
 def start_node(procs: Procs, port: int, data_dir: Path, *extra: str) -> Proc:
     return procs.start(
         "node", "--port", str(port), "--data-dir", str(data_dir), *extra,
@@ -202,9 +208,7 @@ def writer(addr: str, ctx: zmq.Context[Any], ledger: Ledger, wid: int, stop: thr
 def test_kill_9_under_concurrent_writes_loses_no_acknowledged_write(
     procs: Procs, tmp_path: Path, zctx: zmq.Context[Any], conns: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
-    addr = f"{HOST}:{port}"
+    port, data, addr = node_place(tmp_path)
     ledger = Ledger()
     rng = random.Random(1234)
     errors: list[str] = []
@@ -246,9 +250,7 @@ def test_kill_9_under_concurrent_writes_loses_no_acknowledged_write(
 def test_corrupt_log_refuses_to_start_and_repair_keeps_the_good_prefix(
     procs: Procs, tmp_path: Path, conns: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
-    addr = f"{HOST}:{port}"
+    port, data, addr = node_place(tmp_path)
     node = start_node(procs, port, data, "--fsync", "no")
     c = conns(addr)
     keys = [b"key-%03d" % i for i in range(100)]
@@ -292,10 +294,9 @@ def test_corrupt_log_refuses_to_start_and_repair_keeps_the_good_prefix(
 
 @pytest.mark.timeout(30)
 def test_torn_tail_is_cut_with_a_warning(procs: Procs, tmp_path: Path, conns: Any) -> None:
-    port = free_port()
-    data = tmp_path / "node"
+    port, data, addr = node_place(tmp_path)
     node = start_node(procs, port, data)
-    c = conns(f"{HOST}:{port}")
+    c = conns(addr)
     for i in range(20):
         c.call("SET", b"k%d" % i, b"v%d" % i)
     assert node.stop() == 0
@@ -306,7 +307,7 @@ def test_torn_tail_is_cut_with_a_warning(procs: Procs, tmp_path: Path, conns: An
     node = start_node(procs, port, data)
     assert f"{log}.torn-{good}" in node.output
     assert "WARNING" in node.output
-    c = conns(f"{HOST}:{port}")
+    c = conns(addr)
     assert c.call("GET", b"k19") == b"v19" and c.call("GET", b"torn") is None
     assert Path(f"{log}.torn-{good}").stat().st_size == 30
 
@@ -341,13 +342,11 @@ def pipelined_sets(conn: Conn, items: list[tuple[bytes, bytes]], ledger: Ledger 
 def test_snapshots_bound_the_files_and_restart_gives_the_same_map(
     procs: Procs, tmp_path: Path, conns: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
+    port, data, addr = node_place(tmp_path)
     min_bytes = 32 * 1024
     cfg = write_config(tmp_path / "zkv.yaml", port, fsync="everysec",
                        snapshot_min_bytes=min_bytes, snapshot_factor=2)
     node = start_with_config(procs, cfg, port, data)
-    addr = f"{HOST}:{port}"
     c = conns(addr)
     keys = [b"key-%02d" % i for i in range(30)]
     expected: dict[bytes, bytes] = {}
@@ -390,9 +389,7 @@ def test_snapshots_bound_the_files_and_restart_gives_the_same_map(
 def test_kill_9_during_snapshots_keeps_every_acknowledged_write(
     procs: Procs, tmp_path: Path, conns: Any, zctx: zmq.Context[Any]
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
-    addr = f"{HOST}:{port}"
+    port, data, addr = node_place(tmp_path)
     # About 1 MB of live data so a snapshot takes a while; snapshots start as soon as
     # the log is 1.5x the live data.
     cfg = write_config(tmp_path / "zkv.yaml", port, fsync="no",
@@ -474,10 +471,9 @@ def error_code(reply: list[bytes]) -> str:
 def test_bad_input_gets_error_replies_and_the_node_keeps_serving(
     procs: Procs, tmp_path: Path, raw: Any
 ) -> None:
-    port = free_port()
+    port, data, addr = node_place(tmp_path)
     cfg = write_config(tmp_path / "zkv.yaml", port, limits=LIMITS)
-    start_with_config(procs, cfg, port, tmp_path / "node")
-    addr = f"{HOST}:{port}"
+    start_with_config(procs, cfg, port, data)
     bad = raw(addr)
     assert bad.call("SET", b"keep", b"me") == "OK"
 
@@ -535,10 +531,8 @@ def test_bad_input_gets_error_replies_and_the_node_keeps_serving(
 def test_keys_and_values_are_binary_safe_and_durable(
     procs: Procs, tmp_path: Path, raw: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
+    port, data, addr = node_place(tmp_path)
     node = start_node(procs, port, data, "--fsync", "always")
-    addr = f"{HOST}:{port}"
     c = raw(addr)
     big = os.urandom(1 << 20)
     pairs = {
@@ -568,9 +562,9 @@ def test_keys_and_values_are_binary_safe_and_durable(
 
 @pytest.mark.timeout(30)
 def test_commands(procs: Procs, tmp_path: Path, raw: Any) -> None:
-    port = free_port()
-    start_node(procs, port, tmp_path / "node", "--fsync", "everysec")
-    c = raw(f"{HOST}:{port}")
+    port, data, addr = node_place(tmp_path)
+    start_node(procs, port, data, "--fsync", "everysec")
+    c = raw(addr)
     assert c.call("PING") == "PONG"
     assert c.call("GET", b"a") is None
     assert c.call("SET", b"a", b"1") == "OK"
@@ -612,9 +606,7 @@ def test_second_node_on_the_same_data_dir_is_refused(
 def test_sigterm_exits_0_with_every_acknowledged_write_on_disk(
     procs: Procs, tmp_path: Path, conns: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
-    addr = f"{HOST}:{port}"
+    port, data, addr = node_place(tmp_path)
     node = start_node(procs, port, data, "--fsync", "no")
     c = conns(addr)
     items = [(b"key-%d" % i, os.urandom(100)) for i in range(3000)]
@@ -639,18 +631,17 @@ def test_sigterm_exits_0_with_every_acknowledged_write_on_disk(
 def test_start_line_says_where_what_and_how_long(
     procs: Procs, tmp_path: Path, raw: Any
 ) -> None:
-    port = free_port()
-    data = tmp_path / "node"
+    port, data, addr = node_place(tmp_path)
     node = start_node(procs, port, data, "--fsync", "always")
     first = [ln for ln in node.lines if ln.startswith("zkv node")]
     assert len(first) == 1
     m = READY.match(first[0])
     assert m is not None, first[0]
-    assert m["addr"] == f"{HOST}:{port}"
+    assert m["addr"] == addr
     assert m["dir"] == str(data)
     assert m["fsync"] == "always"
     assert int(m["keys"]) == 0
-    c = raw(f"{HOST}:{port}")
+    c = raw(addr)
     for i in range(25):
         c.call("SET", b"k%d" % i, b"v")
     c.call("DEL", b"k0")

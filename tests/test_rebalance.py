@@ -9,19 +9,17 @@ model of the acknowledged operations says must be there.
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 import zmq
 from conftest import Proc, Procs, free_port
+from load import Load, Mix, Possible, assert_counts_match_ring, read_back
 
 import zkv
 from zkv import protocol as P
-from zkv.ring import Ring
 
 PRELOAD = 20_000  # keys loaded before a move, so that it has something to carry
 PROXY_TIMEOUT_MS = 1000
@@ -128,178 +126,21 @@ def wait_copy_progress(client: zkv.Client, min_keys: int, timeout: float = 20.0)
 # -- the load: writers and deleters on disjoint key sets --------------------------------
 
 
-class Worker(threading.Thread):
-    """SET, DEL, GET, MSET and MGET on its own keys with its own client. For every key it keeps
-    the values the key may hold: exactly one after an acknowledged call, more after
-    calls whose outcome is unknown (they raised), None meaning deleted."""
-
-    def __init__(self, address: str, wid: int, keys: int, stop: threading.Event,
-                 initial: dict[bytes, bytes]) -> None:
-        super().__init__(daemon=True, name=f"worker-{wid}")
-        self.client = zkv.Client(address, timeout=2.0, retries=0)
-        self.keys = [b"w%d-%05d" % (wid, i) for i in range(keys)]
-        self.rng = random.Random(wid)
-        self.stop = stop
-        self.wid = wid
-        self.possible: dict[bytes, set[bytes | None]] = {
-            k: {initial.get(k)} for k in self.keys
-        }
-        self.acked_sets = 0
-        self.acked_dels = 0
-        self.unknown = 0  # writes that raised
-        self.reads = 0
-        self.read_errors = 0
-        self.stale_reads: list[tuple[bytes, Any, set[Any]]] = []
-        self.failure: BaseException | None = None
-
-    def run(self) -> None:
-        n = 0
-        try:
-            while not self.stop.is_set():
-                n += 1
-                key = self.rng.choice(self.keys)
-                r = self.rng.random()
-                if r < 0.45:
-                    value = b"%d-%d-%s" % (self.wid, n, key)
-                    self._write(key, value, self.client.set, key, value)
-                elif r < 0.65:
-                    self._write(key, None, self.client.delete, key)
-                elif r < 0.70:
-                    self._mset(list(set(self.rng.sample(self.keys, 3))), n)
-                elif r < 0.75:
-                    self._mget(self.rng.sample(self.keys, 3))
-                else:
-                    self._read(key)
-        except BaseException as exc:  # noqa: BLE001 -- reported by the test
-            self.failure = exc
-        finally:
-            self.client.close()
-
-    def _write(self, key: bytes, value: bytes | None, call: Any, *args: bytes) -> None:
-        try:
-            call(*args)
-        except (zkv.Timeout, zkv.Unavailable, zkv.NodeUnavailable):
-            self.unknown += 1
-            self.possible[key].add(value)
-            time.sleep(0.02)
-            return
-        self.possible[key] = {value}
-        if value is None:
-            self.acked_dels += 1
-        else:
-            self.acked_sets += 1
-
-    def _read(self, key: bytes) -> None:
-        try:
-            got = self.client.get(key)
-        except (zkv.Timeout, zkv.Unavailable, zkv.NodeUnavailable):
-            self.read_errors += 1
-            time.sleep(0.02)
-            return
-        self.reads += 1
-        if got not in self.possible[key]:
-            self.stale_reads.append((key, got, set(self.possible[key])))
-
-    def _mset(self, keys: list[bytes], n: int) -> None:
-        values: dict[Any, Any] = {k: b"%d-%d-m-%s" % (self.wid, n, k) for k in keys}
-        try:
-            self.client.mset(values)
-        except (zkv.Timeout, zkv.Unavailable, zkv.NodeUnavailable):
-            self.unknown += 1
-            for k, v in values.items():
-                self.possible[k].add(v)
-            time.sleep(0.02)
-            return
-        for k, v in values.items():
-            self.possible[k] = {v}
-        self.acked_sets += len(keys)
-
-    def _mget(self, keys: list[bytes]) -> None:
-        try:
-            got = self.client.mget(keys)
-        except (zkv.Timeout, zkv.Unavailable, zkv.NodeUnavailable):
-            self.read_errors += 1
-            time.sleep(0.02)
-            return
-        self.reads += len(keys)
-        for k, v in zip(keys, got):
-            if v not in self.possible[k]:
-                self.stale_reads.append((k, v, set(self.possible[k])))
+MIX = Mix(set=0.45, delete=0.20, mset=0.05, mget=0.05)
 
 
-class Load:
-    def __init__(self, address: str, initial: dict[bytes, bytes], workers: int = 4,
-                 keys_each: int = 500) -> None:
-        self.stop = threading.Event()
-        self.workers = [Worker(address, w, keys_each, self.stop, initial) for w in range(workers)]
-
-    def __enter__(self) -> Self:
-        for w in self.workers:
-            w.start()
-        time.sleep(0.3)  # let the load get going before anything changes
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for w in self.workers:
-            w.join(15)
-
-    def possible(self) -> dict[bytes, set[bytes | None]]:
-        out: dict[bytes, set[bytes | None]] = {}
-        for w in self.workers:
-            out.update(w.possible)
-        return out
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "acked_sets": sum(w.acked_sets for w in self.workers),
-            "acked_dels": sum(w.acked_dels for w in self.workers),
-            "unknown": sum(w.unknown for w in self.workers),
-            "reads": sum(w.reads for w in self.workers),
-            "read_errors": sum(w.read_errors for w in self.workers),
-            "stale_reads": sum(len(w.stale_reads) for w in self.workers),
-        }
-
-    def check_threads(self) -> None:
-        for w in self.workers:
-            assert not w.is_alive(), f"{w.name} did not stop"
-            assert w.failure is None, f"{w.name} failed: {w.failure!r}"
-        stale = [s for w in self.workers for s in w.stale_reads]
-        assert not stale, f"{len(stale)} reads did not return the latest acknowledged value: " \
-                          f"{stale[:5]}"
-
-
-def verify(client: zkv.Client, expected: dict[bytes, set[bytes | None]]) -> dict[bytes, bytes]:
-    """Read every key back; each must hold one of its possible values. Returns what exists."""
-    keys = sorted(expected)
-    found: dict[bytes, bytes] = {}
-    losses: list[tuple[bytes, Any, Any]] = []
-    for i in range(0, len(keys), 1000):
-        chunk = keys[i:i + 1000]
-        for key, got in zip(chunk, client.mget(chunk)):
-            if got not in expected[key]:
-                losses.append((key, got, expected[key]))
-            if got is not None:
-                found[key] = got
-    assert not losses, f"{len(losses)} keys lost or reverted, e.g. {losses[:5]}"
-    return found
-
-
-def assert_counts_match_ring(client: zkv.Client, present: set[bytes]) -> dict[str, int]:
-    """Every node holds exactly the keys the ring gives it (no leftovers on old owners)."""
-    status = client.status()
-    assert status["move"] is None
-    ring = Ring(status["members"], status["vnodes"])
-    want = {m: 0 for m in ring.members}
-    for key in present:
-        want[ring.owner(key)] += 1
-    have = {n["address"]: n["keys"] for n in client.nodes()}
-    assert have == want, f"node key counts {have} != ring shares {want}"
-    return have
-
-
-def report(name: str, load: Load, keys_checked: int) -> None:
-    print(f"\n{name}: {load.totals()} keys checked={keys_checked} losses=0")
+def check_after(admin: zkv.Client, load: Load, initial: dict[bytes, bytes],
+                name: str) -> dict[str, int]:
+    """Once the load has stopped: no worker failed or read a stale value, every key
+    (preloaded or the load's) holds one of its possible values, and every node holds
+    exactly its share of the ring. Returns the nodes' key counts."""
+    load.check_threads()
+    expected: Possible = {k: {v} for k, v in initial.items()}
+    expected.update(load.possible())
+    found = read_back(admin.mget, expected)
+    counts = assert_counts_match_ring(admin, set(found))
+    print(f"\n{name}: {load.totals()} keys checked={len(expected)} losses=0")
+    return counts
 
 
 # -- 1. ADD then REMOVE under load -----------------------------------------------------
@@ -311,25 +152,18 @@ def test_add_then_remove_under_load_loses_nothing(rig: Rig) -> None:
     admin = rig.client(timeout=5.0)
     initial = preload(admin)
     d = rig.start_node()
-    with Load(rig.address, initial) as load:
+    with Load(rig.address, MIX, initial) as load:
         plan = admin.add_node(d, rate=4000, wait_timeout=60)
         assert isinstance(plan, dict) and plan["finished"]
         time.sleep(0.3)
         plan = admin.remove_node(a, rate=4000, wait_timeout=60)
         assert isinstance(plan, dict) and plan["finished"]
         time.sleep(0.3)
-    load.check_threads()
+    counts = check_after(admin, load, initial, "add+remove under load")
     totals = load.totals()
     assert totals["acked_sets"] > 500 and totals["acked_dels"] > 200, totals
-
-    expected: dict[bytes, set[bytes | None]] = {k: {v} for k, v in initial.items()}
-    expected.update(load.possible())
-    found = verify(admin, expected)
-    status = admin.status()
-    assert sorted(status["members"]) == sorted([b, c, d])
-    counts = assert_counts_match_ring(admin, set(found))
+    assert sorted(admin.status()["members"]) == sorted([b, c, d])
     assert a not in counts
-    report("add+remove under load", load, len(expected))
 
 
 # -- 2./3. kill -9 mid-move ---------------------------------------------------------------
@@ -341,7 +175,7 @@ def test_proxy_killed_mid_move_resumes_and_loses_nothing(rig: Rig) -> None:
     admin = rig.client(timeout=2.0)
     initial = preload(admin)
     d = rig.start_node()
-    with Load(rig.address, initial) as load:
+    with Load(rig.address, MIX, initial) as load:
         handle = admin.add_node(d, rate=500, wait=False)
         assert isinstance(handle, zkv.client.MoveHandle)
         move = wait_copy_progress(admin, 300)
@@ -356,13 +190,8 @@ def test_proxy_killed_mid_move_resumes_and_loses_nothing(rig: Rig) -> None:
         final = wait_move_done(admin, 60)
         assert final["epoch"] == epoch
         time.sleep(0.3)
-    load.check_threads()
+    check_after(admin, load, initial, "proxy kill -9 mid-move")
     assert sorted(final["members"]) == sorted([*members, d])
-    expected: dict[bytes, set[bytes | None]] = {k: {v} for k, v in initial.items()}
-    expected.update(load.possible())
-    found = verify(admin, expected)
-    assert_counts_match_ring(admin, set(found))
-    report("proxy kill -9 mid-move", load, len(expected))
 
 
 @pytest.mark.timeout(90)
@@ -371,7 +200,7 @@ def test_destination_killed_mid_move_resumes_and_loses_nothing(rig: Rig) -> None
     admin = rig.client(timeout=2.0)
     initial = preload(admin)
     d = rig.start_node()
-    with Load(rig.address, initial) as load:
+    with Load(rig.address, MIX, initial) as load:
         admin.add_node(d, rate=500, wait=False)
         wait_copy_progress(admin, 300)
         rig.nodes[d].kill()
@@ -379,13 +208,8 @@ def test_destination_killed_mid_move_resumes_and_loses_nothing(rig: Rig) -> None
         rig.start_node(d)  # same port, same data directory
         final = wait_move_done(admin, 60)
         time.sleep(0.3)
-    load.check_threads()
+    check_after(admin, load, initial, "destination kill -9 mid-move")
     assert sorted(final["members"]) == sorted([*members, d])
-    expected: dict[bytes, set[bytes | None]] = {k: {v} for k, v in initial.items()}
-    expected.update(load.possible())
-    found = verify(admin, expected)
-    assert_counts_match_ring(admin, set(found))
-    report("destination kill -9 mid-move", load, len(expected))
 
 
 # -- 4. key counts follow the ring ------------------------------------------------------
@@ -408,7 +232,7 @@ def test_key_counts_match_ring_shares_after_add_and_remove(rig: Rig) -> None:
     after_remove = assert_counts_match_ring(admin, set(data))
     assert set(after_remove) == {b, c}
     assert sum(after_remove.values()) == len(data)
-    assert verify(admin, {k: {v} for k, v in data.items()}) == data
+    assert read_back(admin.mget, {k: {v} for k, v in data.items()}) == data
 
 
 # -- 5. clear errors that change nothing; dry runs ------------------------------------

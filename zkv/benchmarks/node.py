@@ -26,8 +26,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import zmq
 
 from .. import protocol as P
 from .. import wal
+from ..bench import Children, start_node
 from ..storage import Storage, segment_name
 
 POLICIES = ("always", "everysec", "no")
@@ -73,42 +72,6 @@ class ReplayResult:
 
 
 # -- the node under load ------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class NodeProcess:
-    def __init__(self, data_dir: str, fsync: str) -> None:
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        log_path = os.path.join(os.path.dirname(data_dir), f"node-{fsync}.log")
-        self.log = open(log_path, "w")  # noqa: SIM115 -- closed by stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zkv", "node", "--port", str(self.port),
-             "--data-dir", data_dir, "--fsync", fsync],
-            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("zkv node"):
-            self.stop()
-            raise RuntimeError(f"node did not start: {line!r}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def _socket(ctx: zmq.Context[Any], addr: str) -> zmq.Socket[Any]:
@@ -193,13 +156,13 @@ def drive_in_process(addr: str, clients: int, seconds: float) -> tuple[float, fl
 
 def node_writes(workdir: str, fsync: str, clients: int, seconds: float) -> tuple[float, float]:
     """(SETs per second, PINGs per second) against a fresh node."""
-    data_dir = os.path.join(workdir, f"node-{fsync}-{clients}")
-    node = NodeProcess(data_dir, fsync)
+    name = f"node-{fsync}-{clients}"
+    children = Children(workdir)
     try:
-        return drive_in_process(node.addr, clients, seconds)
+        return drive_in_process(start_node(children, fsync, name), clients, seconds)
     finally:
-        node.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        children.close()
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
 # -- the baseline: raw appends ----------------------------------------------------------

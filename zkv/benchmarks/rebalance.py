@@ -24,8 +24,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +34,7 @@ from typing import Any
 import cbor2
 import zmq
 
+from ..bench import Children, free_port, start_node, zkv_argv
 from ..client import Client
 
 VALUE_BYTES = 100
@@ -69,54 +68,13 @@ class Latency:
 # -- processes ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ZkvProcess:
-    """``python -m zkv ARGS`` whose first stdout line says it is ready."""
-
-    def __init__(self, workdir: str, name: str, args: list[str], ready: str) -> None:
-        self.log = open(os.path.join(workdir, f"{name}.log"), "w")  # noqa: SIM115 -- stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zkv", *args],
-            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith(ready):
-            self.stop()
-            raise RuntimeError(f"{name} did not start: {line!r} (see {self.log.name})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def start_node(workdir: str, procs: list[ZkvProcess]) -> str:
+def start_proxy(children: Children, nodes: list[str]) -> str:
+    """A proxy with its default settings in front of ``nodes``."""
     port = free_port()
-    procs.append(ZkvProcess(workdir, f"node-{port}", [
-        "node", "--port", str(port), "--data-dir", os.path.join(workdir, f"node-{port}"),
-        "--fsync", "no"], "zkv node"))
-    return f"127.0.0.1:{port}"
-
-
-def start_proxy(workdir: str, nodes: list[str], procs: list[ZkvProcess]) -> str:
-    port = free_port()
-    args = ["proxy", "--port", str(port), "--state-dir", os.path.join(workdir, "proxy")]
+    args = ["proxy", "--port", str(port), "--state-dir", os.path.join(children.workdir, "proxy")]
     for n in nodes:
         args += ["--node", n]
-    procs.append(ZkvProcess(workdir, "proxy", args, "zkv proxy"))
+    children.spawn("proxy", zkv_argv(*args), ready="zkv proxy")
     return f"127.0.0.1:{port}"
 
 
@@ -181,11 +139,11 @@ class Probe:
 
 
 def bench_move(workdir: str, keys: int) -> tuple[MoveResult, list[Latency]]:
-    procs: list[ZkvProcess] = []
+    children = Children(workdir)
     try:
-        nodes = [start_node(workdir, procs) for _ in range(2)]
-        proxy = start_proxy(workdir, nodes, procs)
-        new = start_node(workdir, procs)
+        nodes = [start_node(children, "no", f"node{i}") for i in (1, 2)]
+        proxy = start_proxy(children, nodes)
+        new = start_node(children, "no", "node3")
         with Client(proxy, timeout=30.0) as admin:
             load(admin, keys)
             probe = Probe(proxy, keys)
@@ -208,8 +166,7 @@ def bench_move(workdir: str, keys: int) -> tuple[MoveResult, list[Latency]]:
         if sum(counts.values()) != keys:
             raise RuntimeError(f"the cluster holds {sum(counts.values())} keys, not {keys}")
     finally:
-        for p in reversed(procs):
-            p.stop()
+        children.close()
     base_s = raw_push_pull(moved)
     during[0].phase = "during the move"
     return MoveResult(
