@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from . import frames as wire
 from . import protocol as P
 from .errors import ConfigError, ProtocolError, Timeout, Unavailable, ZkvError
 
@@ -109,16 +110,16 @@ class Client:
     def _send_and_wait(self, body: bytes) -> bytes:
         sock = self._socket()
         tag = _TAG.pack(next(self._tags))
-        sock.send_multipart([b"", tag, body])
+        wire.send(sock, [tag, body])
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(max(1, int(left * 1000))):
                 self._reset()  # Lazy Pirate: a fresh socket for whatever comes next
                 raise Timeout(f"no reply from {self.address} within {self.timeout:g}s")
-            frames = sock.recv_multipart()
-            if len(frames) == 3 and frames[1] == tag:
-                return frames[2]
+            frames = wire.recv(sock)
+            if len(frames) == 2 and frames[0] == tag:
+                return frames[1]
             # a late reply to an earlier request that timed out: drop it
 
     def _exchange_many(self, bodies: list[bytes]) -> list[bytes | None]:
@@ -128,7 +129,7 @@ class Client:
         tags = [_TAG.pack(next(self._tags)) for _ in bodies]
         index = {tag: i for i, tag in enumerate(tags)}
         for tag, body in zip(tags, bodies):
-            sock.send_multipart([b"", tag, body])
+            wire.send(sock, [tag, body])
         replies: list[bytes | None] = [None] * len(bodies)
         left = len(bodies)
         deadline = time.monotonic() + self.timeout
@@ -137,10 +138,10 @@ class Client:
             if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
                 self._reset()
                 break
-            frames = sock.recv_multipart()
-            i = index.pop(frames[1], None) if len(frames) == 3 else None
+            frames = wire.recv(sock)
+            i = index.pop(frames[0], None) if len(frames) == 2 else None
             if i is not None:
-                replies[i] = frames[2]
+                replies[i] = frames[1]
                 left -= 1
         return replies
 

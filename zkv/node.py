@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from . import frames as wire
 from . import protocol as P
 from . import wal
 from .errors import (
@@ -438,8 +439,8 @@ class Node:
                 replies = []
                 handle = self.handle
                 for _ in range(MAX_BATCH_PER_TURN):
-                    replies.append(handle(sock.recv_multipart()))
-                    if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    replies.append(handle(wire.recv(sock)))
+                    if not wire.waiting(sock):
                         break
                 try:
                     storage.commit(durable=self._durable)
@@ -449,7 +450,7 @@ class Node:
                     replies = [[*r[:-1], body] for r in replies]
                 self._durable = False
                 for reply in replies:
-                    sock.send_multipart(reply)
+                    wire.send(sock, reply)
             if pull in events:
                 bodies = []
                 for _ in range(8):

@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from . import frames as wire
 from . import protocol as P
 from .cluster import ClusterState, Health
 from .config import format_address, parse_address
@@ -239,7 +240,7 @@ class Proxy:
         self._seq += 1
         tag = _TAG.pack(self._seq)
         try:
-            self.links[addr].send_multipart([tag, body], zmq.NOBLOCK)
+            wire.send(self.links[addr], [tag, body], wire.NOBLOCK)
         except zmq.Again:
             raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
         self.pending[tag] = (target, addr, part)
@@ -249,11 +250,11 @@ class Proxy:
             self.slow_deadlines.append((time.monotonic() + timeout, tag))
 
     def _answer(self, routing: list[bytes], result: Any) -> None:
-        self.front.send_multipart([*routing, P.encode_ok(result)])
+        wire.send(self.front, [*routing, P.encode_ok(result)])
 
     def _fail(self, routing: list[bytes], exc: ZkvError) -> None:
         self.errors += 1
-        self.front.send_multipart([*routing, P.encode_exc(exc)])
+        wire.send(self.front, [*routing, P.encode_exc(exc)])
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
                  finish: Callable[[list[Any]], Any], allow_down: bool = False,
@@ -275,7 +276,7 @@ class Proxy:
     def _deliver(self, gather: Gather, part: int, result: Any) -> None:
         reply = gather.deliver(part, result)
         if reply is not None:
-            self.front.send_multipart([*gather.routing, reply])
+            wire.send(self.front, [*gather.routing, reply])
 
     # -- the front -------------------------------------------------------------
     def handle_front(self, frames: list[bytes]) -> None:
@@ -767,7 +768,7 @@ class Proxy:
             return  # a late reply to a request that already timed out
         target, _, part = entry
         if part == -1:
-            self.front.send_multipart([*target, frames[1]])
+            wire.send(self.front, [*target, frames[1]])
             return
         try:
             result: Any = P.decode_reply(frames[1])
@@ -814,7 +815,7 @@ class Proxy:
     def _heartbeat(self, now: float) -> None:
         for addr in self.health.due_pings(now):
             try:
-                self.links[addr].send_multipart([HEARTBEAT_TAG, PING_BODY], zmq.NOBLOCK)
+                wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
             except zmq.Again:
                 pass
         for addr in self.health.expire(now):
@@ -824,15 +825,15 @@ class Proxy:
     def serve(self) -> None:
         front, poller = self.front, self.poller
         by_socket = self.by_socket
-        events_opt, pollin = zmq.EVENTS, zmq.POLLIN
+        recv, waiting = wire.recv, wire.waiting
         next_housekeeping = 0.0
         while not self._stop:
             for sock, _ in poller.poll(10):
                 if sock is front:
                     handle = self.handle_front
                     for _ in range(MAX_PER_TURN):
-                        handle(front.recv_multipart())
-                        if not front.getsockopt(events_opt) & pollin:
+                        handle(recv(front))
+                        if not waiting(front):
                             break
                 else:
                     addr = by_socket.get(sock)
@@ -840,8 +841,8 @@ class Proxy:
                         continue
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
-                        self.handle_node(addr, sock.recv_multipart(), now)
-                        if not sock.getsockopt(events_opt) & pollin:
+                        self.handle_node(addr, recv(sock), now)
+                        if not waiting(sock):
                             break
             now = time.monotonic()
             if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
@@ -872,13 +873,13 @@ class Proxy:
         while waiting and time.monotonic() < deadline:
             for addr in list(waiting):
                 try:
-                    self.links[addr].send_multipart([HEARTBEAT_TAG, PING_BODY], zmq.NOBLOCK)
+                    wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
                 except zmq.Again:
                     continue
             for sock, _ in poller.poll(20):
                 addr = self.by_socket[sock]
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self.handle_node(addr, sock.recv_multipart(), time.monotonic())
+                while wire.waiting(sock):
+                    self.handle_node(addr, wire.recv(sock), time.monotonic())
                 waiting.discard(addr)
 
     def run(self, on_ready: Callable[[str], None] | None = None) -> None:
