@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .config import FSYNC_POLICIES
 from .errors import ZkvError
 
 EXIT_USAGE = 2
@@ -27,7 +28,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from .config import FSYNC_POLICIES, NodeConfig, format_address, load_topology
+    from .config import NodeConfig, format_address, load_topology
     from .node import Node
 
     if args.config:
@@ -42,9 +43,7 @@ def _node(args: argparse.Namespace) -> int:
             raise ZkvError("zkv node needs --port (or --config FILE --port N)")
         cfg = NodeConfig(host=args.host or "127.0.0.1", port=args.port)
         limits = cfg.limits
-    fsync = args.fsync or cfg.fsync
-    if fsync not in FSYNC_POLICIES:
-        raise ZkvError(f"--fsync must be one of {', '.join(FSYNC_POLICIES)}")
+    fsync = args.fsync or cfg.fsync  # both already checked: argparse choices, config validation
     node = Node(
         host=cfg.host,
         port=cfg.port,
@@ -64,7 +63,7 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to bind")
     p.add_argument("--data-dir", default=None, help="data directory (default ./data/HOST-PORT)")
-    p.add_argument("--fsync", choices=["always", "everysec", "no"], default=None,
+    p.add_argument("--fsync", choices=FSYNC_POLICIES, default=None,
                    help="when the log is fsynced (default everysec)")
     p.add_argument("--config", default=None, help="YAML topology to take the node's settings from")
     p.add_argument("--repair", action="store_true",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
@@ -344,13 +343,3 @@ def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
         return None
     text = translate(pattern.decode("latin-1"))
     return re.compile(text.encode("latin-1"), re.DOTALL)
-
-
-def split_routing(frames: list[bytes]) -> tuple[list[bytes], bytes]:
-    """Routing frames and the body of one multipart message."""
-    return frames[:-1], frames[-1]
-
-
-def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

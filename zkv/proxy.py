@@ -292,7 +292,7 @@ class Proxy:
             if op in SINGLE_KEY:
                 key = args[0]
                 if self.moving is not None and self.moving.contains(key_hash(key)):
-                    self._moving(op, args, body, lambda r: self._reply(routing, r))
+                    self._moving(op, args, lambda r: self._reply(routing, r))
                 else:
                     self._forward(self.ring.owner(key), body, routing)
                 return
@@ -537,7 +537,7 @@ class Proxy:
         except ZkvError as exc:
             done(exc)
 
-    def _moving(self, op: str, args: list[Any], body: bytes, done: Callable[[Any], None]) -> None:
+    def _moving(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
         """One single-key command on a key that is being moved: writes go to the new
         owner; reads ask the new owner and fall back to the old one when the new one
         holds no state of the key yet; a delete leaves a tombstone at the new owner."""
@@ -602,7 +602,7 @@ class Proxy:
     def _moving_or_direct(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
         assert self.moving is not None
         if self.moving.contains(key_hash(args[0])):
-            self._moving(op, args, b"", done)
+            self._moving(op, args, done)
         else:
             self._call(self.ring.owner(args[0]), op, args, done)
 
@@ -914,4 +914,4 @@ class Proxy:
             self.ctx.destroy(0)
 
 
-__all__ = ["Proxy", "key_hash"]
+__all__ = ["Proxy"]

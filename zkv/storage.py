@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import wal
-from .errors import LogCorruption, StorageError, ZkvError
+from .errors import LogCorruption, StorageError
 from .keyspace import Keyspace, ReplayError
 
 log = logging.getLogger("zkv.storage")
@@ -436,4 +436,4 @@ class Storage:
         }
 
 
-__all__ = ["Storage", "Recovery", "ZkvError"]
+__all__ = ["Recovery", "Storage"]

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from ..bench import Children, start_cluster, zkv_argv
+from ..bench import Children, start_cluster
 from ..client import Client
 from ..errors import ZkvError
 
@@ -175,4 +175,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["soak", "zkv_argv"]
+__all__ = ["soak"]
