@@ -46,14 +46,14 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
         raise UsageError("PIPE is sent by client libraries (zkv.Client.pipeline()); "
                          "in the shell, run the commands one at a time")
     rest = tokens[1:]
-    kinds = [k.rstrip("?") for k in cmd.args]
+    kinds = [k.rstrip("?") for k in cmd.user_args]
     if kinds in (["keys"], ["pairs"]):
         if not rest or (kinds == ["pairs"] and len(rest) % 2):
             raise UsageError(f"usage: {cmd.usage}")
         return op, [[t.encode() for t in rest]]
     if kinds[-1:] == ["options"]:
         return op, _admin_args(cmd, rest)
-    if not cmd.required <= len(rest) <= len(cmd.args):
+    if not cmd.required <= len(rest) <= len(cmd.user_args):
         raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
     args: list[Any] = []
     for kind, token in zip(kinds, rest):

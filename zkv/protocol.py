@@ -18,20 +18,40 @@ the configured :class:`Limits`; anything that is not a valid request raises a
 
 from __future__ import annotations
 
-import io
 import re
+import struct
 from dataclasses import dataclass
-from fnmatch import translate
 from typing import Any
 
 import cbor2
 
-from .errors import LimitExceeded, ProtocolError, UnknownCommand, ZkvError, error_from_wire
+from . import cbor, glob
+from .errors import (
+    LimitExceeded,
+    ProtocolError,
+    UnknownCommand,
+    ZkvError,
+    error_from_wire,
+)
+from .glob import check_pattern
 
 OK = 0
 ERR = 1
 
 READ, WRITE, META, ADMIN, INTERNAL = "read", "write", "meta", "admin", "internal"
+
+MIN_FRAMES = 3  # a ROUTER sees [identity, delimiter or tag, body]
+ENVELOPE_BYTES = 4096  # a request's CBOR framing around its key and value, with room
+MAX_DEPTH = 5  # [op, {map: [[lo, 2**64 (a tag)], ...]}] is the deepest (a move's ranges)
+MAX_TOP = 8  # entries in a request's outer array: the op and its arguments
+MAX_OPTIONS = 16  # entries in an options map
+MAX_CURSOR = 128  # characters in a SCAN cursor
+MAX_ADDRESS = 300  # characters in HOST:PORT
+# A move names hash ranges as [lo, hi] pairs; a member owns at most this many arcs
+# (zkv.ring.MAX_RING_POINTS), so an internal request may hold this many pairs.
+MAX_RANGES = 1 << 18
+INTERNAL_ITEMS = 3 * MAX_RANGES + 64
+PIPE_OPS = frozenset(("GET", "SET", "DEL", "EXISTS", "PING"))
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,23 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.max_frames < MIN_FRAMES:
+            raise ValueError(
+                f"max_frames must be at least {MIN_FRAMES} (a client's routing frames and "
+                f"the body), not {self.max_frames}"
+            )
+        need = self.max_key_bytes + self.max_value_bytes + ENVELOPE_BYTES
+        if need > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must hold a SET of the longest "
+                f"key and the largest value with its framing: at least max_key_bytes + "
+                f"max_value_bytes + {ENVELOPE_BYTES} = {need}"
+            )
+
+    @property
+    def max_items(self) -> int:
+        """CBOR items a data request may hold: a full PIPE of 4-item commands, with room."""
+        return 4 * self.max_batch + 64
 
 
 DEFAULT_LIMITS = Limits()
@@ -70,8 +107,13 @@ class Command:
 
     @property
     def usage(self) -> str:
-        parts = [a[:-1].join("[]") if a.endswith("?") else a for a in self.args]
+        parts = [a[:-1].join("[]") if a.endswith("?") else a for a in self.user_args]
         return " ".join([self.name, *(p.upper() for p in parts)])
+
+    @property
+    def user_args(self) -> tuple[str, ...]:
+        """The arguments a user gives (a reply budget is the proxy's business)."""
+        return tuple(a for a in self.args if a != "budget?")
 
 
 COMMANDS: dict[str, Command] = {
@@ -83,12 +125,12 @@ COMMANDS: dict[str, Command] = {
         Command("EXISTS", READ, ("key",), "1 if KEY exists, else 0."),
         Command("SET", WRITE, ("key", "value"), "Set KEY to VALUE."),
         Command("DEL", WRITE, ("key",), "Delete KEY; 1 if it existed, else 0."),
-        Command("MGET", READ, ("keys",), "Values of several keys, in the order asked."),
+        Command("MGET", READ, ("keys", "budget?"), "Values of several keys, in the order asked."),
         Command("MSET", WRITE, ("pairs",), "Set several keys at once (KEY VALUE ...)."),
         Command("SCAN", READ, ("cursor", "pattern?", "count?"),
                 "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
         Command("KEYS", READ, ("pattern?",), "All keys matching a glob PATTERN (default *)."),
-        Command("PIPE", META, ("commands",), "Run several commands in one message."),
+        Command("PIPE", META, ("commands", "budget?"), "Run several commands in one message."),
         Command("NODES", META, (), "Cluster members: address, state, keys, ring share."),
         Command("RING", META, ("key",), "Which node owns KEY, and why."),
         Command("STATUS", META, (), "Cluster epoch and any move under way."),
@@ -170,36 +212,126 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
             raise ProtocolError("MSET needs at least one KEY VALUE pair")
         return [_key(x, limits) if i % 2 == 0 else _value(x, limits) for i, x in enumerate(items)]
     if kind == "cursor":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, bytes):
-            value = value.decode("ascii", "replace")
-        if not isinstance(value, str) or len(value) > 256:
-            raise ProtocolError("cursor must be the text a previous SCAN returned, or 0")
-        return value
+        return _cursor(value)
     if kind == "pattern":
         if value is None:
             return None
-        return _as_bytes(value, "pattern")
+        return check_pattern(_as_bytes(value, "pattern"))
     if kind == "count":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ProtocolError("count must be a positive integer")
         return min(value, limits.max_batch)
+    if kind == "budget":
+        if value is None:
+            return limits.max_message_bytes
+        if not _is_int(value) or value < 1:
+            raise ProtocolError("a reply budget must be a positive integer of bytes")
+        return min(value, limits.max_message_bytes)
     if kind == "addr":
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
-        if not isinstance(value, str):
+        if not isinstance(value, str) or len(value) > MAX_ADDRESS:
             raise ProtocolError("node address must be text HOST:PORT")
         return value
     if kind == "options":
         if value is None:
             return {}
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ProtocolError("options must be a map of text keys")
+        if (not isinstance(value, dict) or len(value) > MAX_OPTIONS
+                or not all(isinstance(k, str) for k in value)):
+            raise ProtocolError(f"options must be a map of at most {MAX_OPTIONS} text keys")
+        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in value.values()):
+            raise ProtocolError("option values must be numbers, text, booleans or null")
         return value
     if kind == "commands":
         return _list(value, "pipeline", limits)
     return value  # "any": checked by the receiver
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _cursor(value: Any) -> str:
+    """A SCAN cursor as text: ``0`` or what a previous SCAN returned."""
+    if _is_int(value):
+        if not 0 <= value < 2**64:
+            raise ProtocolError("a numeric cursor must be from 0 to 2**64 - 1")
+        return str(value)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CURSOR or not value.isascii():
+        raise ProtocolError("cursor must be the text a previous SCAN returned, or 0")
+    return value
+
+
+def _peek_op(body: bytes) -> bytes:
+    """The op text of an encoded request, if it starts like one (for choosing bounds)."""
+    if len(body) > 2 and 0x81 <= body[0] <= 0x88 and 0x61 <= body[1] <= 0x77:
+        return body[2 : 2 + (body[1] - 0x60)]
+    return b""
+
+
+_INTERNAL_OPS = frozenset(c.name.encode() for c in COMMANDS.values() if c.kind == INTERNAL)
+
+
+def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The CBOR item of a request body, decoded within the bounds a request can have
+    (zkv.cbor): no tags, nesting of at most MAX_DEPTH, at most ``limits.max_items``
+    items (a move's internal requests may carry MAX_RANGES hash ranges)."""
+    items = INTERNAL_ITEMS if _peek_op(body).upper() in _INTERNAL_OPS else limits.max_items
+    longest = max(2 * limits.max_batch, MAX_RANGES if items == INTERNAL_ITEMS else 0)
+    try:
+        return cbor.decode(body, items, MAX_DEPTH, longest, MAX_TOP)
+    except cbor.Malformed as exc:
+        raise ProtocolError(f"body is not a valid request: {exc}") from None
+
+
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+
+
+def _bytes_at(body: bytes, pos: int) -> tuple[bytes | None, int]:
+    """The byte string whose head is at ``pos`` and where it ends; (None, 0) if none is."""
+    ib = body[pos]
+    if ib >> 5 != 2:
+        return None, 0
+    info = ib & 31
+    if info < 24:
+        n, pos = info, pos + 1
+    elif info == 24:
+        n, pos = body[pos + 1], pos + 2
+    elif info == 25:
+        n, pos = _U16(body, pos + 1)[0], pos + 3
+    elif info == 26:
+        n, pos = _U32(body, pos + 1)[0], pos + 5
+    else:
+        return None, 0
+    return body[pos : pos + n], pos + n
+
+
+_GET_HEAD, _DEL_HEAD, _SET_HEAD = b"\x82\x63GET", b"\x82\x63DEL", b"\x83\x63SET"
+
+
+def _fast_single(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
+    """GET/DEL KEY and SET KEY VALUE as our client encodes them, read straight from the
+    bytes (nearly all traffic; no CBOR decoder, so nothing a tag could do); None for
+    anything else, which takes the general path."""
+    head = body[:5]
+    try:
+        if head == _GET_HEAD or head == _DEL_HEAD:
+            key, end = _bytes_at(body, 5)
+            if key is not None and end == len(body) and len(key) <= limits.max_key_bytes:
+                return ("GET" if head == _GET_HEAD else "DEL"), [key]
+        elif head == _SET_HEAD:
+            key, end = _bytes_at(body, 5)
+            if key is not None and len(key) <= limits.max_key_bytes:
+                value, end = _bytes_at(body, end)
+                if (value is not None and end == len(body)
+                        and len(value) <= limits.max_value_bytes):
+                    return "SET", [key, value]
+    except (IndexError, struct.error):
+        return None
+    return None
 
 
 def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
@@ -207,17 +339,10 @@ def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, li
 
     Raises :class:`ProtocolError` (or a subclass) for anything else.
     """
-    stream = io.BytesIO(body)
-    try:
-        item = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises several types for malformed input
-        raise ProtocolError(f"body is not valid CBOR: {exc}") from None
-    if stream.tell() != len(body):
-        raise ProtocolError(
-            f"body has {len(body) - stream.tell()} bytes after its CBOR item; "
-            "a request is exactly one item"
-        )
-    return check_request(item, limits)
+    fast = _fast_single(body, limits)
+    if fast is not None:
+        return fast
+    return check_request(decode_request(body, limits), limits)
 
 
 def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
@@ -338,8 +463,5 @@ def decode_reply(body: bytes) -> Any:
 
 
 def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
-    """A compiled matcher for a Redis-style glob over bytes keys (None matches all)."""
-    if pattern is None or pattern == b"*":
-        return None
-    text = translate(pattern.decode("latin-1"))
-    return re.compile(text.encode("latin-1"), re.DOTALL)
+    """A compiled matcher (``.fullmatch``) for a Redis-style glob; see zkv.glob."""
+    return glob.matcher(pattern)

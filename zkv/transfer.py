@@ -21,10 +21,13 @@ from typing import Any
 
 import cbor2
 
+from . import cbor
 from .errors import ProtocolError
 from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
+MAX_BATCH_KEYS = 100_000  # keys in one batch, the most a move may be asked to send
+_BATCH_ITEMS = 2 * MAX_BATCH_KEYS + 16
 
 
 class RangeScan:
@@ -58,15 +61,18 @@ def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final:
 
 
 def decode_batch(body: bytes) -> tuple[str, str, int, list[Any], bool, int]:
+    """A batch from a PULL socket, which anyone who can reach it may write to: decoded
+    within the bounds a batch can have, and every field checked."""
     try:
-        item = cbor2.loads(body)
-    except Exception as exc:
-        raise ProtocolError(f"transfer batch is not valid CBOR: {exc}") from None
+        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 6)
+    except cbor.Malformed as exc:
+        raise ProtocolError(f"transfer batch is not valid: {exc}") from None
     if (not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str)
-            or not isinstance(item[1], str) or not isinstance(item[2], int)
-            or not isinstance(item[3], list) or not isinstance(item[5], int)):
+            or not isinstance(item[1], str) or type(item[2]) is not int or item[2] < 0
+            or not isinstance(item[3], list) or len(item[3]) % 2
+            or type(item[4]) is not bool or type(item[5]) is not int or item[5] < 0):
         raise ProtocolError("transfer batch must be [move_id, source, seq, pairs, final, total]")
-    return item[0], item[1], item[2], item[3], bool(item[4]), item[5]
+    return item[0], item[1], item[2], item[3], item[4], item[5]
 
 
 @dataclass
