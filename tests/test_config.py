@@ -234,9 +234,16 @@ BAD_FIELDS = [
     ("message under default", "limits: {max_message_bytes: 100}\n" + NODE,
      ["limits.max_message_bytes: 100 is smaller than limits.max_key_bytes (65536, the default)"]),
     ("move batch over message",
-     ("limits: {max_key_bytes: 10, max_value_bytes: 10, max_message_bytes: 100}\n"
-      "proxy: {move_batch_bytes: 1000}\n" + NODE),
-     ["proxy.move_batch_bytes: 1000 is larger than limits.max_message_bytes (100)"]),
+     ("limits: {max_key_bytes: 10, max_value_bytes: 10, max_message_bytes: 8192}\n"
+      "proxy: {move_batch_bytes: 10000}\n" + NODE),
+     ["proxy.move_batch_bytes: 10000 is larger than limits.max_message_bytes (8192)"]),
+    # limits that cannot work together
+    ("value as large as a message",
+     "limits: {max_value_bytes: 1048576, max_message_bytes: 1048576}\n" + NODE,
+     ["limits.max_message_bytes", "must hold a SET of the longest key and the largest value",
+      "at least max_key_bytes + max_value_bytes + 4096"]),
+    ("too few frames for a client", "limits: {max_frames: 2}\n" + NODE,
+     ["limits.max_frames", "at least 3"]),
     ("section type", "proxy: [1, 2]\n" + NODE, ["proxy: expected a mapping", "a list"]),
     ("limits type", "limits: 5\n" + NODE, ["limits: expected a mapping"]),
     ("nodes missing", "proxy: {port: 8000}\n", ["nodes: missing"]),

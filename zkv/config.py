@@ -61,6 +61,7 @@ import yaml
 
 from .errors import ConfigError
 from .protocol import Limits
+from .ring import MAX_VNODES, MAX_WEIGHT, check_points
 
 __all__ = [
     "FSYNC_POLICIES",
@@ -132,6 +133,19 @@ def _number_above(bound: float) -> Check:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise _Bad(f"expected {allowed}, got {_describe(value)}")
         if not math.isfinite(value) or value <= bound:
+            raise _Bad(f"{value} is out of range; expected {allowed}")
+        return float(value)
+
+    return check
+
+
+def _number_in(low: float, high: float) -> Check:
+    allowed = f"a number greater than {low:g} and at most {high:g}"
+
+    def check(value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _Bad(f"expected {allowed}, got {_describe(value)}")
+        if not math.isfinite(value) or not low < value <= high:
             raise _Bad(f"{value} is out of range; expected {allowed}")
         return float(value)
 
@@ -357,7 +371,7 @@ _NODE_FIELDS: dict[str, Check] = {
     "port": _port,
     "data_dir": _optional(_path),
     "fsync": _choice(FSYNC_POLICIES),
-    "weight": _number_above(0),
+    "weight": _number_in(0, MAX_WEIGHT),
     "snapshot_factor": _number_above(1),
     "snapshot_min_bytes": _integer(0),
 }
@@ -370,7 +384,7 @@ _PROXY_FIELDS: dict[str, Check] = {
     "timeout_ms": _integer(1),
     "heartbeat_ms": _integer(1),
     "heartbeat_misses": _integer(1),
-    "vnodes": _integer(1),
+    "vnodes": _integer(1, MAX_VNODES),
     "move_batch_keys": _integer(1),
     "move_batch_bytes": _integer(1),
     "move_rate": _optional(_number_above(0)),
@@ -420,10 +434,9 @@ def _section(data: object, table: Mapping[str, Check], path: str) -> dict[str, A
 
 def _limits(data: object) -> Limits:
     values = _section(data, _LIMIT_FIELDS, "limits")
-    limits = Limits(**values)
-    cap = limits.max_message_bytes
+    cap = values.get("max_message_bytes", Limits.max_message_bytes)
     for name in ("max_key_bytes", "max_value_bytes"):
-        size = getattr(limits, name)
+        size = values.get(name, getattr(Limits, name))
         if size <= cap:
             continue
         if name in values:
@@ -435,7 +448,12 @@ def _limits(data: object) -> Limits:
             f"limits.max_message_bytes: {cap} is smaller than limits.{name} "
             f"({size}, the default); raise it or lower {name}"
         )
-    return limits
+    try:
+        return Limits(**values)
+    except ValueError as exc:
+        field_name = next((n for n in ("max_frames", "max_message_bytes") if n in str(exc)),
+                          "max_message_bytes")
+        raise ConfigError(f"limits.{field_name}: {exc}") from None
 
 
 def _proxy(data: object, limits: Limits) -> ProxyConfig:
@@ -508,6 +526,10 @@ def _topology(data: object, source: str) -> Topology:
     defaults = _section(data.get("defaults"), _DEFAULTS_FIELDS, "defaults")
     nodes = _nodes(data.get("nodes"), defaults, limits)
     _check_distinct(proxy, nodes, [f"nodes[{i}]" for i in range(len(nodes))])
+    try:
+        check_points({n.address: n.weight for n in nodes}, proxy.vnodes)
+    except ValueError as exc:
+        raise ConfigError(f"nodes: {exc}") from None
     return Topology(proxy=proxy, nodes=tuple(nodes), source=source)
 
 

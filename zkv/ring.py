@@ -28,6 +28,7 @@ over ``members * vnodes`` sorted ints, so the extra points cost a few comparison
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,6 +38,13 @@ from .errors import ClusterError
 
 HASH_SPACE = 2**64
 DEFAULT_VNODES = 2048
+# Bounds that keep building a ring (about 4 us a point) and the ranges a move names
+# within reason whatever a config or an ADD asks: a member's weight is relative to the
+# others and at most MAX_WEIGHT, and a ring holds at most MAX_RING_POINTS points
+# (128 members of weight 1 at the default vnodes).
+MAX_WEIGHT = 64.0
+MAX_VNODES = 1 << 16
+MAX_RING_POINTS = 1 << 18
 
 
 # -- hashing -------------------------------------------------------------------------------------
@@ -236,9 +244,28 @@ class Explanation(TypedDict):
 
 
 def _check_vnodes(vnodes: object) -> int:
-    if _is_int(vnodes) and vnodes >= 1:
+    if _is_int(vnodes) and 1 <= vnodes <= MAX_VNODES:
         return vnodes
-    raise ValueError(f"vnodes must be an integer >= 1, not {vnodes!r}")
+    raise ValueError(f"vnodes must be an integer from 1 to {MAX_VNODES}, not {vnodes!r}")
+
+
+def _points_of(vnodes: int, weight: float) -> int:
+    return max(1, round(vnodes * weight))
+
+
+def check_points(weights: Mapping[str, float], vnodes: int) -> int:
+    """The number of points a ring of these members would have; ValueError if too many."""
+    total = sum(_points_of(vnodes, w) for w in weights.values())
+    if total > MAX_RING_POINTS:
+        raise ValueError(
+            f"a ring of these members would have {total} points (vnodes {vnodes} x the "
+            f"total weight); at most {MAX_RING_POINTS}: lower vnodes or the weights"
+        )
+    return total
+
+
+def _member_points(addr: str, count: int) -> list[tuple[int, str]]:
+    return [(_hash64(f"{addr}#{i}".encode()), addr) for i in range(count)]
 
 
 def _check_member(addr: object, weight: object) -> tuple[str, float]:
@@ -246,8 +273,10 @@ def _check_member(addr: object, weight: object) -> tuple[str, float]:
         raise ValueError(f"a member must be a non-empty 'host:port' string, not {addr!r}")
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise ValueError(f"weight of {addr} must be a number, not {weight!r}")  # noqa: TRY004
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"weight of {addr} must be a finite number > 0, not {weight!r}")
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise ValueError(
+            f"weight of {addr} must be a number > 0 and at most {MAX_WEIGHT:g}, not {weight!r}"
+        )
     return addr, float(weight)
 
 
@@ -281,13 +310,23 @@ class Ring:
     ) -> None:
         self._vnodes = _check_vnodes(vnodes)
         self._weights = _parse_members(members)
+        check_points(self._weights, self._vnodes)
         placed = sorted(
-            (_hash64(f"{addr}#{i}".encode()), addr)
-            for addr, weight in self._weights.items()
-            for i in range(max(1, round(vnodes * weight)))
+            p for addr, weight in self._weights.items()
+            for p in _member_points(addr, _points_of(self._vnodes, weight))
         )
         self._points = [point for point, _ in placed]
         self._owners = [addr for _, addr in placed]
+
+    @classmethod
+    def _of(cls, weights: dict[str, float], vnodes: int,
+            placed: Iterable[tuple[int, str]]) -> Ring:
+        ring = cls.__new__(cls)
+        ring._vnodes, ring._weights = vnodes, weights
+        pairs = list(placed)
+        ring._points = [point for point, _ in pairs]
+        ring._owners = [addr for _, addr in pairs]
+        return ring
 
     # -- membership
     @property
@@ -312,13 +351,22 @@ class Ring:
         """A ring with ``addr`` added; ClusterError if it is already a member."""
         if addr in self._weights:
             raise ClusterError(f"{addr} is already a member of the ring")
-        return Ring({**self._weights, addr: weight}, self._vnodes)
+        weights = dict(self._weights)
+        weights[addr] = _check_member(addr, weight)[1]
+        check_points(weights, self._vnodes)
+        # Only the new member's points are hashed; the rest are merged in order, the
+        # same list a ring built from scratch has (points, then addresses, ascending).
+        new = sorted(_member_points(addr, _points_of(self._vnodes, weights[addr])))
+        return Ring._of(weights, self._vnodes,
+                        heapq.merge(zip(self._points, self._owners), new))
 
     def without_member(self, addr: str) -> Ring:
         """A ring with ``addr`` removed; ClusterError if it is not a member."""
         if addr not in self._weights:
             raise ClusterError(f"{addr} is not a member of the ring")
-        return Ring({a: w for a, w in self._weights.items() if a != addr}, self._vnodes)
+        weights = {a: w for a, w in self._weights.items() if a != addr}
+        return Ring._of(weights, self._vnodes,
+                        ((p, o) for p, o in zip(self._points, self._owners) if o != addr))
 
     # -- lookups (the proxy's per-request path)
     def _index(self, h: int) -> int:
