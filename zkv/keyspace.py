@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import wal
+from .buckets import KeyBuckets
 from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
@@ -37,10 +38,14 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("data", "incoming", "live_bytes", "receiving", "tombstones", "undo", "undo_tombs")
+    __slots__ = ("buckets", "data", "incoming", "live_bytes", "receiving", "tombstones", "undo",
+                 "undo_tombs")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
+        # The same keys in small buckets, for scans without a copy of the key list. Live
+        # mutations keep it up to date; replay leaves it to :meth:`reindex`.
+        self.buckets = KeyBuckets()
         self.live_bytes = 0
         # (key, previous value or MISSING) for every change not yet committed.
         self.undo: list[tuple[bytes, Any]] = []
@@ -167,17 +172,36 @@ class Keyspace:
             else:
                 self.tombstones.discard(key)
         self.undo_tombs.clear()
-        data = self.data
+        data, buckets = self.data, self.buckets
         for key, old in reversed(self.undo):
             cur = data.get(key)
             if cur is not None:
                 self.live_bytes -= len(key) + len(cur)
             if old is MISSING:
-                data.pop(key, None)
+                if cur is not None:
+                    data.pop(key)
+                    buckets.remove(key)
             else:
+                if cur is None:
+                    buckets.add(key)
                 data[key] = old
                 self.live_bytes += len(key) + len(old)
         self.undo.clear()
+
+    def mark(self) -> tuple[int, int]:
+        """A point to :meth:`rollback_to`: the changes made after it can be undone alone."""
+        return len(self.undo), len(self.undo_tombs)
+
+    def rollback_to(self, mark: tuple[int, int]) -> None:
+        """Undo the changes made since ``mark`` (one request's, say), keeping earlier ones."""
+        undo, tombs = self.undo[mark[0]:], self.undo_tombs[mark[1]:]
+        del self.undo[mark[0]:], self.undo_tombs[mark[1]:]
+        kept_undo, kept_tombs = self.undo, self.undo_tombs
+        self.undo, self.undo_tombs = undo, tombs
+        try:
+            self.rollback()
+        finally:
+            self.undo, self.undo_tombs = kept_undo, kept_tombs
 
     def _put(self, key: bytes, value: bytes) -> None:
         if self.tombstones and key in self.tombstones:
@@ -186,6 +210,7 @@ class Keyspace:
         self.undo.append((key, old))
         if old is MISSING:
             self.live_bytes += len(key) + len(value)
+            self.buckets.add(key)
         else:
             self.live_bytes += len(value) - len(old)
         self.data[key] = value
@@ -194,6 +219,7 @@ class Keyspace:
         old = self.data.pop(key)
         self.undo.append((key, old))
         self.live_bytes -= len(key) + len(old)
+        self.buckets.remove(key)
 
     # -- replay
     def replay(self, records: Iterable[tuple[int, Any]]) -> int:
@@ -227,6 +253,10 @@ class Keyspace:
 
     def _recount(self) -> None:
         self.live_bytes = sum(len(k) + len(v) for k, v in self.data.items())
+
+    def reindex(self) -> None:
+        """Rebuild the buckets from the map (after replay, which does not keep them)."""
+        self.buckets = KeyBuckets(self.data)
 
     def apply(self, item: Any) -> None:
         """Apply one decoded log or snapshot record (no undo: replay is not a transaction)."""
