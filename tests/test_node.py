@@ -19,8 +19,9 @@ import cbor2
 import pytest
 import yaml
 import zmq
-from conftest import REPO, Proc, Procs, free_port
+from conftest import REPO, Proc, Procs, free_port, wait_until
 
+import zkv
 from zkv import protocol as P
 from zkv import wal
 
@@ -681,3 +682,146 @@ def test_benchmark_quick_json(tmp_path: Path) -> None:
     for field in ("storage_records_per_s", "dict_records_per_s", "decode_records_per_s",
                   "ratio_to_dict", "ratio_to_decode"):
         assert isinstance(replay[field], (int, float)) and replay[field] > 0, field
+
+
+@pytest.mark.timeout(60)
+def test_a_data_dir_that_cannot_be_used_is_one_line_naming_it(procs: Procs,
+                                                              tmp_path: Path) -> None:
+    """A file, a path under a file, a read-only filesystem: one line, no traceback."""
+    cases = [Path("/etc/passwd"), tmp_path / "file" / "sub"]
+    (tmp_path / "file").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                             capture_output=True, text=True).returncode == 0
+    if mounted:
+        cases.append(ro)
+    try:
+        for path in cases:
+            code, output = start_failing(procs, free_port(), path)
+            assert code == 1, output
+            assert "Traceback" not in output, output
+            lines = [line for line in output.splitlines() if line.strip()]
+            assert len(lines) == 1 and str(path) in lines[0], output
+            if path == ro:
+                assert "Read-only file system" in lines[0]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_deleted_snapshot_refuses_to_start_instead_of_starting_empty(
+        procs: Procs, tmp_path: Path, raw: Any) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    cfg = write_config(tmp_path / "n.yaml", port, data_dir=str(data), snapshot_min_bytes=0,
+                       snapshot_factor=1.5)
+    node = procs.start("node", "--config", str(cfg), "--port", str(port), ready="zkv node")
+    c = raw(f"{HOST}:{port}")
+    for i in range(300):  # overwrites: the log outgrows the live data, so a snapshot runs
+        assert c.call("SET", b"k%d" % (i % 30), b"v" * 100) == "OK"
+    wait_until(lambda: list(data.glob("snap-*.zkv")), what="a snapshot")
+    node.stop()
+    for snap in data.glob("snap-*.zkv"):
+        snap.unlink()
+    proc = procs.start("node", "--config", str(cfg), "--port", str(port))
+    assert proc.wait_exit(20) == 1
+    assert "is missing snap-" in proc.output and "--repair" in proc.output
+    assert "Traceback" not in proc.output
+
+
+# -- requests that would cost far more than they weigh ------------------------------------
+
+
+SMALL_MESSAGES = {"max_key_bytes": 1024, "max_value_bytes": 256 * 1024,
+                  "max_message_bytes": 1 << 20}
+
+
+@pytest.mark.timeout(60)
+def test_a_pipeline_reply_stays_in_its_budget_and_writes_report_their_own_result(
+        procs: Procs, tmp_path: Path, raw: Any) -> None:
+    """40 GETs of one 200 KiB value (8 MiB) in a 1 MiB message limit: the node stops
+    adding values once the budget is spent (each further one is TOO_LARGE in place),
+    and the SETs around them report OK and are applied, not a whole-pipeline error."""
+    port = free_port()
+    cfg = write_config(tmp_path / "n.yaml", port, limits=SMALL_MESSAGES,
+                       data_dir=str(tmp_path / "d"))
+    procs.start("node", "--config", str(cfg), "--port", str(port), ready="zkv node")
+    c = raw(f"{HOST}:{port}")
+    big = b"b" * (200 * 1024)
+    assert c.call("SET", b"big", big) == "OK"
+    items = c.call("PIPE", [["SET", b"a", b"1"], *[["GET", b"big"]] * 40,
+                            ["SET", b"b", b"2"], ["GET", b"a"], ["DEL", b"a"]])
+    assert items[0] == [P.OK, "OK"]
+    values = [i for i in items[1:41] if i[0] == P.OK]
+    refused = [i for i in items[1:41] if i[0] == P.ERR]
+    assert values and all(v == [P.OK, big] for v in values) and len(values) <= 5
+    assert refused and all(r[1] == "TOO_LARGE" and "reply budget" in r[2] for r in refused)
+    assert items[41] == [P.OK, "OK"] and items[42] == [P.OK, b"1"] and items[43] == [P.OK, 1]
+    assert c.call("GET", b"b") == b"2" and c.call("EXISTS", b"a") == 0
+    with pytest.raises(zkv.LimitExceeded, match="MGET would be over"):
+        c.call("MGET", [b"big"] * 40)
+
+
+@pytest.mark.timeout(60)
+def test_malformed_internal_fields_are_bad_requests_never_internal(
+        procs: Procs, tmp_path: Path, raw: Any) -> None:
+    port = free_port()
+    start_node(procs, port, tmp_path / "d")
+    c = raw(f"{HOST}:{port}")
+    good = {"id": "e2", "dest": "127.0.0.1:1", "pull": "tcp://127.0.0.1:1",
+            "ranges": [[0, 2**64]], "batch_keys": 1000, "batch_bytes": 1 << 20, "rate": None}
+    cases = [
+        ("XSEND", {**good, "batch_keys": "x"}, "batch_keys"),
+        ("XSEND", {**good, "batch_bytes": 0}, "batch_bytes"),
+        ("XSEND", {**good, "rate": -5}, "rate"),
+        ("XSEND", {**good, "rate": float("nan")}, "rate"),
+        ("XSEND", {**good, "pull": "ipc:///tmp/elsewhere"}, "pull"),
+        ("XSEND", {**good, "pull": "tcp://not an address"}, "pull"),
+        ("XSEND", {**good, "dest": 5}, "dest"),
+        ("XSEND", {**good, "id": ""}, "id"),
+        ("XSEND", {**good, "ranges": [[5, 1]]}, "ranges"),
+        ("XBEGIN", {"id": "e2", "ranges": "all", "purge": True}, "ranges"),
+        ("XBEGIN", {"id": "e2", "ranges": [], "purge": "yes"}, "purge"),
+        ("XDROP", {"id": ["e2"], "ranges": []}, "id"),
+        ("XEND", {"id": 7}, "id"),
+    ]
+    for op, spec, field in cases:
+        with pytest.raises(zkv.ProtocolError) as info:
+            c.call(op, spec)
+        assert str(info.value).startswith(f"{field}:"), (op, field, info.value)
+    assert c.call("PING") == "PONG" and c.call("INFO")["errors"] == len(cases)
+
+
+def test_an_internal_error_applies_nothing_of_its_request(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug mid-request (simulated): the reply is INTERNAL and every change the request
+    had made is undone, so the client is never told "failed" about an applied write."""
+    from zkv.node import Node
+
+    node = Node(HOST, free_port(), str(tmp_path / "d"), fsync="no")
+    node.recovery = node.storage.open()
+    try:
+        ok = node.handle([b"id", P.encode_request("SET", b"kept", b"1")])
+        assert cbor2.loads(ok[-1]) == [P.OK, "OK"]
+        real = node._handlers["MSET"]
+
+        def half_then_bug(args: list[Any]) -> Any:
+            real(args)
+            raise RuntimeError("a bug after the map changed")
+
+        monkeypatch.setitem(node._handlers, "MSET", half_then_bug)
+        reply = cbor2.loads(node.handle([b"id", P.encode_request("MSET", [b"a", b"1"])])[-1])
+        assert reply[0] == P.ERR and reply[1] == "INTERNAL"
+        node.storage.commit()
+        assert node.storage.keyspace.data == {b"kept": b"1"}
+        assert sorted(node.storage.keyspace.buckets) == [b"kept"]
+    finally:
+        node.storage.close()
+    reopened = Node(HOST, free_port(), str(tmp_path / "d"))
+    try:
+        reopened.storage.open()
+        assert reopened.storage.keyspace.data == {b"kept": b"1"}
+    finally:
+        reopened.storage.close()

@@ -450,3 +450,177 @@ def test_failed_fsync_is_rolled_back(
     put(st, b"z", b"1")
     st2, _ = reopen(st, opened)
     assert st2.keyspace.data == {**expected, b"z": b"1"}
+
+
+# -- files that go missing or are damaged (a MANIFEST says what the data needs) ---------
+
+
+def snapshotted(tmp_path: Path, opened: list[Storage]) -> tuple[Storage, dict[bytes, bytes]]:
+    """A storage whose data sits in a snapshot and two segments after it."""
+    st, _ = open_storage(tmp_path / "d", opened, snapshot_min_bytes=1 << 40)
+    expected = fill(st, 40)
+    st.start_snapshot()
+    wait_snapshot_done(st)
+    for i in range(10):
+        put(st, b"after-%d" % i, b"x")
+        expected[b"after-%d" % i] = b"x"
+    st.start_snapshot()  # a second segment; its snapshot is deleted below to keep wal-2
+    wait_snapshot_done(st)
+    put(st, b"last", b"write")
+    expected[b"last"] = b"write"
+    st.close()
+    return st, expected
+
+
+def files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name.startswith(("wal-", "snap-")))
+
+
+def test_a_missing_snapshot_refuses_to_start_naming_it(tmp_path: Path,
+                                                       opened: list[Storage]) -> None:
+    st, expected = snapshotted(tmp_path, opened)
+    d = tmp_path / "d"
+    assert files(d) == ["snap-00000003.zkv", "wal-00000003.log"]
+    (d / "snap-00000003.zkv").unlink()
+    with pytest.raises(StorageError) as info:
+        open_storage(d, opened)
+    message = str(info.value)
+    assert "is missing snap-00000003.zkv" in message and "--repair" in message
+    assert files(d) == ["wal-00000003.log"]  # nothing was changed
+    # --repair goes on with what is left: the writes after the snapshot, latest values
+    st2, rec = open_storage(d, opened, repair=True)
+    assert st2.keyspace.data == {b"last": b"write"}
+    assert any("missing snap-00000003.zkv" in w and "lost" in w for w in rec.warnings)
+    st2.close()
+    st3, rec3 = open_storage(d, opened)  # repaired: it starts without --repair now
+    assert st3.keyspace.data == {b"last": b"write"} and rec3.warnings == []
+
+
+def test_a_missing_segment_refuses_to_start_and_repair_keeps_the_prefix(
+        tmp_path: Path, opened: list[Storage]) -> None:
+    st, _ = open_storage(tmp_path / "d", opened, snapshot_min_bytes=1 << 40)
+    put(st, b"a", b"1")
+    st.start_snapshot()
+    wait_snapshot_done(st)  # snap-2 + wal-2
+    put(st, b"b", b"2")
+    # a rotation without a snapshot: start one and let it fail, keeping wal-2 and wal-3
+    monkey_fail = pytest.MonkeyPatch()
+    monkey_fail.setattr("zkv.storage.write_snapshot",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    st.start_snapshot()
+    wait_snapshot_done(st)
+    monkey_fail.undo()
+    put(st, b"a", b"3")
+    put(st, b"c", b"4")
+    st.close()
+    d = tmp_path / "d"
+    assert files(d) == ["snap-00000002.zkv", "wal-00000002.log", "wal-00000003.log"]
+    (d / "wal-00000002.log").unlink()  # its write of b would vanish, a's old value come back
+    with pytest.raises(StorageError, match="is missing wal-00000002.log"):
+        open_storage(d, opened)
+    st2, rec = open_storage(d, opened, repair=True)
+    assert st2.keyspace.data == {b"a": b"1"}  # the snapshot; wal-3 set aside after the gap
+    assert (d / "wal-00000003.log.dropped").exists()
+    assert any("missing wal-00000002.log" in w for w in rec.warnings)
+
+
+def test_a_missing_last_segment_is_found_by_the_manifest(tmp_path: Path,
+                                                         opened: list[Storage]) -> None:
+    st, _ = snapshotted(tmp_path, opened)
+    d = tmp_path / "d"
+    (d / "wal-00000003.log").unlink()  # the newest writes; nothing after it to notice
+    with pytest.raises(StorageError, match="is missing wal-00000003.log"):
+        open_storage(d, opened)
+
+
+def test_a_flipped_bit_in_a_snapshot_is_loaded_around_by_repair(tmp_path: Path,
+                                                                opened: list[Storage]) -> None:
+    st, _ = open_storage(tmp_path / "d", opened, snapshot_min_bytes=1 << 40)
+    expected = {}
+    for i in range(5000):  # several snapshot chunks of 1000 keys
+        put(st, b"k%05d" % i, b"v" * 20)
+        expected[b"k%05d" % i] = b"v" * 20
+    st.start_snapshot()
+    wait_snapshot_done(st)
+    st.close()
+    snap = tmp_path / "d" / "snap-00000002.zkv"
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside a chunk in the middle
+    snap.write_bytes(bytes(data))
+    with pytest.raises(LogCorruption) as info:
+        open_storage(tmp_path / "d", opened)
+    assert "--repair to load every record that can still be read" in str(info.value)
+    st2, rec = open_storage(tmp_path / "d", opened, repair=True)
+    got = st2.keyspace.data
+    assert 3000 <= len(got) < 5000 and all(expected[k] == v for k, v in got.items())
+    assert any(f"{5000 - len(got)} of its 5000 keys are lost" in w for w in rec.warnings)
+    assert st2.wants_snapshot()  # a fresh snapshot replaces the damaged one
+    st2.start_snapshot()
+    wait_snapshot_done(st2)
+    st3, rec3 = reopen(st2, opened)
+    assert st3.keyspace.data == got and rec3.warnings == []
+
+
+@pytest.mark.parametrize("kind", ["file", "missing-parent-is-a-file"])
+def test_a_data_dir_that_cannot_be_used_is_one_clear_error(tmp_path: Path,
+                                                           opened: list[Storage],
+                                                           kind: str) -> None:
+    target = tmp_path / "f"
+    target.write_text("not a directory")
+    path = target if kind == "file" else target / "sub"
+    with pytest.raises(StorageError) as info:
+        open_storage(path, opened)
+    assert str(path) in str(info.value)
+    assert "directory" in str(info.value)
+
+
+def test_a_torn_tail_on_a_full_disk_is_refused_not_cut_blindly(
+        tmp_path: Path, opened: list[Storage], monkeypatch: pytest.MonkeyPatch) -> None:
+    st, _ = open_storage(tmp_path / "d", opened)
+    fill(st, 5)
+    st.close()
+    with open(log_path(st), "ab") as f:
+        f.write(b"\x10\x00\x00\x00torn")
+    size = log_path(st).stat().st_size
+    real_open = open
+
+    def full(path: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if ".torn-" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(StorageError) as info:
+        open_storage(tmp_path / "d", opened)
+    monkeypatch.undo()
+    assert "cannot keep the" in str(info.value) and "No space left" in str(info.value)
+    assert log_path(st).stat().st_size == size  # nothing cut
+
+
+def test_disk_errors_starting_a_snapshot_keep_the_node_writing(
+        tmp_path: Path, opened: list[Storage], monkeypatch: pytest.MonkeyPatch) -> None:
+    st, _ = open_storage(tmp_path / "d", opened, snapshot_min_bytes=1)
+    expected = fill(st, 5)
+    real_open = os.open
+
+    def no_new_files(path: Any, flags: int, *a: Any) -> int:
+        if "wal-00000002" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr("zkv.storage.os.open", no_new_files)
+    st.tick(time.monotonic())  # wants a snapshot; cannot start a segment: logged, retried
+    assert st.seq == 1 and not st.stats()["snapshot_running"]
+    put(st, b"still", b"writing")
+    expected[b"still"] = b"writing"
+    monkeypatch.undo()
+    st2, rec = reopen(st, opened)
+    assert st2.keyspace.data == expected and rec.warnings == []
+
+
+def test_resync_over_random_bytes_does_linear_work() -> None:
+    rng = __import__("random").Random(7)
+    buf = bytes(rng.getrandbits(8) for _ in range(1 << 20))
+    work = wal.Work()
+    assert wal.resync(buf, 0, work=work) is None
+    assert work.crc_bytes <= 4 * len(buf), work.crc_bytes

@@ -89,11 +89,15 @@ class LogCorruption(ZkvError):
 
     code = "CORRUPT"
 
-    def __init__(self, path: str, offset: int, reason: str) -> None:
+    LOG_HINT = ("Restart with --repair to keep the good prefix "
+                "(the dropped bytes are saved beside the log).")
+    SNAPSHOT_HINT = ("Restart with --repair to load every record that can still be read; "
+                     "the keys that cannot are reported as lost.")
+
+    def __init__(self, path: str, offset: int, reason: str, hint: str = LOG_HINT) -> None:
         super().__init__(
             f"{path}: corrupt record at byte offset {offset} ({reason}); "
-            "refusing to start. Restart with --repair to keep the good prefix "
-            "(the dropped bytes are saved beside the log)."
+            f"refusing to start. {hint}"
         )
         self.path = path
         self.offset = offset

@@ -24,15 +24,17 @@ callback for the reply) and to ``commit`` a new state.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .cluster import ClusterState
-from .errors import ZkvError
+from .errors import ClusterError, ZkvError
 from .planner import Transfer, plan
 from .ring import RangeSet, Ring
+from .transfer import MAX_BATCH_KEYS
 
 log = logging.getLogger("zkv.mover")
 
@@ -50,6 +52,49 @@ class Shell(Protocol):
              done: Callable[[Any], None], timeout: float = ...) -> None: ...
 
     def commit(self, state: ClusterState) -> None: ...
+
+
+SETTINGS = ("rate", "batch_keys", "batch_bytes")
+
+
+def check_settings(options: dict[str, Any], max_batch_bytes: int) -> dict[str, Any]:
+    """The move settings among ``options`` (rate, batch_keys, batch_bytes), each checked;
+    ClusterError naming the option and what it may be. Pure."""
+    out: dict[str, Any] = {}
+    for name in SETTINGS:
+        if name not in options or options[name] is None:
+            continue
+        value = options[name]
+        if name == "rate":
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ClusterError(
+                    f"rate must be a positive number of keys per second, not {value!r}; "
+                    "nothing changed"
+                )
+            out[name] = float(value)
+            continue
+        high = MAX_BATCH_KEYS if name == "batch_keys" else max_batch_bytes
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+            raise ClusterError(f"{name} must be an integer from 1 to {high}, not {value!r}; "
+                               "nothing changed")
+        out[name] = value
+    return out
+
+
+def repair_settings(move: dict[str, Any], defaults: dict[str, Any],
+                    max_batch_bytes: int) -> tuple[dict[str, Any], list[str]]:
+    """A persisted move whose settings are not valid (written by an older zkv that did
+    not check them) with each bad one replaced by its default, and what was replaced."""
+    fixed, notes = dict(move), []
+    for name in SETTINGS:
+        try:
+            check_settings({name: move.get(name)}, max_batch_bytes)
+        except ClusterError:
+            notes.append(f"move {move.get('id')}: {name} {move.get(name)!r} is not valid; "
+                         f"using {defaults.get(name)!r}")
+            fixed[name] = defaults.get(name)
+    return fixed, notes
 
 
 def new_move(state: ClusterState, kind: str, node: str, new_members: dict[str, float],
@@ -71,6 +116,18 @@ def new_move(state: ClusterState, kind: str, node: str, new_members: dict[str, f
         "batch_bytes": int(options.get("batch_bytes", 1 << 20)),
         "started_at": time.time(),
     }
+
+
+def pull_endpoint(dest: str, reply: Any) -> str | None:
+    """Where a destination's PULL socket is reached: its PULL port at the host the ring
+    names it by (the node may be bound to a wildcard address it cannot advertise)."""
+    if not isinstance(reply, dict):
+        return None
+    port = reply.get("pull_port")
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return f"tcp://{dest.rsplit(':', 1)[0]}:{port}"
+    pull = reply.get("pull")  # a node from before pull_port
+    return pull if isinstance(pull, str) else None
 
 
 def transfers_of(move: dict[str, Any]) -> list[Transfer]:
@@ -186,8 +243,9 @@ class MoveDriver:
         unready: list[str] = []
 
         def got(addr: str, result: Any) -> None:
-            if isinstance(result, dict) and isinstance(result.get("pull"), str):
-                self.pulls[addr] = result["pull"]
+            endpoint = pull_endpoint(addr, result)
+            if endpoint is not None:
+                self.pulls[addr] = endpoint
                 if not result.get("ready", True):
                     unready.append(addr)
 
@@ -237,8 +295,9 @@ class MoveDriver:
                         if s.get("id") == self.move["id"] and s.get("source") == t.source), None)
             out = next((s for s in source.get("outgoing", [])
                         if s.get("id") == self.move["id"] and s.get("dest") == t.dest), None)
-            if dest.get("pull") and dest["pull"] != self.pulls.get(t.dest):
-                self.pulls[t.dest] = dest["pull"]  # the destination restarted
+            endpoint = pull_endpoint(t.dest, dest)
+            if endpoint and endpoint != self.pulls.get(t.dest):
+                self.pulls[t.dest] = endpoint  # the destination restarted
                 restart.append(t)
                 continue
             if self.move["id"] not in dest.get("open", [self.move["id"]]):

@@ -10,8 +10,10 @@ write is as durable as the policy promises.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ import zmq
 from . import frames as wire
 from . import protocol as P
 from . import wal
+from .config import format_address, parse_address
 from .errors import (
     CommandError,
     InternalError,
@@ -32,58 +35,19 @@ from .errors import (
 )
 from .ring import RangeSet
 from .storage import Recovery, Storage
-from .transfer import Incoming, Outgoing, RangeScan, decode_batch
+from .transfer import MAX_BATCH_KEYS, Incoming, Outgoing, RangeScan, decode_batch
 
 log = logging.getLogger("zkv.node")
 
 MAX_BATCH_PER_TURN = 2048
 _OK_ITEM = [P.OK, "OK"]
-SCAN_TTL = 60.0
-MAX_SCANS = 64
-
-
-class Scans:
-    """Open SCAN iterations: a list of the keys at the first call, consumed by cursor."""
-
-    def __init__(self) -> None:
-        self._open: dict[int, tuple[list[bytes], float]] = {}
-        self._next = 1
-
-    def page(
-        self, data: dict[bytes, bytes], cursor: str, pattern: bytes | None, count: int, now: float
-    ) -> list[Any]:
-        self._expire(now)
-        if cursor == "0":
-            sid, pos = self._next, 0
-            self._next += 1
-            self._open[sid] = (list(data), now)
-        else:
-            try:
-                sid_text, pos_text = cursor.split("-", 1)
-                sid, pos = int(sid_text), int(pos_text)
-            except ValueError:
-                raise CommandError(f"bad SCAN cursor {cursor!r}; start again from 0") from None
-            if sid not in self._open:
-                raise CommandError(
-                    f"SCAN cursor {cursor!r} has expired or is unknown; start again from 0"
-                )
-        keys = self._open[sid][0]
-        chunk = keys[pos : pos + count]
-        match = P.glob_matcher(pattern)
-        found = [k for k in chunk if k in data and (match is None or match.match(k))]
-        pos += len(chunk)
-        if pos >= len(keys):
-            del self._open[sid]
-            return ["0", found]
-        self._open[sid] = (keys, now)
-        return [f"{sid}-{pos}", found]
-
-    def _expire(self, now: float) -> None:
-        for sid, (_, used) in list(self._open.items()):
-            if now - used > SCAN_TTL:
-                del self._open[sid]
-        while len(self._open) >= MAX_SCANS:
-            del self._open[min(self._open)]
+# A SCAN page visits at most this many buckets and looks at about this many bytes of
+# keys, whatever COUNT asks, so that one page never holds the loop for long.
+SCAN_MAX_BUCKETS = 4096
+SCAN_MAX_KEY_BYTES = 1 << 20
+# Room left in a reply for the framing of each item and for error items.
+ITEM_OVERHEAD = 16
+ERROR_ITEM_BYTES = 256
 
 
 class Node:
@@ -102,7 +66,9 @@ class Node:
         self.host, self.port = host, port
         self.limits = limits
         self.storage = Storage(data_dir, fsync, snapshot_factor, snapshot_min_bytes, repair)
-        self.scans = Scans()
+        # Names this run of the node in SCAN cursors: bucket numbers mean nothing to
+        # another process (the buckets hash with Python's per-process salt).
+        self.incarnation = secrets.token_hex(4)
         self.counters: dict[str, int] = {}
         self.errors = 0
         self.started = time.monotonic()
@@ -110,6 +76,7 @@ class Node:
         self._stop = False
         self._durable = False  # this turn wrote move records: fsync whatever the policy
         self.pull_endpoint = ""
+        self.pull_port = 0
         self.outgoing: dict[tuple[str, str], Outgoing] = {}
         self.pushes: dict[tuple[str, str], zmq.Socket[bytes]] = {}
         self.incoming: dict[tuple[str, str], Incoming] = {}
@@ -153,39 +120,101 @@ class Node:
 
     def _mget(self, a: list[Any]) -> Any:
         get = self.storage.keyspace.data.get
-        return [get(k) for k in a[0]]
+        budget = (a[1] if len(a) > 1 else self.limits.max_message_bytes) - 1024
+        out = []
+        used = 0
+        for k in a[0]:
+            value = get(k)
+            if value is not None:
+                used += len(value) + ITEM_OVERHEAD
+                if used > budget:
+                    raise LimitExceeded(
+                        f"the reply to MGET would be over {budget} bytes (max_message_bytes, "
+                        "or this node's share of it); ask for fewer keys at once"
+                    )
+            out.append(value)
+        return out
 
     def _mset(self, a: list[Any]) -> Any:
         self.storage.pending += self.storage.keyspace.mset(a[0])
         return "OK"
 
+    def _scan_start(self, cursor: str) -> int:
+        if cursor == "0":
+            return 0
+        run, sep, bucket = cursor.partition("-")
+        if not sep or not bucket.isdigit() or len(bucket) > 12:
+            raise CommandError(f"bad SCAN cursor {cursor!r}; start again from 0")
+        if run != self.incarnation:
+            raise CommandError(
+                f"SCAN cursor {cursor!r} is from an earlier run of this node (it restarted); "
+                "start again from 0"
+            )
+        return int(bucket)
+
     def _scan(self, a: list[Any]) -> Any:
+        """One page: the keys of whole buckets from the cursor on (see zkv.buckets). No
+        state is kept between pages, so a scan costs the node nothing while it waits."""
         cursor, pattern, count = (a + [None, None])[:3]
-        return self.scans.page(
-            self.storage.keyspace.data, cursor, pattern, count or 1000, time.monotonic()
+        start = self._scan_start(cursor)
+        match = P.glob_matcher(pattern)
+        keys, nxt = self.storage.keyspace.buckets.walk(
+            start, count or 1000, SCAN_MAX_BUCKETS, SCAN_MAX_KEY_BYTES,
+            None if match is None else match.fullmatch,
         )
+        return ["0" if nxt == 0 else f"{self.incarnation}-{nxt}", keys]
 
     def _keys(self, a: list[Any]) -> Any:
         match = P.glob_matcher(a[0] if a else None)
-        return [k for k in self.storage.keyspace.data if match is None or match.match(k)]
+        budget = self.limits.max_message_bytes - 1024
+        out = []
+        used = 0
+        for k in self.storage.keyspace.data:
+            if match is None or match.fullmatch(k):
+                used += len(k) + ITEM_OVERHEAD
+                if used > budget:
+                    raise LimitExceeded(
+                        f"KEYS would return more than max_message_bytes ({budget} bytes); "
+                        "use SCAN, which pages"
+                    )
+                out.append(k)
+        return out
 
     def _pipe(self, a: list[Any]) -> Any:
         """Run a pipeline's commands in order. Plain GETs and SETs take a short path;
-        a run of consecutive SETs is logged as one MSET record instead of one each."""
+        a run of consecutive SETs is logged as one MSET record instead of one each.
+
+        The reply is built within a budget (max_message_bytes, or the share the proxy
+        asks for): once values would take it over, each further GET that finds a value
+        answers TOO_LARGE in its place, while every other command still runs and
+        reports its own result. So a reply never outgrows the budget, and a write is
+        never reported failed because a read beside it was too big."""
         out: list[Any] = []
+        commands = a[0]
+        budget = ((a[1] if len(a) > 1 else self.limits.max_message_bytes)
+                  - ERROR_ITEM_BYTES * len(commands) - 1024)
+        used = 0
+        over: list[Any] | None = None  # the item that stands for a value over the budget
         ks = self.storage.keyspace
         data, put = ks.data, ks.put
         max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
         run: list[bytes] = []  # pairs SET since the last record was logged
         gets = sets = 0
-        for item in a[0]:
+        for item in commands:
             if type(item) is list:
                 n = len(item)
                 if n == 2 and item[0] == "GET":
                     key = item[1]
                     if type(key) is bytes and len(key) <= max_key:
-                        out.append([P.OK, data.get(key)])
+                        value = data.get(key)
                         gets += 1
+                        if value is not None:
+                            if used + len(value) + ITEM_OVERHEAD > budget:
+                                over = over or P.error_item(self._over_budget(budget))
+                                out.append(over)
+                                continue
+                            used += len(value) + ITEM_OVERHEAD
+                        out.append([P.OK, value])
                         continue
                 elif n == 3 and item[0] == "SET":
                     _, key, value = item
@@ -202,9 +231,14 @@ class Node:
                 run = []
             try:
                 op, args = P.check_request(item, self.limits)
-                if op == "PIPE":
-                    raise ProtocolError("PIPE cannot be nested")
-                out.append(P.reply_item(self.execute(op, args)))
+                if op not in P.PIPE_OPS:
+                    raise CommandError(f"{op} cannot be used in a pipeline")
+                result = self.execute(op, args)
+                if type(result) is bytes:
+                    if used + len(result) + ITEM_OVERHEAD > budget:
+                        raise self._over_budget(budget)
+                    used += len(result) + ITEM_OVERHEAD
+                out.append(P.reply_item(result))
             except ZkvError as exc:
                 out.append(P.error_item(exc))
         if run:
@@ -216,16 +250,61 @@ class Node:
             counters["SET"] = counters.get("SET", 0) + sets
         return out
 
-    # -- rebalancing (driven by the proxy) --------------------------------------
     @staticmethod
-    def _move_args(a: list[Any], *fields: str) -> list[Any]:
+    def _over_budget(budget: int) -> LimitExceeded:
+        return LimitExceeded(
+            f"not returned: this value does not fit in what is left of the pipeline's reply "
+            f"budget of {budget} bytes (max_message_bytes); GET this key on its own"
+        )
+
+    # -- rebalancing (driven by the proxy) --------------------------------------
+    def _move_args(self, a: list[Any], *fields: str) -> list[Any]:
+        """The named fields of an internal request's map, each checked (ProtocolError
+        naming the field otherwise), so that no malformed field gets further."""
         spec = a[0] if a else None
         if not isinstance(spec, dict) or not all(f in spec for f in fields):
             raise ProtocolError(f"expected a map with {', '.join(fields)}")
-        try:
-            return [RangeSet.from_list(spec[f]) if f == "ranges" else spec[f] for f in fields]
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
+        out = []
+        for name in fields:
+            try:
+                out.append(self._field(name, spec[name]))
+            except (ValueError, TypeError, ZkvError) as exc:
+                raise ProtocolError(f"{name}: {exc}") from None
+        return out
+
+    def _field(self, name: str, value: Any) -> Any:
+        if name == "ranges":
+            if isinstance(value, list) and len(value) > P.MAX_RANGES:
+                raise ValueError(f"more than {P.MAX_RANGES} ranges")
+            return RangeSet.from_list(value)
+        if name == "id":
+            if not isinstance(value, str) or not 0 < len(value) <= 64:
+                raise ValueError("a move id is text of 1 to 64 characters")
+            return value
+        if name == "purge":
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            return value
+        if name == "dest":
+            host, port = parse_address(value if isinstance(value, str) else "", "dest")
+            return format_address(host, port)
+        if name == "pull":
+            if not isinstance(value, str) or not value.startswith("tcp://"):
+                raise ValueError("must be a tcp://HOST:PORT endpoint")
+            host, port = parse_address(value[len("tcp://"):], "pull")
+            return f"tcp://{format_address(host, port)}"
+        if name == "batch_keys":
+            return _bounded_int(value, 1, MAX_BATCH_KEYS)
+        if name == "batch_bytes":
+            return _bounded_int(value, 1, self.limits.max_message_bytes // 2)
+        if name == "rate":
+            if value is None:
+                return None
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError("must be a positive number of keys per second, or null")
+            return float(value)
+        raise ValueError("unknown field")  # pragma: no cover - fields are named in code
 
     def _log(self, record: bytes | None) -> None:
         if record is not None:
@@ -250,24 +329,23 @@ class Node:
 
     def _xbegin(self, a: list[Any]) -> Any:
         move_id, ranges, purge = self._move_args(a, "id", "ranges", "purge")
-        move_id = str(move_id)
         self._log(self.storage.keyspace.open_move(move_id, ranges))
         ready = True
         if purge:  # before the copy starts: keys already here in these ranges are stale
             _, ready = self._chunked("purge", move_id, ranges)
-        return {"pull": self.pull_endpoint, "ready": ready}
+        return {"pull": self.pull_endpoint, "pull_port": self.pull_port, "ready": ready}
 
     def _xend(self, a: list[Any]) -> Any:
         (move_id,) = self._move_args(a, "id")
-        self._log(self.storage.keyspace.close_move(str(move_id)))
+        self._log(self.storage.keyspace.close_move(move_id))
         for key in [k for k in self.incoming if k[0] == move_id]:
             del self.incoming[key]
         return "OK"
 
     def _xdrop(self, a: list[Any]) -> Any:
         move_id, ranges = self._move_args(a, "id", "ranges")
-        self._stop_outgoing(str(move_id))
-        dropped, done = self._chunked("drop", str(move_id), ranges)
+        self._stop_outgoing(move_id)
+        dropped, done = self._chunked("drop", move_id, ranges)
         return {"dropped": dropped, "done": done}
 
     def _xdel(self, a: list[Any]) -> Any:
@@ -280,18 +358,22 @@ class Node:
             a, "id", "dest", "pull", "ranges", "batch_keys", "batch_bytes", "rate"
         )
         assert self.ctx is not None
-        key = (str(move_id), str(dest))
+        key = (move_id, dest)
         self._close_push(key)
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IPV6, 1)
         push.setsockopt(zmq.SNDHWM, 4)
-        push.connect(str(pull))
+        try:
+            push.connect(pull)
+        except zmq.ZMQError as exc:
+            push.close(0)
+            raise ProtocolError(f"pull: cannot connect to {pull}: {exc}") from None
         scan = RangeScan(list(self.storage.keyspace.data), ranges)
         self.pushes[key] = push
         self.outgoing[key] = Outgoing(
-            str(move_id), self.address, str(dest), scan, int(batch_keys), int(batch_bytes),
-            float(rate) if rate else None, started=time.monotonic(),
+            move_id, self.address, dest, scan, batch_keys, batch_bytes, rate,
+            started=time.monotonic(),
         )
         return "OK"
 
@@ -309,6 +391,7 @@ class Node:
         ks = self.storage.keyspace
         return {
             "pull": self.pull_endpoint,
+            "pull_port": self.pull_port,
             "open": sorted(ks.incoming),
             "tombstones": len(ks.tombstones),
             "incoming": [
@@ -409,6 +492,7 @@ class Node:
                 ),
             ]
         routing, body = frames[:-1], frames[-1]
+        mark = self.storage.mark()
         try:
             op, args = P.parse_request(body, self.limits)
             result = self.execute(op, args)
@@ -421,10 +505,12 @@ class Node:
             return [*routing, reply]
         except ZkvError as exc:
             self.errors += 1
+            self.storage.rollback_to(mark)  # an error reply: nothing of it applied
             return [*routing, P.encode_exc(exc)]
-        except Exception as exc:  # a bug must not take the node down
+        except Exception as exc:  # a bug must not take the node down, nor half apply
             log.exception("internal error")
             self.errors += 1
+            self.storage.rollback_to(mark)
             return [*routing, P.encode_exc(InternalError(f"{type(exc).__name__}: {exc}"))]
 
     def serve(self, sock: zmq.Socket[bytes], pull: zmq.Socket[bytes]) -> None:
@@ -492,6 +578,7 @@ class Node:
             ctx.destroy(0)
             raise StorageError(f"cannot listen on {self.address}: {exc}") from exc
         self.pull_endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pull_port = int(self.pull_endpoint.rsplit(":", 1)[1])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         rec = self.recovery
@@ -507,6 +594,12 @@ class Node:
             self.storage.close()
             ctx.destroy(0)
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
+
+
+def _bounded_int(value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"must be an integer from {low} to {high}")
+    return value
 
 
 def rss_bytes() -> int:

@@ -3,10 +3,20 @@
 Layout of a data directory::
 
     LOCK                 flock()ed by the running node; holds its pid
+    MANIFEST             which snapshot and which segments hold the data (JSON)
     wal-00000007.log     log segments; records as in zkv.wal
     snap-00000007.zkv    snapshot of the map as of the start of wal-00000007.log
     *.torn-OFFSET        bytes cut off a torn tail, kept for inspection
     *.corrupt-OFFSET     bytes dropped by --repair
+
+The MANIFEST is rewritten (temp file, fsync, rename, fsync directory) whenever a
+segment is started and whenever a snapshot replaces older files, before any file
+it no longer names is deleted. So a node knows which files it needs: a snapshot
+or a segment that has gone missing is found at start and named, and the node
+refuses to start without it (``--repair`` goes on, reporting what is lost),
+instead of starting silently with keys missing or older values back. A
+directory from before the MANIFEST is checked by its file numbers (segments
+must run without a gap from the snapshot, or from 1).
 
 Writes are transactions of one event-loop turn: the node mutates the
 :class:`~zkv.keyspace.Keyspace`, collects the records, then calls
@@ -22,7 +32,9 @@ only then are the older segments deleted.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -37,11 +49,14 @@ from .keyspace import Keyspace, ReplayError
 
 log = logging.getLogger("zkv.storage")
 
+MANIFEST = "MANIFEST"
+MANIFEST_VERSION = 1
 SEGMENT_RE = re.compile(r"^wal-(\d{8})\.log$")
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})\.zkv$")
 CHUNK_KEYS = 1000
 CHUNK_BYTES = 1 << 20
 POLICIES = ("always", "everysec", "no")
+SNAPSHOT_RETRY = 5.0  # seconds before a snapshot that failed is tried again
 
 
 def segment_name(seq: int) -> str:
@@ -69,6 +84,64 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Which files hold a node's data: the snapshot (None before the first) and the
+    segments ``first`` to ``last`` after it."""
+
+    snapshot: int | None
+    first: int
+    last: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": MANIFEST_VERSION, "snapshot": self.snapshot,
+                "segments": [self.first, self.last]}
+
+
+def read_manifest(data_dir: str) -> Manifest | None:
+    """The MANIFEST of a data directory; None if there is none; ValueError if damaged."""
+    path = os.path.join(data_dir, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is damaged: {exc}") from None
+    ok = (isinstance(data, dict) and data.get("version") == MANIFEST_VERSION
+          and (data.get("snapshot") is None or _seq(data.get("snapshot")))
+          and isinstance(data.get("segments"), list) and len(data["segments"]) == 2
+          and all(_seq(x) for x in data["segments"])
+          and data["segments"][0] <= data["segments"][1])
+    if not ok:
+        raise ValueError(f"{path} is damaged: not a zkv manifest (version {MANIFEST_VERSION})")
+    return Manifest(data["snapshot"], data["segments"][0], data["segments"][1])
+
+
+def _seq(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**8
+
+
+def write_manifest(data_dir: str, manifest: Manifest) -> None:
+    """Replace the MANIFEST atomically and durably."""
+    path = os.path.join(data_dir, MANIFEST)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest.to_json(), f)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(data_dir)
 
 
 def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, Any],
@@ -143,54 +216,139 @@ class Storage:
         self._snap: threading.Thread | None = None
         self._snap_result: tuple[int, int] | BaseException | None = None
         self._snap_retry_at = 0.0
+        self._resnapshot = False  # a damaged snapshot was loaded by --repair: replace it
+        self.first_seq = 1  # the oldest live segment
+        self.snapshot_seq: int | None = None
 
     # -- opening ----------------------------------------------------------
     def open(self) -> Recovery:
+        """Lock the directory and recover its data. Anything wrong with the directory
+        itself (not a directory, read-only, full) is one StorageError naming the path."""
         started = time.monotonic()
-        os.makedirs(self.dir, exist_ok=True)
-        self._lock()
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            if not os.path.isdir(self.dir):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.dir)
+            self._lock()
+        except OSError as exc:
+            raise StorageError(self._os_problem(exc, "cannot use the data directory")) from None
         try:
             return self._recover(started)
+        except OSError as exc:
+            self._release()
+            raise StorageError(self._os_problem(exc, "cannot recover the data directory")) \
+                from None
         except BaseException:  # refused (corruption) or failed: give the directory back
             self._release()
             raise
+
+    def _os_problem(self, exc: OSError, what: str) -> str:
+        where = exc.filename or self.dir
+        return f"{where}: {what} {self.dir}: {exc.strerror or exc}"
 
     def _recover(self, started: float) -> Recovery:
         report = Recovery()
         for name in os.listdir(self.dir):
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(self.dir, name))
-        snaps = self._numbered(SNAPSHOT_RE)
-        segs = self._numbered(SEGMENT_RE)
-        base = snaps[-1] if snaps else 0
-        if snaps:
+        base, live = self._files(report)
+        if base:
             report.snapshot = snapshot_name(base)
-            report.records += self._load_snapshot(os.path.join(self.dir, report.snapshot))
-            for old in snaps[:-1]:
+            path = os.path.join(self.dir, report.snapshot)
+            report.records += self._load_snapshot(path, report)
+            self.snapshot_bytes = os.path.getsize(path)
+        for old in self._numbered(SNAPSHOT_RE):
+            if old < base:
                 os.unlink(os.path.join(self.dir, snapshot_name(old)))
-            self.snapshot_bytes = os.path.getsize(os.path.join(self.dir, report.snapshot))
-        for seq in [s for s in segs if s < base]:
-            os.unlink(os.path.join(self.dir, segment_name(seq)))
-        live = [s for s in segs if s >= base]
+        for seq in self._numbered(SEGMENT_RE):
+            if seq < (live[0] if live else base):
+                os.unlink(os.path.join(self.dir, segment_name(seq)))
         for i, seq in enumerate(live):
             last = i == len(live) - 1
             n, stop = self._replay_segment(seq, last, report)
             report.records += n
             if stop:
-                for later in live[i + 1 :]:
-                    p = os.path.join(self.dir, segment_name(later))
-                    os.replace(p, p + ".dropped")
-                    report.warnings.append(f"{p}: set aside as {p}.dropped by --repair")
+                self._set_aside(live[i + 1 :], report)
                 live = live[: i + 1]
                 break
+        self.keyspace.reindex()
         self.seq = live[-1] if live else max(base, 1)
         self._open_segment(self.seq)
+        self.first_seq = live[0] if live else self.seq
+        self.snapshot_seq = base or None
+        write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, self.seq))
         self.log_bytes = sum(
             os.path.getsize(os.path.join(self.dir, segment_name(s))) for s in live
         ) if live else 0
         report.keys = len(self.keyspace)
         report.seconds = time.monotonic() - started
         return report
+
+    def _files(self, report: Recovery) -> tuple[int, list[int]]:
+        """The snapshot to load (0 for none) and the segments to replay after it, checked
+        against the MANIFEST (or, without one, against each other): a file the data
+        needs that is missing refuses the start, naming it, unless ``repair``."""
+        snaps = self._numbered(SNAPSHOT_RE)
+        segs = self._numbered(SEGMENT_RE)
+        try:
+            manifest = read_manifest(self.dir)
+        except ValueError as exc:
+            if not self.repair:
+                raise StorageError(f"{exc}; refusing to start. Restart with --repair to check "
+                                   "the data files by their numbers instead") from None
+            self._warn(report, f"{exc}; --repair checks the data files by their numbers")
+            manifest = None
+        missing: list[str] = []
+        if manifest is not None:
+            wanted = manifest.snapshot or 0
+            # the newest snapshot, which may be newer than the MANIFEST says (a crash
+            # between writing it and naming it)
+            newer = [s for s in snaps if s >= wanted]
+            base = newer[-1] if newer else 0
+            if wanted and not newer:
+                missing.append(f"{snapshot_name(wanted)} (the data written before "
+                               f"{segment_name(wanted)})")
+                base = 0
+            first = max(base, manifest.first)
+            last = max([manifest.last, *[s for s in segs if s > manifest.last]])
+        else:
+            base = snaps[-1] if snaps else 0
+            later = [s for s in segs if s >= base]
+            first = base if base else (later[0] if later else 1)
+            last = later[-1] if later else first - 1  # a new directory needs nothing
+            if not base and later and later[0] > 1:
+                missing.append(f"a snapshot: the segments start at {segment_name(later[0])}, "
+                               "so the data written before it is not here")
+        have = set(segs)
+        needed = list(range(first, last + 1))
+        gaps = [seq for seq in needed if seq not in have]
+        missing += [segment_name(seq) for seq in gaps]
+        live = [seq for seq in needed if seq in have]
+        if gaps and live and gaps[0] < live[-1]:
+            live = [seq for seq in live if seq < gaps[0]]  # keep the prefix before the gap
+        if missing:
+            what = ", ".join(missing)
+            if not self.repair:
+                raise StorageError(
+                    f"data directory {self.dir} is missing {what}; refusing to start, since "
+                    "the node would come up without data it acknowledged. Restore the file, "
+                    "or restart with --repair to go on without it (that data is lost)"
+                )
+            later = [seq for seq in needed if seq in have and seq not in live]
+            self._warn(report, f"--repair: {self.dir} is missing {what}; going on without it: "
+                       "the data it held is lost")
+            self._set_aside(later, report)
+        return base, live
+
+    def _set_aside(self, seqs: list[int], report: Recovery) -> None:
+        for later in seqs:
+            p = os.path.join(self.dir, segment_name(later))
+            os.replace(p, p + ".dropped")
+            report.warnings.append(f"{p}: set aside as {p}.dropped by --repair")
+
+    def _warn(self, report: Recovery, msg: str) -> None:
+        log.warning("%s", msg)
+        report.warnings.append(msg)
 
     def _numbered(self, pattern: re.Pattern[str]) -> list[int]:
         found = (pattern.match(n) for n in os.listdir(self.dir))
@@ -216,27 +374,55 @@ class Storage:
         with open(path, "rb") as f:
             return f.read()
 
-    def _load_snapshot(self, path: str) -> int:
+    def _load_snapshot(self, path: str, report: Recovery) -> int:
+        """Apply a snapshot. A damaged one refuses the start; with ``repair``, every
+        record that can still be read is loaded and the keys lost are reported."""
         buf = self._read(path)
-        scan = wal.LogScan(buf)
         ks = self.keyspace
-        n = 0
-        ended = False
-        for off, item in scan:
-            if ended:
-                raise LogCorruption(path, off, "records after the end marker")
-            try:
-                if item[0] == wal.META and isinstance(item[1], dict) and "end" in item[1]:
-                    ended = True
-                else:
-                    ks.apply(item)
-            except (IndexError, TypeError, ValueError, KeyError) as exc:
-                raise LogCorruption(path, off, f"bad record: {exc}") from None
-            n += 1
-        if scan.damage is not None:
-            raise LogCorruption(path, scan.damage.offset, scan.damage.reason)
-        if not ended:
-            raise LogCorruption(path, scan.end, "snapshot has no end marker")
+        n = loaded = 0
+        total: int | None = None
+        damaged: list[tuple[int, str]] = []
+        start = 0
+        while True:
+            scan = wal.LogScan(buf, start)
+            for off, item in scan:
+                if total is not None:
+                    damaged.append((off, "records after the end marker"))
+                    break
+                try:
+                    if item[0] == wal.META and isinstance(item[1], dict) and "end" in item[1]:
+                        total = item[1]["end"] if isinstance(item[1]["end"], int) else -1
+                    else:
+                        before = len(ks.data)
+                        ks.apply(item)
+                        loaded += len(ks.data) - before
+                except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                    damaged.append((off, f"bad record: {exc}"))
+                    break
+                n += 1
+            else:
+                if scan.damage is not None:
+                    damaged.append((scan.damage.offset, scan.damage.reason))
+                elif total is None:
+                    damaged.append((scan.end, "snapshot has no end marker"))
+            if not damaged or not self.repair:
+                break
+            nxt = wal.resync(buf, damaged[-1][0] + 1) if damaged[-1][0] < len(buf) else None
+            if nxt is None or nxt <= start:
+                break
+            start = nxt
+            if total is not None:
+                break
+        if damaged and not self.repair:
+            off, reason = damaged[0]
+            raise LogCorruption(path, off, reason, LogCorruption.SNAPSHOT_HINT)
+        if damaged:
+            lost = (f"{total - len(ks.data)} of its {total} keys are lost" if total and total > 0
+                    else "the number of keys lost is unknown (its end marker is damaged too)")
+            where = ", ".join(f"byte {off} ({reason})" for off, reason in damaged)
+            self._warn(report, f"{path}: --repair loaded {loaded} keys from a damaged "
+                       f"snapshot (damage at {where}); {lost}")
+            self._resnapshot = True  # until a new snapshot replaces it, --repair stays needed
         return n
 
     def _replay_segment(self, seq: int, last: bool, report: Recovery) -> tuple[int, bool]:
@@ -282,10 +468,23 @@ class Storage:
         return n, True
 
     def _cut(self, path: str, offset: int, cut: bytes, kept: str) -> None:
-        with open(kept, "wb") as f:
-            f.write(cut)
-            f.flush()
-            os.fsync(f.fileno())
+        """Cut ``path`` at ``offset``, keeping the bytes cut in ``kept`` first. If they
+        cannot be kept (a full disk, say), nothing is cut and the start is refused."""
+        try:
+            with open(kept, "wb") as f:
+                f.write(cut)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            try:
+                os.unlink(kept)
+            except OSError:
+                pass
+            raise StorageError(
+                f"{path}: cannot keep the {len(cut)} bytes to cut at byte offset {offset} in "
+                f"{kept}: {exc.strerror or exc}; nothing was changed. Free some space and "
+                "start again"
+            ) from None
         os.truncate(path, offset)
         fsync_dir(self.dir)
 
@@ -338,6 +537,15 @@ class Storage:
         self.pending.clear()
         self.keyspace.rollback()
 
+    def mark(self) -> tuple[int, tuple[int, int]]:
+        """A point in this turn's uncommitted changes to :meth:`rollback_to`."""
+        return len(self.pending), self.keyspace.mark()
+
+    def rollback_to(self, mark: tuple[int, tuple[int, int]]) -> None:
+        """Undo the changes (records and map) made since ``mark``; earlier ones stay."""
+        del self.pending[mark[0]:]
+        self.keyspace.rollback_to(mark[1])
+
     def sync(self) -> None:
         """fsync now if anything is unsynced (everysec's tick, shutdown)."""
         if self.dirty and self.fd >= 0:
@@ -347,7 +555,8 @@ class Storage:
         self.last_sync = time.monotonic()
 
     def tick(self, now: float) -> None:
-        """Periodic work: everysec fsync, snapshot bookkeeping."""
+        """Periodic work: everysec fsync, snapshot bookkeeping. A disk error here is
+        logged and retried; it never stops the node (the commit path reports its own)."""
         if self.fsync == "everysec" and self.dirty and now - self.last_sync >= 1.0:
             try:
                 self.sync()
@@ -355,30 +564,50 @@ class Storage:
                 log.error("fsync of %s failed: %s", self.dir, exc)
         self._finish_snapshot()
         if self._snap is None and now >= self._snap_retry_at and self.wants_snapshot():
-            self.start_snapshot()
+            try:
+                self.start_snapshot()
+            except OSError as exc:
+                log.error("could not start a snapshot of %s: %s; will retry in %.0f s",
+                          self.dir, exc.strerror or exc, SNAPSHOT_RETRY)
+                self._snap_retry_at = now + SNAPSHOT_RETRY
 
     # -- snapshots -------------------------------------------------------
     def wants_snapshot(self) -> bool:
+        if self._resnapshot:
+            return True
         limit = max(self.snapshot_min_bytes, self.snapshot_factor * self.keyspace.live_bytes)
         return self.log_bytes > limit
 
     def start_snapshot(self) -> None:
-        """Start a new segment and write the map as of its start in the background."""
+        """Start a new segment and write the map as of its start in the background.
+        The new segment is named in the MANIFEST before any write goes to it; if either
+        step fails, the node stays on the segment it had (OSError for the caller)."""
         if self._snap is not None:
             return
         self.sync()
+        seq = self.seq + 1
+        path = os.path.join(self.dir, segment_name(seq))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fsync_dir(self.dir)
+            write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, seq))
+        except OSError:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
         os.close(self.fd)
-        self.seq += 1
-        self._open_segment(self.seq)
+        self.fd, self.seq, self.seg_size = fd, seq, 0
         items = list(self.keyspace.data.items())
-        meta = {"seq": self.seq, **self.keyspace.snapshot_meta()}
+        meta = {"seq": seq, **self.keyspace.snapshot_meta()}
         tombs = list(self.keyspace.tombstones)
-        path = os.path.join(self.dir, snapshot_name(self.seq))
-        seq = self.seq
+        snap_path = os.path.join(self.dir, snapshot_name(seq))
 
         def run() -> None:
             try:
-                self._snap_result = (seq, write_snapshot(path, items, meta, tombs))
+                self._snap_result = (seq, write_snapshot(snap_path, items, meta, tombs))
             except BaseException as exc:  # reported by _finish_snapshot
                 self._snap_result = exc
 
@@ -394,16 +623,30 @@ class Storage:
         result = self._snap_result
         if isinstance(result, BaseException) or result is None:
             log.error("snapshot of %s failed: %s; will retry", self.dir, result)
-            self._snap_retry_at = time.monotonic() + 5.0
+            self._snap_retry_at = time.monotonic() + SNAPSHOT_RETRY
             return
         seq, size = result
-        for old in self._numbered(SEGMENT_RE):
-            if old < seq:
-                self.log_bytes -= os.path.getsize(os.path.join(self.dir, segment_name(old)))
-                os.unlink(os.path.join(self.dir, segment_name(old)))
-        for old in self._numbered(SNAPSHOT_RE):
-            if old < seq:
-                os.unlink(os.path.join(self.dir, snapshot_name(old)))
+        try:
+            write_manifest(self.dir, Manifest(seq, seq, self.seq))
+        except OSError as exc:  # the older files stay named and kept; the next start copes
+            log.error("could not record snapshot %s of %s in its MANIFEST: %s; keeping the "
+                      "older files", snapshot_name(seq), self.dir, exc.strerror or exc)
+            self._snap_retry_at = time.monotonic() + SNAPSHOT_RETRY
+            return
+        self.snapshot_seq, self.first_seq = seq, seq
+        self._resnapshot = False
+        try:
+            for old in self._numbered(SEGMENT_RE):
+                if old < seq:
+                    old_path = os.path.join(self.dir, segment_name(old))
+                    self.log_bytes -= os.path.getsize(old_path)
+                    os.unlink(old_path)
+            for old in self._numbered(SNAPSHOT_RE):
+                if old < seq:
+                    os.unlink(os.path.join(self.dir, snapshot_name(old)))
+        except OSError as exc:  # left for the next start, which deletes what is unnamed
+            log.error("could not delete the files snapshot %s replaces in %s: %s",
+                      snapshot_name(seq), self.dir, exc.strerror or exc)
         self.snapshot_bytes = size
         self.snapshots_written += 1
 

@@ -22,6 +22,7 @@ Opening, truncating and renaming files is the storage layer's business.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -62,7 +63,22 @@ class Damage:
         return "corruption" if self.corrupt else "torn tail"
 
 
-def _check(buf: bytes | memoryview, off: int, end: int) -> tuple[int, str]:
+@dataclass
+class Work:
+    """Bytes checksummed while looking for records after damage (see :func:`resync`)."""
+
+    crc_bytes: int = 0
+
+
+def _plausible(buf: bytes | memoryview, body: int, end: int) -> bool:
+    """Whether a payload starts as every record does: an array of 2 to 8 items whose
+    first is a small record kind. Checked before a checksum, so that random bytes
+    seldom cost one."""
+    return end - body >= 2 and 0x82 <= buf[body] <= 0x88 and buf[body + 1] < 0x18
+
+
+def _check(buf: bytes | memoryview, off: int, end: int,
+           work: Work | None = None) -> tuple[int, str]:
     """Length of the valid record at ``off`` (header included), or 0 and why not."""
     if end - off < HEADER_SIZE:
         return 0, f"incomplete header ({end - off} of {HEADER_SIZE} bytes)"
@@ -72,6 +88,10 @@ def _check(buf: bytes | memoryview, off: int, end: int) -> tuple[int, str]:
     stop = off + HEADER_SIZE + length
     if stop > end:
         return 0, f"record of {length} bytes runs past the end ({end - off - HEADER_SIZE} left)"
+    if not _plausible(buf, off + HEADER_SIZE, stop):
+        return 0, "payload is not a record"
+    if work is not None:
+        work.crc_bytes += length
     if zlib.crc32(buf[off + HEADER_SIZE : stop]) != crc:
         return 0, "checksum mismatch"
     return HEADER_SIZE + length, ""
@@ -98,20 +118,40 @@ def _chain(buf: bytes | memoryview, start: int, end: int) -> tuple[int, int]:
 CORRUPTION_CHAIN = 8
 
 
-def resync(buf: bytes | memoryview, start: int, end: int | None = None) -> int | None:
+def resync(buf: bytes | memoryview, start: int, end: int | None = None,
+           work: Work | None = None) -> int | None:
     """Offset of the first record after ``start`` that begins a run of valid records
     reaching the end of the buffer (or of CORRUPTION_CHAIN records), or None.
 
     Requiring a run, not one lucky record, keeps a value that happens to contain
     record-like bytes from making a torn tail look like corruption.
+
+    The search is linear in the buffer: a candidate must look like a record before it
+    is checksummed, and the bytes checksummed are capped at a few times the buffer. A
+    search that reaches the cap stops and answers ``end``: it could not rule out valid
+    records after the damage, so the damage is treated as corruption (refused, never
+    cut as a torn tail).
     """
     end = len(buf) if end is None else end
-    for off in range(start, end - HEADER_SIZE + 1):
-        if _check(buf, off, end)[0]:
+    work = work if work is not None else Work()
+    cap = RESYNC_WORK * (end - start) + (1 << 20)
+    # Candidates are found by the regex engine (a record's payload starts with an array
+    # head and a small kind), not by a Python loop over every offset.
+    for match in _RECORD_HEAD.finditer(buf, start + HEADER_SIZE, end):
+        off = match.start() - HEADER_SIZE
+        if _check(buf, off, end, work)[0]:
             stop, count = _chain(buf, off, end)
             if count and (stop == end or count >= CORRUPTION_CHAIN):
                 return off
+        if work.crc_bytes > cap:
+            return end
     return None
+
+
+_RECORD_HEAD = re.compile(rb"[\x82-\x88][\x00-\x17]", re.DOTALL)
+
+
+RESYNC_WORK = 3  # bytes checksummed per byte searched before resync gives up
 
 
 class LogScan:
