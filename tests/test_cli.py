@@ -153,14 +153,16 @@ def test_exit_status_and_one_line_errors(cli: Run, shared: Cluster) -> None:
 
 @pytest.mark.timeout(60)
 def test_an_unreachable_proxy_exits_1(cli: Run) -> None:
+    """As redis-cli: "Connection refused" at once, not after the timeout (here 60 s)."""
     nowhere = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    done = cli("GET", "k", proxy=nowhere, options=("--timeout", "0.3"))
+    done = cli("GET", "k", proxy=nowhere, options=("--timeout", "60"))
     assert time.monotonic() - started < 10
-    assert done.returncode == 1 and b"TIMEOUT" in done.stderr and nowhere.encode() in done.stderr
+    assert done.returncode == 1 and b"Connection refused" in done.stderr
+    assert nowhere.encode() in done.stderr
     no_traceback(done)
-    done = cli("SET", "k", "v", proxy=nowhere, options=("--timeout", "0.3", "--raw"))
-    assert done.returncode == 1 and b"unknown" in done.stderr
+    done = cli("SET", "k", "v", proxy=nowhere, options=("--timeout", "60", "--raw"))
+    assert done.returncode == 1 and b"cannot connect" in done.stderr
     assert len(done.stderr.splitlines()) == 1
 
 
@@ -283,8 +285,8 @@ def test_shell_survives_an_unreachable_proxy() -> None:
     )
     try:
         prompt(child)
-        assert "TIMEOUT" in command(child, "GET k")
-        assert "unknown" in command(child, "SET k v")
+        assert "Connection refused" in command(child, "GET k")
+        assert "Connection refused" in command(child, "SET k v")
         child.sendline("QUIT")
         child.expect(pexpect.EOF)
         child.close()

@@ -274,7 +274,7 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
             if len(bodies) == 1:
                 client._exchange(bodies[0])
                 return 0
-            return sum(r is None for r in client._exchange_many(bodies))
+            return sum(not isinstance(r, bytes) for r in client._exchange_many(bodies))
     elif job.pipeline == 1:
         call: Callable[[], Any] = {
             "set": lambda: client.set(next(keys), value),

@@ -6,33 +6,36 @@
     b'Alice'
 
 Keys and values may be ``str`` (sent as UTF-8) or ``bytes``; values come back as
-``bytes`` and a missing key as ``None``. Every call has a deadline. Reads that
-time out are retried on a fresh socket (the ZeroMQ Guide's Lazy Pirate); writes
-are not retried, because a retried write could undo a later one: their timeout
-raises :class:`zkv.Timeout`, whose message says the outcome is unknown. Errors
-are the :mod:`zkv.errors` family, the same type the server reported.
+``bytes`` and a missing key as ``None``. Every call has a deadline. A request
+that could not be sent at all (nothing listens at the address, the connection
+was refused or shed) fails at once with :class:`zkv.NotSent`, saying why, after
+``retries`` short pauses; since it never left, a write is tried again too. Reads
+that get no reply in time are retried on a fresh socket (the ZeroMQ Guide's Lazy
+Pirate); writes are not, because a retried write could undo a later one: their
+timeout raises :class:`zkv.Timeout`, whose message says the outcome is unknown.
+Errors are the :mod:`zkv.errors` family, the same type the server reported.
 
 A Client is not thread-safe: give each thread its own.
 """
 
 from __future__ import annotations
 
-import itertools
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import zmq
 
-from . import frames as wire
 from . import protocol as P
-from .errors import ConfigError, ProtocolError, Timeout, Unavailable, ZkvError
+from .errors import ConfigError, NotSent, ProtocolError, Timeout, Unavailable, ZkvError
+from .link import Link
 
 Key = str | bytes
 Value = str | bytes | int | float
 
-_TAG = struct.Struct("<Q")
+CALL_WINDOW = 1024  # single requests of call_many() in flight at once
+PIPELINE_WINDOW = 8  # PIPE messages of a pipeline in flight at once
+RETRY_PAUSE = 0.1  # seconds before the first retry of a request that could not be sent
 
 
 def _checked_address(address: str) -> str:
@@ -69,29 +72,17 @@ class Client:
         self.timeout = float(timeout)
         self.retries = retries
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._sock: zmq.Socket[bytes] | None = None
-        self._tags = itertools.count(1)
+        self._link = Link(self._ctx, self.address)
 
     # -- plumbing --------------------------------------------------------------
     def _socket(self) -> zmq.Socket[bytes]:
-        if self._sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IPV6, 1)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
-            sock.setsockopt(zmq.IPV6, 1)  # "[::1]:8000" as well as IPv4 and names
-            sock.connect(f"tcp://{self.address}")
-            self._sock = sock
-        return self._sock
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        """The connected socket (opened and connected first if need be)."""
+        self._link.connect(time.monotonic() + self.timeout)
+        assert self._link.sock is not None
+        return self._link.sock
 
     def close(self) -> None:
-        self._reset()
+        self._link.close()
 
     def __enter__(self) -> Client:
         return self
@@ -100,60 +91,35 @@ class Client:
         self.close()
 
     def _exchange(self, body: bytes) -> bytes:
-        """Send one body and wait for its reply, or raise Timeout."""
+        """Send one body and wait for its reply, or raise NotSent or Timeout."""
         try:
-            return self._send_and_wait(body)
+            return self._link.request(body, self.timeout)
         except zmq.ZMQError as exc:  # translated at the boundary: one error family
-            self._reset()
+            self._link.close()
             raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
 
-    def _send_and_wait(self, body: bytes) -> bytes:
-        sock = self._socket()
-        tag = _TAG.pack(next(self._tags))
-        wire.send(sock, [tag, body])
-        deadline = time.monotonic() + self.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
-                self._reset()  # Lazy Pirate: a fresh socket for whatever comes next
-                raise Timeout(f"no reply from {self.address} within {self.timeout:g}s")
-            frames = wire.recv(sock)
-            if len(frames) == 2 and frames[0] == tag:
-                return frames[1]
-            # a late reply to an earlier request that timed out: drop it
-
-    def _exchange_many(self, bodies: list[bytes]) -> list[bytes | None]:
-        """Send every body at once (DEALER pipelining) and collect the replies in
-        order; a body with no reply before the deadline gets None."""
-        sock = self._socket()
-        tags = [_TAG.pack(next(self._tags)) for _ in bodies]
-        index = {tag: i for i, tag in enumerate(tags)}
-        for tag, body in zip(tags, bodies):
-            wire.send(sock, [tag, body])
-        replies: list[bytes | None] = [None] * len(bodies)
-        left = len(bodies)
-        deadline = time.monotonic() + self.timeout
-        while left:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
-                self._reset()
-                break
-            frames = wire.recv(sock)
-            i = index.pop(frames[0], None) if len(frames) == 2 else None
-            if i is not None:
-                replies[i] = frames[1]
-                left -= 1
-        return replies
+    def _exchange_many(self, bodies: list[bytes], window: int = CALL_WINDOW
+                       ) -> list[bytes | Timeout | NotSent]:
+        """Send every body (DEALER pipelining, at most ``window`` in flight) and collect
+        the replies in order: a Timeout where no reply came (outcome unknown), NotSent
+        where the body was never sent."""
+        try:
+            return self._link.exchange_many(bodies, self.timeout, window)
+        except zmq.ZMQError as exc:
+            self._link.close()
+            raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
 
     def call_many(self, commands: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Send many commands at once, each its own request, all in flight together.
+        """Send many commands at once, each its own request, many in flight together.
         Returns each result, or the ZkvError it raised, in order. Nothing is retried."""
         bodies = [P.encode_request(op, *args) for op, args in commands]
         out: list[Any] = []
         for (op, _), reply in zip(commands, self._exchange_many(bodies)):
-            if reply is None:
-                out.append(Timeout(f"no reply from {self.address} within {self.timeout:g}s; "
-                                   f"the outcome of {op} is unknown"))
+            if isinstance(reply, Timeout):
+                out.append(Timeout(f"{reply}; the outcome of {op} is unknown"))
+                continue
+            if isinstance(reply, NotSent):
+                out.append(reply)
                 continue
             try:
                 out.append(P.decode_reply(reply))
@@ -167,21 +133,33 @@ class Client:
         return Pipeline(self)
 
     def call(self, op: str, *args: Any, retry: bool | None = None) -> Any:
-        """Send one command; retried on timeout when it is a read (or ``retry=True``)."""
+        """Send one command. A request that could not be sent (nothing listens, say) is
+        tried again after a short pause, a write too, since it never left; one that got
+        no reply in time is sent again on a fresh socket when it is a read (or with
+        ``retry=True``): a write's outcome is then unknown and it is not repeated."""
+        op = op.upper() if isinstance(op, str) else op
         body = P.encode_request(op, *args)
         kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
         if retry is None:
             retry = kind in (P.READ, P.META) and op != "PIPE"
-        attempts = 1 + (self.retries if retry else 0)
+        attempts = 1 + self.retries
+        timeouts = 0
         for attempt in range(attempts):
             try:
                 reply = self._exchange(body)
-            except Timeout as exc:
+            except NotSent as exc:
                 if attempt + 1 < attempts:
+                    time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
+                    continue
+                tries = f" ({attempts} attempts)" if attempts > 1 else ""
+                raise NotSent(f"{exc}{tries}") from None
+            except Timeout as exc:
+                timeouts += 1
+                if retry and attempt + 1 < attempts:
                     continue
                 if kind in (P.WRITE, P.ADMIN) or op == "PIPE":
                     raise Timeout(f"{exc}; the outcome of {op} is unknown") from None
-                raise Timeout(f"{exc} after {attempts} attempts") from None
+                raise Timeout(f"{exc} after {timeouts} attempts") from None
             return P.decode_reply(reply)
         raise ProtocolError("unreachable")  # pragma: no cover
 
@@ -379,11 +357,13 @@ class Pipeline:
         chunks = [commands[i : i + PIPELINE_CHUNK] for i in range(0, len(commands), PIPELINE_CHUNK)]
         bodies = [P.encode_request("PIPE", chunk) for chunk in chunks]
         results: list[Any] = []
-        for chunk, reply in zip(chunks, self.client._exchange_many(bodies)):
-            if reply is None:
-                err = Timeout(f"no reply from {self.client.address} within "
-                              f"{self.client.timeout:g}s; the outcome of the pipeline is unknown")
+        for chunk, reply in zip(chunks, self.client._exchange_many(bodies, PIPELINE_WINDOW)):
+            if isinstance(reply, Timeout):
+                err = Timeout(f"{reply}; the outcome of these pipelined commands is unknown")
                 results.extend([err] * len(chunk))
+                continue
+            if isinstance(reply, NotSent):
+                results.extend([reply] * len(chunk))
                 continue
             try:
                 items = P.decode_reply(reply)

@@ -12,7 +12,9 @@ so ``except zkv.NodeUnavailable`` works the same for a local and a remote failur
     │                                           (e.g. SCAN with an expired cursor)
     ├── Unavailable               UNAVAILABLE   no answer in time; names the node or proxy
     │   ├── NodeUnavailable       NODE_DOWN     the node owning the key is marked down
-    │   └── Timeout               TIMEOUT       no reply before the deadline (outcome unknown)
+    │   ├── Timeout               TIMEOUT       no reply before the deadline (outcome unknown)
+    │   └── NotSent               (local)       the request never left the client (nothing
+    │                                           listens, say): safe to send again
     ├── StorageError              STORAGE       the node could not make a write durable;
     │                                           the write was not applied
     ├── ClusterError              CLUSTER       an admin operation was refused (ADD/REMOVE)
@@ -68,6 +70,13 @@ class Timeout(Unavailable):
     code = "TIMEOUT"
 
 
+class NotSent(Unavailable):
+    """The request never left this process: safe to send again, a write included.
+    Local only: a server never reports it, so it keeps the code of Unavailable."""
+
+    local = True
+
+
 class StorageError(ZkvError):
     code = "STORAGE"
 
@@ -108,7 +117,8 @@ _BY_CODE: dict[str, type[ZkvError]] = {}
 
 
 def _register(cls: type[ZkvError]) -> None:
-    _BY_CODE[cls.code] = cls
+    if not cls.__dict__.get("local", False):
+        _BY_CODE[cls.code] = cls
     for sub in cls.__subclasses__():
         _register(sub)
 
