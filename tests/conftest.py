@@ -122,8 +122,8 @@ class Procs:
         self.all: list[Proc] = []
 
     def start(self, *args: str, ready: str | None = None, timeout: float = 20.0,
-              env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(list(args), self.cwd, env)
+              env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Proc:
+        proc = Proc(list(args), self.cwd, env, prefix)
         self.all.append(proc)
         if ready is not None:
             proc.wait_for(ready, timeout)

@@ -19,6 +19,16 @@ from .errors import ZkvError
 EXIT_USAGE = 2
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -53,6 +63,8 @@ def _node(args: argparse.Namespace) -> int:
         snapshot_factor=cfg.snapshot_factor,
         snapshot_min_bytes=cfg.snapshot_min_bytes,
         repair=args.repair,
+        max_clients=args.max_clients or cfg.max_clients,
+        client_buffer_bytes=cfg.client_buffer_bytes,
     )
     node.run(on_ready=lambda line: print(line, flush=True))
     return 0
@@ -67,13 +79,16 @@ def _add_node_parser(sub: Any) -> None:
                    help="when the log is fsynced (default everysec)")
     p.add_argument("--config", default=None, help="YAML topology to take the node's settings from")
     p.add_argument("--repair", action="store_true",
-                   help="start even if the log is corrupt, keeping the good prefix")
+                   help="start even if data files are damaged or missing, keeping what can be "
+                        "read and reporting what is lost")
+    p.add_argument("--max-clients", type=_positive_int, default=None, metavar="N",
+                   help="connections served at once; newer ones are shed (default 10000)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_node)
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from .config import ProxyConfig, load_topology, parse_address
+    from .config import ProxyConfig, format_address, load_topology, parse_address
     from .proxy import Proxy
 
     members: dict[str, float] = {}
@@ -85,7 +100,7 @@ def _proxy(args: argparse.Namespace) -> int:
         cfg = ProxyConfig()
     for text in args.node or []:
         host, port = parse_address(text, "--node")
-        members[f"{host}:{port}"] = 1.0
+        members[format_address(host, port)] = 1.0  # [::1]:8081 keeps its brackets
     proxy = Proxy(
         host=args.host or cfg.host,
         port=args.port or cfg.port,
@@ -99,6 +114,8 @@ def _proxy(args: argparse.Namespace) -> int:
         move_batch_keys=cfg.move_batch_keys,
         move_batch_bytes=cfg.move_batch_bytes,
         move_rate=cfg.move_rate,
+        max_clients=args.max_clients or cfg.max_clients,
+        client_buffer_bytes=cfg.client_buffer_bytes,
     )
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0
@@ -113,7 +130,10 @@ def _add_proxy_parser(sub: Any) -> None:
                    help="where membership and moves are kept (default ./data/proxy)")
     p.add_argument("--node", action="append", metavar="HOST:PORT",
                    help="initial member (repeatable); ignored once the state dir has members")
-    p.add_argument("--timeout-ms", type=int, default=None, help="per-request deadline")
+    p.add_argument("--timeout-ms", type=_positive_int, default=None,
+                   help="per-request deadline")
+    p.add_argument("--max-clients", type=_positive_int, default=None, metavar="N",
+                   help="connections served at once; newer ones are shed (default 10000)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_proxy)
 

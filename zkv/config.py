@@ -22,10 +22,14 @@ from a YAML file (:func:`load_topology`) or from ``zkv proxy --node HOST:PORT ..
       move_batch_keys: 1000
       move_batch_bytes: 1048576
       move_rate: null        # keys per second while rebalancing; null = unthrottled
+      max_clients: 10000     # connections; past it new ones are shed (zkv.guard)
+      client_buffer_bytes: 67108864  # unread reply bytes a client may pile up
     defaults:                # applied to every node unless the node overrides
       fsync: everysec        # always | everysec | no
       snapshot_factor: 4     # log may grow to this multiple of live data (> 1)
       snapshot_min_bytes: 4194304
+      max_clients: 10000
+      client_buffer_bytes: 67108864
     nodes:
       - address: 127.0.0.1:8081     # or host: + port: (IPv6: "[::1]:8081")
         data_dir: ./data/127.0.0.1-8081
@@ -79,6 +83,8 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000
 FALLBACK_VNODES = 256
+DEFAULT_MAX_CLIENTS = 10_000
+DEFAULT_CLIENT_BUFFER = 64 * 1024 * 1024
 FLAGS_SOURCE = "<flags>"
 MiB = 1024 * 1024
 
@@ -280,6 +286,8 @@ class NodeConfig:
     weight: float = 1.0  # share of the ring relative to other nodes
     snapshot_factor: float = 4.0  # log may grow to this multiple of live data
     snapshot_min_bytes: int = 4 * MiB  # no snapshot for logs smaller than this
+    max_clients: int = DEFAULT_MAX_CLIENTS  # connections; newer ones are shed
+    client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER  # unread reply bytes per client
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -310,6 +318,8 @@ class ProxyConfig:
     move_batch_keys: int = 1000
     move_batch_bytes: int = 1 * MiB
     move_rate: float | None = None  # keys per second while moving; None = unthrottled
+    max_clients: int = DEFAULT_MAX_CLIENTS  # connections; newer ones are shed
+    client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER  # unread reply bytes per client
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -374,9 +384,12 @@ _NODE_FIELDS: dict[str, Check] = {
     "weight": _number_in(0, MAX_WEIGHT),
     "snapshot_factor": _number_above(1),
     "snapshot_min_bytes": _integer(0),
+    "max_clients": _integer(1, 1 << 20),
+    "client_buffer_bytes": _integer(1 << 20),
 }
 _NODE_ENTRY_FIELDS: dict[str, Check] = {"address": _address, **_NODE_FIELDS}
-_DEFAULTS_FIELDS = {k: _NODE_FIELDS[k] for k in ("fsync", "snapshot_factor", "snapshot_min_bytes")}
+_DEFAULTS_FIELDS = {k: _NODE_FIELDS[k] for k in ("fsync", "snapshot_factor", "snapshot_min_bytes",
+                                                  "max_clients", "client_buffer_bytes")}
 _PROXY_FIELDS: dict[str, Check] = {
     "host": _host,
     "port": _port,
@@ -388,6 +401,8 @@ _PROXY_FIELDS: dict[str, Check] = {
     "move_batch_keys": _integer(1),
     "move_batch_bytes": _integer(1),
     "move_rate": _optional(_number_above(0)),
+    "max_clients": _integer(1, 1 << 20),
+    "client_buffer_bytes": _integer(1 << 20),
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
 _TOP_KEYS = ("limits", "proxy", "defaults", "nodes")

@@ -42,6 +42,17 @@ _FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
+_HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "closed the connection before the handshake finished: it may be at its connection "
+        "limit (max_clients), or not be a zkv server"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "is not a zkv server: the ZeroMQ handshake failed (it speaks another protocol)"),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "refused the handshake: the keys do not match (check the server key)"),
+}
+
+
 class Link:
     def __init__(self, ctx: zmq.Context[Any], address: str, hwm: int = 100_000) -> None:
         self.ctx = ctx
@@ -51,6 +62,7 @@ class Link:
         self.monitor: zmq.Socket[bytes] | None = None
         self.ready = False  # the handshake succeeded and no disconnect was seen since
         self.lost = False  # a disconnect was seen while ready
+        self.answered = False  # a reply has come on this connection
         self._tags = itertools.count(1)
 
     # -- the connection ------------------------------------------------------------
@@ -64,7 +76,7 @@ class Link:
             sock.setsockopt(zmq.RCVHWM, self.hwm)
             self.monitor = sock.get_monitor_socket(_EVENTS)
             sock.connect(f"tcp://{self.address}")
-            self.sock, self.ready, self.lost = sock, False, False
+            self.sock, self.ready, self.lost, self.answered = sock, False, False, False
         return self.sock
 
     def close(self) -> None:
@@ -119,12 +131,12 @@ class Link:
                     connected = True
                 elif event & _FAILED_HANDSHAKE:
                     self.close()
-                    raise NotSent(f"{self.address} did not complete the ZeroMQ handshake: "
-                                  "is it a zkv server (and do the CURVE keys match)?")
+                    raise NotSent(f"{self.address} {_HANDSHAKE_FAILURES[event]}; nothing was sent")
                 elif event == zmq.EVENT_DISCONNECTED and connected and not self.ready:
                     self.close()
-                    raise NotSent(f"{self.address} closed the connection before the "
-                                  "handshake: it may be at its connection limit")
+                    raise NotSent(f"{self.address} "
+                                  f"{_HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]}"
+                                  "; nothing was sent")
                 elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED) and not connected:
                     reason = self._probe()
                     if reason is not None:
@@ -176,6 +188,8 @@ class Link:
         assert sock is not None
         while True:
             left = deadline - time.monotonic()
+            if not self.answered and left > 0:
+                self._first_wait(left)  # a fresh connection may be shed: notice it at once
             if left <= 0 or not sock.poll(max(1, int(left * 1000))):
                 self._watch(self._events(0))
                 lost = " (the connection was lost)" if self.lost else ""
@@ -183,8 +197,29 @@ class Link:
                 raise Timeout(f"no reply from {self.address} within {timeout:g}s{lost}")
             frames = wire.recv(sock)
             if len(frames) == 2 and frames[0] == tag:
+                self.answered = True
                 return frames[1]
             # a late reply to an earlier request that timed out: drop it
+
+    def _first_wait(self, left: float) -> None:
+        """Wait for the first reply on a connection watching its monitor as well: a server
+        at its client limit sheds a connection right after accepting it, which may be
+        after the handshake. Raises Timeout (the outcome is unknown) when it does."""
+        assert self.sock is not None and self.monitor is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + left
+        while time.monotonic() < deadline:
+            ready = dict(poller.poll(max(1, int((deadline - time.monotonic()) * 1000))))
+            if self.sock in ready:
+                return
+            if self.monitor in ready:
+                self._watch(self._events(0))
+                if self.lost:
+                    self.close()
+                    raise Timeout(f"{self.address} closed the connection with the request in "
+                                  "flight: it may be at its connection limit (max_clients)")
 
     def exchange_many(self, bodies: list[bytes], timeout: float,
                       window: int) -> list[bytes | Timeout | NotSent]:
@@ -221,6 +256,7 @@ class Link:
                     out[i] = frames[1]
                     received += 1
                     progress = time.monotonic()
+                    self.answered = True
         if failure is not None:
             for i in range(n):
                 if out[i] is None:

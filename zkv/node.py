@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import secrets
 import signal
 import time
@@ -32,6 +31,16 @@ from .errors import (
     ProtocolError,
     StorageError,
     ZkvError,
+)
+from .guard import (
+    FD_RESERVE,
+    FRONT_HWM,
+    ROUTER_ID_PREFIX,
+    ConnectionGuard,
+    OutputBudget,
+    client_limit,
+    raise_fd_limit,
+    rss_bytes,
 )
 from .ring import RangeSet
 from .storage import Recovery, Storage
@@ -61,8 +70,14 @@ class Node:
         snapshot_factor: float = 4.0,
         snapshot_min_bytes: int = 4 << 20,
         repair: bool = False,
+        max_clients: int = 10_000,
+        client_buffer_bytes: int = 64 << 20,
     ) -> None:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_clients = max_clients
+        self.client_buffer_bytes = client_buffer_bytes
+        self.guards: list[ConnectionGuard] = []
+        self.out: OutputBudget | None = None
         self.host, self.port = host, port
         self.limits = limits
         self.storage = Storage(data_dir, fsync, snapshot_factor, snapshot_min_bytes, repair)
@@ -477,6 +492,8 @@ class Node:
             "recovered_keys": rec.keys if rec else 0,
             "recovery_s": round(rec.seconds, 4) if rec else 0.0,
             **self.storage.stats(),
+            **(self.guards[0].stats() if self.guards else {}),
+            **(self.out.stats() if self.out is not None else {}),
         }
 
     # -- the loop ------------------------------------------------------------
@@ -517,10 +534,18 @@ class Node:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
+        for guard in self.guards:
+            poller.register(guard.monitor, zmq.POLLIN)
+        out = self.out
+        assert out is not None
         storage = self.storage
         busy = False
+        next_tidy = 0.0
         while not self._stop:
             events = dict(poller.poll(0 if busy else 100))
+            for guard in self.guards:
+                if guard.monitor in events:
+                    guard.handle()
             if sock in events:
                 replies = []
                 handle = self.handle
@@ -536,7 +561,7 @@ class Node:
                     replies = [[*r[:-1], body] for r in replies]
                 self._durable = False
                 for reply in replies:
-                    wire.send(sock, reply)
+                    out.send(reply)
             if pull in events:
                 bodies = []
                 for _ in range(8):
@@ -551,6 +576,9 @@ class Node:
             now = time.monotonic()
             busy = bool(self.outgoing) and self.pump(now)
             storage.tick(now)
+            if now >= next_tidy:
+                next_tidy = now + 1.0
+                out.tidy()
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -562,6 +590,7 @@ class Node:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self.ctx = ctx
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
@@ -579,6 +608,10 @@ class Node:
             raise StorageError(f"cannot listen on {self.address}: {exc}") from exc
         self.pull_endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pull_port = int(self.pull_endpoint.rsplit(":", 1)[1])
+        self.max_clients = client_limit(self.max_clients, raise_fd_limit(), FD_RESERVE)
+        self.guards = [ConnectionGuard(sock, self.max_clients, f"node {self.address}"),
+                       ConnectionGuard(pull, self.max_clients, f"node {self.address} (pull)")]
+        self.out = OutputBudget(sock, self.client_buffer_bytes, exempt=ROUTER_ID_PREFIX)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         rec = self.recovery
@@ -601,10 +634,3 @@ def _bounded_int(value: Any, low: int, high: int) -> int:
         raise ValueError(f"must be an integer from {low} to {high}")
     return value
 
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

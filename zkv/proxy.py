@@ -12,8 +12,10 @@ their keys fail fast with an error naming the node while the rest keep working.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import struct
@@ -31,15 +33,34 @@ from .errors import (
     ClusterError,
     CommandError,
     InternalError,
+    LimitExceeded,
     NodeUnavailable,
     ProtocolError,
     Timeout,
+    Unavailable,
     ZkvError,
 )
+from .guard import (
+    FD_RESERVE,
+    FRONT_HWM,
+    ROUTER_ID_PREFIX,
+    ConnectionGuard,
+    OutputBudget,
+    client_limit,
+    raise_fd_limit,
+    rss_bytes,
+)
 from .keyspace import PRESENT, UNKNOWN
-from .mover import MoveDriver, moving_ranges, new_move
-from .planner import moved_fraction, summary
-from .ring import RangeSet, Ring, key_hash
+from .mover import (
+    SETTINGS,
+    MoveDriver,
+    check_settings,
+    moving_ranges,
+    new_move,
+    repair_settings,
+)
+from .planner import moved_fraction, plan, summary
+from .ring import DEFAULT_VNODES, MAX_WEIGHT, RangeSet, Ring, key_hash
 
 log = logging.getLogger("zkv.proxy")
 
@@ -49,19 +70,35 @@ HOUSEKEEPING_EVERY = 0.01  # seconds between heartbeat/timer/move checks
 STATE_FILE = "cluster.json"
 MAX_PER_TURN = 4096
 SINGLE_KEY = frozenset(("GET", "SET", "DEL", "EXISTS"))
-PIPE_OPS = frozenset(("GET", "SET", "DEL", "EXISTS", "PING"))
+PIPE_OPS = P.PIPE_OPS
+LOCK_FILE = "LOCK"
+# Keys written through this proxy into ranges that are moving. While a destination is
+# down, a read of a moving key this proxy never wrote falls back to the old owner,
+# which then holds its latest value; past this many the fallback is switched off.
+MAX_DIRTY = 1_000_000
+KEYS_PAGE = 10_000  # keys asked for per SCAN page when KEYS walks the nodes
+DEFAULT_MAX_CLIENTS = 10_000
+DEFAULT_CLIENT_BUFFER = 64 << 20  # bytes of unread replies one client may have
 
 _TAG = struct.Struct("<Q")
 
 
 class Gather:
-    """Collects the replies of the sub-requests one client request was split into."""
+    """Collects the replies of the sub-requests one client request was split into.
 
-    __slots__ = ("done", "encode", "finish", "left", "limit", "results", "routing")
+    ``limit`` bounds the reply. With ``value_budget``, the byte strings parts deliver
+    are counted as they arrive: ``over`` decides what becomes of a value past the
+    budget (an error in its place, or the whole reply failing at once), so the proxy
+    never holds much more than one reply's worth of values for a request."""
+
+    __slots__ = ("done", "encode", "finish", "left", "limit", "over", "results", "routing",
+                 "used", "value_budget")
 
     def __init__(self, routing: list[bytes], parts: int,
                  finish: Callable[[list[Any]], Any], limit: int = 1 << 62,
-                 encode: Callable[[Any], bytes] = P.encode_ok) -> None:
+                 encode: Callable[[Any], bytes] = P.encode_ok,
+                 value_budget: int | None = None,
+                 over: Callable[[int], Any] | None = None) -> None:
         self.limit = limit
         self.encode = encode
         self.routing = routing
@@ -69,11 +106,22 @@ class Gather:
         self.left = parts
         self.finish = finish  # results (values or ZkvError) -> result, may raise
         self.done = False
+        self.value_budget = value_budget
+        self.over = over
+        self.used = 0
 
     def deliver(self, part: int, result: Any) -> bytes | None:
         """Record one part's result (a value or a ZkvError); the reply body once complete."""
         if self.done:
             return None
+        if self.value_budget is not None and type(result) is bytes:
+            if self.used + len(result) + 16 > self.value_budget and self.over is not None:
+                result = self.over(self.value_budget)
+                if self.over is _fail_whole:
+                    self.done = True
+                    return P.encode_exc(result)
+            else:
+                self.used += len(result) + 16
         self.results[part] = result
         self.left -= 1
         if self.left:
@@ -88,6 +136,18 @@ class Gather:
                 f"the reply would be {len(reply)} bytes, over the max_message_bytes limit "
                 f"of {self.limit}; ask for less"))
         return reply
+
+
+def _fail_whole(budget: int) -> ZkvError:
+    return LimitExceeded(f"the reply would be over {budget} bytes (max_message_bytes); "
+                         "ask for fewer keys at once")
+
+
+def _over_in_place(budget: int) -> ZkvError:
+    return LimitExceeded(
+        f"not returned: this value does not fit in what is left of the pipeline's reply "
+        f"budget of {budget} bytes (max_message_bytes); GET this key on its own"
+    )
 
 
 def first_error(results: list[Any]) -> None:
@@ -106,6 +166,31 @@ def load_state(state_dir: str) -> ClusterState | None:
     except (OSError, ValueError) as exc:
         raise ClusterError(f"{path}: cannot read the proxy state: {exc}") from None
     return ClusterState.from_json(data, path)
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """flock the state directory for this process (one config manager per cluster); the
+    lock's file descriptor, held until the process exits. ClusterError if another proxy
+    holds it or the directory cannot be used."""
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot use {state_dir} as the proxy's state directory: {exc.strerror or exc}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ClusterError(
+            f"the state directory {state_dir} is in use by another proxy (pid {holder}); "
+            "one proxy owns a cluster's state: start another with its own --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def save_state(state_dir: str, state: ClusterState) -> None:
@@ -133,7 +218,7 @@ class Proxy:
         port: int = 8000,
         state_dir: str = "./data/proxy",
         members: dict[str, float] | None = None,
-        vnodes: int = 256,
+        vnodes: int = DEFAULT_VNODES,
         timeout_ms: int = 2000,
         heartbeat_ms: int = 500,
         heartbeat_misses: int = 3,
@@ -141,8 +226,12 @@ class Proxy:
         move_batch_keys: int = 1000,
         move_batch_bytes: int = 1 << 20,
         move_rate: float | None = None,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
     ) -> None:
         self.address = format_address(host, port)
+        self.max_clients = max_clients
+        self.client_buffer_bytes = client_buffer_bytes
         self.move_defaults: dict[str, Any] = {
             "batch_keys": move_batch_keys, "batch_bytes": move_batch_bytes, "rate": move_rate,
         }
@@ -152,21 +241,32 @@ class Proxy:
         self.limits = limits
         self.health = Health(heartbeat_ms / 1000.0, heartbeat_misses)
         self.notes: list[str] = []
+        self._lock_fd = lock_state_dir(state_dir)
         self.state = self._initial_state(members or {}, vnodes)
         self.ring: Ring = self.state.ring()
         self.moving: RangeSet | None = None  # hash ranges in copy, reads fall back
         self.old_ring: Ring | None = None
         self.driver: MoveDriver | None = None
         self._admin_busy = False
+        self.dirty: set[bytes] = set()  # see MAX_DIRTY
+        self.dirty_known = False  # whether ``dirty`` holds every write of this copy phase
+        self._owner: list[bytes] | None = None  # the client whose request is being worked on
+        self._serving = False
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.front: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        self.out = OutputBudget(self.front, client_buffer_bytes)
+        # how this proxy's links are named at the nodes (unique per run: a restarted
+        # proxy must not collide with its old connections while they linger)
+        self._router_id = (ROUTER_ID_PREFIX + self.address.encode() + b"/"
+                           + os.urandom(4).hex().encode())
+        self.guard: ConnectionGuard | None = None
         self.links: dict[str, zmq.Socket[bytes]] = {}
         self.by_socket: dict[zmq.Socket[bytes], str] = {}
         self.poller = zmq.Poller()
-        self.pending: dict[bytes, tuple[Any, str, int]] = {}
+        self.pending: dict[bytes, tuple[Any, str, int, list[bytes] | None]] = {}
         self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
         self.slow_deadlines: list[tuple[float, bytes]] = []  # admin steps with long deadlines
-        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.timers: list[tuple[float, Callable[[], None], list[bytes] | None]] = []
         self._seq = 0
         self._stop = False
         self.started = time.monotonic()
@@ -206,6 +306,7 @@ class Proxy:
 
     def _connect(self, addr: str) -> None:
         sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self._router_id)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -243,18 +344,18 @@ class Proxy:
             wire.send(self.links[addr], [tag, body], wire.NOBLOCK)
         except zmq.Again:
             raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
-        self.pending[tag] = (target, addr, part)
+        self.pending[tag] = (target, addr, part, self._owner)
         if timeout is None:
             self.deadlines.append((time.monotonic() + self.timeout, tag))
         else:
             self.slow_deadlines.append((time.monotonic() + timeout, tag))
 
     def _answer(self, routing: list[bytes], result: Any) -> None:
-        wire.send(self.front, [*routing, P.encode_ok(result)])
+        self.out.send([*routing, P.encode_ok(result)])
 
     def _fail(self, routing: list[bytes], exc: ZkvError) -> None:
         self.errors += 1
-        wire.send(self.front, [*routing, P.encode_exc(exc)])
+        self.out.send([*routing, P.encode_exc(exc)])
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
                  finish: Callable[[list[Any]], Any], allow_down: bool = False,
@@ -276,12 +377,13 @@ class Proxy:
     def _deliver(self, gather: Gather, part: int, result: Any) -> None:
         reply = gather.deliver(part, result)
         if reply is not None:
-            wire.send(self.front, [*gather.routing, reply])
+            self.out.send([*gather.routing, reply])
 
     # -- the front -------------------------------------------------------------
     def handle_front(self, frames: list[bytes]) -> None:
         self.requests += 1
         routing = frames[:-1]
+        self._owner = routing
         try:
             if len(frames) > self.limits.max_frames:
                 raise ProtocolError(
@@ -328,11 +430,16 @@ class Proxy:
                     out[i] = v
             return out
 
-        bodies = {a: P.encode_request("MGET", [keys[i] for i in idx]) for a, idx in groups.items()}
+        share = self.limits.max_message_bytes // len(groups)  # each node's part of the reply
+        bodies = {a: P.encode_request("MGET", [keys[i] for i in idx], share)
+                  for a, idx in groups.items()}
         self._scatter(routing, bodies, finish)
 
     def _mset(self, routing: list[bytes], args: list[Any]) -> None:
         pairs: list[bytes] = args[0]
+        if self.moving is not None:
+            for key in pairs[0::2]:
+                self._written(key)
         groups = self._group(pairs[0::2])
         bodies = {
             a: P.encode_request("MSET", [x for i in idx for x in (pairs[2 * i], pairs[2 * i + 1])])
@@ -390,7 +497,9 @@ class Proxy:
                         out[i] = r
             return out
 
-        bodies = {a: P.encode_request("PIPE", [items[i] for i in idx]) for a, idx in groups.items()}
+        share = self.limits.max_message_bytes // max(1, len(groups))
+        bodies = {a: P.encode_request("PIPE", [items[i] for i in idx], share)
+                  for a, idx in groups.items()}
         self._scatter(routing, bodies, finish, allow_down=True, encode=P.encode_ok_items)
 
     def _scan(self, routing: list[bytes], args: list[Any]) -> None:
@@ -432,14 +541,46 @@ class Proxy:
             )
 
     def _keys(self, routing: list[bytes], args: list[Any]) -> None:
+        """KEYS walks every node with SCAN pages, all nodes at once: each page is a
+        bounded step for its node, so a big keyspace never stalls a node's loop (its
+        heartbeats, everyone else's requests) the way one whole-keyspace request would."""
         self._no_listing_during_move()
-        body = P.encode_request("KEYS", *args)
+        pattern = args[0] if args else None
+        members = list(self.ring.members)
+        gather = Gather(routing, len(members), self._merge_keys, self.limits.max_message_bytes)
+        budget = self.limits.max_message_bytes - 1024
+        used = [0]
 
-        def finish(results: list[Any]) -> Any:
-            first_error(results)
-            return [k for part in results for k in part]
+        def walk(part: int, addr: str, keys: list[bytes], cursor: str) -> None:
+            def page(result: Any) -> None:
+                if gather.done:
+                    return
+                if isinstance(result, ZkvError):
+                    self._deliver(gather, part, result)
+                    return
+                nxt, found = result
+                keys.extend(found)
+                used[0] += sum(len(k) + 16 for k in found)
+                if used[0] > budget:
+                    self._deliver(gather, part, LimitExceeded(
+                        f"KEYS would return more than max_message_bytes ({budget} bytes); "
+                        "use SCAN, which pages"))
+                elif nxt == "0":
+                    self._deliver(gather, part, keys)
+                else:
+                    walk(part, addr, keys, nxt)
 
-        self._scatter(routing, {a: body for a in self.ring.members}, finish)
+            self._call(addr, "SCAN", [cursor, pattern, KEYS_PAGE], page)
+
+        if not members:
+            return self._answer(routing, [])
+        for part, addr in enumerate(members):
+            walk(part, addr, [], "0")
+
+    @staticmethod
+    def _merge_keys(results: list[Any]) -> Any:
+        first_error(results)
+        return [k for part in results for k in part]
 
     def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
         members = list(self.ring.members)
@@ -520,6 +661,9 @@ class Proxy:
             "requests": self.requests,
             "errors": self.errors,
             "in_flight": len(self.pending),
+            "rss_bytes": rss_bytes(),
+            **(self.guard.stats() if self.guard is not None else {}),
+            **self.out.stats(),
         }
 
     # -- keys whose owner is changing (a move in its copy phase) ---------------------
@@ -537,30 +681,47 @@ class Proxy:
         except ZkvError as exc:
             done(exc)
 
+    def _written(self, key: bytes) -> None:
+        """Note a write of a moving key (before it is sent: its outcome may stay unknown)."""
+        if self.dirty_known:
+            if len(self.dirty) >= MAX_DIRTY:
+                log.warning("more than %d keys written during this move: reads of moving "
+                            "keys no longer fall back to the old owner while a new one is down",
+                            MAX_DIRTY)
+                self.dirty_known = False
+                self.dirty.clear()
+            else:
+                self.dirty.add(key)
+
+    def _may_read_old(self, key: bytes) -> bool:
+        """Whether the old owner holds the latest value of a moving key: true when this
+        proxy has seen every write of the copy phase and none was to this key."""
+        return self.dirty_known and key not in self.dirty
+
     def _moving(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
         """One single-key command on a key that is being moved: writes go to the new
         owner; reads ask the new owner and fall back to the old one when the new one
-        holds no state of the key yet; a delete leaves a tombstone at the new owner."""
+        holds no state of the key yet (or does not answer, if the key was not written
+        during the move); a delete leaves a tombstone at the new owner."""
         key = args[0]
         new = self.ring.owner(key)
         assert self.old_ring is not None
         old = self.old_ring.owner(key)
         if op == "SET":
+            self._written(key)
             self._call(new, op, args, done)
             return
 
         if op == "DEL":
-            def after_del(result: Any) -> None:
-                if isinstance(result, ZkvError) or result[0] or not result[1]:
-                    done(result if isinstance(result, ZkvError) else int(result[0]))
-                else:  # not here and unknown here: it existed if the old owner had it
-                    self._call(old, "EXISTS", [key], done)
-            self._call(new, "XDEL", [key], after_del)
+            self._moving_del(key, new, old, done)
             return
 
         def after_get(result: Any) -> None:
             if isinstance(result, ZkvError):
-                done(result)
+                if isinstance(result, Unavailable) and self._may_read_old(key):
+                    self._call(old, op, [key], done)  # the new owner has nothing newer
+                else:
+                    done(result)
                 return
             state, value = result
             if state == UNKNOWN:
@@ -572,10 +733,43 @@ class Proxy:
 
         self._call(new, "XGET", [key], after_get)
 
-    def _join(self, routing: list[bytes], parts: int,
-              finish: Callable[[list[Any]], Any]) -> Callable[[int], Callable[[Any], None]]:
-        """Callbacks for ``parts`` results; ``finish`` runs once all are in."""
-        gather = Gather(routing, parts, finish, self.limits.max_message_bytes)
+    def _moving_del(self, key: bytes, new: str, old: str, done: Callable[[Any], None]) -> None:
+        """DEL of a moving key. Whether it existed may depend on the old owner, so that
+        is asked *before* the tombstone is written: if either node fails first, nothing
+        was deleted and the error says so truthfully."""
+        def delete(existed_elsewhere: int) -> None:
+            self._written(key)
+
+            def after_del(result: Any) -> None:
+                if isinstance(result, ZkvError):
+                    done(result)
+                else:
+                    done(int(bool(result[0]) or bool(existed_elsewhere)))
+
+            self._call(new, "XDEL", [key], after_del)
+
+        def after_state(result: Any) -> None:
+            if isinstance(result, ZkvError):
+                done(result)
+            elif result[0] == UNKNOWN:
+                def after_exists(exists: Any) -> None:
+                    if isinstance(exists, ZkvError):
+                        done(exists)
+                    else:
+                        delete(int(exists))
+                self._call(old, "EXISTS", [key], after_exists)
+            else:
+                delete(0)
+
+        self._call(new, "XGET", [key], after_state)
+
+    def _join(self, routing: list[bytes], parts: int, finish: Callable[[list[Any]], Any],
+              over: Callable[[int], Any]) -> Callable[[int], Callable[[Any], None]]:
+        """Callbacks for ``parts`` results; ``finish`` runs once all are in. Values are
+        counted against the reply budget as they come (see Gather)."""
+        limit = self.limits.max_message_bytes
+        gather = Gather(routing, parts, finish, limit,
+                        value_budget=limit - 256 * parts - 1024, over=over)
         return lambda i: (lambda result: self._deliver(gather, i, result))
 
     def _moving_mget(self, routing: list[bytes], keys: list[bytes]) -> None:
@@ -583,7 +777,7 @@ class Proxy:
             first_error(results)
             return results
 
-        slot = self._join(routing, len(keys), finish)
+        slot = self._join(routing, len(keys), finish, _fail_whole)
         for i, key in enumerate(keys):
             self._moving_or_direct("GET", [key], slot(i))
 
@@ -595,7 +789,7 @@ class Proxy:
                 out[i] = P.error_item(r) if isinstance(r, ZkvError) else P.reply_item(r)
             return out
 
-        slot = self._join(routing, len(parsed), finish)
+        slot = self._join(routing, len(parsed), finish, _over_in_place)
         for n, (_, op, sub) in enumerate(parsed):
             self._moving_or_direct(op, sub, slot(n))
 
@@ -624,6 +818,9 @@ class Proxy:
         self.ring = state.ring()
         move = state.move
         if move is not None and move["phase"] == "copy":
+            if self.moving is None:  # the copy phase starts: no write of it seen yet
+                self.dirty.clear()
+                self.dirty_known = self._serving  # a proxy restarted mid-copy missed some
             self.moving = moving_ranges(move)
             self.old_ring = Ring(move["old"], state.vnodes)
         else:
@@ -633,14 +830,22 @@ class Proxy:
             self._connect(addr)
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
-        self.timers.append((time.monotonic() + delay, fn))
+        self.timers.append((time.monotonic() + delay, fn, self._owner))
 
     def _run_timers(self, now: float) -> None:
-        due = [fn for when, fn in self.timers if when <= now]
+        due = [(fn, owner) for when, fn, owner in self.timers if when <= now]
         if due:
-            self.timers = [(w, f) for w, f in self.timers if w > now]
-            for fn in due:
-                fn()
+            self.timers = [t for t in self.timers if t[0] > now]
+            for fn, owner in due:
+                self._owner = owner
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - the same boundary as _continue
+                    log.exception("internal error in a timer")
+                    if owner is not None:
+                        self._fail(owner, InternalError(f"{type(exc).__name__}: {exc}"))
+                finally:
+                    self._owner = None
 
     def _drop_links(self) -> None:
         wanted = set(self.state.members)
@@ -657,50 +862,68 @@ class Proxy:
         if self._admin_busy:
             raise ClusterError("another ADD or REMOVE is being started; try again")
 
-    def _plan_reply(self, new_members: dict[str, float], dry_run: bool) -> dict[str, Any]:
-        old, new = self.state.ring(), Ring(new_members, self.state.vnodes)
-        transfers = summary(old, new) if old.members else []
-        from .planner import plan
+    def _plan_reply(self, new: Ring, dry_run: bool) -> dict[str, Any]:
+        old = self.state.ring()
+        moves = plan(old, new) if old.members else []
         return {
             "dry_run": dry_run,
             "epoch": self.state.epoch,
-            "moved": round(moved_fraction(plan(old, new)), 6) if old.members else 0.0,
-            "transfers": [dict(t) for t in transfers],
+            "moved": round(moved_fraction(moves), 6),
+            "transfers": [dict(t) for t in summary(old, new)] if old.members else [],
         }
 
     def _add(self, routing: list[bytes], args: list[Any]) -> None:
-        addr, options = self._admin_target(args)
+        addr, options = self._admin_target(args, "ADD", ("weight",))
         self._check_admin()
         if addr in self.state.members:
             raise ClusterError(f"{addr} is already a member; nothing changed")
         weight = options.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            raise ClusterError("weight must be a positive number")
-        new_members = {**self.state.members, addr: float(weight)}
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT):
+            raise ClusterError(
+                f"weight must be a number > 0 and at most {MAX_WEIGHT:g}, not {weight!r}; "
+                "nothing changed"
+            )
+        try:
+            new_ring = self.ring.with_member(addr, float(weight))
+        except ValueError as exc:
+            raise ClusterError(f"{exc}; nothing changed") from None
         if options.get("dry_run"):
-            return self._answer(routing, self._plan_reply(new_members, True))
-        self._with_live_node(routing, addr, lambda: self._start(routing, "add", addr, new_members,
-                                                                options), must_be_empty=True)
+            return self._answer(routing, self._plan_reply(new_ring, True))
+        self._with_live_node(routing, addr, lambda: self._start(
+            routing, "add", addr, new_ring, options), must_be_empty=True)
 
     def _remove(self, routing: list[bytes], args: list[Any]) -> None:
-        addr, options = self._admin_target(args)
+        addr, options = self._admin_target(args, "REMOVE", ())
         self._check_admin()
         if addr not in self.state.members:
             raise ClusterError(f"{addr} is not a member; nothing changed")
         if len(self.state.members) == 1:
             raise ClusterError(f"cannot remove {addr}: it is the last node; nothing changed")
-        new_members = {a: w for a, w in self.state.members.items() if a != addr}
+        new_ring = self.ring.without_member(addr)
         if options.get("dry_run"):
-            return self._answer(routing, self._plan_reply(new_members, True))
+            return self._answer(routing, self._plan_reply(new_ring, True))
         self._with_live_node(routing, addr, lambda: self._start(routing, "remove", addr,
-                                                                new_members, options))
+                                                                new_ring, options))
 
-    def _admin_target(self, args: list[Any]) -> tuple[str, dict[str, Any]]:
+    def _admin_target(self, args: list[Any], op: str,
+                      extra: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+        """The node address and the checked options of an ADD or REMOVE: every option is
+        validated here, before anything is persisted, so a bad one changes nothing."""
         try:
             host, port = parse_address(args[0], "node address")
         except ZkvError as exc:
-            raise ClusterError(str(exc)) from None
-        options = args[1] if len(args) > 1 else {}
+            raise ClusterError(f"{exc}; nothing changed") from None
+        options: dict[str, Any] = dict(args[1]) if len(args) > 1 else {}
+        allowed = ("dry_run", *extra, *SETTINGS)
+        for name in options:
+            if name not in allowed:
+                raise ClusterError(f"unknown option {name!r} for {op}; it takes "
+                                   f"{', '.join(allowed)}; nothing changed")
+        if not isinstance(options.get("dry_run", False), bool):
+            raise ClusterError("dry_run must be true or false; nothing changed")
+        settings = check_settings(options, self.limits.max_message_bytes // 2)
+        options.update(settings)
         return format_address(host, port), options
 
     def _with_live_node(self, routing: list[bytes], addr: str, then: Callable[[], None],
@@ -743,8 +966,9 @@ class Proxy:
         self._call(addr, "INFO", [], answered, self.timeout)
 
     def _start(self, routing: list[bytes], kind: str, addr: str,
-               new_members: dict[str, float], options: dict[str, Any]) -> None:
-        reply = self._plan_reply(new_members, False)
+               new_ring: Ring, options: dict[str, Any]) -> None:
+        reply = self._plan_reply(new_ring, False)
+        new_members = new_ring.weights
         if not self.state.members:  # the first node: nothing to move
             self.commit(self.state.with_members(new_members))
             reply["epoch"] = self.state.epoch
@@ -766,18 +990,35 @@ class Proxy:
         entry = self.pending.pop(frames[0], None)
         if entry is None:
             return  # a late reply to a request that already timed out
-        target, _, part = entry
+        target, _, part, _ = entry
         if part == -1:
-            wire.send(self.front, [*target, frames[1]])
+            self.out.send([*target, frames[1]])
             return
         try:
             result: Any = P.decode_reply(frames[1])
         except ZkvError as exc:
             result = exc
-        if part == -2:
-            target(result)
-        else:
-            self._deliver(target, part, result)
+        self._continue(entry, result)
+
+    def _continue(self, entry: tuple[Any, str, int, list[bytes] | None], result: Any) -> None:
+        """Hand a node's result (or an error) to what waits for it, inside one error
+        boundary: a bug in any continuation becomes an INTERNAL error reply to the
+        client it was working for and a log line, never a dead proxy or a silent hang."""
+        target, _, part, owner = entry
+        self._owner = owner
+        try:
+            if part == -2:
+                target(result)
+            else:
+                self._deliver(target, part, result)
+        except Exception as exc:  # noqa: BLE001 - the boundary
+            log.exception("internal error while handling a reply from a node")
+            if part >= 0:
+                target.done = True
+            if owner is not None:
+                self._fail(owner, InternalError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._owner = None
 
     def _expire(self, now: float) -> None:
         deadlines, pending = self.deadlines, self.pending
@@ -794,14 +1035,11 @@ class Proxy:
                     f"node {entry[1]} did not answer in time; the outcome of a write is unknown"
                 ))
 
-    def _abandon(self, entry: tuple[Any, str, int], exc: ZkvError) -> None:
-        target, _, part = entry
-        if part == -1:
-            self._fail(target, exc)
-        elif part == -2:
-            target(exc)
+    def _abandon(self, entry: tuple[Any, str, int, list[bytes] | None], exc: ZkvError) -> None:
+        if entry[2] == -1:
+            self._fail(entry[0], exc)
         else:
-            self._deliver(target, part, exc)
+            self._continue(entry, exc)
 
     def _node_down(self, addr: str) -> None:
         log.warning("node %s is down (no heartbeat reply)", addr)
@@ -826,7 +1064,7 @@ class Proxy:
         front, poller = self.front, self.poller
         by_socket = self.by_socket
         recv, waiting = wire.recv, wire.waiting
-        next_housekeeping = 0.0
+        next_housekeeping = next_tidy = 0.0
         while not self._stop:
             for sock, _ in poller.poll(10):
                 if sock is front:
@@ -838,6 +1076,8 @@ class Proxy:
                 else:
                     addr = by_socket.get(sock)
                     if addr is None:
+                        if self.guard is not None and sock is self.guard.monitor:
+                            self.guard.handle()
                         continue
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
@@ -849,14 +1089,42 @@ class Proxy:
                 self._expire(now)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY
+                if now >= next_tidy:
+                    next_tidy = now + 1.0
+                    self.out.tidy()
                 self._heartbeat(now)
                 if self.timers:
                     self._run_timers(now)
                 if self.driver is not None:
-                    self.driver.tick(now)
-                    if self.driver.finished:
-                        self.driver = None
-                        self._drop_links()
+                    self._tick_driver(now)
+
+    def _repair_move(self) -> None:
+        """A move persisted with settings that are not valid (an older zkv took them
+        unchecked) would retry forever: run it with the defaults instead, and say so."""
+        move = self.state.move
+        if move is None:
+            return
+        fixed, notes = repair_settings(move, self.move_defaults,
+                                       self.limits.max_message_bytes // 2)
+        if notes:
+            for note in notes:
+                log.warning("%s", note)
+            self.notes.extend(notes)
+            save_state(self.state_dir, self.state.with_move(fixed))
+            self.state = self.state.with_move(fixed)
+
+    def _tick_driver(self, now: float) -> None:
+        assert self.driver is not None
+        try:
+            self.driver.tick(now)
+        except Exception as exc:  # noqa: BLE001 - a bug in a step: report it, retry later
+            log.exception("internal error in move %s", self.driver.move.get("id"))
+            self.driver.error = f"internal error: {type(exc).__name__}: {exc}"
+            self.driver.waiting = 0
+            self.driver.next_at = now + 1.0
+        if self.driver.finished:
+            self.driver = None
+            self._drop_links()
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -886,15 +1154,21 @@ class Proxy:
         front = self.front
         front.setsockopt(zmq.LINGER, 0)
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
-        front.setsockopt(zmq.SNDHWM, 100_000)
+        front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         front.setsockopt(zmq.RCVHWM, 100_000)
         front.setsockopt(zmq.IPV6, 1)
+        fds = raise_fd_limit()
+        self.max_clients = client_limit(self.max_clients, fds,
+                                        FD_RESERVE + 2 * len(self.state.members))
         try:
             front.bind(f"tcp://{self.address}")
         except zmq.ZMQError as exc:
             self.ctx.destroy(0)
             raise ClusterError(f"cannot listen on {self.address}: {exc}") from exc
+        self.guard = ConnectionGuard(front, self.max_clients, f"proxy {self.address}")
+        self.poller.register(self.guard.monitor, zmq.POLLIN)
         self.poller.register(front, zmq.POLLIN)
+        self._repair_move()
         self._apply_state(self.state)
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
@@ -908,6 +1182,7 @@ class Proxy:
         )
         if on_ready:
             on_ready(line)
+        self._serving = True
         try:
             self.serve()
         finally:
