@@ -189,7 +189,7 @@ class Link:
         while True:
             left = deadline - time.monotonic()
             if not self.answered and left > 0:
-                self._first_wait(left)  # a fresh connection may be shed: notice it at once
+                self._first_wait(left, len(body))  # a fresh connection may be shed
             if left <= 0 or not sock.poll(max(1, int(left * 1000))):
                 self._watch(self._events(0))
                 lost = " (the connection was lost)" if self.lost else ""
@@ -201,7 +201,7 @@ class Link:
                 return frames[1]
             # a late reply to an earlier request that timed out: drop it
 
-    def _first_wait(self, left: float) -> None:
+    def _first_wait(self, left: float, size: int) -> None:
         """Wait for the first reply on a connection watching its monitor as well: a server
         at its client limit sheds a connection right after accepting it, which may be
         after the handshake. Raises Timeout (the outcome is unknown) when it does."""
@@ -218,8 +218,10 @@ class Link:
                 self._watch(self._events(0))
                 if self.lost:
                     self.close()
-                    raise Timeout(f"{self.address} closed the connection with the request in "
-                                  "flight: it may be at its connection limit (max_clients)")
+                    raise Timeout(
+                        f"{self.address} closed the connection with the request ({size} "
+                        "bytes) in flight: it may be at its connection limit (max_clients), "
+                        "or the request over its message size limit (max_message_bytes)")
 
     def exchange_many(self, bodies: list[bytes], timeout: float,
                       window: int) -> list[bytes | Timeout | NotSent]:
