@@ -68,21 +68,34 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
     return op, args
 
 
+ADMIN_FLAGS = {"ADD": ("dry-run", "rate", "weight"), "REMOVE": ("dry-run", "rate", "force"),
+               "MOVE": ("force",)}
+
+
 def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
     flags = [t for t in rest if t.startswith("--")]
     plain = [t for t in rest if not t.startswith("--")]
+    allowed = ADMIN_FLAGS.get(cmd.name, ())
+    shown = " ".join(f"[--{f}{'=N' if f in ('rate', 'weight') else ''}]" for f in allowed)
+    first = "ABORT" if cmd.name == "MOVE" else "HOST:PORT"
     if len(plain) != 1:
-        raise UsageError(f"usage: {cmd.name} HOST:PORT [--dry-run] [--rate KEYS_PER_SECOND]")
+        raise UsageError(f"usage: {cmd.name} {first} {shown}")
     options: dict[str, Any] = {}
     for flag in flags:
         name, _, value = flag[2:].partition("=")
-        if name == "dry-run" and not value:
-            options["dry_run"] = True
-        elif name == "rate" and value.replace(".", "", 1).isdigit():
-            options["rate"] = float(value)
+        if name not in allowed:
+            raise UsageError(f"unknown option {flag!r}; {cmd.name} takes {shown}")
+        if name in ("dry-run", "force"):
+            if value:
+                raise UsageError(f"--{name} takes no value")
+            options[name.replace("-", "_")] = True
+        elif value.replace(".", "", 1).isdigit():
+            options[name] = float(value)
         else:
-            raise UsageError(f"unknown option {flag!r}; {cmd.name} takes --dry-run and --rate=N")
-    return [plain[0], options]
+            raise UsageError(f"--{name} needs a number: --{name}=N")
+    if cmd.name == "MOVE" and plain[0].upper() != "ABORT":
+        raise UsageError(f"usage: MOVE ABORT {shown}")
+    return [plain[0].upper() if cmd.name == "MOVE" else plain[0], options]
 
 
 def text(value: bytes) -> str:
@@ -293,7 +306,7 @@ def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
         printer.error(exc)
         return EXIT_USAGE
     try:
-        if op in ("ADD", "REMOVE"):
+        if op in ("ADD", "REMOVE", "MOVE"):
             return run_admin(client, printer, op, args)
         result = client.call(op, *args)
     except ZkvError as exc:
@@ -309,15 +322,27 @@ def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
 
 
 def run_admin(client: Client, printer: Printer, op: str, args: list[Any]) -> int:
-    """ADD/REMOVE: show the plan, then follow the move to its end with a progress bar."""
+    """ADD/REMOVE: show the plan, then follow the move to its end with a progress bar.
+    MOVE ABORT and REMOVE --force: say what happens (and what is lost), then follow."""
     plan: dict[str, Any] = client.call(op, *args)
-    printer.plan(op, args[0], plan)
-    if plan.get("dry_run"):
-        return EXIT_OK
-    handle = MoveHandle(client, plan)
-    if handle.id is None:
-        printer.out(f"{op} {args[0]}: done (epoch {plan['epoch']}); there were no keys to move")
-        return EXIT_OK
+    if op == "MOVE" or plan.get("forced"):
+        if plan.get("lost"):
+            printer.error(ZkvError(f"{args[0]} removed by force: {plan['lost']} are LOST"))
+        if plan.get("message"):
+            printer.out(f"{op} {args[0]}: {plan['message']}")
+        handle = MoveHandle(client, plan)
+        if handle.id is None or handle.status() is None:
+            printer.out(f"{op} {args[0]}: done (epoch {client.status()['epoch']})")
+            return EXIT_OK
+    else:
+        printer.plan(op, args[0], plan)
+        if plan.get("dry_run"):
+            return EXIT_OK
+        handle = MoveHandle(client, plan)
+        if handle.id is None:
+            printer.out(f"{op} {args[0]}: done (epoch {plan['epoch']}); there were no keys "
+                        "to move")
+            return EXIT_OK
     if printer.raw:
         final = handle.wait()
     else:

@@ -240,17 +240,36 @@ class Client:
         return self._admin("ADD", address, options, rate, wait, wait_timeout)
 
     def remove_node(self, address: str, *, dry_run: bool = False, rate: float | None = None,
-                    wait: bool = True,
+                    force: bool = False, wait: bool = True,
                     wait_timeout: float | None = None) -> dict[str, Any] | MoveHandle:
-        """Move a node's keys to their new owners, then drop it from the ring."""
-        return self._admin("REMOVE", address, {"dry_run": dry_run}, rate, wait, wait_timeout)
+        """Move a node's keys to their new owners, then drop it from the ring.
+
+        ``force=True`` is for a node that is gone for good (it must not answer): it is
+        dropped without its keys being moved, and the reply says how many are lost
+        (``"lost"``). During that node's own REMOVE it finishes the move without it."""
+        options: dict[str, Any] = {"dry_run": dry_run}
+        if force:
+            options["force"] = True
+        return self._admin("REMOVE", address, options, rate, wait, wait_timeout)
+
+    def abort_move(self, *, force: bool = False, wait: bool = True,
+                   wait_timeout: float | None = None) -> dict[str, Any] | MoveHandle:
+        """MOVE ABORT: roll the move under way back to the old membership, losing no
+        acknowledged write (what the new nodes took is copied back; writes to the
+        moving ranges wait meanwhile). ``force=True`` gives up on nodes that are down,
+        losing what they hold of the move. Waits for the rollback by default."""
+        reply: dict[str, Any] = self.call("MOVE", "ABORT", {"force": force} if force else {})
+        handle = MoveHandle(self, reply)
+        if not wait:
+            return handle
+        return handle.wait(wait_timeout)
 
     def _admin(self, op: str, address: str, options: dict[str, Any], rate: float | None,
                wait: bool, wait_timeout: float | None) -> dict[str, Any] | MoveHandle:
         if rate is not None:
             options["rate"] = rate
         plan: dict[str, Any] = self.call(op, address, options)
-        if plan.get("dry_run"):
+        if plan.get("dry_run") or (plan.get("forced") and "id" not in plan):
             return plan
         handle = MoveHandle(self, plan)
         if not wait:

@@ -16,7 +16,7 @@ open and which keys it had deleted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import wal
@@ -27,6 +27,8 @@ MISSING: Any = object()
 
 # XGET answers: whether the key's latest state is known here.
 ABSENT, PRESENT, UNKNOWN = 0, 1, 2
+# How an open move's batches are taken (see Keyspace.modes).
+FILL, OVERWRITE = "fill", "overwrite"
 
 
 class ReplayError(Exception):
@@ -38,8 +40,8 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("buckets", "data", "incoming", "live_bytes", "receiving", "tombstones", "undo",
-                 "undo_tombs")
+    __slots__ = ("buckets", "data", "incoming", "live_bytes", "modes", "receiving", "tombstones",
+                 "undo", "undo_tombs")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -51,6 +53,10 @@ class Keyspace:
         self.undo: list[tuple[bytes, Any]] = []
         # Open incoming moves: move id -> hash ranges being received.
         self.incoming: dict[str, RangeSet] = {}
+        # How each open move's batches are taken: FILL (only where this node holds no
+        # state of the key: the usual move) or OVERWRITE (the batch wins: a rollback,
+        # copying a destination's data back over what this node held before).
+        self.modes: dict[str, str] = {}
         self.receiving: RangeSet | None = None  # union of incoming, None when no move is open
         self.tombstones: set[bytes] = set()
         self.undo_tombs: list[tuple[bytes, bool]] = []  # (key, was a tombstone before)
@@ -90,13 +96,17 @@ class Keyspace:
         return ABSENT, None
 
     # -- moves ------------------------------------------------------------------
-    def open_move(self, move_id: str, ranges: RangeSet) -> bytes | None:
+    def open_move(self, move_id: str, ranges: RangeSet, mode: str = FILL) -> bytes | None:
         """Start receiving ``ranges`` (deletes there now leave tombstones). Idempotent:
-        None when the move is already open. Keys this node already held in ``ranges``
-        are stale; the node forgets them (:meth:`forget`) before the move's copy starts."""
+        None when the move is already open. In FILL mode the keys this node already held
+        in ``ranges`` are stale; the node forgets them (:meth:`forget`) before the copy
+        starts. In OVERWRITE mode they stay, and what the stream brings replaces them."""
         if move_id in self.incoming:
             return None
-        item = (wal.META, {"open": move_id, "ranges": ranges.to_list()})
+        meta: dict[str, Any] = {"open": move_id, "ranges": ranges.to_list()}
+        if mode != FILL:
+            meta["mode"] = mode
+        item = (wal.META, meta)
         self.apply(item)
         return wal.encode(item)
 
@@ -115,25 +125,32 @@ class Keyspace:
             self._drop(key)
         return wal.encode((wal.DROP, gone)) if gone else None
 
-    def absorb(self, move_id: str, pairs: list[Any]) -> tuple[int, bytes | None]:
-        """Apply a batch streamed in by a move: a key is taken only when this node holds
-        no newer state of it (no value written here, no tombstone). Returns how many
-        keys were taken and the record to log."""
+    def absorb(self, move_id: str, pairs: list[Any],
+               dels: Sequence[Any] = ()) -> tuple[int, bytes | None]:
+        """Apply a batch streamed in by a move. In FILL mode a key is taken only when
+        this node holds no newer state of it (no value written here, no tombstone); in
+        OVERWRITE mode every key of the ranges is taken, and ``dels`` (keys the sender
+        deleted) are dropped here. Returns how many keys were taken and the records."""
         ranges = self.incoming.get(move_id)
         if ranges is None:
             return 0, None
         taken: list[bytes] = []
         data, tombs = self.data, self.tombstones
+        overwrite = self.modes.get(move_id) == OVERWRITE
         for i in range(0, len(pairs) - 1, 2):
             key, value = pairs[i], pairs[i + 1]
-            if (type(key) is bytes and type(value) is bytes and key not in data
-                    and key not in tombs and ranges.contains(key_hash(key))):
+            if (type(key) is bytes and type(value) is bytes
+                    and (overwrite or (key not in data and key not in tombs))
+                    and ranges.contains(key_hash(key))):
                 taken.append(key)
                 taken.append(value)
-        if not taken:
-            return 0, None
-        return len(taken) // 2, self.mset(taken)
-
+        records = b""
+        if taken:
+            records += self.mset(taken)
+        if overwrite and dels:
+            gone = [k for k in dels if type(k) is bytes and ranges.contains(key_hash(k))]
+            records += self.forget(gone) or b""
+        return len(taken) // 2, (records or None)
 
     def _rebuild_receiving(self) -> None:
         union = RangeSet()
@@ -303,14 +320,20 @@ class Keyspace:
             move_id, ranges = str(meta["open"]), RangeSet.from_list(meta["ranges"])
             if move_id not in self.incoming:
                 self.incoming[move_id] = ranges
+                if meta.get("mode", FILL) != FILL:
+                    self.modes[move_id] = str(meta["mode"])
                 self._rebuild_receiving()
         elif "close" in meta:
             if self.incoming.pop(str(meta["close"]), None) is not None:
+                self.modes.pop(str(meta["close"]), None)
                 self._rebuild_receiving()
         elif "incoming" in meta:  # a snapshot's header
             self.incoming = {str(k): RangeSet.from_list(v) for k, v in meta["incoming"].items()}
+            self.modes = {str(k): str(v) for k, v in meta.get("modes", {}).items()
+                          if str(k) in self.incoming}
             self._rebuild_receiving()
 
 
     def snapshot_meta(self) -> dict[str, Any]:
-        return {"incoming": {k: v.to_list() for k, v in self.incoming.items()}}
+        return {"incoming": {k: v.to_list() for k, v in self.incoming.items()},
+                "modes": dict(self.modes)}

@@ -1,7 +1,7 @@
 """Driving one rebalancing move (ADD or REMOVE) to its end, step by step.
 
 A move is a record in the proxy's state (``ClusterState.move``) that passes
-through three phases, each persisted before it takes effect::
+through its phases, each persisted before it takes effect::
 
     prepare   every destination opens the move: it forgets stale keys in the
               ranges it will receive and starts keeping tombstones there.
@@ -14,6 +14,24 @@ through three phases, each persisted before it takes effect::
               and restarts any stream that broke (a node restarted, say).
     cleanup   sources drop the ranges they handed over, destinations close the
               move (and forget their tombstones); then the record is removed.
+
+MOVE ABORT rolls a move back to the old membership. In *prepare* nothing has
+been routed to the destinations yet, so the record simply goes. In *copy* the
+destinations hold writes made during the move, which must not vanish::
+
+    revert          still the new ring (reads as in copy), but writes to the
+                    moving ranges are refused for the moment: each destination
+                    streams everything it holds of them, deletes included, back
+                    to the old owner, which takes it over what it had (an
+                    OVERWRITE move). Nothing writes those ranges meanwhile, so
+                    the copy back is exact.
+    revert-cleanup  the old ring is the ring again (a new epoch); the
+                    destinations drop what they received and every node closes
+                    the move.
+
+``force`` (MOVE ABORT --force, REMOVE --force) gives up on nodes that are down
+instead of waiting for them: a stream to or from a node that is down is
+skipped, and what it would have carried is reported as lost, loudly.
 
 Every step is idempotent on the nodes, so a proxy that restarts simply runs the
 phase it finds in its state again: a move is always finished, never stranded.
@@ -52,6 +70,8 @@ class Shell(Protocol):
              done: Callable[[Any], None], timeout: float = ...) -> None: ...
 
     def commit(self, state: ClusterState) -> None: ...
+
+    def is_up(self, addr: str) -> bool: ...
 
 
 SETTINGS = ("rate", "batch_keys", "batch_bytes")
@@ -141,6 +161,9 @@ def moving_ranges(move: dict[str, Any]) -> RangeSet:
     return union
 
 
+PHASES = ("prepare", "copy", "cleanup", "revert", "revert-cleanup")
+
+
 class MoveDriver:
     """Carries the move in ``state.move`` through its phases; :meth:`tick` drives it."""
 
@@ -151,31 +174,49 @@ class MoveDriver:
         self.move: dict[str, Any] = state.move
         self.transfers = transfers_of(self.move)
         self.waiting = 0  # replies outstanding for the current step
+        self.gen = 0  # bumped on every phase change: replies to older steps are ignored
         self.error: str | None = None
+        self.finished = False
+        self.next_at = time.monotonic() + PHASE_PAUSE
+        self._reset_streams()
+
+    def _reset_streams(self) -> None:
         self.pulls: dict[str, str] = {}
         self.progress: dict[tuple[str, str], dict[str, Any]] = {}
         self.sent_at: dict[tuple[str, str], float] = {}
-        self.done_streams: set[tuple[str, str]] = set()
-        self.dropped: set[str] = set()  # sources that finished forgetting what they sent
-        self.finished = False
-        self.next_at = time.monotonic() + PHASE_PAUSE
+        self.done_streams: set[tuple[str, str]] = {
+            (a, b) for a, b in self.move.get("skipped", []) if self.reverting}
+        self.dropped: set[str] = set()  # nodes that finished forgetting what they sent
 
     # -- helpers ----------------------------------------------------------------
     @property
     def phase(self) -> str:
         return str(self.move["phase"])
 
-    def _dest_ranges(self, dest: str) -> RangeSet:
-        union = RangeSet()
-        for t in self.transfers:
-            if t.dest == dest:
-                union = union.union(t.ranges)
-        return union
+    @property
+    def reverting(self) -> bool:
+        return self.phase in ("revert", "revert-cleanup")
 
-    def _source_ranges(self, source: str) -> RangeSet:
+    @property
+    def force(self) -> bool:
+        return bool(self.move.get("force"))
+
+    @property
+    def stream_id(self) -> str:
+        """The id the nodes know the current streams by (a rollback has its own)."""
+        return str(self.move["revert_id"] if self.reverting else self.move["id"])
+
+    def streams(self) -> list[Transfer]:
+        """The streams of the current phase: the move's, or the same reversed."""
+        if self.reverting:
+            return [Transfer(t.dest, t.source, t.ranges) for t in self.transfers]
+        return self.transfers
+
+    @staticmethod
+    def _ranges(transfers: list[Transfer], addr: str, side: str) -> RangeSet:
         union = RangeSet()
-        for t in self.transfers:
-            if t.source == source:
+        for t in transfers:
+            if getattr(t, side) == addr:
                 union = union.union(t.ranges)
         return union
 
@@ -187,9 +228,12 @@ class MoveDriver:
             return
         self.waiting = len(requests)
         failed: list[str] = []
+        gen = self.gen
 
         def make(addr: str) -> Callable[[Any], None]:
             def done(result: Any) -> None:
+                if gen != self.gen:
+                    return  # a reply to a step of a phase since left (MOVE ABORT, say)
                 if isinstance(result, ZkvError):
                     failed.append(f"{addr}: {result}")
                 else:
@@ -209,37 +253,120 @@ class MoveDriver:
         for addr, op, args in requests:
             self.shell.send(addr, op, args, make(addr), STEP_TIMEOUT)
 
-    def _set_phase(self, phase: str) -> None:
-        state = self.state
-        move = dict(self.move, phase=phase)
-        if phase == "copy":
-            state = state.with_members(self.move["new"])  # epoch + 1: the new ring takes effect
+    def _commit(self, state: ClusterState, move: dict[str, Any] | None) -> None:
+        """Persist and apply a new state; the steps of the old phase are forgotten."""
         self.state = state.with_move(move)
-        self.move = move
+        if move is not None:
+            self.move = move
         self.shell.commit(self.state)
+        self.gen += 1
+        self.waiting = 0
         self.next_at = time.monotonic() + PHASE_PAUSE
+
+    def _set_phase(self, phase: str, **extra: Any) -> None:
+        state = self.state
+        move = dict(self.move, phase=phase, **extra)
+        if phase == "copy" or (phase == "cleanup" and self.phase == "prepare"):
+            state = state.with_members(self.move["new"])  # epoch + 1: the new ring takes effect
+        elif phase == "revert-cleanup":
+            state = state.with_members(self.move["old"])  # epoch + 1: the old ring is back
+        reset = (phase == "revert") != self.reverting
+        self._commit(state, move)
+        if reset:
+            self._reset_streams()
         log.info("move %s: %s", move["id"], phase)
+
+    def _finish(self) -> None:
+        self._commit(self.state, None)
+        self.finished = True
+        log.info("move %s %s", self.move["id"],
+                 "rolled back" if self.reverting else "finished")
+
+    # -- what an operator may ask ------------------------------------------------------
+    def abort(self, force: bool) -> str:
+        """MOVE ABORT: what happens now, in words. ClusterError if it is too late."""
+        phase = self.phase
+        if phase == "prepare":
+            for dest in sorted({t.dest for t in self.transfers}):  # best effort: no data there
+                self.shell.send(dest, "XEND", [{"id": self.move["id"]}], lambda r: None, 10.0)
+            self._finish()
+            return "the move had not started copying; it is gone and nothing changed"
+        if phase == "copy":
+            self._set_phase("revert", force=force, revert_id=f"{self.move['id']}-revert",
+                            skipped=[])
+            return ("rolling back: the destinations copy what they hold of the moving ranges "
+                    "back to the old owners (writes to those ranges wait until it is done)")
+        if phase == "revert":
+            if force and not self.force:
+                self._commit(self.state, dict(self.move, force=True))
+            return "already rolling back" + (" (now giving up on nodes that are down)"
+                                              if force else "")
+        raise ClusterError(
+            f"move {self.move['id']} is in its {phase} phase: everything has been copied and "
+            "it can no longer be rolled back; wait for it to finish"
+        )
+
+    def force_finish(self, addr: str) -> str:
+        """REMOVE ADDR --force during the REMOVE of ADDR: finish without its data."""
+        if self.phase == "prepare":
+            self._set_phase("cleanup", force=True)
+        elif self.phase == "copy":
+            self._set_phase("cleanup", force=True)
+        elif self.phase == "cleanup":
+            self._commit(self.state, dict(self.move, force=True))
+        else:
+            raise ClusterError(f"move {self.move['id']} is being rolled back; wait for it")
+        return f"finishing the REMOVE of {addr} without it: its keys not yet copied are lost"
 
     # -- phases --------------------------------------------------------------------
     def tick(self, now: float) -> None:
         if self.finished or self.waiting or now < self.next_at:
             return
         self.next_at = now + POLL_INTERVAL
-        if self.phase == "prepare":
+        phase = self.phase
+        if phase == "prepare":
             self._open(lambda: self._set_phase("copy"), purge=True)
-        elif self.phase == "copy":
+        elif phase in ("copy", "revert"):
+            if self.force:
+                self._skip_down_streams()
             if not self.pulls:
                 self._open(lambda: None, purge=False)
             else:
                 self._copy(now)
-        elif self.phase == "cleanup":
+        elif phase == "cleanup":
             self._cleanup()
+        elif phase == "revert-cleanup":
+            self._revert_cleanup()
+
+    def _skip_down_streams(self) -> None:
+        """With force: give up on the streams to or from a node that is down."""
+        skipped = [list(pair) for pair in self.move.get("skipped", [])]
+        for t in self.streams():
+            pair = (t.source, t.dest)
+            if pair in self.done_streams:
+                continue
+            down = [a for a in pair if not self.shell.is_up(a)]
+            if down:
+                log.error("move %s: %s is down; giving up on the stream %s -> %s: the keys it "
+                          "would carry (%.1f%% of the key space) are LOST",
+                          self.move["id"], ", ".join(down), t.source, t.dest,
+                          100 * t.fraction())
+                self.done_streams.add(pair)
+                skipped.append(list(pair))
+        if len(skipped) != len(self.move.get("skipped", [])):
+            self._commit(self.state, dict(self.move, skipped=skipped))
+            if self.pulls:
+                self.pulls = {d: p for d, p in self.pulls.items()
+                              if any(t.dest == d and (t.source, t.dest) not in self.done_streams
+                                     for t in self.streams())}
 
     def _open(self, then: Callable[[], None], purge: bool) -> None:
         """XBEGIN at every destination (idempotent; it also tells us their PULL
         endpoints). In prepare it purges stale keys a bounded step per request,
-        so it is repeated until every destination says it is ready."""
-        dests = sorted({t.dest for t in self.transfers})
+        so it is repeated until every destination says it is ready. A rollback's
+        destinations (the old owners) open in OVERWRITE mode and purge nothing."""
+        streams = [t for t in self.streams() if (t.source, t.dest) not in self.done_streams]
+        dests = sorted({t.dest for t in streams})
         unready: list[str] = []
 
         def got(addr: str, result: Any) -> None:
@@ -252,28 +379,40 @@ class MoveDriver:
         def after() -> None:
             if unready:
                 self.next_at = 0.0  # more purging to do: go again at once
+            elif not dests:
+                self._copy(time.monotonic())  # nothing left to stream (all skipped)
             else:
                 then()
 
+        spec: dict[str, Any] = {"id": self.stream_id, "purge": purge}
+        if self.reverting:
+            spec["mode"] = "overwrite"
         self._step(
-            [(d, "XBEGIN", [{"id": self.move["id"], "ranges": self._dest_ranges(d).to_list(),
-                             "purge": purge}])
+            [(d, "XBEGIN", [{**spec, "ranges": self._ranges(streams, d, "dest").to_list()}])
              for d in dests],
             got, after,
         )
 
     def _send(self, t: Transfer) -> list[tuple[str, str, list[Any]]]:
         self.sent_at[(t.source, t.dest)] = time.monotonic()
-        return [(t.source, "XSEND", [{
-            "id": self.move["id"], "dest": t.dest, "pull": self.pulls[t.dest],
-            "ranges": t.ranges.to_list(), "batch_keys": self.move["batch_keys"],
-            "batch_bytes": self.move["batch_bytes"], "rate": self.move.get("rate"),
-        }])]
+        spec: dict[str, Any] = {
+            "id": self.stream_id, "source": t.source, "dest": t.dest,
+            "pull": self.pulls[t.dest], "ranges": t.ranges.to_list(),
+            "batch_keys": self.move["batch_keys"], "batch_bytes": self.move["batch_bytes"],
+            "rate": self.move.get("rate"),
+        }
+        if self.reverting:
+            spec["tombs"] = True
+        return [(t.source, "XSEND", [spec])]
 
     def _copy(self, now: float) -> None:
-        pending = [t for t in self.transfers if (t.source, t.dest) not in self.done_streams]
+        streams = self.streams()
+        pending = [t for t in streams if (t.source, t.dest) not in self.done_streams]
         if not pending:
-            self._set_phase("cleanup")
+            self._set_phase("revert-cleanup" if self.reverting else "cleanup")
+            return
+        if any(t.dest not in self.pulls for t in pending):
+            self.pulls.clear()  # a destination to open (again)
             return
         unsent = [t for t in pending if (t.source, t.dest) not in self.sent_at]
         if unsent:
@@ -288,19 +427,20 @@ class MoveDriver:
     def _judge(self, pending: list[Transfer], stats: dict[str, Any], now: float) -> None:
         """Mark finished streams; restart the ones that broke or went missing."""
         restart: list[Transfer] = []
+        sid = self.stream_id
         for t in pending:
             pair = (t.source, t.dest)
             dest, source = stats.get(t.dest, {}), stats.get(t.source, {})
             inc = next((s for s in dest.get("incoming", [])
-                        if s.get("id") == self.move["id"] and s.get("source") == t.source), None)
+                        if s.get("id") == sid and s.get("source") == t.source), None)
             out = next((s for s in source.get("outgoing", [])
-                        if s.get("id") == self.move["id"] and s.get("dest") == t.dest), None)
+                        if s.get("id") == sid and s.get("dest") == t.dest), None)
             endpoint = pull_endpoint(t.dest, dest)
             if endpoint and endpoint != self.pulls.get(t.dest):
                 self.pulls[t.dest] = endpoint  # the destination restarted
                 restart.append(t)
                 continue
-            if self.move["id"] not in dest.get("open", [self.move["id"]]):
+            if sid not in dest.get("open", [sid]):
                 self.pulls.clear()  # the destination lost the move?! open it again first
                 return
             self.progress[pair] = {
@@ -318,49 +458,65 @@ class MoveDriver:
             log.info("move %s: restarting %d stream(s)", self.move["id"], len(restart))
             self._step([r for t in restart for r in self._send(t)], lambda a, r: None,
                        lambda: None)
-        elif len(self.done_streams) == len(self.transfers):
-            self._set_phase("cleanup")
+        elif all((t.source, t.dest) in self.done_streams for t in self.streams()):
+            self._set_phase("revert-cleanup" if self.reverting else "cleanup")
+
+    def _live(self, nodes: list[str]) -> list[str]:
+        """``nodes``, without those that are down when ``force`` gives up on them."""
+        return [n for n in nodes if not self.force or self.shell.is_up(n)]
 
     def _cleanup(self) -> None:
         """Sources forget what they handed over (a bounded step per XDROP, repeated
         until done); then destinations close the move and the record goes."""
-        sources = sorted({t.source for t in self.transfers} - self.dropped)
+        sources = self._live(sorted({t.source for t in self.transfers} - self.dropped))
         if sources:
-            def got(addr: str, result: Any) -> None:
-                if isinstance(result, dict) and result.get("done"):
-                    self.dropped.add(addr)
-
-            def again() -> None:
-                self.next_at = 0.0
-
-            self._step([(s, "XDROP", [{"id": self.move["id"],
-                                       "ranges": self._source_ranges(s).to_list()}])
-                        for s in sources], got, again)
+            self._drop_step(sources, self.move["id"], "source")
             return
-        dests = sorted({t.dest for t in self.transfers})
-
-        def finish() -> None:
-            self.state = self.state.with_move(None)
-            self.shell.commit(self.state)
-            self.finished = True
-            log.info("move %s finished", self.move["id"])
-
+        dests = self._live(sorted({t.dest for t in self.transfers}))
         self._step([(d, "XEND", [{"id": self.move["id"]}]) for d in dests],
-                   lambda a, r: None, finish)
+                   lambda a, r: None, self._finish)
+
+    def _drop_step(self, nodes: list[str], move_id: str, side: str) -> None:
+        def got(addr: str, result: Any) -> None:
+            if isinstance(result, dict) and result.get("done"):
+                self.dropped.add(addr)
+
+        def again() -> None:
+            self.next_at = 0.0
+
+        self._step([(n, "XDROP", [{"id": move_id,
+                                   "ranges": self._ranges(self.transfers, n, side).to_list()}])
+                    for n in nodes], got, again)
+
+    def _revert_cleanup(self) -> None:
+        """The old ring is back: the destinations forget what they had received, and
+        every node closes the move and the rollback."""
+        dests = self._live(sorted({t.dest for t in self.transfers} - self.dropped))
+        if dests:
+            self._drop_step(dests, self.stream_id, "dest")
+            return
+        requests = [(d, "XEND", [{"id": self.move["id"]}])
+                    for d in self._live(sorted({t.dest for t in self.transfers}))]
+        requests += [(s, "XEND", [{"id": self.stream_id}])
+                     for s in self._live(sorted({t.source for t in self.transfers}))]
+        self._step(requests, lambda a, r: None, self._finish)
 
     def status(self) -> dict[str, Any]:
         streams = []
-        for t in self.transfers:
+        cleaning = self.phase in ("cleanup", "revert-cleanup")
+        for t in self.streams():
             pair = (t.source, t.dest)
             p = self.progress.get(pair, {})
             streams.append({
                 "source": t.source, "dest": t.dest, "share": round(t.fraction(), 6),
                 "keys": p.get("keys", 0), "bytes": p.get("bytes", 0), "total": p.get("total"),
-                "done": pair in self.done_streams or self.phase == "cleanup",
+                "done": pair in self.done_streams or cleaning,
             })
+        lost = [f"{a} -> {b}" for a, b in self.move.get("skipped", [])]
         return {
             "id": self.move["id"], "kind": self.move["kind"], "node": self.move["node"],
             "phase": self.phase, "error": self.error, "streams": streams,
-            "rate": self.move.get("rate"),
+            "rate": self.move.get("rate"), "aborting": self.reverting,
+            "force": self.force, "lost_streams": lost,
             "elapsed_s": round(time.time() - float(self.move.get("started_at", time.time())), 3),
         }

@@ -42,7 +42,8 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .ring import RangeSet
+from .keyspace import FILL, OVERWRITE
+from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
 from .transfer import MAX_BATCH_KEYS, Incoming, Outgoing, RangeScan, decode_batch
 
@@ -54,6 +55,10 @@ _OK_ITEM = [P.OK, "OK"]
 # keys, whatever COUNT asks, so that one page never holds the loop for long.
 SCAN_MAX_BUCKETS = 4096
 SCAN_MAX_KEY_BYTES = 1 << 20
+# Moves a node takes part in at once (incoming, outgoing streams, range scans): a
+# handful in practice; the bound keeps a stray or hostile request from piling up
+# sockets and state.
+MAX_MOVES = 64
 # Room left in a reply for the framing of each item and for error items.
 ITEM_OVERHEAD = 16
 ERROR_ITEM_BYTES = 256
@@ -96,7 +101,7 @@ class Node:
         self.pushes: dict[tuple[str, str], zmq.Socket[bytes]] = {}
         self.incoming: dict[tuple[str, str], Incoming] = {}
         self.jobs: dict[tuple[str, str], RangeScan] = {}
-        self.finished_jobs: set[tuple[str, str]] = set()
+        self.finished_jobs: dict[tuple[str, str], None] = {}  # in order, oldest first
         self.ctx: zmq.Context[Any] | None = None
         self._handlers: dict[str, Callable[[list[Any]], Any]] = {
             "PING": lambda a: "PONG",
@@ -296,10 +301,17 @@ class Node:
             if not isinstance(value, str) or not 0 < len(value) <= 64:
                 raise ValueError("a move id is text of 1 to 64 characters")
             return value
-        if name == "purge":
+        if name in ("purge", "tombs"):
             if not isinstance(value, bool):
                 raise ValueError("must be true or false")
             return value
+        if name == "mode":
+            if value not in (FILL, OVERWRITE):
+                raise ValueError(f"must be {FILL!r} or {OVERWRITE!r}")
+            return value
+        if name == "source":
+            host, port = parse_address(value if isinstance(value, str) else "", "source")
+            return format_address(host, port)
         if name == "dest":
             host, port = parse_address(value if isinstance(value, str) else "", "dest")
             return format_address(host, port)
@@ -334,17 +346,28 @@ class Node:
         if job is None:
             if (kind, move_id) in self.finished_jobs:
                 return 0, True
-            job = self.jobs[(kind, move_id)] = RangeScan(list(ks.data), ranges)
+            if len(self.jobs) >= MAX_MOVES:
+                raise CommandError(f"{len(self.jobs)} range scans are under way on this node; "
+                                   f"at most {MAX_MOVES}")
+            job = self.jobs[(kind, move_id)] = RangeScan(ks.buckets, ranges)
         gone = job.step()
         self._log(ks.forget(gone))
         if job.done:
             del self.jobs[(kind, move_id)]
-            self.finished_jobs.add((kind, move_id))
+            self.finished_jobs[(kind, move_id)] = None
+            while len(self.finished_jobs) > 4 * MAX_MOVES:  # the oldest are long settled
+                del self.finished_jobs[next(iter(self.finished_jobs))]
         return len(gone), job.done
 
     def _xbegin(self, a: list[Any]) -> Any:
         move_id, ranges, purge = self._move_args(a, "id", "ranges", "purge")
-        self._log(self.storage.keyspace.open_move(move_id, ranges))
+        (mode,) = self._move_args(a, "mode") if "mode" in a[0] else (FILL,)
+        if mode == OVERWRITE and purge:
+            raise ProtocolError("mode: a move that overwrites keeps what is here: no purge")
+        incoming = self.storage.keyspace.incoming
+        if move_id not in incoming and len(incoming) >= MAX_MOVES:
+            raise CommandError(f"{len(incoming)} moves are open on this node; at most {MAX_MOVES}")
+        self._log(self.storage.keyspace.open_move(move_id, ranges, mode))
         ready = True
         if purge:  # before the copy starts: keys already here in these ranges are stale
             _, ready = self._chunked("purge", move_id, ranges)
@@ -352,6 +375,7 @@ class Node:
 
     def _xend(self, a: list[Any]) -> Any:
         (move_id,) = self._move_args(a, "id")
+        self._stop_outgoing(move_id)  # a move given up (MOVE ABORT) stops its streams too
         self._log(self.storage.keyspace.close_move(move_id))
         for key in [k for k in self.incoming if k[0] == move_id]:
             del self.incoming[key]
@@ -372,9 +396,16 @@ class Node:
         move_id, dest, pull, ranges, batch_keys, batch_bytes, rate = self._move_args(
             a, "id", "dest", "pull", "ranges", "batch_keys", "batch_bytes", "rate"
         )
+        spec = a[0]
+        # the name the ring knows this node by (it may be bound to 0.0.0.0)
+        (source,) = self._move_args(a, "source") if "source" in spec else (self.address,)
+        (tombs,) = self._move_args(a, "tombs") if "tombs" in spec else (False,)
         assert self.ctx is not None
         key = (move_id, dest)
         self._close_push(key)
+        if len(self.outgoing) >= MAX_MOVES:
+            raise CommandError(f"{len(self.outgoing)} streams leave this node already; "
+                               f"at most {MAX_MOVES}")
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IPV6, 1)
@@ -384,12 +415,15 @@ class Node:
         except zmq.ZMQError as exc:
             push.close(0)
             raise ProtocolError(f"pull: cannot connect to {pull}: {exc}") from None
-        scan = RangeScan(list(self.storage.keyspace.data), ranges)
+        ks = self.storage.keyspace
+        scan = RangeScan(ks.buckets, ranges)
         self.pushes[key] = push
-        self.outgoing[key] = Outgoing(
-            move_id, self.address, dest, scan, batch_keys, batch_bytes, rate,
-            started=time.monotonic(),
-        )
+        out = Outgoing(move_id, source, dest, scan, batch_keys, batch_bytes, rate,
+                       started=time.monotonic())
+        if tombs:  # a rollback: this node's deletes during the move go back too
+            out.dels = [k for k in ks.tombstones if ranges.contains(key_hash(k))]
+            out.dels_total = len(out.dels)
+        self.outgoing[key] = out
         return "OK"
 
     def _close_push(self, key: tuple[str, str]) -> None:
@@ -441,7 +475,7 @@ class Node:
         counted = []
         for body in bodies:
             try:
-                move_id, source, seq, pairs, final, total = decode_batch(body)
+                move_id, source, seq, pairs, final, total, dels = decode_batch(body)
             except ProtocolError as exc:
                 log.warning("dropped a bad transfer batch: %s", exc)
                 continue
@@ -449,18 +483,18 @@ class Node:
                 continue  # a stream for a move this node does not have open
             stream = self.incoming.setdefault((move_id, source), Incoming())
             in_order = stream.accept(seq)
-            taken, record = self.storage.keyspace.absorb(move_id, pairs)
+            taken, record = self.storage.keyspace.absorb(move_id, pairs, dels)
             if record is not None:
                 self.storage.pending += record
-            counted.append((stream, in_order, pairs, taken, final, total))
+            counted.append((stream, in_order, pairs, taken, final, total, dels))
         try:
             self.storage.commit(durable=True)
         except StorageError:
             for stream, *_ in counted:
                 stream.broken = True
             raise
-        for stream, in_order, pairs, taken, final, total in counted:
-            stream.keys += len(pairs) // 2
+        for stream, in_order, pairs, taken, final, total, dels in counted:
+            stream.keys += len(pairs) // 2 + len(dels)
             stream.taken += taken
             stream.bytes += sum(len(x) for x in pairs if isinstance(x, bytes))
             if final and in_order and not stream.broken:

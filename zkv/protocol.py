@@ -136,7 +136,10 @@ COMMANDS: dict[str, Command] = {
         Command("STATUS", META, (), "Cluster epoch and any move under way."),
         Command("ADD", ADMIN, ("addr", "options?"), "Add node HOST:PORT and move its share to it."),
         Command("REMOVE", ADMIN, ("addr", "options?"),
-                "Move the keys of node HOST:PORT away, then drop it."),
+                "Move the keys of node HOST:PORT away, then drop it (--force: drop a dead "
+                "node, losing its keys)."),
+        Command("MOVE", ADMIN, ("action", "options?"),
+                "MOVE ABORT [--force]: roll the move under way back to the old membership."),
         # Node-to-node and proxy-to-node operations used by rebalancing.
         Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
         Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),
@@ -227,6 +230,12 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         if not _is_int(value) or value < 1:
             raise ProtocolError("a reply budget must be a positive integer of bytes")
         return min(value, limits.max_message_bytes)
+    if kind == "action":
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str) or value.upper() not in ("ABORT",):
+            raise ProtocolError("MOVE takes one action: ABORT")
+        return value.upper()
     if kind == "addr":
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")

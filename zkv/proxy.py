@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -77,6 +78,7 @@ LOCK_FILE = "LOCK"
 # which then holds its latest value; past this many the fallback is switched off.
 MAX_DIRTY = 1_000_000
 KEYS_PAGE = 10_000  # keys asked for per SCAN page when KEYS walks the nodes
+KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_CLIENT_BUFFER = 64 << 20  # bytes of unread replies one client may have
 
@@ -250,6 +252,8 @@ class Proxy:
         self._admin_busy = False
         self.dirty: set[bytes] = set()  # see MAX_DIRTY
         self.dirty_known = False  # whether ``dirty`` holds every write of this copy phase
+        self.frozen = False  # a move is being rolled back: its ranges take no writes
+        self.node_keys: dict[str, tuple[int, float]] = {}  # last INFO key count, and when
         self._owner: list[bytes] | None = None  # the client whose request is being worked on
         self._serving = False
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -285,6 +289,7 @@ class Proxy:
             "STATUS": lambda r, a: self._answer(r, self.status()),
             "ADD": self._add,
             "REMOVE": self._remove,
+            "MOVE": self._move_command,
         }
 
     # -- membership ------------------------------------------------------------
@@ -439,6 +444,9 @@ class Proxy:
         pairs: list[bytes] = args[0]
         if self.moving is not None:
             for key in pairs[0::2]:
+                if self.frozen and self.moving.contains(key_hash(key)):
+                    raise self._frozen_error(key)
+            for key in pairs[0::2]:
                 self._written(key)
         groups = self._group(pairs[0::2])
         bodies = {
@@ -582,8 +590,17 @@ class Proxy:
         first_error(results)
         return [k for part in results for k in part]
 
-    def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
+    def _involved(self) -> list[str]:
+        """The ring's members, then any other node a move under way involves (a node
+        joining before the copy, or leaving after it)."""
         members = list(self.ring.members)
+        move = self.state.move
+        if move is not None:
+            members += sorted((set(move["old"]) | set(move["new"])) - set(members))
+        return members
+
+    def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
+        members = self._involved()
         body = P.encode_request("INFO")
 
         def finish(results: list[Any]) -> Any:
@@ -591,6 +608,8 @@ class Proxy:
                 a: ({"error": str(r), "code": r.code} if isinstance(r, ZkvError) else r)
                 for a, r in zip(members, results)
             }
+            for addr, info in infos.items():
+                self._note_keys(addr, info)
             return build(infos)
 
         self._scatter(routing, {a: body for a in members}, finish, allow_down=True)
@@ -614,10 +633,11 @@ class Proxy:
 
     def nodes(self, infos: dict[str, Any]) -> list[dict[str, Any]]:
         shares = self.ring.shares()
+        move = self.state.move
         out = []
-        for addr in self.ring.members:
+        for addr in self._involved():
             info = infos.get(addr, {})
-            out.append({
+            entry = {
                 "address": addr,
                 "state": "up" if self.health.is_up(addr) else "down",
                 "keys": info.get("keys"),
@@ -625,7 +645,10 @@ class Proxy:
                 "weight": self.state.members.get(addr, 1.0),
                 "fsync": info.get("fsync"),
                 "error": info.get("error"),
-            })
+            }
+            if move is not None and addr not in self.ring:
+                entry["moving"] = "joining" if addr in move["new"] else "leaving"
+            out.append(entry)
         return out
 
     def _ring(self, routing: list[bytes], args: list[Any]) -> None:
@@ -681,6 +704,21 @@ class Proxy:
         except ZkvError as exc:
             done(exc)
 
+    def _note_keys(self, addr: str, info: Any) -> None:
+        if isinstance(info, dict) and isinstance(info.get("keys"), int):
+            self.node_keys[addr] = (info["keys"], time.time())
+
+    def _poll_keys(self) -> None:
+        """Every few seconds, each node's key count: what REMOVE --force reports lost."""
+        for addr in self._involved():
+            if self.health.is_up(addr):
+                self._call(addr, "INFO", [], functools.partial(self._note_keys, addr))
+
+    def _frozen_error(self, key: bytes) -> ZkvError:
+        return Unavailable(
+            f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE ABORT): "
+            "writes to it wait until the rollback is done (STATUS shows it); nothing changed")
+
     def _written(self, key: bytes) -> None:
         """Note a write of a moving key (before it is sent: its outcome may stay unknown)."""
         if self.dirty_known:
@@ -707,6 +745,9 @@ class Proxy:
         new = self.ring.owner(key)
         assert self.old_ring is not None
         old = self.old_ring.owner(key)
+        if self.frozen and op in ("SET", "DEL"):
+            done(self._frozen_error(key))
+            return
         if op == "SET":
             self._written(key)
             self._call(new, op, args, done)
@@ -817,7 +858,8 @@ class Proxy:
         self.state = state
         self.ring = state.ring()
         move = state.move
-        if move is not None and move["phase"] == "copy":
+        self.frozen = move is not None and move["phase"] == "revert"
+        if move is not None and move["phase"] in ("copy", "revert"):
             if self.moving is None:  # the copy phase starts: no write of it seen yet
                 self.dirty.clear()
                 self.dirty_known = self._serving  # a proxy restarted mid-copy missed some
@@ -894,7 +936,9 @@ class Proxy:
             routing, "add", addr, new_ring, options), must_be_empty=True)
 
     def _remove(self, routing: list[bytes], args: list[Any]) -> None:
-        addr, options = self._admin_target(args, "REMOVE", ())
+        addr, options = self._admin_target(args, "REMOVE", ("force",))
+        if options.get("force"):
+            return self._force_remove(routing, addr)
         self._check_admin()
         if addr not in self.state.members:
             raise ClusterError(f"{addr} is not a member; nothing changed")
@@ -905,6 +949,70 @@ class Proxy:
             return self._answer(routing, self._plan_reply(new_ring, True))
         self._with_live_node(routing, addr, lambda: self._start(routing, "remove", addr,
                                                                 new_ring, options))
+
+    def _force_remove(self, routing: list[bytes], addr: str) -> None:
+        """REMOVE ADDR --force: a node that is gone for good leaves the ring without its
+        keys being moved. They are lost, and said to be: by count, in the reply and the
+        log. Refused while the node answers (then a plain REMOVE loses nothing)."""
+        if self.health.is_up(addr):
+            raise ClusterError(f"{addr} is up: REMOVE it without --force, which moves its "
+                               "keys to the other nodes first; nothing changed")
+        known = self.node_keys.get(addr)
+        lost = (f"{known[0]} keys (as it last reported, {time.time() - known[1]:.0f} s ago)"
+                if known else "an unknown number of keys (it has not reported since this "
+                "proxy started)")
+        if self.driver is not None:
+            move = self.driver.move
+            if move["node"] == addr and move["kind"] == "remove":
+                message = self.driver.force_finish(addr)
+            elif move["node"] == addr and move["kind"] == "add":
+                message = ("giving up the ADD of " + addr + ": "
+                           + self.driver.abort(force=True))
+            else:
+                raise ClusterError(
+                    f"{addr} is part of move {move['id']} ({move['kind'].upper()} "
+                    f"{move['node']}); roll it back first (MOVE ABORT --force), then REMOVE "
+                    f"{addr} --force; nothing changed")
+            log.error("REMOVE %s --force during move %s: %s; %s is LOST", addr, move["id"],
+                      message, lost)
+            return self._answer(routing, {"removed": addr, "forced": True, "id": move["id"],
+                                          "epoch": self.state.epoch, "lost": lost,
+                                          "message": message})
+        if addr not in self.state.members:
+            raise ClusterError(f"{addr} is not a member; nothing changed")
+        if len(self.state.members) == 1:
+            raise ClusterError(f"cannot remove {addr}: it is the last node; nothing changed")
+        self.commit(self.state.with_members(
+            {a: w for a, w in self.state.members.items() if a != addr}))
+        self._drop_links()
+        log.error("REMOVE %s --force: the node is dropped from the ring at epoch %d without "
+                  "its keys: %s are LOST", addr, self.state.epoch, lost)
+        self._answer(routing, {"removed": addr, "forced": True, "epoch": self.state.epoch,
+                               "lost": lost, "lost_keys": known[0] if known else None})
+
+    def _move_command(self, routing: list[bytes], args: list[Any]) -> None:
+        """MOVE ABORT [--force]: roll the move under way back (see zkv.mover)."""
+        options = dict(args[1]) if len(args) > 1 else {}
+        for name in options:
+            if name != "force":
+                raise ClusterError(f"unknown option {name!r} for MOVE ABORT; it takes force")
+        force = options.get("force", False)
+        if not isinstance(force, bool):
+            raise ClusterError("force must be true or false")
+        if self.driver is None:
+            raise ClusterError("no move is under way; nothing changed")
+        move_id = self.driver.move["id"]
+        message = self.driver.abort(force)
+        log.warning("MOVE ABORT%s of %s: %s", " --force" if force else "", move_id, message)
+        if self.driver.finished:
+            self.driver = None
+            self._drop_links()
+        self._answer(routing, {"id": move_id, "epoch": self.state.epoch, "message": message,
+                               "move": self.driver.status() if self.driver else None})
+
+    def is_up(self, addr: str) -> bool:
+        """For the move driver: whether a node answers its heartbeats."""
+        return self.health.is_up(addr)
 
     def _admin_target(self, args: list[Any], op: str,
                       extra: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
@@ -1064,7 +1172,7 @@ class Proxy:
         front, poller = self.front, self.poller
         by_socket = self.by_socket
         recv, waiting = wire.recv, wire.waiting
-        next_housekeeping = next_tidy = 0.0
+        next_housekeeping = next_tidy = next_poll = 0.0
         while not self._stop:
             for sock, _ in poller.poll(10):
                 if sock is front:
@@ -1092,6 +1200,9 @@ class Proxy:
                 if now >= next_tidy:
                     next_tidy = now + 1.0
                     self.out.tidy()
+                    if now >= next_poll:
+                        next_poll = now + KEY_COUNT_EVERY
+                        self._poll_keys()
                 self._heartbeat(now)
                 if self.timers:
                     self._run_timers(now)

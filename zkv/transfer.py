@@ -4,14 +4,17 @@ A source node turns the keys of the hash ranges it hands over into batches
 (:class:`Outgoing`), which its PUSH socket sends to the destination's PULL
 socket. A batch is one CBOR array::
 
-    [move_id, source, seq, pairs, final, total]
+    [move_id, source, seq, pairs, final, total(, dels)]
 
 ``seq`` counts from 0 for each stream; ``final`` marks the last batch and
-``total`` says how many keys the stream carried. The destination tracks each
-stream with :class:`Incoming`: a batch out of order (a restarted source or a
-dropped connection) marks the stream broken so the proxy restarts it; applying
-a batch twice is harmless, because a transferred key is only taken when the
-destination holds no newer state of it.
+``total`` says how many keys the stream carried (values and deletes). ``dels``,
+when present, lists keys the source deleted: a rollback streams a destination's
+tombstones back too, so that a delete made during the move is not undone. The
+destination tracks each stream with :class:`Incoming`: a batch out of order (a
+restarted source or a dropped connection) marks the stream broken so the proxy
+restarts it; applying a batch twice is harmless, because a transferred key is
+only taken when the destination holds no newer state of it (or, in a rollback,
+because nothing writes the ranges while it runs).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import cbor2
 
 from . import cbor
+from .buckets import KeyBuckets
 from .errors import ProtocolError
 from .ring import RangeSet, key_hash
 
@@ -33,46 +37,58 @@ _BATCH_ITEMS = 2 * MAX_BATCH_KEYS + 16
 class RangeScan:
     """Finds the keys of some hash ranges a bounded step at a time.
 
-    It walks a list of the keys taken when it started (cheap: no hashing), so the
-    node can interleave the hashing with serving requests. Keys of these ranges
-    are not written on this node while the scan runs (the proxy routes them
-    elsewhere), so the list cannot miss one that matters.
+    It walks the keyspace's buckets (zkv.buckets), so it holds no copy of the key
+    list, and the node interleaves the hashing with serving requests. Keys of these
+    ranges are not written on this node while the scan runs (the proxy routes them
+    elsewhere), and a key present throughout is always found.
     """
 
-    def __init__(self, keys: list[bytes], ranges: RangeSet) -> None:
-        self.keys = keys
+    def __init__(self, buckets: KeyBuckets, ranges: RangeSet) -> None:
+        self.buckets = buckets
         self.ranges = ranges
-        self.pos = 0
+        self.pos = 0  # the next bucket
 
     @property
     def done(self) -> bool:
-        return self.pos >= len(self.keys)
+        return self.pos >= self.buckets.buckets
 
     def step(self, limit: int = SCAN_STEP) -> list[bytes]:
         contains = self.ranges.contains
-        chunk = self.keys[self.pos : self.pos + limit]
-        self.pos += len(chunk)
-        return [k for k in chunk if contains(key_hash(k))]
+        lists = self.buckets.lists
+        found: list[bytes] = []
+        seen = 0
+        while self.pos < len(lists) and seen < limit:
+            bucket = lists[self.pos]
+            seen += len(bucket)
+            found.extend(k for k in bucket if contains(key_hash(k)))
+            self.pos += 1
+        return found
 
 
 def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final: bool,
-                 total: int) -> bytes:
-    return cbor2.dumps([move_id, source, seq, pairs, final, total])
+                 total: int, dels: list[bytes] | None = None) -> bytes:
+    item: list[Any] = [move_id, source, seq, pairs, final, total]
+    if dels:
+        item.append(dels)
+    return cbor2.dumps(item)
 
 
-def decode_batch(body: bytes) -> tuple[str, str, int, list[Any], bool, int]:
+def decode_batch(body: bytes) -> tuple[str, str, int, list[Any], bool, int, list[Any]]:
     """A batch from a PULL socket, which anyone who can reach it may write to: decoded
     within the bounds a batch can have, and every field checked."""
     try:
-        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 6)
+        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 7)
     except cbor.Malformed as exc:
         raise ProtocolError(f"transfer batch is not valid: {exc}") from None
-    if (not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str)
+    if (not isinstance(item, list) or len(item) not in (6, 7) or not isinstance(item[0], str)
             or not isinstance(item[1], str) or type(item[2]) is not int or item[2] < 0
             or not isinstance(item[3], list) or len(item[3]) % 2
-            or type(item[4]) is not bool or type(item[5]) is not int or item[5] < 0):
-        raise ProtocolError("transfer batch must be [move_id, source, seq, pairs, final, total]")
-    return item[0], item[1], item[2], item[3], item[4], item[5]
+            or type(item[4]) is not bool or type(item[5]) is not int or item[5] < 0
+            or (len(item) == 7 and not isinstance(item[6], list))):
+        raise ProtocolError(
+            "transfer batch must be [move_id, source, seq, pairs, final, total, (dels)]")
+    dels = item[6] if len(item) == 7 else []
+    return item[0], item[1], item[2], item[3], item[4], item[5], dels
 
 
 @dataclass
@@ -96,6 +112,8 @@ class Outgoing:
     held: bytes | None = None  # a batch the socket would not take yet
     found: list[bytes] = field(default_factory=list)  # matched keys not yet sent
     matched: int = 0
+    dels: list[bytes] = field(default_factory=list)  # deleted keys to send (a rollback)
+    dels_total: int = 0
 
     def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
         """The next batch to send, or None (finished, throttled, or still scanning)."""
@@ -132,10 +150,15 @@ class Outgoing:
             pairs.append(value)
             size += len(key) + len(value)
         del self.found[:taken]
-        final = self.scan.done and not self.found
-        self.sent_keys += len(pairs) // 2
-        self.sent_bytes += size
-        batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys)
+        dels: list[bytes] = []
+        room = limit - len(pairs) // 2
+        if self.scan.done and not self.found and self.dels and room > 0:
+            dels, self.dels = self.dels[:room], self.dels[room:]
+        final = self.scan.done and not self.found and not self.dels
+        self.sent_keys += len(pairs) // 2 + len(dels)
+        self.sent_bytes += size + sum(len(k) for k in dels)
+        batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys,
+                             dels)
         self.seq += 1
         self.done = final
         return batch
@@ -143,7 +166,7 @@ class Outgoing:
     def status(self) -> dict[str, Any]:
         return {
             "dest": self.dest,
-            "total_keys": self.matched if self.scan.done else None,
+            "total_keys": self.matched + self.dels_total if self.scan.done else None,
             "sent_keys": self.sent_keys,
             "sent_bytes": self.sent_bytes,
             "done": self.done and self.held is None,
