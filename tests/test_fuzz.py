@@ -53,18 +53,112 @@ def random_item(rng: random.Random, depth: int = 0) -> Any:
                                             for _ in range(rng.randrange(0, 4))]]
 
 
+def amplifying(rng: random.Random) -> bytes:
+    """Small bodies that decode into far more: many tiny items, deep nesting, wide maps."""
+    n = rng.choice([1000, 30_000, 200_000])
+    kind = rng.randrange(5)
+    if kind == 0:  # an array of empty arrays, as a whole request or as an argument
+        head = bytes([0x9A]) + struct.pack(">I", n)
+        return (head + b"\x80" * n) if rng.random() < 0.5 else \
+            b"\x82\x64PIPE" + head + b"\x80" * n
+    if kind == 1:  # nesting far deeper than any request
+        depth = rng.choice([6, 100, 5000])
+        return b"\x82\x63GET" + b"\x81" * depth + b"\x41k"
+    if kind == 2:  # a head that claims more items than there are
+        return b"\x82\x64MGET\x9b" + struct.pack(">Q", rng.randrange(2**32, 2**63))
+    if kind == 3:  # a wide map of options
+        return cbor2.dumps(["ADD", "127.0.0.1:1", {f"k{i}": i for i in range(n // 100)}])
+    return cbor2.dumps(["MSET", [b"k", b""] * (n // 2)])
+
+
+def tagged(rng: random.Random) -> bytes:
+    """Tags anywhere: shared references (28/29), bignums, regexes, unknown numbers."""
+    value = cbor2.dumps(b"v" * rng.choice([10, 1000, 100_000]))
+    kind = rng.randrange(5)
+    if kind == 0:  # one value shared, referenced many times
+        refs = rng.choice([2, 120])
+        pairs = bytes([0x98, 2 * refs]) + b"\x41k\xd8\x1c" + value + \
+            b"\x41k\xd8\x1d\x00" * (refs - 1)
+        return b"\x82\x64MSET" + pairs
+    if kind == 1:
+        tag = rng.choice([0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 256, 258, 260, 55799,
+                          rng.randrange(2**16)])
+        return cbor2.dumps(["GET", cbor2.CBORTag(tag, rng.choice([b"k", "x" * 30, 5, [1, 2]]))])
+    if kind == 2:  # a regex to compile (tag 35) where a pattern goes
+        return cbor2.dumps(["KEYS", cbor2.CBORTag(35, "(a+)+$" * rng.randrange(1, 50))])
+    if kind == 3:
+        return b"\xd9\xd9\xf7" + cbor2.dumps(["PING"])  # a self-describe tag around it
+    return cbor2.dumps(["XBEGIN", {"id": "e1", "ranges": [[0, cbor2.CBORTag(2, b"\x01" * 40)]],
+                                   "purge": True}])
+
+
+def big_ints(rng: random.Random) -> bytes:
+    """Integers no field can take: as a cursor, a count, a weight, a budget, a rate."""
+    big = rng.choice([2**64, 2**64 + 1, -(2**64), 10**40, 10**5000])
+    op = rng.randrange(6)
+    if op == 0:
+        return cbor2.dumps(["SCAN", big])
+    if op == 1:
+        return cbor2.dumps(["SCAN", "0", None, big])
+    if op == 2:
+        return cbor2.dumps(["ADD", "127.0.0.1:1", {"weight": big, "dry_run": True}])
+    if op == 3:
+        return cbor2.dumps(["MGET", [b"k"], big])
+    if op == 4:
+        return cbor2.dumps(["XSEND", {"id": "e1", "dest": "127.0.0.1:1",
+                                      "pull": "tcp://127.0.0.1:1", "ranges": [[0, 1]],
+                                      "batch_keys": big, "batch_bytes": 1, "rate": None}])
+    return cbor2.dumps(["ADD", "127.0.0.1:1", {"rate": float(rng.choice([1e308, -1.0])),
+                                               "dry_run": True}])
+
+
+def patterns(rng: random.Random) -> bytes:
+    """Glob patterns: long, many stars, unbalanced classes, escapes, bytes of any value."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        pattern = b"*a" * rng.choice([10, 40, 1000]) + b"*b"
+    elif kind == 1:
+        pattern = b"a" * rng.choice([100, 2000, 600_000])  # (the message limit here is 1 MiB)
+    elif kind == 2:
+        pattern = bytes(rng.choice(b"*?[]^-\\ab\x00\xff") for _ in range(rng.randrange(1, 60)))
+    else:
+        pattern = b"[" * rng.randrange(1, 500) + b"]" * rng.randrange(0, 3)
+    if rng.random() < 0.5:
+        return cbor2.dumps(["KEYS", pattern])
+    return cbor2.dumps(["SCAN", "0", pattern, rng.choice([1, 10, 10_000])])
+
+
+def internal(rng: random.Random) -> bytes:
+    """Internal operations with fields of the wrong type, size or sense."""
+    def field() -> Any:
+        return random_item(rng, 2)
+    spec = {name: (field() if rng.random() < 0.4 else good) for name, good in (
+        ("id", f"e{rng.randrange(3)}"), ("dest", "127.0.0.1:1"), ("pull", "tcp://127.0.0.1:1"),
+        ("ranges", [[0, 2**64]]), ("batch_keys", 10), ("batch_bytes", 1000), ("rate", None),
+        ("purge", False), ("mode", rng.choice(["fill", "overwrite", "x"])),
+        ("source", "127.0.0.1:2"), ("tombs", rng.choice([True, False, 1])))}
+    return cbor2.dumps([rng.choice(["XBEGIN", "XSEND", "XEND", "XDROP", "XSTAT", "XGET",
+                                    "XDEL"]), spec if rng.random() < 0.9 else field()])
+
+
+CLASSES = [amplifying, tagged, big_ints, patterns, internal]
+
+
 def random_body(rng: random.Random) -> bytes:
-    """One request body: garbage, valid CBOR of any shape, or a near-valid request."""
+    """One request body: garbage, valid CBOR of any shape, a near-valid request, or one
+    of the classes that once cost a server far more than it weighed."""
     roll = rng.random()
-    if roll < 0.25:
+    if roll < 0.2:
+        return rng.choice(CLASSES)(rng)
+    if roll < 0.4:
         return rng.randbytes(rng.randrange(0, 300))
-    if roll < 0.35:  # truncated or bit-flipped valid requests
+    if roll < 0.48:  # truncated or bit-flipped valid requests
         body = bytearray(P.encode_request("SET", rng.randbytes(8), rng.randbytes(30)))
         if rng.random() < 0.5:
             return bytes(body[: rng.randrange(len(body))])
         body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)
         return bytes(body)
-    if roll < 0.45:  # lengths that claim far more than is there
+    if roll < 0.56:  # lengths that claim far more than is there
         return bytes([0x9B]) + struct.pack(">Q", rng.randrange(2**40, 2**63))
     try:
         return cbor2.dumps(random_item(rng))

@@ -97,7 +97,9 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(
     """400 pipelined GETs of a 1 MiB value, never read: the server holds at most about
     client_buffer_bytes of them; the rest are held back as short TOO_LARGE replies."""
     budget = 4 << 20
-    cluster: Cluster = make_cluster(nodes=1, proxy={"client_buffer_bytes": budget},
+    # (a long deadline: 400 MiB of replies may take the node more than a second)
+    cluster: Cluster = make_cluster(nodes=1, proxy={"client_buffer_bytes": budget,
+                                                    "timeout_ms": 30_000},
                                     defaults={"client_buffer_bytes": budget})
     address = cluster.address if target == "proxy" else cluster.node_addrs[0]
     c = cluster.client(timeout=5, address=address)
@@ -112,8 +114,16 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(
         info = c.info()
         return info["proxy"] if target == "proxy" else info
 
-    wait_until(lambda: stats()["replies_held_back"] >= 300, 30,
-               what="the server holding back replies to a client that does not read")
+    seen: list[dict[str, Any]] = []
+
+    def held_back() -> bool:
+        seen.append(stats())
+        return bool(seen[-1]["replies_held_back"] >= 300)
+
+    try:
+        wait_until(held_back, 30, what="the server holding back replies")
+    except AssertionError:
+        raise AssertionError(f"replies not held back: {seen[-1]}") from None
     assert stats()["unread_reply_bytes"] <= budget + (1 << 20) + 4096
     assert c.get("big") == big  # everyone else is served as before
     # once it reads, it finds its values first, then errors saying why the rest are missing
