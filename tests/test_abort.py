@@ -63,6 +63,21 @@ def wait_no_move(c: zkv.Client, timeout: float = 60) -> dict[str, Any]:
     return result
 
 
+def wait_down(c: zkv.Client, addr: str) -> None:
+    wait_until(lambda: {n["address"]: n["state"] for n in c.nodes()}.get(addr) == "down", 10,
+               what=f"{addr} marked down")
+
+
+def add_then_kill_in_copy(c: zkv.Client, procs: Procs, tmp_path: Path) -> str:
+    """ADD a new node, and kill -9 it once the copy has started; its address."""
+    addr, proc = new_node(procs, tmp_path)
+    c.add_node(addr, wait=False)
+    wait_phase(c, "copy")
+    proc.kill()
+    wait_down(c, addr)
+    return addr
+
+
 def test_move_abort_in_prepare_changes_nothing(make_cluster: Any, procs: Procs,
                                                tmp_path: Path) -> None:
     cluster = held_cluster(make_cluster)
@@ -132,12 +147,7 @@ def test_move_abort_waits_for_a_dead_destination_unless_forced(
     c = cluster.client(timeout=10, retries=2)
     data = preload(c)
     before = c.status()
-    addr, proc = new_node(procs, tmp_path)
-    c.add_node(addr, wait=False)
-    wait_phase(c, "copy")
-    proc.kill()
-    wait_until(lambda: {n["address"]: n["state"] for n in c.nodes()}.get(addr) == "down", 10,
-               what="the destination marked down")
+    add_then_kill_in_copy(c, procs, tmp_path)
     # reads of keys nobody wrote during the move come from the old owners meanwhile
     assert c.mget(list(data)) == list(data.values())
     c.abort_move(wait=False)
@@ -177,7 +187,7 @@ def test_remove_force_drops_a_dead_node_and_says_what_is_lost(make_cluster: Any)
     cluster.kill_node(victim)
     with pytest.raises(zkv.ClusterError, match="does not answer"):
         c.remove_node(victim)  # a plain REMOVE needs the node to move its keys
-    wait_until(lambda: {n["address"]: n["state"] for n in c.nodes()}[victim] == "down", 10)
+    wait_down(c, victim)
     reply = c.remove_node(victim, force=True)
     assert isinstance(reply, dict) and reply["forced"]
     assert reply["lost_keys"] == len(on_victim) and f"{len(on_victim)} keys" in reply["lost"]
@@ -198,7 +208,7 @@ def test_remove_force_finishes_the_remove_of_a_node_that_died(
     c.remove_node(victim, wait=False)
     wait_phase(c, "copy")
     cluster.kill_node(victim)
-    wait_until(lambda: {n["address"]: n["state"] for n in c.nodes()}[victim] == "down", 10)
+    wait_down(c, victim)
     reply = c.remove_node(victim, force=True, wait=False)
     assert isinstance(reply, zkv.client.MoveHandle)
     assert "without it" in reply.plan["message"]
@@ -216,11 +226,7 @@ def test_remove_force_of_a_dead_joining_node_rolls_the_add_back(
     c = cluster.client(timeout=10, retries=2)
     data = preload(c)
     before = c.status()
-    addr, proc = new_node(procs, tmp_path)
-    c.add_node(addr, wait=False)
-    wait_phase(c, "copy")
-    proc.kill()
-    wait_until(lambda: {n["address"]: n["state"] for n in c.nodes()}.get(addr) == "down", 10)
+    addr = add_then_kill_in_copy(c, procs, tmp_path)
     c.remove_node(addr, force=True, wait=False)
     after = wait_no_move(c)
     assert after["members"] == before["members"]

@@ -47,10 +47,13 @@ class Rig:
     def data_dir(self, addr: str) -> str:
         return str(self.root / f"node-{addr.rsplit(':', 1)[1]}")
 
-    def start_node(self, addr: str | None = None) -> str:
+    def start_node(self, addr: str | None = None, bind: str | None = None) -> str:
+        """A node named ``addr`` in the ring (127.0.0.1:free port), bound to ``bind``
+        (its host, unless given: 0.0.0.0, say)."""
         addr = addr or f"127.0.0.1:{free_port()}"
         port = int(addr.rsplit(":", 1)[1])
-        self.nodes[addr] = self.procs.node(port, self.data_dir(addr), "--fsync", "no")
+        extra = ("--host", bind) if bind else ()
+        self.nodes[addr] = self.procs.node(port, self.data_dir(addr), "--fsync", "no", *extra)
         return addr
 
     def start_proxy(self, members: list[str]) -> Proc:
@@ -336,6 +339,24 @@ def test_add_on_an_empty_proxy_registers_the_node(rig: Rig) -> None:
     assert admin.get("hello") == b"world"
     assert admin.mget(["hello", "nope"]) == [b"world", None]
     assert admin.delete("hello") is True and admin.get("hello") is None
+
+
+@pytest.mark.timeout(120)
+def test_nodes_bound_to_every_interface_move_keys_both_ways(rig: Rig) -> None:
+    """A node bound to 0.0.0.0 advertised tcp://0.0.0.0:PORT as its PULL endpoint and
+    named itself 0.0.0.0:PORT in its streams, so moves to or from it never finished.
+    The proxy now reaches a PULL port at the host it knows the node by, and tells a
+    source the name the ring gives it."""
+    a = rig.start_node(bind="0.0.0.0")
+    b = rig.start_node(bind="0.0.0.0")
+    rig.start_proxy([a])
+    admin = rig.client(timeout=10)
+    data = preload(admin, 5000)
+    admin.add_node(b, wait_timeout=60)  # to a wildcard-bound destination
+    assert set(admin.status()["members"]) == {a, b}
+    admin.remove_node(a, wait_timeout=60)  # from a wildcard-bound source
+    assert list(admin.status()["members"]) == [b]
+    assert admin.mget(list(data)) == list(data.values())
 
 
 # -- a source node stays responsive while it starts a large stream ------------------------

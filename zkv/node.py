@@ -583,9 +583,12 @@ class Node:
             if sock in events:
                 replies = []
                 handle = self.handle
+                turn_bytes = 0  # the replies of one turn wait for its commit: bound them
                 for _ in range(MAX_BATCH_PER_TURN):
-                    replies.append(handle(wire.recv(sock)))
-                    if not wire.waiting(sock):
+                    reply = handle(wire.recv(sock))
+                    replies.append(reply)
+                    turn_bytes += len(reply[-1])
+                    if turn_bytes > self.limits.max_message_bytes or not wire.waiting(sock):
                         break
                 try:
                     storage.commit(durable=self._durable)

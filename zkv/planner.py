@@ -97,11 +97,13 @@ def moved_fraction(transfers: Iterable[Transfer]) -> float:
     return sum(t.ranges.size() for t in transfers) / HASH_SPACE
 
 
-def summary(old: Ring, new: Ring) -> list[TransferSummary]:
-    """Per ``(source, dest)``: the fraction of hash space and number of intervals it moves."""
+def summary(old: Ring, new: Ring, transfers: list[Transfer] | None = None
+            ) -> list[TransferSummary]:
+    """Per ``(source, dest)``: the fraction of hash space and number of intervals it moves
+    (of ``transfers``, when the plan is already made)."""
     return [
         TransferSummary(
             source=t.source, dest=t.dest, fraction=t.fraction(), intervals=len(t.ranges)
         )
-        for t in plan(old, new)
+        for t in (plan(old, new) if transfers is None else transfers)
     ]

@@ -12,7 +12,6 @@ their keys fail fast with an error naming the node while the rest keep working.
 from __future__ import annotations
 
 import collections
-import fcntl
 import functools
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any
 import zmq
 
 from . import frames as wire
+from . import lockfile
 from . import protocol as P
 from .cluster import ClusterState, Health
 from .config import format_address, parse_address
@@ -72,7 +72,6 @@ STATE_FILE = "cluster.json"
 MAX_PER_TURN = 4096
 SINGLE_KEY = frozenset(("GET", "SET", "DEL", "EXISTS"))
 PIPE_OPS = P.PIPE_OPS
-LOCK_FILE = "LOCK"
 # Keys written through this proxy into ranges that are moving. While a destination is
 # down, a read of a moving key this proxy never wrote falls back to the old owner,
 # which then holds its latest value; past this many the fallback is switched off.
@@ -176,23 +175,16 @@ def lock_state_dir(state_dir: str) -> int:
     holds it or the directory cannot be used."""
     try:
         os.makedirs(state_dir, exist_ok=True)
-        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        return lockfile.acquire(state_dir)
+    except lockfile.Locked as exc:
+        raise ClusterError(
+            f"the state directory {state_dir} is in use by another proxy (pid {exc.holder}); "
+            "one proxy owns a cluster's state: start another with its own --state-dir"
+        ) from None
     except OSError as exc:
         raise ClusterError(
             f"cannot use {state_dir} as the proxy's state directory: {exc.strerror or exc}"
         ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ClusterError(
-            f"the state directory {state_dir} is in use by another proxy (pid {holder}); "
-            "one proxy owns a cluster's state: start another with its own --state-dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
 
 
 def save_state(state_dir: str, state: ClusterState) -> None:
@@ -505,6 +497,11 @@ class Proxy:
                         out[i] = r
             return out
 
+        if len(groups) == 1 and len(order[0]) == len(items):
+            # every command goes to one node: its reply is the client's, forwarded as is
+            addr = next(iter(groups))
+            self._forward(addr, P.encode_request("PIPE", items), routing)
+            return
         share = self.limits.max_message_bytes // max(1, len(groups))
         bodies = {a: P.encode_request("PIPE", [items[i] for i in idx], share)
                   for a, idx in groups.items()}
@@ -905,13 +902,13 @@ class Proxy:
             raise ClusterError("another ADD or REMOVE is being started; try again")
 
     def _plan_reply(self, new: Ring, dry_run: bool) -> dict[str, Any]:
-        old = self.state.ring()
+        old = self.ring
         moves = plan(old, new) if old.members else []
         return {
             "dry_run": dry_run,
             "epoch": self.state.epoch,
             "moved": round(moved_fraction(moves), 6),
-            "transfers": [dict(t) for t in summary(old, new)] if old.members else [],
+            "transfers": [dict(t) for t in summary(old, new, moves)],
         }
 
     def _add(self, routing: list[bytes], args: list[Any]) -> None:

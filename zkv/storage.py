@@ -33,7 +33,6 @@ only then are the older segments deleted.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import wal
+from . import lockfile, wal
 from .errors import LogCorruption, StorageError
 from .keyspace import Keyspace, ReplayError
 
@@ -355,20 +354,13 @@ class Storage:
         return sorted(int(m.group(1)) for m in found if m)
 
     def _lock(self) -> None:
-        path = os.path.join(self.dir, "LOCK")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock_fd = lockfile.acquire(self.dir)
+        except lockfile.Locked as exc:
             raise StorageError(
-                f"data directory {self.dir} is in use by another running node (pid {holder}); "
-                "two nodes must never share one data directory"
+                f"data directory {self.dir} is in use by another running node "
+                f"(pid {exc.holder}); two nodes must never share one data directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
 
     def _read(self, path: str) -> bytes:
         with open(path, "rb") as f:
