@@ -77,7 +77,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import protocol as P
-from .errors import ConfigError, Unavailable, ZkvError
+from .errors import ConfigError, NotSent, Unavailable, ZkvError
 
 TESTS = ("set", "get", "mset", "mget")
 KEYS_PER_MULTI = 10
@@ -260,7 +260,15 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
     from .client import Client
 
     client = Client(job.address, timeout=REPLY_TIMEOUT, retries=0)
-    client.ping() if job.kind == "zkv" else client._exchange(job.echo_bodies[0])
+    deadline = time.monotonic() + 10.0
+    while True:  # the target may still be starting: a refused connection is tried again
+        try:
+            client.ping() if job.kind == "zkv" else client._exchange(job.echo_bodies[0])
+            break
+        except NotSent:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     value = b"x" * job.value_bytes
     pipe = uses_pipe(job.test, job.pipeline, job.window)
     rounds = job.rounds[0]

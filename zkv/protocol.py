@@ -100,6 +100,7 @@ class Command:
     kind: str
     args: tuple[str, ...]
     help: str
+    shown: str = ""  # the usage as a user types it, where it is not just the arguments
 
     @property
     def required(self) -> int:
@@ -107,6 +108,8 @@ class Command:
 
     @property
     def usage(self) -> str:
+        if self.shown:
+            return f"{self.name} {self.shown}"
         parts = [a[:-1].join("[]") if a.endswith("?") else a for a in self.user_args]
         return " ".join([self.name, *(p.upper() for p in parts)])
 
@@ -134,12 +137,14 @@ COMMANDS: dict[str, Command] = {
         Command("NODES", META, (), "Cluster members: address, state, keys, ring share."),
         Command("RING", META, ("key",), "Which node owns KEY, and why."),
         Command("STATUS", META, (), "Cluster epoch and any move under way."),
-        Command("ADD", ADMIN, ("addr", "options?"), "Add node HOST:PORT and move its share to it."),
+        Command("ADD", ADMIN, ("addr", "options?"), "Add node HOST:PORT and move its share to it.",
+                "HOST:PORT [--dry-run] [--rate=N] [--weight=W]"),
         Command("REMOVE", ADMIN, ("addr", "options?"),
                 "Move the keys of node HOST:PORT away, then drop it (--force: drop a dead "
-                "node, losing its keys)."),
+                "node, losing its keys).", "HOST:PORT [--dry-run] [--rate=N] [--force]"),
         Command("MOVE", ADMIN, ("action", "options?"),
-                "MOVE ABORT [--force]: roll the move under way back to the old membership."),
+                "Roll the move under way back to the old membership (--force: give up on "
+                "nodes that are down).", "ABORT [--force]"),
         # Node-to-node and proxy-to-node operations used by rebalancing.
         Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
         Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),
