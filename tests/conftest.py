@@ -7,6 +7,7 @@ linger 0; every receive has a timeout, so a broken build fails instead of hangin
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,9 +35,38 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for a test's process to bind, below the kernel's range of ephemeral
+    ports: the kernel hands those out meanwhile (to outgoing connections, to a node's
+    PULL socket bound to port 0), so a port chosen there could be taken before our
+    process binds it."""
+    low, high = _ephemeral_range()
+    top = low if low > 2048 else 65535
+    for _ in range(200):
+        port = random.randrange(max(1024, top - 12_000), top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_handed_out: set[int] = set()  # one port, one test process: never handed out twice
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class Proc:

@@ -522,6 +522,23 @@ def echo_main(endpoint: str, bind: bool, reply: bytes) -> None:
 
 
 def free_port() -> int:
+    """A free port for a process the bench starts, below the kernel's ephemeral range
+    (which it hands out meanwhile to outgoing connections and to sockets bound to port
+    0, such as a node's PULL socket), so that it stays free until the process binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 2048:
+        for _ in range(100):
+            port = random.randrange(max(1024, low - 12_000), low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
