@@ -25,7 +25,7 @@ CASES = int(os.environ.get("ZKV_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("ZKV_FUZZ_SEED", "20261122"))
 WINDOW = 200
 KNOWN_CODES = {"BAD_REQUEST", "UNKNOWN_COMMAND", "TOO_LARGE", "BAD_COMMAND", "NODE_DOWN",
-               "TIMEOUT", "CLUSTER", "UNAVAILABLE"}
+               "TIMEOUT", "CLUSTER", "UNAVAILABLE", "MOVED", "STALE_EPOCH", "BEHIND"}
 
 
 def random_item(rng: random.Random, depth: int = 0) -> Any:
@@ -173,7 +173,7 @@ def is_reply(body: bytes) -> bool:
         return False
     if item[0] == P.OK:
         return len(item) == 2
-    return (len(item) == 3 and item[0] == P.ERR and item[1] in KNOWN_CODES
+    return (len(item) in (3, 4) and item[0] == P.ERR and item[1] in KNOWN_CODES
             and isinstance(item[2], str) and bool(item[2]))
 
 

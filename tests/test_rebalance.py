@@ -191,7 +191,7 @@ def test_proxy_killed_mid_move_resumes_and_loses_nothing(rig: Rig) -> None:
         assert status["epoch"] == epoch
         assert status["move"] is not None and status["move"]["id"] == move["id"]
         final = wait_move_done(admin, 60)
-        assert final["epoch"] == epoch
+        assert final["epoch"] == epoch + 2  # (every change is an epoch: cleanup, then done)
         time.sleep(0.3)
     check_after(admin, load, initial, "proxy kill -9 mid-move")
     assert sorted(final["members"]) == sorted([*members, d])
@@ -285,7 +285,8 @@ def test_second_change_while_a_move_is_under_way_is_refused(rig: Rig) -> None:
         # own epoch, with c in); the refused change must have added nothing of its own
         assert now["move"] is not None and now["move"]["id"] == during["move"]["id"]
         assert sorted(now["members"]) in (sorted([a, b]), sorted([a, b, c]))
-        assert now["epoch"] in (during["epoch"], during["epoch"] + 1)
+        # (every phase of the move is an epoch: it may have advanced, by itself)
+        assert during["epoch"] <= now["epoch"] <= during["epoch"] + 3
     handle.wait(30)
     assert sorted(admin.status()["members"]) == sorted([a, b, c])
 

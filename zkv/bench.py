@@ -833,12 +833,9 @@ def _config_json(cfg: Config) -> dict[str, Any]:
 
 def _throughput(cfg: Config, children: Children, runner: Runner,
                 report: dict[str, Any], say: Callable[[str], None]) -> None:
-    if cfg.proxy:
-        proxy = cfg.proxy
-        node = start_node(children, cfg.fsync, "direct-node") if cfg.compare else None
-    else:
-        proxy, addrs = start_cluster(children, cfg.nodes, cfg.fsync)
-        node = addrs[0]
+    proxy = cfg.proxy or start_cluster(children, cfg.nodes, cfg.fsync)[0]
+    # "direct": a node of its own (a node of the cluster serves only its share of keys)
+    node = start_node(children, cfg.fsync, "direct-node") if cfg.compare else None
     targets: list[tuple[str, str]] = [("zkv", proxy)]
     if cfg.compare:
         assert node is not None

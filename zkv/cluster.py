@@ -58,11 +58,16 @@ class ClusterState:
             raise bad("move must be an object or null")
         return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move)
 
+    # Every change is a new epoch: nodes order configurations by it alone, and a
+    # request carries it, so no two different configurations ever share one.
     def with_members(self, members: dict[str, float]) -> ClusterState:
         return replace(self, epoch=self.epoch + 1, members=dict(members))
 
-    def with_move(self, move: dict[str, Any] | None) -> ClusterState:
-        return replace(self, move=move)
+    def with_move(self, move: dict[str, Any] | None,
+                  members: dict[str, float] | None = None) -> ClusterState:
+        """The move record replaced (and the ring too, with ``members``): one epoch on."""
+        return replace(self, epoch=self.epoch + 1, move=move,
+                       members=dict(self.members if members is None else members))
 
 
 @dataclass

@@ -10,9 +10,13 @@ so ``except zkv.NodeUnavailable`` works the same for a local and a remote failur
     │   └── LimitExceeded         TOO_LARGE     a key, value, batch or message over a limit
     ├── CommandError              BAD_COMMAND   a well-formed request that cannot be done
     │                                           (e.g. SCAN with an expired cursor)
+    ├── StaleEpoch                STALE_EPOCH   a router's view of the cluster is older than
+    │                                           the node's: refresh it and send again
+    ├── Moved                     MOVED         the key is another node's at this epoch
     ├── Unavailable               UNAVAILABLE   no answer in time; names the node or proxy
     │   ├── NodeUnavailable       NODE_DOWN     the node owning the key is marked down
     │   ├── Timeout               TIMEOUT       no reply before the deadline (outcome unknown)
+    │   ├── NodeBehind            BEHIND        the node has not got the request's epoch yet
     │   └── NotSent               (local)       the request never left the client (nothing
     │                                           listens, say): safe to send again
     ├── StorageError              STORAGE       the node could not make a write durable;
@@ -22,11 +26,16 @@ so ``except zkv.NodeUnavailable`` works the same for a local and a remote failur
     ├── ConfigError               (local)       a bad YAML topology or command-line value
     └── LogCorruption             (local)       a damaged data file; names file and offset
 
+An error may carry ``details`` (a map: the node's epoch for STALE_EPOCH, the
+owner for MOVED), sent as a fourth element of the error reply.
+
 Lower layers (zmq, cbor2, OSError) are translated at the boundary with
 ``raise ... from exc`` so users only ever see this family.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ZkvError(Exception):
@@ -34,9 +43,10 @@ class ZkvError(Exception):
 
     code = "ERROR"
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details: dict[str, Any] = details or {}
 
     def __str__(self) -> str:
         return self.message
@@ -58,6 +68,18 @@ class CommandError(ZkvError):
     code = "BAD_COMMAND"
 
 
+class StaleEpoch(ZkvError):
+    """Refused unapplied: the sender routed by an older configuration (details: epoch)."""
+
+    code = "STALE_EPOCH"
+
+
+class Moved(ZkvError):
+    """Refused unapplied: the key belongs to another node (details: owner, epoch)."""
+
+    code = "MOVED"
+
+
 class Unavailable(ZkvError):
     code = "UNAVAILABLE"
 
@@ -68,6 +90,13 @@ class NodeUnavailable(Unavailable):
 
 class Timeout(Unavailable):
     code = "TIMEOUT"
+
+
+class NodeBehind(Unavailable):
+    """Refused unapplied: the node has not yet got the configuration the request was
+    routed by (it will, from the config manager); details: epoch."""
+
+    code = "BEHIND"
 
 
 class NotSent(Unavailable):
@@ -126,12 +155,14 @@ def _register(cls: type[ZkvError]) -> None:
 _register(ZkvError)
 
 
-def error_from_wire(code: str, message: str) -> ZkvError:
-    """Rebuild the exception a peer reported as ``(code, message)``."""
+def error_from_wire(code: str, message: str,
+                    details: dict[str, Any] | None = None) -> ZkvError:
+    """Rebuild the exception a peer reported as ``(code, message[, details])``."""
     cls = _BY_CODE.get(code, ZkvError)
     if cls is LogCorruption:
         return ZkvError(message)
     err = cls(message)
+    err.details = dict(details or {})
     if cls is ZkvError:
         err.code = code
     return err

@@ -73,6 +73,8 @@ class Shell(Protocol):
 
     def is_up(self, addr: str) -> bool: ...
 
+    def settled(self) -> bool: ...
+
 
 SETTINGS = ("rate", "batch_keys", "batch_bytes")
 
@@ -253,9 +255,11 @@ class MoveDriver:
         for addr, op, args in requests:
             self.shell.send(addr, op, args, make(addr), STEP_TIMEOUT)
 
-    def _commit(self, state: ClusterState, move: dict[str, Any] | None) -> None:
-        """Persist and apply a new state; the steps of the old phase are forgotten."""
-        self.state = state.with_move(move)
+    def _commit(self, state: ClusterState, move: dict[str, Any] | None,
+                members: dict[str, float] | None = None) -> None:
+        """Persist and apply a new state (one epoch on); the old phase's steps are
+        forgotten."""
+        self.state = state.with_move(move, members)
         if move is not None:
             self.move = move
         self.shell.commit(self.state)
@@ -264,14 +268,14 @@ class MoveDriver:
         self.next_at = time.monotonic() + PHASE_PAUSE
 
     def _set_phase(self, phase: str, **extra: Any) -> None:
-        state = self.state
         move = dict(self.move, phase=phase, **extra)
+        members = None
         if phase == "copy" or (phase == "cleanup" and self.phase == "prepare"):
-            state = state.with_members(self.move["new"])  # epoch + 1: the new ring takes effect
+            members = self.move["new"]  # the new ring takes effect
         elif phase == "revert-cleanup":
-            state = state.with_members(self.move["old"])  # epoch + 1: the old ring is back
+            members = self.move["old"]  # the old ring is back
         reset = (phase == "revert") != self.reverting
-        self._commit(state, move)
+        self._commit(self.state, move, members)
         if reset:
             self._reset_streams()
         log.info("move %s: %s", move["id"], phase)
@@ -320,8 +324,8 @@ class MoveDriver:
 
     # -- phases --------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        if self.finished or self.waiting or now < self.next_at:
-            return
+        if self.finished or self.waiting or now < self.next_at or not self.shell.settled():
+            return  # (a new configuration still on its way to the nodes: steps wait)
         self.next_at = now + POLL_INTERVAL
         phase = self.phase
         if phase == "prepare":

@@ -20,16 +20,21 @@ from typing import Any
 
 import zmq
 
+from . import durable, wal
 from . import frames as wire
 from . import protocol as P
-from . import wal
+from .cluster import ClusterState
 from .config import format_address, parse_address
 from .errors import (
     CommandError,
     InternalError,
     LimitExceeded,
+    Moved,
+    NodeBehind,
     ProtocolError,
+    StaleEpoch,
     StorageError,
+    Unavailable,
     ZkvError,
 )
 from .guard import (
@@ -43,6 +48,7 @@ from .guard import (
     rss_bytes,
 )
 from .keyspace import FILL, OVERWRITE
+from .placement import FROZEN, Placement
 from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
 from .transfer import MAX_BATCH_KEYS, Incoming, Outgoing, RangeScan, decode_batch
@@ -55,6 +61,7 @@ _OK_ITEM = [P.OK, "OK"]
 # keys, whatever COUNT asks, so that one page never holds the loop for long.
 SCAN_MAX_BUCKETS = 4096
 SCAN_MAX_KEY_BYTES = 1 << 20
+CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
 # Moves a node takes part in at once (incoming, outgoing streams, range scans): a
 # handful in practice; the bound keeps a stray or hostile request from piling up
 # sockets and state.
@@ -122,7 +129,16 @@ class Node:
             "XSTAT": lambda a: self.move_status(),
             "XGET": lambda a: list(self.storage.keyspace.state(a[0])),
             "XDEL": self._xdel,
+            "XCONFIG": self._xconfig,
+            "XHEALTH": lambda a: {"epoch": self.epoch, "routers": self._routers_seen()},
+            "CONFIG": lambda a: self.config_doc(),
         }
+        # The cluster configuration this node was last given (zkv.placement): which keys
+        # it serves at which epoch, and the name the ring knows it by.
+        self.placement: Placement | None = None
+        self.ring_name = self.address
+        self._checking = False  # the request being run is checked key by key
+        self.routers: dict[bytes, float] = {}  # who sent envelopes lately, and when
 
     # -- commands ----------------------------------------------------------
     def _get(self, a: list[Any]) -> Any:
@@ -220,10 +236,13 @@ class Node:
         max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
         run: list[bytes] = []  # pairs SET since the last record was logged
         gets = sets = 0
+        check = self._checking  # a plain request to a node of a cluster: key by key
         for item in commands:
             if type(item) is list:
                 n = len(item)
-                if n == 2 and item[0] == "GET":
+                if check:
+                    pass  # every command takes the general path, which checks its key
+                elif n == 2 and item[0] == "GET":
                     key = item[1]
                     if type(key) is bytes and len(key) <= max_key:
                         value = data.get(key)
@@ -253,6 +272,8 @@ class Node:
                 op, args = P.check_request(item, self.limits)
                 if op not in P.PIPE_OPS:
                     raise CommandError(f"{op} cannot be used in a pipeline")
+                if check:
+                    self._check_keys(op, args)
                 result = self.execute(op, args)
                 if type(result) is bytes:
                     if used + len(result) + ITEM_OVERHEAD > budget:
@@ -531,21 +552,46 @@ class Node:
         }
 
     # -- the loop ------------------------------------------------------------
-    def handle(self, frames: list[bytes]) -> list[bytes]:
-        """One request message in, the reply message out (routing frames preserved)."""
+    def _routers_seen(self, within: float = 10.0) -> int:
+        now = time.monotonic()
+        for ident in [i for i, t in self.routers.items() if now - t > within]:
+            del self.routers[ident]
+        return len(self.routers)
+
+    @property
+    def epoch(self) -> int:
+        return self.placement.epoch if self.placement is not None else 0
+
+    def handle(self, frames: list[bytes]) -> list[list[bytes]]:
+        """One request message in, its reply messages out (routing frames preserved): one
+        reply for a plain request, one or more reply envelopes for an envelope."""
         if len(frames) > self.limits.max_frames:
             self.errors += 1
-            return [
+            return [[
                 *frames[:-1],
                 P.encode_error(
                     "BAD_REQUEST",
                     f"{len(frames)} frames in one message; at most {self.limits.max_frames}",
                 ),
-            ]
+            ]]
         routing, body = frames[:-1], frames[-1]
+        if body[:3] == P.ENVELOPE:
+            self.routers[routing[0] if routing else b""] = time.monotonic()
+            return self._handle_envelope(routing, body)
+        placement = self.placement
+        return [[*routing,
+                 self.run_body(body, placement is not None and not placement.trivial)]]
+
+    def run_body(self, body: bytes, check: bool) -> bytes:
+        """One request body in, its reply body out. With ``check``, a keyed request is
+        refused (MOVED) unless this node serves its keys at its epoch: a request that
+        carries no epoch is judged by this node's configuration."""
         mark = self.storage.mark()
         try:
             op, args = P.parse_request(body, self.limits)
+            self._checking = check
+            if check:
+                self._check_keys(op, args)
             result = self.execute(op, args)
             reply = P.encode_ok_items(result) if op == "PIPE" else P.encode_ok(result)
             if len(reply) > self.limits.max_message_bytes:
@@ -553,16 +599,132 @@ class Node:
                     f"the reply to {op} would be {len(reply)} bytes, over the "
                     f"max_message_bytes limit of {self.limits.max_message_bytes}; ask for less"
                 )
-            return [*routing, reply]
+            return reply
         except ZkvError as exc:
             self.errors += 1
             self.storage.rollback_to(mark)  # an error reply: nothing of it applied
-            return [*routing, P.encode_exc(exc)]
+            return P.encode_exc(exc)
         except Exception as exc:  # a bug must not take the node down, nor half apply
             log.exception("internal error")
             self.errors += 1
             self.storage.rollback_to(mark)
-            return [*routing, P.encode_exc(InternalError(f"{type(exc).__name__}: {exc}"))]
+            return P.encode_exc(InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _handle_envelope(self, routing: list[bytes], body: bytes) -> list[list[bytes]]:
+        """The requests a router sent together: refused as a whole if routed by another
+        epoch than this node's, else each run in turn. Same-epoch requests are not
+        checked key by key: the router placed them by this very configuration."""
+        try:
+            epoch, items = P.decode_envelope(body, MAX_BATCH_PER_TURN)
+        except ProtocolError as exc:
+            self.errors += 1
+            return [[*routing, P.encode_exc(exc)]]
+        refusal = self._epoch_refusal(epoch)
+        refused = P.encode_exc(refusal) if refusal is not None else b""
+        if refusal is not None:
+            self.errors += len(items)
+        limit = self.limits.max_message_bytes - 4096
+        messages: list[list[bytes]] = []
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for tag, request in items:
+            reply = refused or self.run_body(request, False)
+            if chunk and size + len(reply) > limit:
+                messages.append([*routing, P.encode_reply_envelope(chunk)])
+                chunk, size = [], 0
+            chunk.append((tag, reply))
+            size += len(reply) + 12
+        messages.append([*routing, P.encode_reply_envelope(chunk)])
+        return messages
+
+    def _epoch_refusal(self, epoch: int) -> ZkvError | None:
+        mine = self.epoch
+        if epoch == mine and self.placement is not None:
+            return None
+        if epoch < mine:
+            return StaleEpoch(
+                f"node {self.ring_name} is at epoch {mine}; this request was routed by epoch "
+                f"{epoch}: refresh the configuration and send it again",
+                {"epoch": mine})
+        return NodeBehind(
+            f"node {self.ring_name} is at epoch {mine}, behind the request's {epoch}: it has "
+            "not got that configuration yet (the config manager sends it)", {"epoch": mine})
+
+    _READS = frozenset(("GET", "EXISTS", "XGET", "MGET"))
+    _KEYED = frozenset(("GET", "EXISTS", "XGET", "MGET", "SET", "DEL", "XDEL", "MSET"))
+
+    def _check_keys(self, op: str, args: list[Any]) -> None:
+        if op not in self._KEYED:
+            return
+        write = op not in self._READS
+        if op == "MGET":
+            keys = args[0]
+        elif op == "MSET":
+            keys = args[0][0::2]
+        else:
+            keys = args[:1]
+        for key in keys:
+            self._check_key(key, write)
+
+    def _check_key(self, key: bytes, write: bool) -> None:
+        assert self.placement is not None
+        refusal = self.placement.refuse(self.ring_name, key, write)
+        if refusal is None:
+            return
+        if refusal.code == FROZEN:
+            raise Unavailable(
+                f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE ABORT):"
+                " writes to it wait until the rollback is done; nothing changed")
+        raise Moved(f"key {key[:64]!r} is served by {refusal.owner} at epoch "
+                    f"{self.placement.epoch}, not by {self.ring_name}",
+                    {"owner": refusal.owner, "epoch": self.placement.epoch})
+
+    # -- the cluster configuration -------------------------------------------------------
+    def _xconfig(self, a: list[Any]) -> Any:
+        """The config manager's new configuration: kept (durably) if it is not older than
+        the one this node has, before the manager lets it take effect."""
+        spec = a[0] if a else None
+        if not isinstance(spec, dict) or "config" not in spec:
+            raise ProtocolError("expected a map with config (and name)")
+        try:
+            state = ClusterState.from_json(spec["config"], "XCONFIG")
+            name = spec.get("name", self.ring_name)
+            host, port = parse_address(name if isinstance(name, str) else "", "name")
+        except ZkvError as exc:
+            raise ProtocolError(f"config: {exc}") from None
+        if state.epoch < self.epoch:
+            raise StaleEpoch(f"node {self.ring_name} is at epoch {self.epoch}, newer than "
+                             f"{state.epoch}", {"epoch": self.epoch})
+        placement = Placement(state)  # checks the document further (rings, ranges)
+        name = format_address(host, port)
+        path = os.path.join(self.storage.dir, CLUSTER_FILE)
+        try:
+            durable.write_json(path, {"config": state.to_json(), "name": name})
+        except OSError as exc:
+            raise StorageError(f"cannot keep the cluster configuration in {path}: "
+                               f"{exc.strerror or exc}") from None
+        self.placement, self.ring_name = placement, name
+        return {"epoch": self.epoch}
+
+    def load_config(self) -> None:
+        """The configuration kept in the data directory, if any (a damaged one is set
+        aside: the config manager sends the current one again)."""
+        path = os.path.join(self.storage.dir, CLUSTER_FILE)
+        try:
+            data = durable.read_json(path)
+            if data is None:
+                return
+            state = ClusterState.from_json(data.get("config"), path)
+            host, port = parse_address(str(data.get("name", self.address)), "name")
+            self.placement, self.ring_name = Placement(state), format_address(host, port)
+        except (ValueError, ZkvError, AttributeError) as exc:
+            log.warning("%s: cannot use the kept cluster configuration (%s); waiting for the "
+                        "config manager to send it", path, exc)
+
+    def config_doc(self) -> dict[str, Any]:
+        p = self.placement
+        return {"epoch": self.epoch, "name": self.ring_name,
+                "config": p.state.to_json() if p is not None else None}
 
     def serve(self, sock: zmq.Socket[bytes], pull: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
@@ -585,17 +747,16 @@ class Node:
                 handle = self.handle
                 turn_bytes = 0  # the replies of one turn wait for its commit: bound them
                 for _ in range(MAX_BATCH_PER_TURN):
-                    reply = handle(wire.recv(sock))
-                    replies.append(reply)
-                    turn_bytes += len(reply[-1])
+                    for reply in handle(wire.recv(sock)):
+                        replies.append(reply)
+                        turn_bytes += len(reply[-1])
                     if turn_bytes > self.limits.max_message_bytes or not wire.waiting(sock):
                         break
                 try:
                     storage.commit(durable=self._durable)
                 except StorageError as exc:
                     log.error("%s", exc)
-                    body = P.encode_exc(exc)
-                    replies = [[*r[:-1], body] for r in replies]
+                    replies = [self._failed(r, P.encode_exc(exc)) for r in replies]
                 self._durable = False
                 for reply in replies:
                     out.send(reply)
@@ -617,15 +778,27 @@ class Node:
                 next_tidy = now + 1.0
                 out.tidy()
 
+    @staticmethod
+    def _failed(reply: list[bytes], error: bytes) -> list[bytes]:
+        """A reply of a turn whose commit failed: every answer in it becomes ``error``."""
+        body = reply[-1]
+        if body[:3] == P.REPLY_ENVELOPE:
+            tags = [tag for tag, _ in P.decode_reply_envelope(body)]
+            return [*reply[:-1], P.encode_reply_envelope([(t, error) for t in tags])]
+        return [*reply[:-1], error]
+
     def stop(self, *_: Any) -> None:
         self._stop = True
 
     def run(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Open the data directory and serve until stopped (SIGTERM, SIGINT)."""
         self.recovery = self.storage.open()
+        self.load_config()
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        # (an envelope around a request of the largest size is a little larger)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self.ctx = ctx

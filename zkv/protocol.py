@@ -44,6 +44,8 @@ MIN_FRAMES = 3  # a ROUTER sees [identity, delimiter or tag, body]
 ENVELOPE_BYTES = 4096  # a request's CBOR framing around its key and value, with room
 MAX_DEPTH = 5  # [op, {map: [[lo, 2**64 (a tag)], ...]}] is the deepest (a move's ranges)
 MAX_TOP = 8  # entries in a request's outer array: the op and its arguments
+# XCONFIG carries a configuration: [op, {config: {move: {transfers: [{ranges: [[lo, hi]]}]}}}]
+INTERNAL_DEPTH = 10
 MAX_OPTIONS = 16  # entries in an options map
 MAX_CURSOR = 128  # characters in a SCAN cursor
 MAX_ADDRESS = 300  # characters in HOST:PORT
@@ -153,6 +155,9 @@ COMMANDS: dict[str, Command] = {
         Command("XSTAT", INTERNAL, ("any?",), "internal: state of moves on a node"),
         Command("XGET", INTERNAL, ("key",), "internal: a key's state during a move"),
         Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
+        Command("XCONFIG", INTERNAL, ("any",), "internal: the config manager's configuration"),
+        Command("XHEALTH", INTERNAL, (), "internal: a heartbeat that says the node's epoch"),
+        Command("CONFIG", META, (), "The cluster configuration: epoch, members, any move."),
     )
 }
 
@@ -292,10 +297,12 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """The CBOR item of a request body, decoded within the bounds a request can have
     (zkv.cbor): no tags, nesting of at most MAX_DEPTH, at most ``limits.max_items``
     items (a move's internal requests may carry MAX_RANGES hash ranges)."""
-    items = INTERNAL_ITEMS if _peek_op(body).upper() in _INTERNAL_OPS else limits.max_items
-    longest = max(2 * limits.max_batch, MAX_RANGES if items == INTERNAL_ITEMS else 0)
+    internal = _peek_op(body).upper() in _INTERNAL_OPS
+    items = INTERNAL_ITEMS if internal else limits.max_items
+    longest = max(2 * limits.max_batch, MAX_RANGES if internal else 0)
     try:
-        return cbor.decode(body, items, MAX_DEPTH, longest, MAX_TOP)
+        return cbor.decode(body, items, INTERNAL_DEPTH if internal else MAX_DEPTH, longest,
+                           MAX_TOP)
     except cbor.Malformed as exc:
         raise ProtocolError(f"body is not a valid request: {exc}") from None
 
@@ -400,8 +407,8 @@ def encode_ok(result: Any) -> bytes:
     return cbor2.dumps([OK, result])
 
 
-def encode_error(code: str, message: str) -> bytes:
-    return cbor2.dumps([ERR, code, message])
+def encode_error(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    return cbor2.dumps([ERR, code, message, details] if details else [ERR, code, message])
 
 
 def _head(major: int, n: int) -> bytes:
@@ -446,7 +453,7 @@ def encode_ok_items(items: list[Any]) -> bytes:
 
 
 def encode_exc(exc: ZkvError) -> bytes:
-    return encode_error(exc.code, exc.message)
+    return encode_error(exc.code, exc.message, exc.details)
 
 
 def reply_item(result: Any) -> list[Any]:
@@ -454,6 +461,8 @@ def reply_item(result: Any) -> list[Any]:
 
 
 def error_item(exc: ZkvError) -> list[Any]:
+    if exc.details:
+        return [ERR, exc.code, exc.message, exc.details]
     return [ERR, exc.code, exc.message]
 
 
@@ -462,8 +471,9 @@ def result_of(item: Any) -> Any:
     if isinstance(item, list) and item:
         if item[0] == OK and len(item) == 2:
             return item[1]
-        if item[0] == ERR and len(item) == 3:
-            raise error_from_wire(str(item[1]), str(item[2]))
+        if item[0] == ERR and len(item) in (3, 4):
+            details = item[3] if len(item) == 4 and isinstance(item[3], dict) else None
+            raise error_from_wire(str(item[1]), str(item[2]), details)
     raise ProtocolError(f"malformed reply: {item!r:.80}")
 
 
@@ -479,3 +489,69 @@ def decode_reply(body: bytes) -> Any:
 def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
     """A compiled matcher (``.fullmatch``) for a Redis-style glob; see zkv.glob."""
     return glob.matcher(pattern)
+
+
+# -- envelopes: many requests to one node in one message, with the sender's epoch -------
+#
+# A router (the proxy, a follower, the direct client) sends each node the requests of
+# a loop turn together, tagged, with the epoch of the configuration it routed them by:
+#
+#     request envelope = b"\0ZB" | epoch u64 | (tag u64 | length u32 | body)*
+#     reply envelope   = b"\0ZR" | (tag u64 | length u32 | reply body)*
+#
+# (big-endian). A body is an ordinary request (or reply) body. A node answers the
+# requests in order; a reply may come in several envelopes when the replies are big.
+
+ENVELOPE = b"\x00ZB"
+REPLY_ENVELOPE = b"\x00ZR"
+_ENTRY = struct.Struct(">QI")
+_EPOCH = struct.Struct(">Q")
+
+
+def encode_envelope(epoch: int, items: list[tuple[int, bytes]]) -> bytes:
+    pack = _ENTRY.pack
+    parts = [ENVELOPE, _EPOCH.pack(epoch)]
+    for tag, body in items:
+        parts.append(pack(tag, len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def encode_reply_envelope(items: list[tuple[int, bytes]]) -> bytes:
+    pack = _ENTRY.pack
+    parts = [REPLY_ENVELOPE]
+    for tag, body in items:
+        parts.append(pack(tag, len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _entries(body: bytes, start: int, limit: int) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    unpack, size, n = _ENTRY.unpack_from, _ENTRY.size, len(body)
+    pos = start
+    while pos < n:
+        if len(out) >= limit:
+            raise ProtocolError(f"an envelope of more than {limit} requests")
+        if n - pos < size:
+            raise ProtocolError("an envelope ends inside an entry's head")
+        tag, length = unpack(body, pos)
+        pos += size
+        if length > n - pos:
+            raise ProtocolError("an envelope entry runs past the end of the message")
+        out.append((tag, body[pos : pos + length]))
+        pos += length
+    return out
+
+
+def decode_envelope(body: bytes, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """(epoch, [(tag, request body)]) of a request envelope; ProtocolError if damaged."""
+    if len(body) < 11 or body[:3] != ENVELOPE:
+        raise ProtocolError("not a request envelope")
+    return _EPOCH.unpack_from(body, 3)[0], _entries(body, 11, limit)
+
+
+def decode_reply_envelope(body: bytes) -> list[tuple[int, bytes]]:
+    if body[:3] != REPLY_ENVELOPE:
+        raise ProtocolError("not a reply envelope")
+    return _entries(body, 3, 1 << 30)

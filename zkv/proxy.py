@@ -1,12 +1,15 @@
 """The proxy: one ROUTER for clients, one DEALER per storage node, one poll loop.
 
-A single-key request is decoded only to find its key, then its body is
-forwarded unchanged to the owning node as ``[b"", tag, body]``; the node's
-reply body goes back to the client unchanged. Requests that span nodes (MGET,
-MSET, PIPE, KEYS, INFO, NODES) are split into one sub-request per node and
-merged by a :class:`Gather` in the caller's order. Every forwarded request has a
-deadline; heartbeats (:class:`zkv.cluster.Health`) mark silent nodes down so
-their keys fail fast with an error naming the node while the rest keep working.
+Data requests go through the routing core (:class:`zkv.router.Router`): this shell
+feeds it what the front reads and what the nodes answer, and sends what it returns,
+each node's requests of a loop turn together in one envelope that carries the
+epoch they were routed by. The proxy that owns a state directory is the cluster's
+config manager: the only writer of its configuration, which it sends to every
+node (XCONFIG) before letting a new epoch take effect. INFO and NODES gather every
+node's answer here; ADD, REMOVE and MOVE ABORT are driven by zkv.mover. Heartbeats
+(:class:`zkv.cluster.Health`, XHEALTH) mark silent nodes down so their keys fail
+fast with an error naming the node while the rest keep working, and bring a node
+that missed a configuration up to date.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from typing import Any
 
 import zmq
 
+from . import durable, lockfile
 from . import frames as wire
-from . import lockfile
 from . import protocol as P
 from .cluster import ClusterState, Health
 from .config import format_address, parse_address
@@ -34,11 +37,9 @@ from .errors import (
     ClusterError,
     CommandError,
     InternalError,
-    LimitExceeded,
     NodeUnavailable,
     ProtocolError,
     Timeout,
-    Unavailable,
     ZkvError,
 )
 from .guard import (
@@ -51,32 +52,28 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .keyspace import PRESENT, UNKNOWN
 from .mover import (
     SETTINGS,
     MoveDriver,
     check_settings,
-    moving_ranges,
     new_move,
     repair_settings,
 )
+from .placement import Placement
 from .planner import moved_fraction, plan, summary
-from .ring import DEFAULT_VNODES, MAX_WEIGHT, RangeSet, Ring, key_hash
+from .ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
+from .router import CORE_OPS, Router
 
 log = logging.getLogger("zkv.proxy")
 
 HEARTBEAT_TAG = b"hb"
-PING_BODY = P.encode_request("PING")
+PING_BODY = P.encode_request("XHEALTH")
+ENVELOPE_FRAME = b"\x00env"  # the routing frame of an envelope: this prefix and its number
+ENVELOPE_MAX = 1024  # requests in one envelope
 HOUSEKEEPING_EVERY = 0.01  # seconds between heartbeat/timer/move checks
 STATE_FILE = "cluster.json"
 MAX_PER_TURN = 4096
-SINGLE_KEY = frozenset(("GET", "SET", "DEL", "EXISTS"))
 PIPE_OPS = P.PIPE_OPS
-# Keys written through this proxy into ranges that are moving. While a destination is
-# down, a read of a moving key this proxy never wrote falls back to the old owner,
-# which then holds its latest value; past this many the fallback is switched off.
-MAX_DIRTY = 1_000_000
-KEYS_PAGE = 10_000  # keys asked for per SCAN page when KEYS walks the nodes
 KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_CLIENT_BUFFER = 64 << 20  # bytes of unread replies one client may have
@@ -85,76 +82,32 @@ _TAG = struct.Struct("<Q")
 
 
 class Gather:
-    """Collects the replies of the sub-requests one client request was split into.
+    """Collects the replies of the requests one client request (INFO, NODES) was split
+    into; the reply once all are in."""
 
-    ``limit`` bounds the reply. With ``value_budget``, the byte strings parts deliver
-    are counted as they arrive: ``over`` decides what becomes of a value past the
-    budget (an error in its place, or the whole reply failing at once), so the proxy
-    never holds much more than one reply's worth of values for a request."""
-
-    __slots__ = ("done", "encode", "finish", "left", "limit", "over", "results", "routing",
-                 "used", "value_budget")
+    __slots__ = ("done", "finish", "left", "results", "routing")
 
     def __init__(self, routing: list[bytes], parts: int,
-                 finish: Callable[[list[Any]], Any], limit: int = 1 << 62,
-                 encode: Callable[[Any], bytes] = P.encode_ok,
-                 value_budget: int | None = None,
-                 over: Callable[[int], Any] | None = None) -> None:
-        self.limit = limit
-        self.encode = encode
+                 finish: Callable[[list[Any]], Any]) -> None:
         self.routing = routing
         self.results: list[Any] = [None] * parts
         self.left = parts
         self.finish = finish  # results (values or ZkvError) -> result, may raise
         self.done = False
-        self.value_budget = value_budget
-        self.over = over
-        self.used = 0
 
     def deliver(self, part: int, result: Any) -> bytes | None:
         """Record one part's result (a value or a ZkvError); the reply body once complete."""
         if self.done:
             return None
-        if self.value_budget is not None and type(result) is bytes:
-            if self.used + len(result) + 16 > self.value_budget and self.over is not None:
-                result = self.over(self.value_budget)
-                if self.over is _fail_whole:
-                    self.done = True
-                    return P.encode_exc(result)
-            else:
-                self.used += len(result) + 16
         self.results[part] = result
         self.left -= 1
         if self.left:
             return None
         self.done = True
         try:
-            reply = self.encode(self.finish(self.results))
+            return P.encode_ok(self.finish(self.results))
         except ZkvError as exc:
             return P.encode_exc(exc)
-        if len(reply) > self.limit:
-            return P.encode_error("TOO_LARGE", (
-                f"the reply would be {len(reply)} bytes, over the max_message_bytes limit "
-                f"of {self.limit}; ask for less"))
-        return reply
-
-
-def _fail_whole(budget: int) -> ZkvError:
-    return LimitExceeded(f"the reply would be over {budget} bytes (max_message_bytes); "
-                         "ask for fewer keys at once")
-
-
-def _over_in_place(budget: int) -> ZkvError:
-    return LimitExceeded(
-        f"not returned: this value does not fit in what is left of the pipeline's reply "
-        f"budget of {budget} bytes (max_message_bytes); GET this key on its own"
-    )
-
-
-def first_error(results: list[Any]) -> None:
-    for r in results:
-        if isinstance(r, ZkvError):
-            raise r
 
 
 def load_state(state_dir: str) -> ClusterState | None:
@@ -190,19 +143,26 @@ def lock_state_dir(state_dir: str) -> int:
 def save_state(state_dir: str, state: ClusterState) -> None:
     """Write the state atomically and durably (temp file, fsync, rename, fsync dir)."""
     os.makedirs(state_dir, exist_ok=True)
-    path = os.path.join(state_dir, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state.to_json(), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_json(os.path.join(state_dir, STATE_FILE), state.to_json(), indent=2)
+
+
+def _involved_in(state: ClusterState) -> set[str]:
+    """Every node a configuration names: the ring's members and a move's nodes."""
+    move = state.move
+    return set(state.members) | (set(move["old"]) | set(move["new"]) if move else set())
+
+
+def _by_size(items: list[tuple[int, bytes]], limit: int) -> list[list[tuple[int, bytes]]]:
+    """Items cut into runs of at most ``limit`` bytes (a longer item alone in its run)."""
+    runs: list[list[tuple[int, bytes]]] = [[]]
+    size = 0
+    for item in items:
+        if runs[-1] and size + len(item[1]) + 12 > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += len(item[1]) + 12
+    return runs
 
 
 class Proxy:
@@ -238,13 +198,16 @@ class Proxy:
         self._lock_fd = lock_state_dir(state_dir)
         self.state = self._initial_state(members or {}, vnodes)
         self.ring: Ring = self.state.ring()
-        self.moving: RangeSet | None = None  # hash ranges in copy, reads fall back
-        self.old_ring: Ring | None = None
+        self.placement = Placement(self.state)
+        # the routing core (zkv.router): this proxy is the config manager, and the only
+        # router unless a node says it hears from another (then reads of moving keys no
+        # longer fall back to the old owner while the new one is down)
+        self.router = Router(self.placement, limits, self.timeout, knows_every_write=True)
+        self.publishing: ClusterState | None = None  # sent to the nodes, not yet in effect
+        self.envelopes: dict[bytes, set[int]] = {}  # envelope frame -> tags not answered
+        self._envelopes = 0
         self.driver: MoveDriver | None = None
         self._admin_busy = False
-        self.dirty: set[bytes] = set()  # see MAX_DIRTY
-        self.dirty_known = False  # whether ``dirty`` holds every write of this copy phase
-        self.frozen = False  # a move is being rolled back: its ranges take no writes
         self.node_keys: dict[str, tuple[int, float]] = {}  # last INFO key count, and when
         self._owner: list[bytes] | None = None  # the client whose request is being worked on
         self._serving = False
@@ -269,13 +232,8 @@ class Proxy:
         self.requests = 0
         self.errors = 0
         self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
-            "PING": lambda r, a: self._answer(r, "PONG"),
-            "MGET": self._mget,
-            "MSET": self._mset,
-            "PIPE": self._pipe,
-            "SCAN": self._scan,
-            "KEYS": self._keys,
             "INFO": self._info,
+            "CONFIG": lambda r, a: self._answer(r, self.config_doc()),
             "NODES": self._nodes,
             "RING": self._ring,
             "STATUS": lambda r, a: self._answer(r, self.status()),
@@ -355,13 +313,12 @@ class Proxy:
         self.out.send([*routing, P.encode_exc(exc)])
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
-                 finish: Callable[[list[Any]], Any], allow_down: bool = False,
-                 encode: Callable[[Any], bytes] = P.encode_ok) -> None:
+                 finish: Callable[[list[Any]], Any], allow_down: bool = False) -> None:
         """Send one body per node; ``finish`` gets results in the order of ``bodies``."""
         if not bodies:
             self._answer(routing, finish([]))
             return
-        gather = Gather(routing, len(bodies), finish, self.limits.max_message_bytes, encode)
+        gather = Gather(routing, len(bodies), finish)
         for part, (addr, body) in enumerate(bodies.items()):
             try:
                 self._forward(addr, body, gather, part)
@@ -377,7 +334,7 @@ class Proxy:
             self.out.send([*gather.routing, reply])
 
     # -- the front -------------------------------------------------------------
-    def handle_front(self, frames: list[bytes]) -> None:
+    def handle_front(self, frames: list[bytes], now: float) -> None:
         self.requests += 1
         routing = frames[:-1]
         self._owner = routing
@@ -388,12 +345,8 @@ class Proxy:
                 )
             body = frames[-1]
             op, args = P.parse_request(body, self.limits)
-            if op in SINGLE_KEY:
-                key = args[0]
-                if self.moving is not None and self.moving.contains(key_hash(key)):
-                    self._moving(op, args, lambda r: self._reply(routing, r))
-                else:
-                    self._forward(self.ring.owner(key), body, routing)
+            if op in CORE_OPS:
+                self.router.request_parsed(routing, op, args, body, now)
                 return
             handler = self._ops.get(op)
             if handler is None:
@@ -405,196 +358,44 @@ class Proxy:
             log.exception("internal error")
             self._fail(routing, InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _group(self, keys: list[bytes]) -> dict[str, list[int]]:
-        owner = self.ring.owner
-        groups: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(owner(key), []).append(i)
-        return groups
+    def _flush(self) -> None:
+        """Carry out what the routing core has for us: each node's requests of this turn
+        in one envelope (coalesced), replies to clients."""
+        ready = self.router.ready()
+        for node, items in ready.sends.items():
+            sock = self.links.get(node)
+            for start in range(0, len(items), ENVELOPE_MAX):
+                chunk = items[start : start + ENVELOPE_MAX]
+                for part in _by_size(chunk, self.limits.max_message_bytes):
+                    self._send_envelope(node, sock, ready.epoch, part)
+        send = self.out.send
+        for client, body in ready.answers:
+            send([*client, body])
+        if ready.wants is not None and ready.wants > self.state.epoch and not self.publishing:
+            log.warning("a node is at epoch %d, past this config manager's %d: its state "
+                        "directory was replaced?", ready.wants, self.state.epoch)
 
-    def _mget(self, routing: list[bytes], args: list[Any]) -> None:
-        keys: list[bytes] = args[0]
-        if self.moving is not None:
-            return self._moving_mget(routing, keys)
-        groups = self._group(keys)
-        order = list(groups.values())
-
-        def finish(results: list[Any]) -> Any:
-            first_error(results)
-            out: list[Any] = [None] * len(keys)
-            for idx, values in zip(order, results):
-                for i, v in zip(idx, values):
-                    out[i] = v
-            return out
-
-        share = self.limits.max_message_bytes // len(groups)  # each node's part of the reply
-        bodies = {a: P.encode_request("MGET", [keys[i] for i in idx], share)
-                  for a, idx in groups.items()}
-        self._scatter(routing, bodies, finish)
-
-    def _mset(self, routing: list[bytes], args: list[Any]) -> None:
-        pairs: list[bytes] = args[0]
-        if self.moving is not None:
-            for key in pairs[0::2]:
-                if self.frozen and self.moving.contains(key_hash(key)):
-                    raise self._frozen_error(key)
-            for key in pairs[0::2]:
-                self._written(key)
-        groups = self._group(pairs[0::2])
-        bodies = {
-            a: P.encode_request("MSET", [x for i in idx for x in (pairs[2 * i], pairs[2 * i + 1])])
-            for a, idx in groups.items()
-        }
-
-        def finish(results: list[Any]) -> Any:
-            first_error(results)
-            return "OK"
-
-        self._scatter(routing, bodies, finish)
-
-    def _pipe(self, routing: list[bytes], args: list[Any]) -> None:
-        items: list[Any] = args[0]
-        out: list[Any] = [None] * len(items)
-        groups: dict[str, list[int]] = {}
-        parsed: list[tuple[int, str, list[Any]]] = []
-        owner = self.ring.owner
-        max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
-        plain = self.moving is None
-        for i, item in enumerate(items):
-            # the short path: a plain GET or SET, checked inline and routed at once
-            if plain and type(item) is list and 2 <= len(item) <= 3:
-                op, key = item[0], item[1]
-                if type(key) is bytes and len(key) <= max_key and (
-                        (op == "GET" and len(item) == 2)
-                        or (op == "SET" and len(item) == 3 and type(item[2]) is bytes
-                            and len(item[2]) <= max_value)):
-                    groups.setdefault(owner(key), []).append(i)
-                    continue
-            try:
-                op, sub = P.check_request(item, self.limits)
-                if op not in PIPE_OPS:
-                    raise CommandError(f"{op} cannot be used in a pipeline")
-                if op == "PING":
-                    out[i] = P.reply_item("PONG")
-                    continue
-                if self.moving is not None:
-                    parsed.append((i, op, sub))
-                    continue
-                groups.setdefault(self.ring.owner(sub[0]), []).append(i)
-            except ZkvError as exc:
-                out[i] = P.error_item(exc)
-        if parsed:
-            return self._moving_pipe(routing, out, parsed)
-        order = list(groups.values())
-
-        def finish(results: list[Any]) -> Any:
-            for idx, result in zip(order, results):
-                if isinstance(result, ZkvError):
-                    for i in idx:
-                        out[i] = P.error_item(result)
-                else:
-                    for i, r in zip(idx, result):
-                        out[i] = r
-            return out
-
-        if len(groups) == 1 and len(order[0]) == len(items):
-            # every command goes to one node: its reply is the client's, forwarded as is
-            addr = next(iter(groups))
-            self._forward(addr, P.encode_request("PIPE", items), routing)
+    def _send_envelope(self, node: str, sock: zmq.Socket[bytes] | None, epoch: int,
+                       items: list[tuple[int, bytes]]) -> None:
+        tags = [tag for tag, _ in items]
+        if sock is None:
+            self.router.fail_tags(tags, NodeUnavailable(f"node {node} is not a member"))
             return
-        share = self.limits.max_message_bytes // max(1, len(groups))
-        bodies = {a: P.encode_request("PIPE", [items[i] for i in idx], share)
-                  for a, idx in groups.items()}
-        self._scatter(routing, bodies, finish, allow_down=True, encode=P.encode_ok_items)
-
-    def _scan(self, routing: list[bytes], args: list[Any]) -> None:
-        cursor: str = args[0]
-        pattern = args[1] if len(args) > 1 else None
-        count = args[2] if len(args) > 2 else 1000
-        self._no_listing_during_move()
-        members = self.ring.members
-        if not members:
-            return self._answer(routing, ["0", []])
-        if cursor == "0":
-            idx, node_cursor = 0, "0"
-        else:
-            try:
-                epoch_text, idx_text, node_cursor = cursor.split(":", 2)
-                epoch, idx = int(epoch_text), int(idx_text)
-            except ValueError:
-                raise CommandError(f"bad SCAN cursor {cursor!r}; start again from 0") from None
-            if epoch != self.state.epoch or not 0 <= idx < len(members):
-                raise CommandError("the cluster changed during the SCAN; start again from 0")
-
-        def finish(results: list[Any]) -> Any:
-            first_error(results)
-            nxt, keys = results[0]
-            if nxt != "0":
-                return [f"{self.state.epoch}:{idx}:{nxt}", keys]
-            if idx + 1 < len(members):
-                return [f"{self.state.epoch}:{idx + 1}:0", keys]
-            return ["0", keys]
-
-        body = P.encode_request("SCAN", node_cursor, pattern, count)
-        self._scatter(routing, {members[idx]: body}, finish)
-
-    def _no_listing_during_move(self) -> None:
-        if self.state.move is not None:
-            raise CommandError(
-                "SCAN and KEYS are not available while a move is under way "
-                "(keys are on two nodes); retry when STATUS shows no move"
-            )
-
-    def _keys(self, routing: list[bytes], args: list[Any]) -> None:
-        """KEYS walks every node with SCAN pages, all nodes at once: each page is a
-        bounded step for its node, so a big keyspace never stalls a node's loop (its
-        heartbeats, everyone else's requests) the way one whole-keyspace request would."""
-        self._no_listing_during_move()
-        pattern = args[0] if args else None
-        members = list(self.ring.members)
-        gather = Gather(routing, len(members), self._merge_keys, self.limits.max_message_bytes)
-        budget = self.limits.max_message_bytes - 1024
-        used = [0]
-
-        def walk(part: int, addr: str, keys: list[bytes], cursor: str) -> None:
-            def page(result: Any) -> None:
-                if gather.done:
-                    return
-                if isinstance(result, ZkvError):
-                    self._deliver(gather, part, result)
-                    return
-                nxt, found = result
-                keys.extend(found)
-                used[0] += sum(len(k) + 16 for k in found)
-                if used[0] > budget:
-                    self._deliver(gather, part, LimitExceeded(
-                        f"KEYS would return more than max_message_bytes ({budget} bytes); "
-                        "use SCAN, which pages"))
-                elif nxt == "0":
-                    self._deliver(gather, part, keys)
-                else:
-                    walk(part, addr, keys, nxt)
-
-            self._call(addr, "SCAN", [cursor, pattern, KEYS_PAGE], page)
-
-        if not members:
-            return self._answer(routing, [])
-        for part, addr in enumerate(members):
-            walk(part, addr, [], "0")
-
-    @staticmethod
-    def _merge_keys(results: list[Any]) -> Any:
-        first_error(results)
-        return [k for part in results for k in part]
+        self._envelopes += 1
+        frame = ENVELOPE_FRAME + _TAG.pack(self._envelopes)
+        try:
+            wire.send(sock, [frame, P.encode_envelope(epoch, items)], wire.NOBLOCK)
+        except zmq.Again:
+            self.router.fail_tags(tags, NodeUnavailable(
+                f"node {node} is not connected or not keeping up"))
+            return
+        self.envelopes[frame] = set(tags)
 
     def _involved(self) -> list[str]:
         """The ring's members, then any other node a move under way involves (a node
         joining before the copy, or leaving after it)."""
         members = list(self.ring.members)
-        move = self.state.move
-        if move is not None:
-            members += sorted((set(move["old"]) | set(move["new"])) - set(members))
-        return members
+        return members + sorted(_involved_in(self.state) - set(members))
 
     def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
         members = self._involved()
@@ -670,6 +471,10 @@ class Proxy:
             "notes": list(self.notes),
         }
 
+    def config_doc(self) -> dict[str, Any]:
+        return {"epoch": self.state.epoch, "config": self.state.to_json(), "name": None,
+                "manager": self.address}
+
     def info(self) -> dict[str, Any]:
         return {
             "role": "proxy",
@@ -680,7 +485,7 @@ class Proxy:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "requests": self.requests,
             "errors": self.errors,
-            "in_flight": len(self.pending),
+            "in_flight": len(self.pending) + self.router.in_flight,
             "rss_bytes": rss_bytes(),
             **(self.guard.stats() if self.guard is not None else {}),
             **self.out.stats(),
@@ -711,133 +516,6 @@ class Proxy:
             if self.health.is_up(addr):
                 self._call(addr, "INFO", [], functools.partial(self._note_keys, addr))
 
-    def _frozen_error(self, key: bytes) -> ZkvError:
-        return Unavailable(
-            f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE ABORT): "
-            "writes to it wait until the rollback is done (STATUS shows it); nothing changed")
-
-    def _written(self, key: bytes) -> None:
-        """Note a write of a moving key (before it is sent: its outcome may stay unknown)."""
-        if self.dirty_known:
-            if len(self.dirty) >= MAX_DIRTY:
-                log.warning("more than %d keys written during this move: reads of moving "
-                            "keys no longer fall back to the old owner while a new one is down",
-                            MAX_DIRTY)
-                self.dirty_known = False
-                self.dirty.clear()
-            else:
-                self.dirty.add(key)
-
-    def _may_read_old(self, key: bytes) -> bool:
-        """Whether the old owner holds the latest value of a moving key: true when this
-        proxy has seen every write of the copy phase and none was to this key."""
-        return self.dirty_known and key not in self.dirty
-
-    def _moving(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
-        """One single-key command on a key that is being moved: writes go to the new
-        owner; reads ask the new owner and fall back to the old one when the new one
-        holds no state of the key yet (or does not answer, if the key was not written
-        during the move); a delete leaves a tombstone at the new owner."""
-        key = args[0]
-        new = self.ring.owner(key)
-        assert self.old_ring is not None
-        old = self.old_ring.owner(key)
-        if self.frozen and op in ("SET", "DEL"):
-            done(self._frozen_error(key))
-            return
-        if op == "SET":
-            self._written(key)
-            self._call(new, op, args, done)
-            return
-
-        if op == "DEL":
-            self._moving_del(key, new, old, done)
-            return
-
-        def after_get(result: Any) -> None:
-            if isinstance(result, ZkvError):
-                if isinstance(result, Unavailable) and self._may_read_old(key):
-                    self._call(old, op, [key], done)  # the new owner has nothing newer
-                else:
-                    done(result)
-                return
-            state, value = result
-            if state == UNKNOWN:
-                self._call(old, op, [key], done)
-            elif op == "GET":
-                done(value if state == PRESENT else None)
-            else:
-                done(int(state == PRESENT))
-
-        self._call(new, "XGET", [key], after_get)
-
-    def _moving_del(self, key: bytes, new: str, old: str, done: Callable[[Any], None]) -> None:
-        """DEL of a moving key. Whether it existed may depend on the old owner, so that
-        is asked *before* the tombstone is written: if either node fails first, nothing
-        was deleted and the error says so truthfully."""
-        def delete(existed_elsewhere: int) -> None:
-            self._written(key)
-
-            def after_del(result: Any) -> None:
-                if isinstance(result, ZkvError):
-                    done(result)
-                else:
-                    done(int(bool(result[0]) or bool(existed_elsewhere)))
-
-            self._call(new, "XDEL", [key], after_del)
-
-        def after_state(result: Any) -> None:
-            if isinstance(result, ZkvError):
-                done(result)
-            elif result[0] == UNKNOWN:
-                def after_exists(exists: Any) -> None:
-                    if isinstance(exists, ZkvError):
-                        done(exists)
-                    else:
-                        delete(int(exists))
-                self._call(old, "EXISTS", [key], after_exists)
-            else:
-                delete(0)
-
-        self._call(new, "XGET", [key], after_state)
-
-    def _join(self, routing: list[bytes], parts: int, finish: Callable[[list[Any]], Any],
-              over: Callable[[int], Any]) -> Callable[[int], Callable[[Any], None]]:
-        """Callbacks for ``parts`` results; ``finish`` runs once all are in. Values are
-        counted against the reply budget as they come (see Gather)."""
-        limit = self.limits.max_message_bytes
-        gather = Gather(routing, parts, finish, limit,
-                        value_budget=limit - 256 * parts - 1024, over=over)
-        return lambda i: (lambda result: self._deliver(gather, i, result))
-
-    def _moving_mget(self, routing: list[bytes], keys: list[bytes]) -> None:
-        def finish(results: list[Any]) -> Any:
-            first_error(results)
-            return results
-
-        slot = self._join(routing, len(keys), finish, _fail_whole)
-        for i, key in enumerate(keys):
-            self._moving_or_direct("GET", [key], slot(i))
-
-    def _moving_pipe(self, routing: list[bytes], out: list[Any],
-                     parsed: list[tuple[int, str, list[Any]]]) -> None:
-        """A pipeline while a move is open: each keyed command on its own, in order."""
-        def finish(results: list[Any]) -> Any:
-            for (i, _, _), r in zip(parsed, results):
-                out[i] = P.error_item(r) if isinstance(r, ZkvError) else P.reply_item(r)
-            return out
-
-        slot = self._join(routing, len(parsed), finish, _over_in_place)
-        for n, (_, op, sub) in enumerate(parsed):
-            self._moving_or_direct(op, sub, slot(n))
-
-    def _moving_or_direct(self, op: str, args: list[Any], done: Callable[[Any], None]) -> None:
-        assert self.moving is not None
-        if self.moving.contains(key_hash(args[0])):
-            self._moving(op, args, done)
-        else:
-            self._call(self.ring.owner(args[0]), op, args, done)
-
     # -- administration: ADD and REMOVE -------------------------------------------
     def send(self, addr: str, op: str, args: list[Any], done: Callable[[Any], None],
              timeout: float = 60.0) -> None:
@@ -846,27 +524,57 @@ class Proxy:
             self._connect(addr)
         self._call(addr, op, args, done, timeout)
 
-    def commit(self, state: ClusterState) -> None:
-        """Persist a new state, then let it take effect."""
+    def commit(self, state: ClusterState, then: Callable[[], None] | None = None) -> None:
+        """Persist a new configuration, send it to every node it involves, and let it take
+        effect here once they all have it (or are down: they get it when they are back),
+        so that no node is ever behind a router that routes by it. ``then`` runs once it
+        is in effect."""
         save_state(self.state_dir, state)
-        self._apply_state(state)
+        self._publish(state, then)
+
+    def _publish(self, state: ClusterState, then: Callable[[], None] | None = None) -> None:
+        self.publishing = state
+        targets = [a for a in _involved_in(state) if self.health.is_up(a)]
+        left = set(targets)
+        for addr in sorted(_involved_in(state) - set(self.links)):
+            self._connect(addr)
+
+        def acked(addr: str, ok: bool) -> None:
+            left.discard(addr)
+            if not left and self.publishing is state:
+                self.publishing = None
+                self._apply_state(state)
+                if then is not None:
+                    then()
+
+        if not targets:
+            acked("", True)
+        for addr in targets:
+            self._push(addr, state, functools.partial(acked, addr))
+
+    def _push(self, addr: str, state: ClusterState, done: Callable[[bool], None]) -> None:
+        def answered(result: Any) -> None:
+            if isinstance(result, ZkvError):
+                log.warning("node %s did not take epoch %d: %s (it gets it again once it "
+                            "answers)", addr, state.epoch, result)
+            done(not isinstance(result, ZkvError))
+
+        self._call(addr, "XCONFIG", [{"config": state.to_json(), "name": addr}], answered,
+                   self.timeout)
+
+    def settled(self) -> bool:
+        """For the move driver: no configuration is on its way to the nodes."""
+        return self.publishing is None
 
     def _apply_state(self, state: ClusterState) -> None:
         self.state = state
         self.ring = state.ring()
-        move = state.move
-        self.frozen = move is not None and move["phase"] == "revert"
-        if move is not None and move["phase"] in ("copy", "revert"):
-            if self.moving is None:  # the copy phase starts: no write of it seen yet
-                self.dirty.clear()
-                self.dirty_known = self._serving  # a proxy restarted mid-copy missed some
-            self.moving = moving_ranges(move)
-            self.old_ring = Ring(move["old"], state.vnodes)
-        else:
-            self.moving, self.old_ring = None, None
-        wanted = set(state.members) | (set(move["old"]) | set(move["new"]) if move else set())
-        for addr in sorted(wanted - set(self.links)):
+        self.placement = Placement(state)
+        self.router.set_placement(self.placement)
+        for addr in sorted(_involved_in(state) - set(self.links)):
             self._connect(addr)
+        if self.driver is None and not self._admin_busy:
+            self._drop_links()
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
         self.timers.append((time.monotonic() + delay, fn, self._owner))
@@ -887,7 +595,7 @@ class Proxy:
                     self._owner = None
 
     def _drop_links(self) -> None:
-        wanted = set(self.state.members)
+        wanted = _involved_in(self.state)
         for addr in sorted(set(self.links) - wanted):
             self._disconnect(addr)
 
@@ -898,6 +606,8 @@ class Proxy:
                 f"a move is under way ({m['kind'].upper()} {m['node']}, phase {m['phase']}); "
                 "wait for it to finish (STATUS shows its progress)"
             )
+        if self.publishing is not None:
+            raise ClusterError("a configuration change is being sent to the nodes; try again")
         if self._admin_busy:
             raise ClusterError("another ADD or REMOVE is being started; try again")
 
@@ -979,13 +689,13 @@ class Proxy:
             raise ClusterError(f"{addr} is not a member; nothing changed")
         if len(self.state.members) == 1:
             raise ClusterError(f"cannot remove {addr}: it is the last node; nothing changed")
-        self.commit(self.state.with_members(
-            {a: w for a, w in self.state.members.items() if a != addr}))
-        self._drop_links()
+        smaller = self.state.with_members(
+            {a: w for a, w in self.state.members.items() if a != addr})
         log.error("REMOVE %s --force: the node is dropped from the ring at epoch %d without "
-                  "its keys: %s are LOST", addr, self.state.epoch, lost)
-        self._answer(routing, {"removed": addr, "forced": True, "epoch": self.state.epoch,
-                               "lost": lost, "lost_keys": known[0] if known else None})
+                  "its keys: %s are LOST", addr, smaller.epoch, lost)
+        reply = {"removed": addr, "forced": True, "epoch": smaller.epoch, "lost": lost,
+                 "lost_keys": known[0] if known else None}
+        self.commit(smaller, lambda: self._answer(routing, reply))
 
     def _move_command(self, routing: list[bytes], args: list[Any]) -> None:
         """MOVE ABORT [--force]: roll the move under way back (see zkv.mover)."""
@@ -1001,11 +711,8 @@ class Proxy:
         move_id = self.driver.move["id"]
         message = self.driver.abort(force)
         log.warning("MOVE ABORT%s of %s: %s", " --force" if force else "", move_id, message)
-        if self.driver.finished:
-            self.driver = None
-            self._drop_links()
         self._answer(routing, {"id": move_id, "epoch": self.state.epoch, "message": message,
-                               "move": self.driver.status() if self.driver else None})
+                               "move": None if self.driver.finished else self.driver.status()})
 
     def is_up(self, addr: str) -> bool:
         """For the move driver: whether a node answers its heartbeats."""
@@ -1075,14 +782,16 @@ class Proxy:
         reply = self._plan_reply(new_ring, False)
         new_members = new_ring.weights
         if not self.state.members:  # the first node: nothing to move
-            self.commit(self.state.with_members(new_members))
-            reply["epoch"] = self.state.epoch
-            return self._answer(routing, reply)
+            first = self.state.with_members(new_members)
+            reply["epoch"] = first.epoch
+            self.commit(first, lambda: self._answer(routing, reply))  # once in effect
+            return None
         settings = dict(self.move_defaults)
         settings.update({k: v for k, v in options.items() if k in settings and v is not None})
         move = new_move(self.state, kind, addr, new_members, settings)
-        self.commit(self.state.with_move(move))
-        self.driver = MoveDriver(self, self.state)
+        started = self.state.with_move(move)
+        self.commit(started)  # in effect once every node has it; the driver waits for that
+        self.driver = MoveDriver(self, started)
         reply["id"] = move["id"]
         self._answer(routing, reply)
 
@@ -1090,20 +799,70 @@ class Proxy:
     def handle_node(self, addr: str, frames: list[bytes], now: float) -> None:
         if self.health.seen(addr, now):
             log.info("node %s is up", addr)
-        if len(frames) != 2 or frames[0] == HEARTBEAT_TAG:
+            self.router.set_down(addr, False, now)
+        if len(frames) != 2:
             return
-        entry = self.pending.pop(frames[0], None)
+        tag, body = frames
+        if tag == HEARTBEAT_TAG:
+            self._health_reply(addr, body)
+            return
+        if tag.startswith(ENVELOPE_FRAME):
+            waiting = self.envelopes.get(tag)
+            if body[:3] == P.REPLY_ENVELOPE:
+                reply = self.router.reply
+                try:
+                    entries = P.decode_reply_envelope(body)
+                except ZkvError:
+                    entries = []
+                for entry_tag, entry_body in entries:
+                    reply(entry_tag, entry_body, now)
+                    if waiting is not None:
+                        waiting.discard(entry_tag)
+            elif waiting is not None:  # the node refused the envelope as a whole
+                try:
+                    P.decode_reply(body)
+                    error: ZkvError = ProtocolError(f"node {addr} answered an envelope oddly")
+                except ZkvError as exc:
+                    error = exc
+                self.router.fail_tags(list(waiting), error)
+                waiting.clear()
+            if waiting is not None and not waiting:
+                del self.envelopes[tag]
+            return
+        entry = self.pending.pop(tag, None)
         if entry is None:
             return  # a late reply to a request that already timed out
         target, _, part, _ = entry
         if part == -1:
-            self.out.send([*target, frames[1]])
+            self.out.send([*target, body])
             return
         try:
-            result: Any = P.decode_reply(frames[1])
+            result: Any = P.decode_reply(body)
         except ZkvError as exc:
             result = exc
         self._continue(entry, result)
+
+    def _health_reply(self, addr: str, body: bytes) -> None:
+        """A heartbeat's answer: the node's epoch (a node behind gets the configuration
+        again) and how many routers it has seen (if more than this one, reads of moving
+        keys may no longer fall back: other routers' writes are not known here)."""
+        try:
+            result = P.decode_reply(body)
+        except ZkvError:
+            return
+        if not isinstance(result, dict):
+            return
+        epoch, routers = result.get("epoch"), result.get("routers")
+        if (isinstance(epoch, int) and epoch < self.state.epoch and not self.publishing
+                and addr in self._involved()):
+            log.info("node %s is at epoch %d, behind %d: sending it the configuration", addr,
+                     epoch, self.state.epoch)
+            self._push(addr, self.state, lambda ok: None)
+        if isinstance(routers, int) and routers > 1 and self.router.knows_every_write:
+            log.info("another router sends requests to %s: reads of moving keys will not "
+                     "fall back to their old owner while the new one is down", addr)
+            self.router.knows_every_write = False
+            self.router.dirty_known = False
 
     def _continue(self, entry: tuple[Any, str, int, list[bytes] | None], result: Any) -> None:
         """Hand a node's result (or an error) to what waits for it, inside one error
@@ -1148,6 +907,7 @@ class Proxy:
 
     def _node_down(self, addr: str) -> None:
         log.warning("node %s is down (no heartbeat reply)", addr)
+        self.router.set_down(addr, True, time.monotonic())
         lost = [tag for tag, entry in self.pending.items() if entry[1] == addr]
         for tag in lost:
             self._abandon(self.pending.pop(tag), NodeUnavailable(
@@ -1174,8 +934,9 @@ class Proxy:
             for sock, _ in poller.poll(10):
                 if sock is front:
                     handle = self.handle_front
+                    now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
-                        handle(recv(front))
+                        handle(recv(front), now)
                         if not waiting(front):
                             break
                 else:
@@ -1190,6 +951,11 @@ class Proxy:
                         if not waiting(sock):
                             break
             now = time.monotonic()
+            router = self.router
+            if router.deadlines and router.deadlines[0][0] <= now or router.parked \
+                    or router.delayed:
+                router.tick(now)
+            self._flush()
             if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
                 self._expire(now)
             if now >= next_housekeeping:
@@ -1230,7 +996,8 @@ class Proxy:
             self.driver.error = f"internal error: {type(exc).__name__}: {exc}"
             self.driver.waiting = 0
             self.driver.next_at = now + 1.0
-        if self.driver.finished:
+        if self.driver.finished and self.publishing is None:
+            # (only once its last configuration is in effect: STATUS shows no move then)
             self.driver = None
             self._drop_links()
 
@@ -1278,12 +1045,13 @@ class Proxy:
         self.poller.register(front, zmq.POLLIN)
         self._repair_move()
         self._apply_state(self.state)
+        self._warm_up(min(self.timeout, 1.0))
+        self._publish(self.state)  # every node gets the configuration this proxy serves
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
             self.driver = MoveDriver(self, self.state)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
-        self._warm_up(min(self.timeout, 1.0))
         line = (
             f"zkv proxy {self.address} epoch={self.state.epoch} "
             f"members={','.join(self.ring.members) or '-'} state={self.state_dir}"

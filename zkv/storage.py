@@ -33,7 +33,6 @@ only then are the older segments deleted.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -42,7 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lockfile, wal
+from . import durable, lockfile, wal
+from .durable import fsync_dir
 from .errors import LogCorruption, StorageError
 from .keyspace import Keyspace, ReplayError
 
@@ -77,14 +77,6 @@ class Recovery:
     warnings: list[str] = field(default_factory=list)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class Manifest:
     """Which files hold a node's data: the snapshot (None before the first) and the
@@ -102,13 +94,9 @@ class Manifest:
 def read_manifest(data_dir: str) -> Manifest | None:
     """The MANIFEST of a data directory; None if there is none; ValueError if damaged."""
     path = os.path.join(data_dir, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    data = durable.read_json(path)
+    if data is None:
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is damaged: {exc}") from None
     ok = (isinstance(data, dict) and data.get("version") == MANIFEST_VERSION
           and (data.get("snapshot") is None or _seq(data.get("snapshot")))
           and isinstance(data.get("segments"), list) and len(data["segments"]) == 2
@@ -125,22 +113,7 @@ def _seq(value: object) -> bool:
 
 def write_manifest(data_dir: str, manifest: Manifest) -> None:
     """Replace the MANIFEST atomically and durably."""
-    path = os.path.join(data_dir, MANIFEST)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest.to_json(), f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(data_dir)
+    durable.write_json(os.path.join(data_dir, MANIFEST), manifest.to_json())
 
 
 def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, Any],

@@ -1,0 +1,782 @@
+"""The routing core: client requests and node replies in, messages out. No I/O.
+
+The proxy, a follower proxy and the direct-routing client are thin shells around a
+:class:`Router` (the way etcd-io/raft's ``Step``/``Ready`` works): the shell feeds
+it what arrives and the time, and carries out what it returns.
+
+    router.request(client, body, now)     a client's request (its body, undecoded)
+    router.reply(tag, body, now)          a node's reply to one of our requests
+    router.tick(now)                      deadlines
+    router.set_placement(placement)       a new cluster configuration
+    router.set_down(node, down)           what heartbeats say
+    router.ready() -> Ready               requests to send (per node), replies to give
+
+Every request to a node is sent with the epoch of the placement it was routed by
+(the shell puts each node's requests of a loop turn into one envelope,
+``zkv.protocol.encode_envelope``). A node refuses a request routed by another
+epoch than its own; the router then parks what was refused, says in
+``Ready.wants`` which epoch it needs, and routes it again once
+:meth:`set_placement` gives it one that new. Nothing refused that way was applied,
+so sending it again is safe.
+
+A client request becomes a job. Single-key commands on keys that stay put are
+forwarded as they are and their reply given back as it is. MGET, MSET and PIPE are
+split per node and merged in the client's order, within the reply budget. A key
+being moved takes the move protocol's steps, each a state of its job, not a
+callback: a read asks the new owner (XGET), then the old one when the new one has
+no state of it; a DEL asks the old owner whether the key exists before writing its
+tombstone at the new one; during a rollback (MOVE ABORT) writes to those ranges are
+refused. A bug in any step becomes an error reply to that client, never a dead loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as P
+from .errors import (
+    CommandError,
+    InternalError,
+    LimitExceeded,
+    Moved,
+    NodeBehind,
+    NodeUnavailable,
+    ProtocolError,
+    StaleEpoch,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
+from .keyspace import PRESENT, UNKNOWN
+from .placement import Placement
+
+log = logging.getLogger("zkv.router")
+
+__all__ = ["CORE_OPS", "Ready", "Router"]
+
+# The commands a router serves by itself; anything else is the shell's (INFO, admin).
+CORE_OPS = frozenset(("GET", "SET", "DEL", "EXISTS", "MGET", "MSET", "PIPE", "SCAN", "KEYS",
+                      "PING"))
+MAX_REROUTES = 8  # times one request may be refused for a stale view before it fails
+BEHIND_RETRY = 0.05  # seconds before a request a node was behind for is sent again
+KEYS_PAGE = 10_000
+# Keys written during a move's copy that a router remembers, to know which reads may
+# fall back to the old owner while the new one is down (see Router.dirty).
+MAX_DIRTY = 1_000_000
+
+_GET_NEW, _GET_OLD, _DEL_STATE, _DEL_EXISTS, _DEL_WRITE, _PLAIN, _GROUP, _SCAN = range(8)
+
+
+@dataclass
+class Ready:
+    """What the shell must do now: send ``sends[node]`` (tag, body) pairs to each node in
+    one envelope of epoch ``epoch``; give each client its reply; and, if ``wants`` is
+    set, obtain a configuration of at least that epoch."""
+
+    epoch: int
+    sends: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
+    answers: list[tuple[Any, bytes]] = field(default_factory=list)
+    wants: int | None = None
+
+
+class Op:
+    """One key's command within a job: what it is, and where its result goes."""
+
+    __slots__ = ("args", "body", "job", "kind", "slot", "state", "tries")
+
+    def __init__(self, job: Job, slot: int, kind: str, args: list[Any],
+                 body: bytes | None = None) -> None:
+        self.job, self.slot, self.kind, self.args, self.body = job, slot, kind, args, body
+        self.state: Any = None  # the chain's memory (what the old owner said, ...)
+        self.tries = 0
+
+    @property
+    def key(self) -> bytes:
+        return self.args[0]  # type: ignore[no-any-return]
+
+    @property
+    def write(self) -> bool:
+        return self.kind in ("SET", "DEL")
+
+
+class Job:
+    """One client request: its ops' results gather here, and it answers once."""
+
+    __slots__ = ("client", "deadline", "done", "encode", "kind", "left", "over", "raw",
+                 "results", "used", "value_budget")
+
+    def __init__(self, client: Any, kind: str, parts: int, deadline: float) -> None:
+        self.client, self.kind, self.deadline = client, kind, deadline
+        self.results: list[Any] = [None] * parts
+        self.left = parts
+        self.done = False
+        self.raw: bytes | None = None  # a reply forwarded as it is (single commands)
+        self.value_budget: int | None = None
+        self.used = 0
+        self.over = False  # MGET: the budget ran out, the whole reply is TOO_LARGE
+
+
+@dataclass
+class _Sent:
+    """A request in flight: to whom, for which ops, how it is to be read."""
+
+    node: str
+    kind: int
+    ops: list[Op]
+    deadline: float
+    epoch: int
+    extra: Any = None
+
+
+class Router:
+    def __init__(self, placement: Placement, limits: P.Limits, timeout: float,
+                 knows_every_write: bool = False) -> None:
+        self.placement = placement
+        self.limits = limits
+        self.timeout = timeout
+        self.down: set[str] = set()
+        self._seq = 0
+        self.inflight: dict[int, _Sent] = {}
+        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self.parked: list[Op] = []  # refused for a stale view: routed again at ``need``
+        self.need = 0
+        self.delayed: list[tuple[float, Op]] = []  # refused by a node behind: again soon
+        self.now = 0.0
+        self._ready = Ready(placement.epoch)
+        # A key written through this router during a move's copy, and whether this router
+        # saw every such write (only a router that is the only one can): then a read of
+        # a key not among them may fall back to the old owner while the new one is down.
+        self.knows_every_write = knows_every_write
+        self.dirty: set[bytes] = set()
+        self.dirty_known = False
+        self.requests = 0
+        self.errors = 0
+
+    # -- inputs ------------------------------------------------------------------------
+    def set_placement(self, placement: Placement) -> None:
+        old_move = self.placement.state.move
+        new_move = placement.state.move
+        if placement.moving is None:
+            self.dirty.clear()
+            self.dirty_known = False
+        elif self.placement.moving is None or (old_move or {}).get("id") != (new_move or {}).get(
+                "id"):
+            # a copy starts, seen from its start: every write of it goes through here
+            self.dirty.clear()
+            self.dirty_known = self.knows_every_write
+        self.placement = placement
+        self._ready.epoch = placement.epoch
+        if self.parked and placement.epoch >= self.need:
+            parked, self.parked = self.parked, []
+            for op in parked:
+                if not op.job.done:
+                    self._route(op)
+
+    def set_down(self, node: str, down: bool, now: float) -> None:
+        if down:
+            if node in self.down:
+                return
+            self.down.add(node)
+            lost = [tag for tag, sent in self.inflight.items() if sent.node == node]
+            for tag in lost:
+                sent = self.inflight.pop(tag)
+                self._fail_sent(sent, NodeUnavailable(
+                    f"node {node} went down with this request in flight; "
+                    "the outcome of a write is unknown"))
+        else:
+            self.down.discard(node)
+
+    def request(self, client: Any, body: bytes, now: float) -> None:
+        """A client's request body, undecoded."""
+        self.now = now
+        self.requests += 1
+        try:
+            op, args = P.parse_request(body, self.limits)
+        except ZkvError as exc:
+            self._answer_error(client, exc)
+            return
+        self.request_parsed(client, op, args, body, now)
+
+    def request_parsed(self, client: Any, op: str, args: list[Any], body: bytes,
+                       now: float) -> None:
+        """A request already parsed (by a shell that serves other commands itself)."""
+        deadline = now + self.timeout
+        try:
+            if op in ("GET", "SET", "DEL", "EXISTS"):
+                job = Job(client, "one", 1, deadline)
+                self._route(Op(job, 0, op, args, body))
+            elif op == "MGET":
+                self._mget(client, args, deadline)
+            elif op == "MSET":
+                self._mset(client, args, deadline)
+            elif op == "PIPE":
+                self._pipe(client, args[0], deadline)
+            elif op == "PING":
+                self._answer_body(client, P.encode_ok("PONG"))
+            elif op == "SCAN":
+                self._scan(client, args, deadline)
+            elif op == "KEYS":
+                self._keys(client, args, deadline)
+            else:
+                raise CommandError(f"{op} is not served here")
+        except ZkvError as exc:
+            self._answer_error(client, exc)
+        except Exception as exc:  # noqa: BLE001 - one boundary per request
+            log.exception("internal error routing %s", op)
+            self._answer_error(client, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def reply(self, tag: int, body: bytes, now: float) -> None:
+        """A node's reply body to request ``tag``."""
+        self.now = now
+        sent = self.inflight.pop(tag, None)
+        if sent is None:
+            return  # a late reply to a request that already timed out
+        try:
+            self._on_reply(sent, body, now)
+        except Exception as exc:  # noqa: BLE001 - the boundary around every step
+            log.exception("internal error handling a reply from %s", sent.node)
+            self._fail_sent(sent, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        deadlines, inflight = self.deadlines, self.inflight
+        while deadlines and deadlines[0][0] <= now:
+            _, tag = deadlines.popleft()
+            sent = inflight.pop(tag, None)
+            if sent is not None:
+                self._fail_sent(sent, Timeout(
+                    f"node {sent.node} did not answer in time; the outcome of a write is "
+                    "unknown"))
+        if self.delayed and self.delayed[0][0] <= now:
+            due = [op for when, op in self.delayed if when <= now]
+            self.delayed = [(w, o) for w, o in self.delayed if w > now]
+            for op in due:
+                if not op.job.done:
+                    self._route(op)
+        if self.parked:
+            keep = []
+            for op in self.parked:
+                if op.job.done:
+                    continue
+                if op.job.deadline <= now:
+                    self._result(op, Unavailable(
+                        f"no configuration at epoch {self.need} (or later) came in time: "
+                        "refused unapplied by a node that had it; try again"))
+                else:
+                    keep.append(op)
+            self.parked = keep
+
+    def ready(self) -> Ready:
+        out = self._ready
+        if self.parked and self.need > self.placement.epoch:
+            out.wants = self.need
+        self._ready = Ready(self.placement.epoch)
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.inflight)
+
+    # -- sending -----------------------------------------------------------------------
+    def _send(self, node: str, body: bytes, kind: int, ops: list[Op], deadline: float,
+              extra: Any = None) -> None:
+        if node in self.down:
+            raise NodeUnavailable(f"node {node} is down")
+        self._seq += 1
+        tag = self._seq
+        self._ready.sends.setdefault(node, []).append((tag, body))
+        self.inflight[tag] = _Sent(node, kind, ops, deadline, self.placement.epoch, extra)
+        self.deadlines.append((deadline, tag))
+
+    def _answer_body(self, client: Any, body: bytes) -> None:
+        self._ready.answers.append((client, body))
+
+    def _answer_error(self, client: Any, exc: ZkvError) -> None:
+        self.errors += 1
+        self._ready.answers.append((client, P.encode_exc(exc)))
+
+    # -- routing one op --------------------------------------------------------------------
+    def _route(self, op: Op) -> None:
+        """Send an op where the placement says, as a step of its chain if its key moves."""
+        try:
+            if op.kind == "RAWPIPE":  # a pipeline sent whole to one node: split it anew
+                self._pipe(op.job.client, op.args[0], op.job.deadline)
+                return
+            p = self.placement
+            if p.moving is not None and p.moving_key(op.key):
+                self._moving(op)
+                return
+            if not len(p.ring):
+                raise Unavailable("the cluster has no nodes yet (ADD one)")
+            node = p.owner(op.key)
+            body = op.body if op.body is not None else P.encode_request(op.kind, *op.args)
+            self._send(node, body, _PLAIN, [op], op.job.deadline)
+        except ZkvError as exc:
+            self._result(op, exc)
+
+    def _moving(self, op: Op) -> None:
+        """The first step of a moving key's chain (the rest are in :meth:`_chain`)."""
+        p = self.placement
+        key = op.key
+        new, old = p.owner(key), p.old_owner(key)
+        if op.write and p.phase == "revert":
+            self._result(op, Unavailable(
+                f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE "
+                "ABORT): writes to it wait until the rollback is done; nothing changed"))
+            return
+        if op.kind == "SET":
+            self._written(key)
+            body = op.body if op.body is not None else P.encode_request("SET", *op.args)
+            self._send(new, body, _PLAIN, [op], op.job.deadline)
+        elif op.kind == "DEL":
+            self._send(new, P.encode_request("XGET", key), _DEL_STATE, [op], op.job.deadline,
+                       (new, old))
+        else:
+            try:
+                self._send(new, P.encode_request("XGET", key), _GET_NEW, [op],
+                           op.job.deadline, (new, old))
+            except NodeUnavailable as exc:  # the new owner is down: maybe the old one
+                self._chain(_Sent(new, _GET_NEW, [op], op.job.deadline, self.placement.epoch,
+                                  (new, old)), exc)
+
+    def _written(self, key: bytes) -> None:
+        if not self.dirty_known:
+            return
+        if len(self.dirty) >= MAX_DIRTY:
+            log.warning("more than %d keys written during this move: reads of moving keys no "
+                        "longer fall back to the old owner while a new one is down", MAX_DIRTY)
+            self.dirty_known = False
+            self.dirty.clear()
+        else:
+            self.dirty.add(key)
+
+    # -- replies -----------------------------------------------------------------------
+    def _on_reply(self, sent: _Sent, body: bytes, now: float) -> None:
+        if sent.kind == _PLAIN and len(sent.ops) == 1 and sent.ops[0].job.kind == "one":
+            op = sent.ops[0]
+            if not _is_error(body):
+                job = op.job
+                if not job.done:
+                    job.done = True
+                    self._answer_body(job.client, body)
+                return
+        try:
+            result: Any = P.decode_reply(body)
+        except ZkvError as exc:
+            result = exc
+        if isinstance(result, (StaleEpoch, NodeBehind, Moved)):
+            self._refused(sent, result, now)
+            return
+        if sent.kind == _PLAIN:
+            self._result(sent.ops[0], result)
+        elif sent.kind == _GROUP:
+            self._group_result(sent, result)
+        elif sent.kind == _SCAN:
+            sent.extra(result)
+        else:
+            self._chain(sent, result)
+
+    def _refused(self, sent: _Sent, exc: ZkvError, now: float) -> None:
+        """The node would not take these ops as routed (nothing of them was applied):
+        route them again, by a newer configuration when ours is the stale one."""
+        if sent.kind == _SCAN:
+            sent.extra(Unavailable(f"the cluster's configuration changed under the SCAN "
+                                   f"({exc.code}); retry"))
+            return
+        epoch = exc.details.get("epoch")
+        for op in sent.ops:
+            op.tries += 1
+            if op.tries > MAX_REROUTES:
+                self._result(op, exc)
+            elif isinstance(exc, NodeBehind):
+                self.delayed.append((now + BEHIND_RETRY, op))  # it is catching up
+            elif sent.epoch < self.placement.epoch:
+                self._route(op)  # we have a newer configuration already
+            else:
+                want = epoch if isinstance(epoch, int) and epoch > sent.epoch \
+                    else sent.epoch + 1
+                self.need = max(self.need, want)
+                self.parked.append(op)
+
+    def _fail_sent(self, sent: _Sent, exc: ZkvError) -> None:
+        """A request that got no reply (timed out, or its node went down)."""
+        if sent.kind == _SCAN:
+            sent.extra(exc)
+        elif sent.kind == _GROUP:
+            self._group_result(sent, exc)
+        elif sent.kind == _PLAIN:
+            self._result(sent.ops[0], exc)
+        else:
+            self._chain(sent, exc)  # a read of a moving key may still ask the old owner
+
+    def fail_tags(self, tags: list[int], exc: ZkvError) -> None:
+        """Requests whose whole envelope was refused (the shell saw a plain error reply)."""
+        for tag in tags:
+            sent = self.inflight.pop(tag, None)
+            if sent is not None:
+                self._fail_sent(sent, exc)
+
+    def _step(self, op: Op, node: str, body: bytes, kind: int, extra: Any) -> None:
+        """Send the next step of an op's chain; if it cannot go, the op fails with why."""
+        try:
+            self._send(node, body, kind, [op], op.job.deadline, extra)
+        except ZkvError as exc:
+            self._result(op, exc)
+
+    def _chain(self, sent: _Sent, result: Any) -> None:
+        """The next step of a moving key's chain (see the module)."""
+        op = sent.ops[0]
+        new, old = sent.extra
+        if sent.kind == _GET_NEW:
+            if isinstance(result, ZkvError):
+                if (isinstance(result, Unavailable) and self.dirty_known
+                        and op.key not in self.dirty):
+                    self._step(op, old, P.encode_request(op.kind, op.key), _GET_OLD, (new, old))
+                else:
+                    self._result(op, result)
+                return
+            state, value = result
+            if state == UNKNOWN:
+                self._step(op, old, P.encode_request(op.kind, op.key), _GET_OLD, (new, old))
+            elif op.kind == "GET":
+                self._result(op, value if state == PRESENT else None)
+            else:
+                self._result(op, int(state == PRESENT))
+        elif sent.kind == _GET_OLD:
+            self._result(op, result)
+        elif sent.kind == _DEL_STATE:
+            if isinstance(result, ZkvError):
+                self._result(op, result)
+            elif result[0] == UNKNOWN:
+                self._step(op, old, P.encode_request("EXISTS", op.key), _DEL_EXISTS, (new, old))
+            else:
+                self._del_write(op, new, old, 0)
+        elif sent.kind == _DEL_EXISTS:
+            if isinstance(result, ZkvError):
+                self._result(op, result)  # nothing was deleted: the truth
+            else:
+                self._del_write(op, new, old, int(result))
+        elif sent.kind == _DEL_WRITE:
+            if isinstance(result, ZkvError):
+                self._result(op, result)
+            else:
+                self._result(op, int(bool(result[0]) or bool(op.state)))
+
+    def _del_write(self, op: Op, new: str, old: str, existed_elsewhere: int) -> None:
+        op.state = existed_elsewhere
+        self._written(op.key)
+        self._step(op, new, P.encode_request("XDEL", op.key), _DEL_WRITE, (new, old))
+
+    # -- results -----------------------------------------------------------------------
+    def _result(self, op: Op, result: Any) -> None:
+        """An op's outcome (a value, or a ZkvError): into its job, which may then answer."""
+        job = op.job
+        if job.done:
+            return
+        if job.kind == "one":
+            job.done = True
+            if isinstance(result, ZkvError):
+                self._answer_error(job.client, result)
+            elif op.kind == "RAWPIPE":
+                self._answer_body(job.client, P.encode_ok_items(result))
+            else:
+                self._answer_body(job.client, P.encode_ok(result))
+            return
+        if job.value_budget is not None and type(result) is bytes:
+            if job.used + len(result) + 16 > job.value_budget:
+                if job.kind == "mget":
+                    job.done = True
+                    self._answer_error(job.client, LimitExceeded(
+                        f"the reply would be over {job.value_budget} bytes "
+                        "(max_message_bytes); ask for fewer keys at once"))
+                    return
+                result = LimitExceeded(
+                    "not returned: this value does not fit in what is left of the "
+                    f"pipeline's reply budget of {job.value_budget} bytes "
+                    "(max_message_bytes); GET this key on its own")
+            else:
+                job.used += len(result) + 16
+        if job.results[op.slot] is None:
+            job.left -= 1
+        job.results[op.slot] = _Done(result)
+        if job.left == 0:
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.done = True
+        values = [r.value for r in job.results]
+        try:
+            if job.kind == "mget":
+                for v in values:
+                    if isinstance(v, ZkvError):
+                        raise v
+                body = P.encode_ok(values)
+            elif job.kind == "mset":
+                for v in values:
+                    if isinstance(v, ZkvError):
+                        raise v
+                body = P.encode_ok("OK")
+            else:  # pipe
+                body = P.encode_ok_items([
+                    P.error_item(v) if isinstance(v, ZkvError) else
+                    (v.item if isinstance(v, _Item) else P.reply_item(v)) for v in values])
+        except ZkvError as exc:
+            self._answer_error(job.client, exc)
+            return
+        if len(body) > self.limits.max_message_bytes:
+            self._answer_error(job.client, LimitExceeded(
+                f"the reply would be {len(body)} bytes, over the max_message_bytes limit "
+                f"of {self.limits.max_message_bytes}; ask for less"))
+            return
+        self._answer_body(job.client, body)
+
+    # -- many keys ---------------------------------------------------------------------
+    def _mget(self, client: Any, args: list[Any], deadline: float) -> None:
+        keys: list[bytes] = args[0]
+        job = Job(client, "mget", len(keys), deadline)
+        job.value_budget = self.limits.max_message_bytes - 256 * len(keys) - 1024
+        self._dispatch(job, [Op(job, i, "GET", [k]) for i, k in enumerate(keys)])
+
+    def _mset(self, client: Any, args: list[Any], deadline: float) -> None:
+        pairs: list[bytes] = args[0]
+        p = self.placement
+        if p.phase == "revert" and p.moving is not None:
+            for key in pairs[0::2]:
+                if p.moving_key(key):
+                    raise Unavailable(
+                        f"key {key[:64]!r} is in a range whose move is being rolled back "
+                        "(MOVE ABORT): writes to it wait until the rollback is done; "
+                        "nothing changed")
+        n = len(pairs) // 2
+        job = Job(client, "mset", n, deadline)
+        self._dispatch(job, [Op(job, i, "SET", [pairs[2 * i], pairs[2 * i + 1]])
+                             for i in range(n)])
+
+    def _pipe(self, client: Any, items: list[Any], deadline: float) -> None:
+        job = Job(client, "pipe", len(items), deadline)
+        job.value_budget = self.limits.max_message_bytes - 256 * len(items) - 1024
+        ops: list[Op] = []
+        for i, item in enumerate(items):
+            try:
+                op, args = P.check_request(item, self.limits)
+                if op not in P.PIPE_OPS:
+                    raise CommandError(f"{op} cannot be used in a pipeline")
+            except ZkvError as exc:
+                job.results[i] = _Done(exc)
+                job.left -= 1
+                continue
+            if op == "PING":
+                job.results[i] = _Done(_Item(P.reply_item("PONG")))
+                job.left -= 1
+                continue
+            ops.append(Op(job, i, op, args))
+        if job.left == 0:
+            self._finish(job)
+            return
+        p = self.placement
+        if p.moving is None and len(p.ring) and len(ops) == len(items):
+            owners = {p.owner(o.key) for o in ops}
+            if len(owners) == 1 and not (owners & self.down):
+                # every command goes to one node: its reply is the client's, as it is
+                node = owners.pop()
+                single = Job(client, "one", 1, deadline)
+                self._send(node, P.encode_request("PIPE", items), _PLAIN,
+                           [Op(single, 0, "RAWPIPE", [items])], deadline)
+                return
+        self._dispatch(job, ops)
+
+    def _dispatch(self, job: Job, ops: list[Op]) -> None:
+        """Keys that stay put go to their owner grouped (one MGET, MSET or PIPE a node,
+        with its share of the reply budget); moving keys take their chains one by one."""
+        p = self.placement
+        groups: dict[str, list[Op]] = {}
+        for op in ops:
+            if p.moving is not None and p.moving_key(op.key) or not len(p.ring):
+                self._route(op)
+            else:
+                groups.setdefault(p.owner(op.key), []).append(op)
+        share = self.limits.max_message_bytes // max(1, len(groups))
+        for node, group in groups.items():
+            if job.kind == "mget":
+                body = P.encode_request("MGET", [o.key for o in group], share)
+            elif job.kind == "mset":
+                body = P.encode_request("MSET", [x for o in group for x in o.args])
+            else:
+                body = P.encode_request("PIPE", [[o.kind, *o.args] for o in group], share)
+            try:
+                self._send(node, body, _GROUP, group, job.deadline)
+            except ZkvError as exc:
+                for op in group:
+                    self._result(op, exc)
+
+    def _group_result(self, sent: _Sent, result: Any) -> None:
+        ops = sent.ops
+        if isinstance(result, ZkvError):
+            for op in ops:
+                self._result(op, result)
+            return
+        job = ops[0].job
+        if job.kind == "mget":
+            for op, value in zip(ops, result):
+                self._result(op, value)
+        elif job.kind == "mset":
+            for op in ops:
+                self._result(op, "OK")
+        else:
+            for op, item in zip(ops, result):
+                try:
+                    self._result(op, P.result_of(item))
+                except ZkvError as exc:
+                    if isinstance(exc, (StaleEpoch, NodeBehind, Moved)):
+                        self._refused(_Sent(sent.node, _PLAIN, [op], sent.deadline,
+                                            sent.epoch), exc, self.now)
+                    else:
+                        self._result(op, exc)
+
+    # -- listing -----------------------------------------------------------------------
+    def _no_listing_during_move(self) -> None:
+        if self.placement.state.move is not None:
+            raise CommandError(
+                "SCAN and KEYS are not available while a move is under way "
+                "(keys are on two nodes); retry when STATUS shows no move"
+            )
+
+    def _scan(self, client: Any, args: list[Any], deadline: float) -> None:
+        cursor: str = args[0]
+        pattern = args[1] if len(args) > 1 else None
+        count = args[2] if len(args) > 2 else 1000
+        self._no_listing_during_move()
+        members = self.placement.ring.members
+        if not members:
+            self._answer_body(client, P.encode_ok(["0", []]))
+            return
+        fingerprint = ring_fingerprint(self.placement)
+        if cursor == "0":
+            idx, node_cursor = 0, "0"
+        else:
+            try:
+                ring_text, idx_text, node_cursor = cursor.split(":", 2)
+                idx = int(idx_text)
+            except ValueError:
+                raise CommandError(f"bad SCAN cursor {cursor!r}; start again from 0") from None
+            if ring_text != fingerprint or not 0 <= idx < len(members):
+                raise CommandError("the cluster changed during the SCAN; start again from 0")
+
+        def page(result: Any) -> None:
+            if isinstance(result, ZkvError):
+                self._answer_error(client, result)
+                return
+            nxt, keys = result
+            if nxt != "0":
+                out = [f"{fingerprint}:{idx}:{nxt}", keys]
+            elif idx + 1 < len(members):
+                out = [f"{fingerprint}:{idx + 1}:0", keys]
+            else:
+                out = ["0", keys]
+            self._answer_body(client, P.encode_ok(out))
+
+        self._send(members[idx], P.encode_request("SCAN", node_cursor, pattern, count), _SCAN,
+                   [], deadline, page)
+
+    def _keys(self, client: Any, args: list[Any], deadline: float) -> None:
+        """KEYS walks every node with SCAN pages, all nodes at once, so that no node ever
+        spends one turn on its whole keyspace."""
+        self._no_listing_during_move()
+        pattern = args[0] if args else None
+        members = list(self.placement.ring.members)
+        if not members:
+            self._answer_body(client, P.encode_ok([]))
+            return
+        budget = self.limits.max_message_bytes - 1024
+        state = _KeysWalk(len(members))
+
+        def walk(addr: str, cursor: str) -> None:
+            def page(result: Any) -> None:
+                if state.done:
+                    return
+                if isinstance(result, ZkvError):
+                    state.done = True
+                    self._answer_error(client, result)
+                    return
+                nxt, found = result
+                state.keys.extend(found)
+                state.used += sum(len(k) + 16 for k in found)
+                if state.used > budget:
+                    state.done = True
+                    self._answer_error(client, LimitExceeded(
+                        f"KEYS would return more than max_message_bytes ({budget} bytes); "
+                        "use SCAN, which pages"))
+                elif nxt != "0":
+                    walk(addr, nxt)
+                else:
+                    state.left -= 1
+                    if state.left == 0:
+                        state.done = True
+                        self._answer_body(client, P.encode_ok(state.keys))
+
+            try:
+                self._send(addr, P.encode_request("SCAN", cursor, pattern, KEYS_PAGE), _SCAN,
+                           [], deadline, page)
+            except ZkvError as exc:
+                page(exc)
+
+        for addr in members:
+            walk(addr, "0")
+
+
+class _KeysWalk:
+    """A KEYS request's walk over the nodes' SCAN pages."""
+
+    __slots__ = ("done", "keys", "left", "used")
+
+    def __init__(self, nodes: int) -> None:
+        self.left, self.used, self.done = nodes, 0, False
+        self.keys: list[bytes] = []
+
+
+class _Done:
+    """A slot's final result (a value, a ZkvError, or an _Item), set once."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Item:
+    """A pipeline reply item made here (PING), put in the reply as it is."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: list[Any]) -> None:
+        self.item = item
+
+
+def _is_error(body: bytes) -> bool:
+    """Whether a reply body is an error ([1, code, message(, details)]), unread."""
+    return len(body) > 1 and body[1] == 0x01 and body[0] in (0x83, 0x84)
+
+
+def ring_fingerprint(placement: Placement) -> str:
+    """A short name for the ring in effect (SCAN cursors name the ring they walk)."""
+    import hashlib
+
+    ring = placement.ring
+    text = repr((sorted(ring.weights.items()), ring.vnodes)).encode()
+    return hashlib.blake2b(text, digest_size=4).hexdigest()
+
+
+def decode_client_error(body: bytes) -> ZkvError | None:
+    """The error a reply body reports, or None if it is not one."""
+    if not _is_error(body):
+        return None
+    try:
+        P.decode_reply(body)
+    except ZkvError as exc:
+        return exc
+    except ProtocolError:
+        return None
+    return None
