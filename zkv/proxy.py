@@ -1,57 +1,28 @@
-"""The proxy: one ROUTER for clients, one DEALER per storage node, one poll loop.
+"""The proxy that owns a cluster's state directory: its config manager.
 
-Data requests go through the routing core (:class:`zkv.router.Router`): this shell
-feeds it what the front reads and what the nodes answer, and sends what it returns,
-each node's requests of a loop turn together in one envelope that carries the
-epoch they were routed by. The proxy that owns a state directory is the cluster's
-config manager: the only writer of its configuration, which it sends to every
-node (XCONFIG) before letting a new epoch take effect. INFO and NODES gather every
-node's answer here; ADD, REMOVE and MOVE ABORT are driven by zkv.mover. Heartbeats
-(:class:`zkv.cluster.Health`, XHEALTH) mark silent nodes down so their keys fail
-fast with an error naming the node while the rest keep working, and bring a node
-that missed a configuration up to date.
+It is a router shell (zkv.shell) that also keeps the cluster configuration: it is
+its only writer, keeps it in the state directory (locked: one manager a cluster),
+and sends every new configuration to every node it involves (XCONFIG) before
+letting it take effect. ADD, REMOVE and MOVE ABORT are driven step by step by
+zkv.mover; heartbeats bring a node that missed a configuration up to date.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
 import math
 import os
-import signal
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from . import durable, lockfile
-from . import frames as wire
 from . import protocol as P
-from .cluster import ClusterState, Health
+from .cluster import ClusterState
 from .config import format_address, parse_address
-from .errors import (
-    ClusterError,
-    CommandError,
-    InternalError,
-    NodeUnavailable,
-    ProtocolError,
-    Timeout,
-    ZkvError,
-)
-from .guard import (
-    FD_RESERVE,
-    FRONT_HWM,
-    ROUTER_ID_PREFIX,
-    ConnectionGuard,
-    OutputBudget,
-    client_limit,
-    raise_fd_limit,
-    rss_bytes,
-)
+from .errors import ClusterError, NodeUnavailable, ZkvError
 from .mover import (
     SETTINGS,
     MoveDriver,
@@ -59,55 +30,19 @@ from .mover import (
     new_move,
     repair_settings,
 )
-from .placement import Placement
 from .planner import moved_fraction, plan, summary
 from .ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
-from .router import CORE_OPS, Router
+from .shell import (
+    DEFAULT_CLIENT_BUFFER,
+    DEFAULT_MAX_CLIENTS,
+    ProxyShell,
+    _involved_in,
+)
 
 log = logging.getLogger("zkv.proxy")
 
-HEARTBEAT_TAG = b"hb"
-PING_BODY = P.encode_request("XHEALTH")
-ENVELOPE_FRAME = b"\x00env"  # the routing frame of an envelope: this prefix and its number
-ENVELOPE_MAX = 1024  # requests in one envelope
-HOUSEKEEPING_EVERY = 0.01  # seconds between heartbeat/timer/move checks
 STATE_FILE = "cluster.json"
-MAX_PER_TURN = 4096
-PIPE_OPS = P.PIPE_OPS
 KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
-DEFAULT_MAX_CLIENTS = 10_000
-DEFAULT_CLIENT_BUFFER = 64 << 20  # bytes of unread replies one client may have
-
-_TAG = struct.Struct("<Q")
-
-
-class Gather:
-    """Collects the replies of the requests one client request (INFO, NODES) was split
-    into; the reply once all are in."""
-
-    __slots__ = ("done", "finish", "left", "results", "routing")
-
-    def __init__(self, routing: list[bytes], parts: int,
-                 finish: Callable[[list[Any]], Any]) -> None:
-        self.routing = routing
-        self.results: list[Any] = [None] * parts
-        self.left = parts
-        self.finish = finish  # results (values or ZkvError) -> result, may raise
-        self.done = False
-
-    def deliver(self, part: int, result: Any) -> bytes | None:
-        """Record one part's result (a value or a ZkvError); the reply body once complete."""
-        if self.done:
-            return None
-        self.results[part] = result
-        self.left -= 1
-        if self.left:
-            return None
-        self.done = True
-        try:
-            return P.encode_ok(self.finish(self.results))
-        except ZkvError as exc:
-            return P.encode_exc(exc)
 
 
 def load_state(state_dir: str) -> ClusterState | None:
@@ -146,26 +81,7 @@ def save_state(state_dir: str, state: ClusterState) -> None:
     durable.write_json(os.path.join(state_dir, STATE_FILE), state.to_json(), indent=2)
 
 
-def _involved_in(state: ClusterState) -> set[str]:
-    """Every node a configuration names: the ring's members and a move's nodes."""
-    move = state.move
-    return set(state.members) | (set(move["old"]) | set(move["new"]) if move else set())
-
-
-def _by_size(items: list[tuple[int, bytes]], limit: int) -> list[list[tuple[int, bytes]]]:
-    """Items cut into runs of at most ``limit`` bytes (a longer item alone in its run)."""
-    runs: list[list[tuple[int, bytes]]] = [[]]
-    size = 0
-    for item in items:
-        if runs[-1] and size + len(item[1]) + 12 > limit:
-            runs.append([])
-            size = 0
-        runs[-1].append(item)
-        size += len(item[1]) + 12
-    return runs
-
-
-class Proxy:
+class Proxy(ProxyShell):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -183,67 +99,63 @@ class Proxy:
         max_clients: int = DEFAULT_MAX_CLIENTS,
         client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
     ) -> None:
-        self.address = format_address(host, port)
-        self.max_clients = max_clients
-        self.client_buffer_bytes = client_buffer_bytes
+        self.state_dir = state_dir
+        notes: list[str] = []
+        self._lock_fd = lock_state_dir(state_dir)
+        state = self._initial_state(members or {}, vnodes, notes)
+        super().__init__(state, host, port, timeout_ms, heartbeat_ms, heartbeat_misses, limits,
+                         max_clients, client_buffer_bytes, knows_every_write=True, notes=notes)
         self.move_defaults: dict[str, Any] = {
             "batch_keys": move_batch_keys, "batch_bytes": move_batch_bytes, "rate": move_rate,
         }
-        self.host, self.port = host, port
-        self.state_dir = state_dir
-        self.timeout = timeout_ms / 1000.0
-        self.limits = limits
-        self.health = Health(heartbeat_ms / 1000.0, heartbeat_misses)
-        self.notes: list[str] = []
-        self._lock_fd = lock_state_dir(state_dir)
-        self.state = self._initial_state(members or {}, vnodes)
-        self.ring: Ring = self.state.ring()
-        self.placement = Placement(self.state)
-        # the routing core (zkv.router): this proxy is the config manager, and the only
-        # router unless a node says it hears from another (then reads of moving keys no
-        # longer fall back to the old owner while the new one is down)
-        self.router = Router(self.placement, limits, self.timeout, knows_every_write=True)
         self.publishing: ClusterState | None = None  # sent to the nodes, not yet in effect
-        self.envelopes: dict[bytes, set[int]] = {}  # envelope frame -> tags not answered
-        self._envelopes = 0
         self.driver: MoveDriver | None = None
         self._admin_busy = False
-        self.node_keys: dict[str, tuple[int, float]] = {}  # last INFO key count, and when
-        self._owner: list[bytes] | None = None  # the client whose request is being worked on
-        self._serving = False
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.front: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
-        self.out = OutputBudget(self.front, client_buffer_bytes)
-        # how this proxy's links are named at the nodes (unique per run: a restarted
-        # proxy must not collide with its old connections while they linger)
-        self._router_id = (ROUTER_ID_PREFIX + self.address.encode() + b"/"
-                           + os.urandom(4).hex().encode())
-        self.guard: ConnectionGuard | None = None
-        self.links: dict[str, zmq.Socket[bytes]] = {}
-        self.by_socket: dict[zmq.Socket[bytes], str] = {}
-        self.poller = zmq.Poller()
-        self.pending: dict[bytes, tuple[Any, str, int, list[bytes] | None]] = {}
-        self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
-        self.slow_deadlines: list[tuple[float, bytes]] = []  # admin steps with long deadlines
-        self.timers: list[tuple[float, Callable[[], None], list[bytes] | None]] = []
-        self._seq = 0
-        self._stop = False
-        self.started = time.monotonic()
-        self.requests = 0
-        self.errors = 0
-        self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
-            "INFO": self._info,
-            "CONFIG": lambda r, a: self._answer(r, self.config_doc()),
-            "NODES": self._nodes,
-            "RING": self._ring,
-            "STATUS": lambda r, a: self._answer(r, self.status()),
+        self._next_key_count = 0.0
+        self._ops.update({
             "ADD": self._add,
             "REMOVE": self._remove,
             "MOVE": self._move_command,
-        }
+        })
+
+    # -- what the config manager adds to the shell ---------------------------------------
+    def _before_serve(self) -> None:
+        self._repair_move()
+        self._apply_state(self.state)
+        self._warm_up(min(self.timeout, 1.0))
+        for addr in sorted(_involved_in(self.state)):  # every node gets the configuration in
+            self._push(addr, self.state, lambda ok: None)  # effect here (it already is)
+        if self.state.move is not None:
+            log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
+            self.driver = MoveDriver(self, self.state)
+
+    def _ready_line(self) -> str:
+        return f"{super()._ready_line()} state={self.state_dir}"
+
+    def _housekeeping(self, now: float) -> None:
+        if now >= self._next_key_count:
+            self._next_key_count = now + KEY_COUNT_EVERY
+            self._poll_keys()
+        if self.driver is not None:
+            self._tick_driver(now)
+
+    def _idle(self) -> bool:
+        return self.driver is None and not self._admin_busy
+
+    def _node_epoch(self, addr: str, epoch: int) -> None:
+        if epoch < self.state.epoch and self.publishing is None and addr in self._involved():
+            log.info("node %s is at epoch %d, behind %d: sending it the configuration", addr,
+                     epoch, self.state.epoch)
+            self._push(addr, self.state, lambda ok: None)
+
+    def _wants(self, epoch: int) -> None:
+        if self.publishing is None:
+            log.warning("a node is at epoch %d, past this config manager's %d: was its state "
+                        "directory replaced?", epoch, self.state.epoch)
 
     # -- membership ------------------------------------------------------------
-    def _initial_state(self, members: dict[str, float], vnodes: int) -> ClusterState:
+    def _initial_state(self, members: dict[str, float], vnodes: int,
+                       notes: list[str]) -> ClusterState:
         saved = load_state(self.state_dir)
         if saved is None:
             state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes)
@@ -256,211 +168,8 @@ class Proxy:
                 "configured nodes, which are ignored (use ADD/REMOVE to change membership)"
             )
             log.warning(note)
-            self.notes.append(note)
+            notes.append(note)
         return saved
-
-    def _connect(self, addr: str) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self._router_id)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IPV6, 1)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
-        sock.connect(f"tcp://{addr}")
-        self.links[addr] = sock
-        self.by_socket[sock] = addr
-        self.poller.register(sock, zmq.POLLIN)
-        self.health.track(addr, time.monotonic())
-
-    def _disconnect(self, addr: str) -> None:
-        sock = self.links.pop(addr)
-        del self.by_socket[sock]
-        self.poller.unregister(sock)
-        sock.close(0)
-        self.health.forget(addr)
-
-    # -- sending ---------------------------------------------------------------
-    def _forward(self, addr: str, body: bytes, target: Any, part: int = -1,
-                 timeout: float | None = None) -> None:
-        """Send ``body`` to node ``addr``. Its reply goes to ``target``: the client's
-        routing frames (part -1), a callable given the decoded result or error (part
-        -2), or part ``part`` of a Gather."""
-        if addr not in self.links:
-            raise NodeUnavailable(f"node {addr} is not a member")
-        if not self.health.is_up(addr):
-            raise NodeUnavailable(f"node {addr} is down")
-        self._seq += 1
-        tag = _TAG.pack(self._seq)
-        try:
-            wire.send(self.links[addr], [tag, body], wire.NOBLOCK)
-        except zmq.Again:
-            raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
-        self.pending[tag] = (target, addr, part, self._owner)
-        if timeout is None:
-            self.deadlines.append((time.monotonic() + self.timeout, tag))
-        else:
-            self.slow_deadlines.append((time.monotonic() + timeout, tag))
-
-    def _answer(self, routing: list[bytes], result: Any) -> None:
-        self.out.send([*routing, P.encode_ok(result)])
-
-    def _fail(self, routing: list[bytes], exc: ZkvError) -> None:
-        self.errors += 1
-        self.out.send([*routing, P.encode_exc(exc)])
-
-    def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
-                 finish: Callable[[list[Any]], Any], allow_down: bool = False) -> None:
-        """Send one body per node; ``finish`` gets results in the order of ``bodies``."""
-        if not bodies:
-            self._answer(routing, finish([]))
-            return
-        gather = Gather(routing, len(bodies), finish)
-        for part, (addr, body) in enumerate(bodies.items()):
-            try:
-                self._forward(addr, body, gather, part)
-            except NodeUnavailable as exc:
-                if not allow_down:
-                    gather.done = True
-                    raise
-                self._deliver(gather, part, exc)
-
-    def _deliver(self, gather: Gather, part: int, result: Any) -> None:
-        reply = gather.deliver(part, result)
-        if reply is not None:
-            self.out.send([*gather.routing, reply])
-
-    # -- the front -------------------------------------------------------------
-    def handle_front(self, frames: list[bytes], now: float) -> None:
-        self.requests += 1
-        routing = frames[:-1]
-        self._owner = routing
-        try:
-            if len(frames) > self.limits.max_frames:
-                raise ProtocolError(
-                    f"{len(frames)} frames in one message; at most {self.limits.max_frames}"
-                )
-            body = frames[-1]
-            op, args = P.parse_request(body, self.limits)
-            if op in CORE_OPS:
-                self.router.request_parsed(routing, op, args, body, now)
-                return
-            handler = self._ops.get(op)
-            if handler is None:
-                raise CommandError(f"{op} is not served by the proxy")
-            handler(routing, args)
-        except ZkvError as exc:
-            self._fail(routing, exc)
-        except Exception as exc:  # a bug must not take the proxy down
-            log.exception("internal error")
-            self._fail(routing, InternalError(f"{type(exc).__name__}: {exc}"))
-
-    def _flush(self) -> None:
-        """Carry out what the routing core has for us: each node's requests of this turn
-        in one envelope (coalesced), replies to clients."""
-        ready = self.router.ready()
-        for node, items in ready.sends.items():
-            sock = self.links.get(node)
-            for start in range(0, len(items), ENVELOPE_MAX):
-                chunk = items[start : start + ENVELOPE_MAX]
-                for part in _by_size(chunk, self.limits.max_message_bytes):
-                    self._send_envelope(node, sock, ready.epoch, part)
-        send = self.out.send
-        for client, body in ready.answers:
-            send([*client, body])
-        if ready.wants is not None and ready.wants > self.state.epoch and not self.publishing:
-            log.warning("a node is at epoch %d, past this config manager's %d: its state "
-                        "directory was replaced?", ready.wants, self.state.epoch)
-
-    def _send_envelope(self, node: str, sock: zmq.Socket[bytes] | None, epoch: int,
-                       items: list[tuple[int, bytes]]) -> None:
-        tags = [tag for tag, _ in items]
-        if sock is None:
-            self.router.fail_tags(tags, NodeUnavailable(f"node {node} is not a member"))
-            return
-        self._envelopes += 1
-        frame = ENVELOPE_FRAME + _TAG.pack(self._envelopes)
-        try:
-            wire.send(sock, [frame, P.encode_envelope(epoch, items)], wire.NOBLOCK)
-        except zmq.Again:
-            self.router.fail_tags(tags, NodeUnavailable(
-                f"node {node} is not connected or not keeping up"))
-            return
-        self.envelopes[frame] = set(tags)
-
-    def _involved(self) -> list[str]:
-        """The ring's members, then any other node a move under way involves (a node
-        joining before the copy, or leaving after it)."""
-        members = list(self.ring.members)
-        return members + sorted(_involved_in(self.state) - set(members))
-
-    def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
-        members = self._involved()
-        body = P.encode_request("INFO")
-
-        def finish(results: list[Any]) -> Any:
-            infos = {
-                a: ({"error": str(r), "code": r.code} if isinstance(r, ZkvError) else r)
-                for a, r in zip(members, results)
-            }
-            for addr, info in infos.items():
-                self._note_keys(addr, info)
-            return build(infos)
-
-        self._scatter(routing, {a: body for a in members}, finish, allow_down=True)
-
-    def _info(self, routing: list[bytes], args: list[Any]) -> None:
-        def build(infos: dict[str, Any]) -> Any:
-            totals: dict[str, int] = {}
-            for info in infos.values():
-                for k in ("keys", "live_bytes", "rss_bytes", "log_bytes", "snapshot_bytes"):
-                    if isinstance(info.get(k), int):
-                        totals[k] = totals.get(k, 0) + info[k]
-            return {"proxy": self.info(), "nodes": infos, "totals": totals}
-
-        self._gather_info(routing, build)
-
-    def _nodes(self, routing: list[bytes], args: list[Any]) -> None:
-        def build(infos: dict[str, Any]) -> Any:
-            return self.nodes(infos)
-
-        self._gather_info(routing, build)
-
-    def nodes(self, infos: dict[str, Any]) -> list[dict[str, Any]]:
-        shares = self.ring.shares()
-        move = self.state.move
-        out = []
-        for addr in self._involved():
-            info = infos.get(addr, {})
-            entry = {
-                "address": addr,
-                "state": "up" if self.health.is_up(addr) else "down",
-                "keys": info.get("keys"),
-                "share": round(shares.get(addr, 0.0), 6),
-                "weight": self.state.members.get(addr, 1.0),
-                "fsync": info.get("fsync"),
-                "error": info.get("error"),
-            }
-            if move is not None and addr not in self.ring:
-                entry["moving"] = "joining" if addr in move["new"] else "leaving"
-            out.append(entry)
-        return out
-
-    def _ring(self, routing: list[bytes], args: list[Any]) -> None:
-        key: bytes = args[0]
-        explained = self.ring.explain(key)
-        self._answer(routing, {
-            "key": key,
-            "owner": explained["owner"],
-            "key_hash": explained["key_hash"],
-            "hash_tag": explained["hash_tag"],
-            "point": explained["point"],
-            "epoch": self.state.epoch,
-            "state": "up" if self.health.is_up(explained["owner"]) else "down",
-        })
 
     def status(self) -> dict[str, Any]:
         return {
@@ -471,44 +180,8 @@ class Proxy:
             "notes": list(self.notes),
         }
 
-    def config_doc(self) -> dict[str, Any]:
-        return {"epoch": self.state.epoch, "config": self.state.to_json(), "name": None,
-                "manager": self.address}
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "role": "proxy",
-            "address": self.address,
-            "pid": os.getpid(),
-            "epoch": self.state.epoch,
-            "members": len(self.ring.members),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "requests": self.requests,
-            "errors": self.errors,
-            "in_flight": len(self.pending) + self.router.in_flight,
-            "rss_bytes": rss_bytes(),
-            **(self.guard.stats() if self.guard is not None else {}),
-            **self.out.stats(),
-        }
-
-    # -- keys whose owner is changing (a move in its copy phase) ---------------------
-    def _reply(self, routing: list[bytes], result: Any) -> None:
-        if isinstance(result, ZkvError):
-            self._fail(routing, result)
-        else:
-            self._answer(routing, result)
-
-    def _call(self, addr: str, op: str, args: list[Any], done: Callable[[Any], None],
-              timeout: float | None = None) -> None:
-        """Send a request whose decoded result (or ZkvError) goes to ``done``."""
-        try:
-            self._forward(addr, P.encode_request(op, *args), done, -2, timeout)
-        except ZkvError as exc:
-            done(exc)
-
-    def _note_keys(self, addr: str, info: Any) -> None:
-        if isinstance(info, dict) and isinstance(info.get("keys"), int):
-            self.node_keys[addr] = (info["keys"], time.time())
+    def config_doc(self, since: Any = None) -> dict[str, Any]:
+        return {**super().config_doc(since), "manager": self.address}
 
     def _poll_keys(self) -> None:
         """Every few seconds, each node's key count: what REMOVE --force reports lost."""
@@ -565,39 +238,6 @@ class Proxy:
     def settled(self) -> bool:
         """For the move driver: no configuration is on its way to the nodes."""
         return self.publishing is None
-
-    def _apply_state(self, state: ClusterState) -> None:
-        self.state = state
-        self.ring = state.ring()
-        self.placement = Placement(state)
-        self.router.set_placement(self.placement)
-        for addr in sorted(_involved_in(state) - set(self.links)):
-            self._connect(addr)
-        if self.driver is None and not self._admin_busy:
-            self._drop_links()
-
-    def _later(self, delay: float, fn: Callable[[], None]) -> None:
-        self.timers.append((time.monotonic() + delay, fn, self._owner))
-
-    def _run_timers(self, now: float) -> None:
-        due = [(fn, owner) for when, fn, owner in self.timers if when <= now]
-        if due:
-            self.timers = [t for t in self.timers if t[0] > now]
-            for fn, owner in due:
-                self._owner = owner
-                try:
-                    fn()
-                except Exception as exc:  # noqa: BLE001 - the same boundary as _continue
-                    log.exception("internal error in a timer")
-                    if owner is not None:
-                        self._fail(owner, InternalError(f"{type(exc).__name__}: {exc}"))
-                finally:
-                    self._owner = None
-
-    def _drop_links(self) -> None:
-        wanted = _involved_in(self.state)
-        for addr in sorted(set(self.links) - wanted):
-            self._disconnect(addr)
 
     def _check_admin(self) -> None:
         if self.driver is not None:
@@ -795,183 +435,6 @@ class Proxy:
         reply["id"] = move["id"]
         self._answer(routing, reply)
 
-    # -- replies from nodes ------------------------------------------------------
-    def handle_node(self, addr: str, frames: list[bytes], now: float) -> None:
-        if self.health.seen(addr, now):
-            log.info("node %s is up", addr)
-            self.router.set_down(addr, False, now)
-        if len(frames) != 2:
-            return
-        tag, body = frames
-        if tag == HEARTBEAT_TAG:
-            self._health_reply(addr, body)
-            return
-        if tag.startswith(ENVELOPE_FRAME):
-            waiting = self.envelopes.get(tag)
-            if body[:3] == P.REPLY_ENVELOPE:
-                reply = self.router.reply
-                try:
-                    entries = P.decode_reply_envelope(body)
-                except ZkvError:
-                    entries = []
-                for entry_tag, entry_body in entries:
-                    reply(entry_tag, entry_body, now)
-                    if waiting is not None:
-                        waiting.discard(entry_tag)
-            elif waiting is not None:  # the node refused the envelope as a whole
-                try:
-                    P.decode_reply(body)
-                    error: ZkvError = ProtocolError(f"node {addr} answered an envelope oddly")
-                except ZkvError as exc:
-                    error = exc
-                self.router.fail_tags(list(waiting), error)
-                waiting.clear()
-            if waiting is not None and not waiting:
-                del self.envelopes[tag]
-            return
-        entry = self.pending.pop(tag, None)
-        if entry is None:
-            return  # a late reply to a request that already timed out
-        target, _, part, _ = entry
-        if part == -1:
-            self.out.send([*target, body])
-            return
-        try:
-            result: Any = P.decode_reply(body)
-        except ZkvError as exc:
-            result = exc
-        self._continue(entry, result)
-
-    def _health_reply(self, addr: str, body: bytes) -> None:
-        """A heartbeat's answer: the node's epoch (a node behind gets the configuration
-        again) and how many routers it has seen (if more than this one, reads of moving
-        keys may no longer fall back: other routers' writes are not known here)."""
-        try:
-            result = P.decode_reply(body)
-        except ZkvError:
-            return
-        if not isinstance(result, dict):
-            return
-        epoch, routers = result.get("epoch"), result.get("routers")
-        if (isinstance(epoch, int) and epoch < self.state.epoch and not self.publishing
-                and addr in self._involved()):
-            log.info("node %s is at epoch %d, behind %d: sending it the configuration", addr,
-                     epoch, self.state.epoch)
-            self._push(addr, self.state, lambda ok: None)
-        if isinstance(routers, int) and routers > 1 and self.router.knows_every_write:
-            log.info("another router sends requests to %s: reads of moving keys will not "
-                     "fall back to their old owner while the new one is down", addr)
-            self.router.knows_every_write = False
-            self.router.dirty_known = False
-
-    def _continue(self, entry: tuple[Any, str, int, list[bytes] | None], result: Any) -> None:
-        """Hand a node's result (or an error) to what waits for it, inside one error
-        boundary: a bug in any continuation becomes an INTERNAL error reply to the
-        client it was working for and a log line, never a dead proxy or a silent hang."""
-        target, _, part, owner = entry
-        self._owner = owner
-        try:
-            if part == -2:
-                target(result)
-            else:
-                self._deliver(target, part, result)
-        except Exception as exc:  # noqa: BLE001 - the boundary
-            log.exception("internal error while handling a reply from a node")
-            if part >= 0:
-                target.done = True
-            if owner is not None:
-                self._fail(owner, InternalError(f"{type(exc).__name__}: {exc}"))
-        finally:
-            self._owner = None
-
-    def _expire(self, now: float) -> None:
-        deadlines, pending = self.deadlines, self.pending
-        expired = []
-        while deadlines and deadlines[0][0] <= now:
-            expired.append(deadlines.popleft()[1])
-        if self.slow_deadlines:
-            expired += [tag for when, tag in self.slow_deadlines if when <= now]
-            self.slow_deadlines = [(w, t) for w, t in self.slow_deadlines if w > now]
-        for tag in expired:
-            entry = pending.pop(tag, None)
-            if entry is not None:
-                self._abandon(entry, Timeout(
-                    f"node {entry[1]} did not answer in time; the outcome of a write is unknown"
-                ))
-
-    def _abandon(self, entry: tuple[Any, str, int, list[bytes] | None], exc: ZkvError) -> None:
-        if entry[2] == -1:
-            self._fail(entry[0], exc)
-        else:
-            self._continue(entry, exc)
-
-    def _node_down(self, addr: str) -> None:
-        log.warning("node %s is down (no heartbeat reply)", addr)
-        self.router.set_down(addr, True, time.monotonic())
-        lost = [tag for tag, entry in self.pending.items() if entry[1] == addr]
-        for tag in lost:
-            self._abandon(self.pending.pop(tag), NodeUnavailable(
-                f"node {addr} went down with this request in flight; "
-                "the outcome of a write is unknown"
-            ))
-
-    def _heartbeat(self, now: float) -> None:
-        for addr in self.health.due_pings(now):
-            try:
-                wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
-            except zmq.Again:
-                pass
-        for addr in self.health.expire(now):
-            self._node_down(addr)
-
-    # -- the loop ------------------------------------------------------------------
-    def serve(self) -> None:
-        front, poller = self.front, self.poller
-        by_socket = self.by_socket
-        recv, waiting = wire.recv, wire.waiting
-        next_housekeeping = next_tidy = next_poll = 0.0
-        while not self._stop:
-            for sock, _ in poller.poll(10):
-                if sock is front:
-                    handle = self.handle_front
-                    now = time.monotonic()
-                    for _ in range(MAX_PER_TURN):
-                        handle(recv(front), now)
-                        if not waiting(front):
-                            break
-                else:
-                    addr = by_socket.get(sock)
-                    if addr is None:
-                        if self.guard is not None and sock is self.guard.monitor:
-                            self.guard.handle()
-                        continue
-                    now = time.monotonic()
-                    for _ in range(MAX_PER_TURN):
-                        self.handle_node(addr, recv(sock), now)
-                        if not waiting(sock):
-                            break
-            now = time.monotonic()
-            router = self.router
-            if router.deadlines and router.deadlines[0][0] <= now or router.parked \
-                    or router.delayed:
-                router.tick(now)
-            self._flush()
-            if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
-                self._expire(now)
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING_EVERY
-                if now >= next_tidy:
-                    next_tidy = now + 1.0
-                    self.out.tidy()
-                    if now >= next_poll:
-                        next_poll = now + KEY_COUNT_EVERY
-                        self._poll_keys()
-                self._heartbeat(now)
-                if self.timers:
-                    self._run_timers(now)
-                if self.driver is not None:
-                    self._tick_driver(now)
-
     def _repair_move(self) -> None:
         """A move persisted with settings that are not valid (an older zkv took them
         unchecked) would retry forever: run it with the defaults instead, and say so."""
@@ -1001,68 +464,4 @@ class Proxy:
             self.driver = None
             self._drop_links()
 
-    def stop(self, *_: Any) -> None:
-        self._stop = True
-
-    def _warm_up(self, limit: float) -> None:
-        """Before serving, give the links to the nodes a moment to connect (a send on a
-        link still connecting fails at once), so that the first requests after a start
-        or restart do not get NODE_DOWN for nodes that are up. Bounded by ``limit``."""
-        waiting = set(self.links)
-        deadline = time.monotonic() + limit
-        poller = zmq.Poller()
-        for sock in self.by_socket:
-            poller.register(sock, zmq.POLLIN)
-        while waiting and time.monotonic() < deadline:
-            for addr in list(waiting):
-                try:
-                    wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
-                except zmq.Again:
-                    continue
-            for sock, _ in poller.poll(20):
-                addr = self.by_socket[sock]
-                while wire.waiting(sock):
-                    self.handle_node(addr, wire.recv(sock), time.monotonic())
-                waiting.discard(addr)
-
-    def run(self, on_ready: Callable[[str], None] | None = None) -> None:
-        front = self.front
-        front.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
-        front.setsockopt(zmq.SNDHWM, FRONT_HWM)
-        front.setsockopt(zmq.RCVHWM, 100_000)
-        front.setsockopt(zmq.IPV6, 1)
-        fds = raise_fd_limit()
-        self.max_clients = client_limit(self.max_clients, fds,
-                                        FD_RESERVE + 2 * len(self.state.members))
-        try:
-            front.bind(f"tcp://{self.address}")
-        except zmq.ZMQError as exc:
-            self.ctx.destroy(0)
-            raise ClusterError(f"cannot listen on {self.address}: {exc}") from exc
-        self.guard = ConnectionGuard(front, self.max_clients, f"proxy {self.address}")
-        self.poller.register(self.guard.monitor, zmq.POLLIN)
-        self.poller.register(front, zmq.POLLIN)
-        self._repair_move()
-        self._apply_state(self.state)
-        self._warm_up(min(self.timeout, 1.0))
-        self._publish(self.state)  # every node gets the configuration this proxy serves
-        if self.state.move is not None:
-            log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
-            self.driver = MoveDriver(self, self.state)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.stop)
-        line = (
-            f"zkv proxy {self.address} epoch={self.state.epoch} "
-            f"members={','.join(self.ring.members) or '-'} state={self.state_dir}"
-        )
-        if on_ready:
-            on_ready(line)
-        self._serving = True
-        try:
-            self.serve()
-        finally:
-            self.ctx.destroy(0)
-
-
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "load_state", "save_state"]
