@@ -98,11 +98,23 @@ def test_commands_one_per_node_and_the_proxy(tmp_path: Path) -> None:
     assert argv[4:] == ["proxy", "--config", str(topo.path)]
 
 
+def test_followers_are_started_following_the_proxy(tmp_path: Path) -> None:
+    topo = Topo(tmp_path / "t", 2)
+    text = topo.path.read_text() + "followers:\n  - port: 18001\n  - address: 127.0.0.1:18002\n"
+    topo.path.write_text(text)
+    cmds = dict(commands(load_topology(topo.path), str(topo.path)))
+    for name, port in (("follower1", "18001"), ("follower2", "18002")):
+        argv = shlex.split(cmds[name])
+        assert argv[4] == "proxy"
+        assert argv[argv.index("--port") + 1] == port
+        assert argv[argv.index("--follow") + 1] == topo.proxy_addr
+
+
 def test_commands_for_the_example_topologies() -> None:
     for path in sorted((REPO / "configs").glob("*.yaml")):
         topology = load_topology(path)
         cmds = commands(topology, str(path))
-        assert len(cmds) == len(topology.nodes) + 1, path
+        assert len(cmds) == len(topology.nodes) + 1 + len(topology.followers), path
         assert len({name for name, _ in cmds}) == len(cmds)
         assert all(cmd.startswith("exec ") for _, cmd in cmds)
 

@@ -101,6 +101,27 @@ def _proxy(args: argparse.Namespace) -> int:
     for text in args.node or []:
         host, port = parse_address(text, "--node")
         members[format_address(host, port)] = 1.0  # [::1]:8081 keeps its brackets
+    if args.follow:
+        from .follower import Follower
+
+        host, port = parse_address(args.follow, "--follow")
+        if args.state_dir:
+            raise ZkvError("a follower keeps no state: --follow and --state-dir do not go "
+                           "together (the config manager at --follow owns the state)")
+        follower = Follower(
+            manager=format_address(host, port),
+            host=args.host or cfg.host,
+            port=args.port or _follower_port(args),
+            seeds=list(members),
+            timeout_ms=args.timeout_ms or cfg.timeout_ms,
+            heartbeat_ms=cfg.heartbeat_ms,
+            heartbeat_misses=cfg.heartbeat_misses,
+            limits=cfg.limits,
+            max_clients=args.max_clients or cfg.max_clients,
+            client_buffer_bytes=cfg.client_buffer_bytes,
+        )
+        follower.run(on_ready=lambda line: print(line, flush=True))
+        return 0
     proxy = Proxy(
         host=args.host or cfg.host,
         port=args.port or cfg.port,
@@ -121,6 +142,16 @@ def _proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follower_port(args: argparse.Namespace) -> int:
+    """The port of the topology's only follower (else --port must say)."""
+    from .config import load_topology
+
+    followers = load_topology(args.config).followers if args.config else ()
+    if len(followers) == 1:
+        return followers[0].port
+    raise ZkvError("--follow needs --port to say where this follower listens")
+
+
 def _add_proxy_parser(sub: Any) -> None:
     p = sub.add_parser("proxy", help="run the proxy clients connect to")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
@@ -134,6 +165,9 @@ def _add_proxy_parser(sub: Any) -> None:
                    help="per-request deadline")
     p.add_argument("--max-clients", type=_positive_int, default=None, metavar="N",
                    help="connections served at once; newer ones are shed (default 10000)")
+    p.add_argument("--follow", default=None, metavar="HOST:PORT",
+                   help="run a follower proxy: learn the configuration from the config "
+                        "manager at HOST:PORT (keeps no state of its own)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_proxy)
 

@@ -69,6 +69,7 @@ from .ring import MAX_VNODES, MAX_WEIGHT, check_points
 
 __all__ = [
     "FSYNC_POLICIES",
+    "FollowerConfig",
     "NodeConfig",
     "ProxyConfig",
     "Topology",
@@ -330,6 +331,25 @@ class ProxyConfig:
         return format_address(self.host, self.port)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FollowerConfig:
+    """A follower proxy: where clients reach it (it follows the topology's proxy)."""
+
+    host: str = DEFAULT_HOST
+    port: int
+
+    def __post_init__(self) -> None:
+        for name, check in (("host", _host), ("port", _port)):
+            try:
+                object.__setattr__(self, name, check(getattr(self, name)))
+            except _Bad as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
 @dataclass(frozen=True)
 class Topology:
     """The proxy and the nodes, as read from ``source`` (a file name or ``<flags>``)."""
@@ -337,6 +357,7 @@ class Topology:
     proxy: ProxyConfig
     nodes: tuple[NodeConfig, ...]
     source: str
+    followers: tuple[FollowerConfig, ...] = ()
 
     def node(self, address_or_port: str | int) -> NodeConfig:
         """The node at ``"host:port"``, or the only node on a port (int or digits)."""
@@ -405,7 +426,7 @@ _PROXY_FIELDS: dict[str, Check] = {
     "client_buffer_bytes": _integer(1 << 20),
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
-_TOP_KEYS = ("limits", "proxy", "defaults", "nodes")
+_TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers")
 
 
 # --- parsing a decoded YAML document ------------------------------------------------
@@ -545,7 +566,33 @@ def _topology(data: object, source: str) -> Topology:
         check_points({n.address: n.weight for n in nodes}, proxy.vnodes)
     except ValueError as exc:
         raise ConfigError(f"nodes: {exc}") from None
-    return Topology(proxy=proxy, nodes=tuple(nodes), source=source)
+    followers = _followers(data.get("followers"), proxy, nodes)
+    return Topology(proxy=proxy, nodes=tuple(nodes), source=source, followers=followers)
+
+
+def _followers(data: object, proxy: ProxyConfig,
+               nodes: Sequence[NodeConfig]) -> tuple[FollowerConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(f"followers: expected a list of followers, got {_describe(data)}")
+    taken = {proxy.address: "the proxy", **{n.address: "a node" for n in nodes}}
+    out = []
+    for i, item in enumerate(data):
+        path = f"followers[{i}]"
+        values = _section(item, {"address": _address, "host": _host, "port": _port}, path)
+        address = values.pop("address", None)
+        if address is not None:
+            values["host"], values["port"] = address
+        if "port" not in values:
+            raise ConfigError(f"{path}: missing port; give port (and host) or address")
+        follower = FollowerConfig(**values)
+        if follower.address in taken:
+            raise ConfigError(
+                f"{path}: address {follower.address} is already used by {taken[follower.address]}")
+        taken[follower.address] = path
+        out.append(follower)
+    return tuple(out)
 
 
 def parse_topology(data: object, source: str) -> Topology:

@@ -28,6 +28,12 @@ def commands(
         for i, n in enumerate(topology.nodes, 1)
     ]
     out.append(("proxy", f"exec {zkv} proxy --config {cfg}"))
+    manager = shlex.quote(topology.proxy.address)
+    out += [
+        (f"follower{i}", f"exec {zkv} proxy --config {cfg} --host {shlex.quote(f.host)} "
+                         f"--port {f.port} --follow {manager}")
+        for i, f in enumerate(topology.followers, 1)
+    ]
     return out
 
 
@@ -38,9 +44,11 @@ def up(args: argparse.Namespace) -> int:
     manager = Manager()
     for name, cmd in commands(topology, args.config):
         manager.add_process(name, cmd)
+    followers = "".join(f", a follower on {f.address}" for f in topology.followers)
     print(
         f"zkv up: {len(topology.nodes)} nodes and a proxy on "
-        f"{topology.proxy.host}:{topology.proxy.port} from {args.config}; Ctrl-C stops them all",
+        f"{topology.proxy.host}:{topology.proxy.port}{followers} from {args.config}; "
+        "Ctrl-C stops them all",
         flush=True,
     )
     manager.loop()

@@ -157,7 +157,8 @@ COMMANDS: dict[str, Command] = {
         Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
         Command("XCONFIG", INTERNAL, ("any",), "internal: the config manager's configuration"),
         Command("XHEALTH", INTERNAL, (), "internal: a heartbeat that says the node's epoch"),
-        Command("CONFIG", META, (), "The cluster configuration: epoch, members, any move."),
+        Command("CONFIG", META, ("any?",),
+                "The cluster configuration: epoch, members, any move.", "[SINCE_EPOCH]"),
     )
 }
 
