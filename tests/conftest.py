@@ -367,11 +367,12 @@ class Cluster:
         self.kill_proxy()
         return self.start_proxy(*args)
 
-    def client(self, timeout: float = 3.0, retries: int = 0, address: str | None = None) -> Any:
+    def client(self, timeout: float = 3.0, retries: int = 0, address: str | None = None,
+               direct: bool = False) -> Any:
         """A zkv.Client of the proxy, closed when the cluster is."""
         import zkv
 
-        c = zkv.Client(address or self.address, timeout=timeout, retries=retries)
+        c = zkv.Client(address or self.address, timeout=timeout, retries=retries, direct=direct)
         self._clients.append(c)
         return c
 

@@ -40,9 +40,9 @@ class Worker(threading.Thread):
 
     def __init__(self, address: str, name: str, keys: int, stop: threading.Event,
                  initial: dict[bytes, bytes], mix: Mix, pause: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, direct: bool = False) -> None:
         super().__init__(daemon=True, name=f"worker-{name}")
-        self.client = zkv.Client(address, timeout=2.0, retries=0)
+        self.client = zkv.Client(address, timeout=2.0, retries=0, direct=direct)
         self.tag = name.encode()
         self.keys = [b"%s-%05d" % (self.tag, i) for i in range(keys)]
         self.rng = random.Random(f"{name}-{seed}")
@@ -121,10 +121,10 @@ class Load:
 
     def __init__(self, address: str, mix: Mix, initial: dict[bytes, bytes] | None = None,
                  workers: int = 4, keys_each: int = 500, pause: float = 0.0,
-                 prefix: str = "w") -> None:
+                 prefix: str = "w", direct: bool = False) -> None:
         self.stop = threading.Event()
         self.workers = [Worker(address, f"{prefix}{w}", keys_each, self.stop, initial or {},
-                               mix, pause, seed=w) for w in range(workers)]
+                               mix, pause, seed=w, direct=direct) for w in range(workers)]
 
     def __enter__(self) -> Self:
         for w in self.workers:

@@ -105,13 +105,25 @@ def test_compare_runs_every_target(tmp_path: Path) -> None:
     report = bench_json(tmp_path, "-t", "set,get", "-n", "100", "-P", "5", "-r", "100",
                         "--compare")
     targets = {r["target"] for r in report["results"]}
-    assert {"zkv", "direct", "floor", "floor-1hop"} <= targets
+    assert {"zkv", "zkv-direct", "direct", "floor", "floor-1hop"} <= targets
     if "redis" not in targets:
         assert "redis" in report["skipped"] and report["skipped"]["redis"]
     for test in ("set", "get"):
         assert {r["target"] for r in report["results"] if r["test"] == test} == targets
-        assert set(report["ratios"][test]) == targets - {"zkv"}
+        assert set(report["ratios"][test]) == targets - {"zkv", "zkv-direct"}
+        assert set(report["ratios_direct"][test]) == targets - {"zkv-direct"}
         assert all(x > 0 for x in report["ratios"][test].values())
+        assert all(x > 0 for x in report["ratios_direct"][test].values())
+    assert all(r["errors"] == 0 for r in report["results"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("clients", [1, 3])
+def test_direct_runs_the_direct_routing_client(tmp_path: Path, clients: int) -> None:
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "60", "-c", str(clients), "-P", "3",
+                        "--direct")
+    assert {r["target"] for r in report["results"]} == {"zkv-direct"}
+    assert all(r["errors"] == 0 and r["requests"] >= 60 for r in report["results"])
 
 
 @pytest.mark.timeout(60)

@@ -119,6 +119,20 @@ def test_data_commands(cli: Run, shared: Cluster) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_direct_routes_on_the_client(cli: Run, shared: Cluster) -> None:
+    """``zkv cli --direct``: the same commands, the same answers, routed on the client."""
+    direct = ("--direct", "--raw")
+    assert out(cli("SET", "cli-direct", "yes", options=direct)).strip() == "OK"
+    assert out(cli("GET", "cli-direct", options=("--raw",))).strip() == "yes"  # via the proxy
+    assert out(cli("MSET", "d1", "1", "d2", "2", options=direct)).strip() == "OK"
+    assert out(cli("MGET", "d1", "nope", "d2", options=direct)).split("\n") == ["1", "", "2", ""]
+    assert out(cli("DEL", "d1", options=direct)).strip() == "1"
+    assert "epoch" in out(cli("STATUS", options=("--direct",)))  # the proxy's own command
+    done = cli("GET", options=("--direct",))
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
 def test_cluster_commands(cli: Run, shared: Cluster) -> None:
     nodes = out(cli("NODES", options=("--raw",))).splitlines()
     assert sorted(line.split()[0] for line in nodes) == sorted(shared.node_addrs)

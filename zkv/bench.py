@@ -11,6 +11,8 @@ and kills it at the end, on Ctrl-C and on errors too. ``--compare`` runs the sam
 workload against each target in turn and prints zkv's ratio to each:
 
     zkv          through the proxy
+    zkv-direct   the direct-routing client (``Client(direct=True)``): straight to each
+                 key's node of the same cluster, routed on the client
     direct       the same client straight to one storage node (the proxy's cost)
     floor        raw pyzmq: the same messages, byte for byte in size, through a C-level
                  ``zmq.proxy(ROUTER, DEALER)`` device (its own process) to an echo worker
@@ -28,6 +30,9 @@ How the load is generated, so that the figures describe the servers:
   ``Client.pipeline()``: one PIPE message of N commands per round trip. MSET and MGET,
   which a pipeline does not carry, and every test with ``--window``, go through
   ``Client.call_many``: N separate requests in flight at once.
+- ``--direct`` (and the ``zkv-direct`` row of ``--compare``) runs the same client with
+  ``direct=True``; several direct clients are threads in each worker (each routes on
+  its own), so its figures at ``-c > 1`` are a lower bound, as redis-py's are.
 - Several clients (``-c N``) are N DEALER sockets, spread over the workers, each driven
   by one poll loop per worker (as redis-benchmark drives its connections from one
   event loop; Python threads would be held back by the GIL). Each socket does what a
@@ -81,8 +86,8 @@ from .errors import ConfigError, NotSent, Unavailable, ZkvError
 
 TESTS = ("set", "get", "mset", "mget")
 KEYS_PER_MULTI = 10
-TARGETS = ("zkv", "direct", "floor", "floor-1hop", "redis")
-BASELINES = TARGETS[1:]
+TARGETS = ("zkv", "zkv-direct", "direct", "floor", "floor-1hop", "redis")
+BASELINES = TARGETS[2:]  # what the zkv rows are divided by
 PIPE_CHUNK = 1000  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
 REPLY_TIMEOUT = 10.0
 _TAG = struct.Struct("<Q")
@@ -104,6 +109,7 @@ class Config:
     fsync: str = "everysec"
     nodes: int = 3
     proxy: str | None = None
+    direct: bool = False
     compare: bool = False
     memory: int | None = None
     recovery: int | None = None
@@ -209,6 +215,7 @@ class Job:
     use_client: bool  # one client in all: the real zkv.Client
     seed: int
     echo_bodies: tuple[bytes, ...] = ()
+    direct: bool = False  # zkv.Client(direct=True): routed on the client
 
 
 @dataclass
@@ -236,6 +243,8 @@ def worker_main(job: Job, slot: int, progress: Any, barrier: Any, out: Any) -> N
         keys = {c: client_keys(job, c, pool) for c in job.clients}
         if job.kind == "redis":
             run = _prepare_redis(job, keys, tally)
+        elif job.direct and not job.use_client:
+            run = _prepare_threads(job, keys, tally)
         elif job.use_client:
             run = _prepare_client(job, keys[job.clients[0]], tally)
         else:
@@ -259,7 +268,7 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
     """One synchronous zkv.Client (or, for the floor, its bare socket exchange)."""
     from .client import Client
 
-    client = Client(job.address, timeout=REPLY_TIMEOUT, retries=0)
+    client = Client(job.address, timeout=REPLY_TIMEOUT, retries=0, direct=job.direct)
     deadline = time.monotonic() + 10.0
     while True:  # the target may still be starting: a refused connection is tried again
         try:
@@ -327,6 +336,46 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
                 count(tally.ops)
         finally:
             client.close()
+
+    return run
+
+
+def _prepare_threads(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally
+                     ) -> Callable[..., None]:
+    """Several direct-routing clients: a zkv.Client each, each in a thread of its own."""
+    from dataclasses import replace
+
+    tallies = [Tally() for _ in job.clients]
+    runs = [_prepare_client(replace(job, clients=(c,), rounds=(r,), use_client=True),
+                            keys[c], t)
+            for c, r, t in zip(job.clients, job.rounds, tallies)]
+
+    def run(count: Callable[[int], None]) -> None:
+        done = [0] * len(runs)
+        failures: list[BaseException] = []
+
+        def drive(i: int) -> None:
+            def counted(ops: int) -> None:
+                done[i] = ops
+                count(sum(done))
+
+            try:
+                runs[i](counted)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the worker
+                failures.append(exc)
+
+        threads = [threading.Thread(target=drive, args=(i,), daemon=True)
+                   for i in range(len(runs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        for part in tallies:
+            tally.latencies.extend(part.latencies)
+            tally.ops += part.ops
+            tally.errors += part.errors
 
     return run
 
@@ -471,10 +520,10 @@ def _prepare_redis(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally) -> 
 
     def run(count: Callable[[int], None]) -> None:
         threads = [threading.Thread(target=drive, args=(c, count)) for c in job.clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         for r in conns.values():
             r.close()
 
@@ -681,7 +730,7 @@ class Runner:
         self.filled: set[str] = set()
 
     def run(self, target: str, address: str, kind: str, test: str,
-            echo_bodies: tuple[bytes, ...] = ()) -> Result:
+            echo_bodies: tuple[bytes, ...] = (), direct: bool = False) -> Result:
         cfg = self.cfg
         rounds_total = max(1, math.ceil(cfg.requests / cfg.pipeline))
         clients = min(cfg.clients, rounds_total)
@@ -698,7 +747,7 @@ class Runner:
                       window=cfg.window, value_bytes=cfg.value_bytes, keyspace=cfg.keyspace,
                       clients=tuple(group), rounds=tuple(per_client[c] for c in group),
                       use_client=clients == 1 and kind != "redis", seed=cfg.seed,
-                      echo_bodies=echo_bodies)
+                      echo_bodies=echo_bodies, direct=direct)
             procs.append(self.children.process(worker_main, job, w, progress, barrier, out))
         total = rounds_total * cfg.pipeline
         tallies: dict[int, Tally] = {}
@@ -836,7 +885,11 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
     proxy = cfg.proxy or start_cluster(children, cfg.nodes, cfg.fsync)[0]
     # "direct": a node of its own (a node of the cluster serves only its share of keys)
     node = start_node(children, cfg.fsync, "direct-node") if cfg.compare else None
-    targets: list[tuple[str, str]] = [("zkv", proxy)]
+    targets: list[tuple[str, str]] = []
+    if cfg.compare or not cfg.direct:
+        targets.append(("zkv", proxy))
+    if cfg.compare or cfg.direct:
+        targets.append(("zkv-direct", proxy))
     if cfg.compare:
         assert node is not None
         targets.append(("direct", node))
@@ -859,15 +912,18 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
             else:
                 if test in ("get", "mget"):
                     runner.fill_zkv(address)
-                result = runner.run(target, address, "zkv", test)
+                result = runner.run(target, address, "zkv", test,
+                                    direct=target == "zkv-direct")
             report["results"].append(asdict(result))
     by = {(r["target"], r["test"]): r["ops_per_sec"] for r in report["results"]}
-    for test in cfg.tests:
-        zkv = by.get(("zkv", test))
-        ratios = {b: round(zkv / by[(b, test)], 3) for b in BASELINES
-                  if (b, test) in by and by[(b, test)] > 0 and zkv is not None}
-        if ratios:
-            report["ratios"][test] = ratios
+    for key, row in (("ratios", "zkv"), ("ratios_direct", "zkv-direct")):
+        for test in cfg.tests:
+            mine = by.get((row, test))
+            others = BASELINES if row == "zkv" else ("zkv", *BASELINES)
+            ratios = {b: round(mine / by[(b, test)], 3) for b in others
+                      if (b, test) in by and by[(b, test)] > 0 and mine is not None}
+            if ratios:
+                report.setdefault(key, {})[test] = ratios
 
 
 def _run_floor(cfg: Config, children: Children, runner: Runner, target: str, test: str,
@@ -987,14 +1043,17 @@ def show(report: dict[str, Any], console: Any) -> None:
             table.add_column(f"{q} ms", justify="right")
         table.add_column("requests", justify="right")
         table.add_column("errors", justify="right")
-        table.add_column("zkv ÷ this", justify="right")
-        ratios = report["ratios"].get(test, {})
+        columns = [(name, report.get(key, {}).get(test, {}))
+                   for name, key in (("zkv", "ratios"), ("zkv-direct", "ratios_direct"))]
+        columns = [(name, ratios) for name, ratios in columns if ratios]
+        for name, _ in columns:
+            table.add_column(f"{name} ÷ this", justify="right")
         for r in rows:
-            ratio = ratios.get(r["target"])
+            cells = [ratios.get(r["target"]) for _, ratios in columns]
             table.add_row(r["target"], f"{r['ops_per_sec']:,.0f}", f"{r['p50_ms']:.3f}",
                           f"{r['p99_ms']:.3f}", f"{r['p999_ms']:.3f}", f"{r['requests']:,}",
                           f"[red]{r['errors']}[/]" if r["errors"] else "0",
-                          "" if ratio is None else f"{ratio:.2f}x")
+                          *("" if c is None else f"{c:.2f}x" for c in cells))
         console.print(table)
     if report.get("skipped"):
         for name, why in report["skipped"].items():
@@ -1072,8 +1131,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.add_argument("--proxy", type=_address, default=None, metavar="HOST:PORT",
                    help="benchmark this running proxy instead of starting a cluster")
+    p.add_argument("--direct", action="store_true",
+                   help="use the direct-routing client (zkv.Client(direct=True)): the row "
+                        "zkv-direct")
     p.add_argument("--compare", action="store_true",
-                   help="also run direct (one node), floor (raw pyzmq) and redis; print ratios")
+                   help="also run zkv-direct, direct (one node), floor (raw pyzmq) and redis; "
+                        "print ratios")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
                    help="fsync policy of the nodes started (and of redis) (default everysec)")
     p.add_argument("--nodes", type=_positive, default=3, help="nodes to start (default 3)")
@@ -1094,7 +1157,8 @@ def config_from(args: argparse.Namespace) -> Config:
     return Config(tests=tests, requests=args.requests, clients=args.clients,
                   pipeline=args.pipeline, window=args.window, value_bytes=args.value_bytes,
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
-                  proxy=args.proxy, compare=args.compare, memory=args.memory,
+                  proxy=args.proxy, direct=args.direct, compare=args.compare,
+                  memory=args.memory,
                   recovery=args.recovery)
 
 

@@ -410,7 +410,7 @@ def shell(client: Client, printer: Printer) -> int:
 def main(args: argparse.Namespace) -> int:
     printer = Printer(args.raw)
     try:
-        client = Client(args.proxy, timeout=args.timeout)
+        client = Client(args.proxy, timeout=args.timeout, direct=args.direct)
     except ConfigError as exc:  # a bad --proxy: a usage mistake
         printer.error(UsageError(f"--proxy: {exc}"))
         return EXIT_USAGE
@@ -435,6 +435,9 @@ def add_parser(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="the proxy (or a node) to talk to (default 127.0.0.1:8000)")
+    p.add_argument("--direct", action="store_true",
+                   help="route on the client: data commands go straight to the node that "
+                        "owns the key (the proxy gives the configuration)")
     p.add_argument("--raw", action="store_true", help="plain output without styling, for scripts")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a reply")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",

@@ -15,6 +15,11 @@ Pirate); writes are not, because a retried write could undo a later one: their
 timeout raises :class:`zkv.Timeout`, whose message says the outcome is unknown.
 Errors are the :mod:`zkv.errors` family, the same type the server reported.
 
+``direct=True`` routes on the client: it asks the proxy for the cluster's
+configuration once, then sends each request straight to the node that owns its key,
+and goes through the proxy only when a node cannot be reached (see :mod:`zkv.direct`).
+Everything else, results and errors included, is as through the proxy.
+
 A Client is not thread-safe: give each thread its own.
 """
 
@@ -22,13 +27,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import protocol as P
 from .errors import ConfigError, NotSent, ProtocolError, Timeout, Unavailable, ZkvError
 from .link import Link
+
+if TYPE_CHECKING:
+    from .direct import DirectRouting
 
 Key = str | bytes
 Value = str | bytes | int | float
@@ -63,7 +71,7 @@ def to_bytes(value: Any, what: str = "value") -> bytes:
 
 class Client:
     def __init__(self, address: str = "127.0.0.1:8000", timeout: float = 5.0,
-                 retries: int = 2) -> None:
+                 retries: int = 2, direct: bool = False) -> None:
         self.address = _checked_address(address)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
@@ -73,6 +81,12 @@ class Client:
         self.retries = retries
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._link = Link(self._ctx, self.address)
+        self.direct = bool(direct)
+        self._direct: DirectRouting | None = None
+        if direct:
+            from .direct import DirectRouting
+
+            self._direct = DirectRouting(self._ctx, self._link, self.timeout)
 
     # -- plumbing --------------------------------------------------------------
     def _socket(self) -> zmq.Socket[bytes]:
@@ -82,6 +96,8 @@ class Client:
         return self._link.sock
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self._link.close()
 
     def __enter__(self) -> Client:
@@ -90,20 +106,27 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _exchange(self, body: bytes) -> bytes:
-        """Send one body and wait for its reply, or raise NotSent or Timeout."""
+    def _exchange(self, body: bytes, op: str | None = None, key: Any = None) -> bytes:
+        """Send one body and wait for its reply, or raise NotSent or Timeout. (``op`` and
+        ``key``, of a single-key command, let a direct client route it the short way.)"""
         try:
+            if self._direct is not None:
+                return self._direct.request(body, self.timeout, op,
+                                            key if type(key) is bytes else None)
             return self._link.request(body, self.timeout)
         except zmq.ZMQError as exc:  # translated at the boundary: one error family
             self._link.close()
             raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
 
-    def _exchange_many(self, bodies: list[bytes], window: int = CALL_WINDOW
+    def _exchange_many(self, bodies: list[bytes], window: int = CALL_WINDOW,
+                       parsed: list[tuple[str, list[Any]]] | None = None
                        ) -> list[bytes | Timeout | NotSent]:
         """Send every body (DEALER pipelining, at most ``window`` in flight) and collect
         the replies in order: a Timeout where no reply came (outcome unknown), NotSent
         where the body was never sent."""
         try:
+            if self._direct is not None:
+                return self._direct.exchange_many(parsed or bodies, self.timeout, window)
             return self._link.exchange_many(bodies, self.timeout, window)
         except zmq.ZMQError as exc:
             self._link.close()
@@ -144,9 +167,10 @@ class Client:
             retry = kind in (P.READ, P.META) and op != "PIPE"
         attempts = 1 + self.retries
         timeouts = 0
+        key = args[0] if args and self._direct is not None else None
         for attempt in range(attempts):
             try:
-                reply = self._exchange(body)
+                reply = self._exchange(body, op, key)
             except NotSent as exc:
                 if attempt + 1 < attempts:
                     time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
@@ -374,9 +398,14 @@ class Pipeline:
         if not commands:
             return []
         chunks = [commands[i : i + PIPELINE_CHUNK] for i in range(0, len(commands), PIPELINE_CHUNK)]
-        bodies = [P.encode_request("PIPE", chunk) for chunk in chunks]
+        if self.client._direct is not None:  # routed here: no need to encode what we route
+            parsed = [("PIPE", [chunk]) for chunk in chunks]
+            replies = self.client._exchange_many([], PIPELINE_WINDOW, parsed)
+        else:
+            bodies = [P.encode_request("PIPE", chunk) for chunk in chunks]
+            replies = self.client._exchange_many(bodies, PIPELINE_WINDOW)
         results: list[Any] = []
-        for chunk, reply in zip(chunks, self.client._exchange_many(bodies, PIPELINE_WINDOW)):
+        for chunk, reply in zip(chunks, replies):
             if isinstance(reply, Timeout):
                 err = Timeout(f"{reply}; the outcome of these pipelined commands is unknown")
                 results.extend([err] * len(chunk))

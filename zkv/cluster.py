@@ -27,6 +27,11 @@ class ClusterState:
     def ring(self) -> Ring:
         return Ring(self.members, self.vnodes)
 
+    def involved(self) -> set[str]:
+        """Every node this configuration names: the ring's members and a move's nodes."""
+        move = self.move
+        return set(self.members) | (set(move["old"]) | set(move["new"]) if move else set())
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,

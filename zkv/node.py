@@ -544,6 +544,7 @@ class Node:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "ops": dict(self.counters),
             "errors": self.errors,
+            "routers": self._routers_seen(),  # proxies and direct clients of late
             "recovered_keys": rec.keys if rec else 0,
             "recovery_s": round(rec.seconds, 4) if rec else 0.0,
             **self.storage.stats(),

@@ -36,7 +36,6 @@ from .shell import (
     DEFAULT_CLIENT_BUFFER,
     DEFAULT_MAX_CLIENTS,
     ProxyShell,
-    _involved_in,
 )
 
 log = logging.getLogger("zkv.proxy")
@@ -123,7 +122,7 @@ class Proxy(ProxyShell):
         self._repair_move()
         self._apply_state(self.state)
         self._warm_up(min(self.timeout, 1.0))
-        for addr in sorted(_involved_in(self.state)):  # every node gets the configuration in
+        for addr in sorted(self.state.involved()):  # every node gets the configuration in
             self._push(addr, self.state, lambda ok: None)  # effect here (it already is)
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
@@ -207,9 +206,9 @@ class Proxy(ProxyShell):
 
     def _publish(self, state: ClusterState, then: Callable[[], None] | None = None) -> None:
         self.publishing = state
-        targets = [a for a in _involved_in(state) if self.health.is_up(a)]
+        targets = [a for a in state.involved() if self.health.is_up(a)]
         left = set(targets)
-        for addr in sorted(_involved_in(state) - set(self.links)):
+        for addr in sorted(state.involved() - set(self.links)):
             self._connect(addr)
 
         def acked(addr: str, ok: bool) -> None:

@@ -577,27 +577,39 @@ class Router:
             self._finish(job)
             return
         p = self.placement
-        if p.moving is None and len(p.ring) and len(ops) == len(items):
-            owners = {p.owner(o.key) for o in ops}
-            if len(owners) == 1 and not (owners & self.down):
+        owners: list[str] | None = None
+        if p.moving is None and len(p.ring):
+            owner = p.ring.owner
+            owners = [owner(o.args[0]) for o in ops]  # once per key: hashing is the cost
+            first = owners[0]
+            if len(ops) == len(items) and first not in self.down and all(
+                    o == first for o in owners):
                 # every command goes to one node: its reply is the client's, as it is
-                node = owners.pop()
                 single = Job(client, "one", 1, deadline)
-                self._send(node, P.encode_request("PIPE", items), _PLAIN,
+                self._send(first, P.encode_request("PIPE", items), _PLAIN,
                            [Op(single, 0, "RAWPIPE", [items])], deadline)
                 return
-        self._dispatch(job, ops)
+        self._dispatch(job, ops, owners)
 
-    def _dispatch(self, job: Job, ops: list[Op]) -> None:
+    def _dispatch(self, job: Job, ops: list[Op], owners: list[str] | None = None) -> None:
         """Keys that stay put go to their owner grouped (one MGET, MSET or PIPE a node,
-        with its share of the reply budget); moving keys take their chains one by one."""
+        with its share of the reply budget); moving keys take their chains one by one.
+        (``owners``: each op's owner, when the caller has them and nothing moves.)"""
         p = self.placement
         groups: dict[str, list[Op]] = {}
-        for op in ops:
-            if p.moving is not None and p.moving_key(op.key) or not len(p.ring):
-                self._route(op)
-            else:
-                groups.setdefault(p.owner(op.key), []).append(op)
+        if owners is not None and p.moving is None:
+            for op, node in zip(ops, owners):
+                group = groups.get(node)
+                if group is None:
+                    groups[node] = [op]
+                else:
+                    group.append(op)
+        else:
+            for op in ops:
+                if p.moving is not None and p.moving_key(op.key) or not len(p.ring):
+                    self._route(op)
+                else:
+                    groups.setdefault(p.owner(op.key), []).append(op)
         share = self.limits.max_message_bytes // max(1, len(groups))
         for node, group in groups.items():
             if job.kind == "mget":
@@ -626,6 +638,9 @@ class Router:
             for op in ops:
                 self._result(op, "OK")
         else:
+            if job.value_budget is not None and not job.done:
+                ops = self._ok_items(job, ops, result)
+                result = result[len(sent.ops) - len(ops):]
             for op, item in zip(ops, result):
                 try:
                     self._result(op, P.result_of(item))
@@ -635,6 +650,33 @@ class Router:
                                             sent.epoch), exc, self.now)
                     else:
                         self._result(op, exc)
+
+    def _ok_items(self, job: Job, ops: list[Op], items: list[Any]) -> list[Op]:
+        """A node's pipeline reply items that succeeded, put in the job as they are (no
+        decoding and re-encoding of each), within its reply budget. Returns the ops from
+        the first item that needs more care (an error, or over the budget) on."""
+        budget = job.value_budget
+        assert budget is not None
+        used = job.used
+        results = job.results
+        done = 0
+        for op, item in zip(ops, items):
+            if type(item) is not list or len(item) != 2 or item[0] != P.OK:
+                break
+            value = item[1]
+            if type(value) is bytes:
+                if used + len(value) + 16 > budget:
+                    break
+                used += len(value) + 16
+            slot = op.slot
+            if results[slot] is None:
+                job.left -= 1
+            results[slot] = _Done(_Item(item))
+            done += 1
+        job.used = used
+        if job.left == 0 and done == len(ops):
+            self._finish(job)
+        return ops[done:]
 
     # -- listing -----------------------------------------------------------------------
     def _no_listing_during_move(self) -> None:

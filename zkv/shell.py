@@ -15,6 +15,7 @@ which owns the state directory and changes the configuration) and a follower
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import signal
@@ -93,12 +94,6 @@ class Gather:
             return P.encode_ok(self.finish(self.results))
         except ZkvError as exc:
             return P.encode_exc(exc)
-
-
-def _involved_in(state: ClusterState) -> set[str]:
-    """Every node a configuration names: the ring's members and a move's nodes."""
-    move = state.move
-    return set(state.members) | (set(move["old"]) | set(move["new"]) if move else set())
 
 
 def _by_size(items: list[tuple[int, bytes]], limit: int) -> list[list[tuple[int, bytes]]]:
@@ -316,7 +311,7 @@ class ProxyShell:
         """The ring's members, then any other node a move under way involves (a node
         joining before the copy, or leaving after it)."""
         members = list(self.ring.members)
-        return members + sorted(_involved_in(self.state) - set(members))
+        return members + sorted(self.state.involved() - set(members))
 
     def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
         members = self._involved()
@@ -419,7 +414,7 @@ class ProxyShell:
         self.ring = state.ring()
         self.placement = Placement(state)
         self.router.set_placement(self.placement)
-        for addr in sorted(_involved_in(state) - set(self.links)):
+        for addr in sorted(state.involved() - set(self.links)):
             self._connect(addr)
         if self._idle():
             self._drop_links()
@@ -443,7 +438,7 @@ class ProxyShell:
                     self._owner = None
 
     def _drop_links(self) -> None:
-        wanted = _involved_in(self.state)
+        wanted = self.state.involved()
         for addr in sorted(set(self.links) - wanted):
             self._disconnect(addr)
 
@@ -700,8 +695,6 @@ class ProxyShell:
         """CONFIG: the configuration in effect here (none if it is still epoch ``since``)."""
         same = since == self.state.epoch
         return {"epoch": self.state.epoch, "config": None if same else self.state.to_json(),
-                "name": None}
-
-
+                "name": None, "limits": dataclasses.asdict(self.limits)}
 
 __all__ = ["ProxyShell"]
