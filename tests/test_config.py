@@ -69,6 +69,8 @@ def test_local_yaml() -> None:
     assert topo.members() == {f"127.0.0.1:{p}": 1.0 for p in (8081, 8082, 8083)}
     assert topo.proxy.limits == Limits()
     assert topo.nodes[0].limits == Limits()
+    assert topo.proxy.resp_port == 6380 and topo.proxy.resp_admin is False
+    assert [f.resp_port for f in topo.followers] == [6381]
 
 
 def test_five_yaml() -> None:
@@ -250,6 +252,15 @@ BAD_FIELDS = [
      ["followers[0]: address 127.0.0.1:8000 is already used by the proxy"]),
     ("follower without a port", "followers: [{host: 127.0.0.1}]\n" + NODE,
      ["followers[0]: missing port"]),
+    ("resp port range", "proxy: {resp_port: 70000}\n" + NODE,
+     ["proxy.resp_port: 70000 is out of range"]),
+    ("resp admin text", "proxy: {resp_admin: 'yes'}\n" + NODE,
+     ["proxy.resp_admin: expected true or false"]),
+    ("resp port on a node", "proxy: {resp_port: 8081}\n" + NODE,
+     ["nodes[0]: address 127.0.0.1:8081 is already used by the proxy's RESP front"]),
+    ("follower resp port taken", "proxy: {resp_port: 6380}\nfollowers: [{port: 8001, "
+     "resp_port: 6380}]\n" + NODE,
+     ["followers[0].resp_port: 127.0.0.1:6380 is already used by the proxy's RESP front"]),
     ("section type", "proxy: [1, 2]\n" + NODE, ["proxy: expected a mapping", "a list"]),
     ("limits type", "limits: 5\n" + NODE, ["limits: expected a mapping"]),
     ("nodes missing", "proxy: {port: 8000}\n", ["nodes: missing"]),

@@ -120,6 +120,8 @@ def _proxy(args: argparse.Namespace) -> int:
             max_clients=args.max_clients or cfg.max_clients,
             client_buffer_bytes=cfg.client_buffer_bytes,
         )
+        follower.enable_resp(args.resp_port or _follower_resp_port(args, follower.port),
+                             args.resp_admin or cfg.resp_admin)
         follower.run(on_ready=lambda line: print(line, flush=True))
         return 0
     proxy = Proxy(
@@ -138,6 +140,7 @@ def _proxy(args: argparse.Namespace) -> int:
         max_clients=args.max_clients or cfg.max_clients,
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
+    proxy.enable_resp(args.resp_port or cfg.resp_port, args.resp_admin or cfg.resp_admin)
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -150,6 +153,25 @@ def _follower_port(args: argparse.Namespace) -> int:
     if len(followers) == 1:
         return followers[0].port
     raise ZkvError("--follow needs --port to say where this follower listens")
+
+
+def _follower_resp_port(args: argparse.Namespace, port: int) -> int | None:
+    """The RESP port the topology gives the follower on ``port`` (the proxy section's
+    is the config manager's own)."""
+    from .config import load_topology
+
+    if not args.config:
+        return None
+    for f in load_topology(args.config).followers:
+        if f.port == port:
+            return f.resp_port
+    return None
+
+
+def _port_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return int(text)
 
 
 def _add_proxy_parser(sub: Any) -> None:
@@ -165,6 +187,10 @@ def _add_proxy_parser(sub: Any) -> None:
                    help="per-request deadline")
     p.add_argument("--max-clients", type=_positive_int, default=None, metavar="N",
                    help="connections served at once; newer ones are shed (default 10000)")
+    p.add_argument("--resp-port", type=_port_number, default=None, metavar="PORT",
+                   help="also serve Redis clients (RESP) on PORT, e.g. redis-cli -p PORT")
+    p.add_argument("--resp-admin", action="store_true",
+                   help="allow admin commands (FLUSHALL, FLUSHDB) on the RESP front")
     p.add_argument("--follow", default=None, metavar="HOST:PORT",
                    help="run a follower proxy: learn the configuration from the config "
                         "manager at HOST:PORT (keeps no state of its own)")

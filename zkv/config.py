@@ -175,6 +175,12 @@ def _path(value: Any) -> str:
     return value
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _optional(check: Check) -> Check:
     def optional(value: Any) -> Any:
         return None if value is None else check(value)
@@ -321,6 +327,8 @@ class ProxyConfig:
     move_rate: float | None = None  # keys per second while moving; None = unthrottled
     max_clients: int = DEFAULT_MAX_CLIENTS  # connections; newer ones are shed
     client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER  # unread reply bytes per client
+    resp_port: int | None = None  # the RESP front (Redis clients); off unless set
+    resp_admin: bool = False  # admin commands (FLUSHALL) allowed on the RESP front
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -337,9 +345,10 @@ class FollowerConfig:
 
     host: str = DEFAULT_HOST
     port: int
+    resp_port: int | None = None  # this follower's RESP front; off unless set
 
     def __post_init__(self) -> None:
-        for name, check in (("host", _host), ("port", _port)):
+        for name, check in (("host", _host), ("port", _port), ("resp_port", _optional(_port))):
             try:
                 object.__setattr__(self, name, check(getattr(self, name)))
             except _Bad as exc:
@@ -424,6 +433,8 @@ _PROXY_FIELDS: dict[str, Check] = {
     "move_rate": _optional(_number_above(0)),
     "max_clients": _integer(1, 1 << 20),
     "client_buffer_bytes": _integer(1 << 20),
+    "resp_port": _optional(_port),
+    "resp_admin": _boolean,
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
 _TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers")
@@ -532,6 +543,8 @@ def _nodes(data: object, defaults: Mapping[str, Any], limits: Limits) -> list[No
 def _check_distinct(proxy: ProxyConfig, nodes: Sequence[NodeConfig], labels: Sequence[str]) -> None:
     """No two processes on one host:port, no two sharing a data directory."""
     by_address = {proxy.address: "the proxy"}
+    if proxy.resp_port is not None:
+        by_address[format_address(proxy.host, proxy.resp_port)] = "the proxy's RESP front"
     by_dir = {os.path.normpath(proxy.state_dir): "the proxy's state_dir"}
     for node, label in zip(nodes, labels):
         if node.address in by_address:
@@ -577,10 +590,13 @@ def _followers(data: object, proxy: ProxyConfig,
     if not isinstance(data, list):
         raise ConfigError(f"followers: expected a list of followers, got {_describe(data)}")
     taken = {proxy.address: "the proxy", **{n.address: "a node" for n in nodes}}
+    if proxy.resp_port is not None:
+        taken[format_address(proxy.host, proxy.resp_port)] = "the proxy's RESP front"
     out = []
     for i, item in enumerate(data):
         path = f"followers[{i}]"
-        values = _section(item, {"address": _address, "host": _host, "port": _port}, path)
+        values = _section(item, {"address": _address, "host": _host, "port": _port,
+                                 "resp_port": _optional(_port)}, path)
         address = values.pop("address", None)
         if address is not None:
             values["host"], values["port"] = address
@@ -591,6 +607,11 @@ def _followers(data: object, proxy: ProxyConfig,
             raise ConfigError(
                 f"{path}: address {follower.address} is already used by {taken[follower.address]}")
         taken[follower.address] = path
+        if follower.resp_port is not None:
+            resp = format_address(follower.host, follower.resp_port)
+            if resp in taken:
+                raise ConfigError(f"{path}.resp_port: {resp} is already used by {taken[resp]}")
+            taken[resp] = f"{path}.resp_port"
         out.append(follower)
     return tuple(out)
 

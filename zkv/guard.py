@@ -175,22 +175,32 @@ class OutputBudget:
         self.held_back = 0  # large replies replaced by an error
         self.dropped = 0  # replies ZeroMQ would not queue (peer gone, or its queue full)
 
+    def backlog(self, ident: bytes) -> int:
+        """Bytes sent to peer ``ident`` that ZeroMQ has not yet written out."""
+        peer = self.peers.get(ident)
+        return 0 if peer is None else peer.outstanding()
+
     def send(self, frames: list[bytes]) -> None:
         """Send one reply (routing frames, then the body)."""
         body = frames[-1]
         size = len(body)
-        peer = self.peers.get(frames[0])
-        if peer is None:
-            peer = self.peers[frames[0]] = _Backlog()
         if size > SMALL_REPLY and not (self.exempt and frames[0].startswith(self.exempt)):
-            backlog = peer.outstanding()
+            backlog = self.backlog(frames[0])
             if backlog and backlog + size > self.budget:
                 self.held_back += 1
                 frames = [*frames[:-1], P.encode_error("TOO_LARGE", (
                     f"reply of {size} bytes not sent: {backlog} bytes of replies to this "
                     f"client are still unread (the limit is {self.budget}); read replies "
                     "before sending more requests"))]
-                size = len(frames[-1])
+        self.put(frames)
+
+    def put(self, frames: list[bytes]) -> bool:
+        """Send ``frames`` as they are, counting their bytes against the peer; False if
+        ZeroMQ would not take them (the peer is gone, or its queue is full)."""
+        size = len(frames[-1])
+        peer = self.peers.get(frames[0])
+        if peer is None:
+            peer = self.peers[frames[0]] = _Backlog()
         peer.sent += size
         peer.since_track += size
         try:
@@ -201,9 +211,11 @@ class OutputBudget:
                 peer.since_track = 0
             else:
                 wire.send(self.sock, frames, wire.NOBLOCK)
-        except zmq.ZMQError:  # the peer is gone, or its queue is full
+        except zmq.ZMQError:
             self.dropped += 1
             peer.sent -= size
+            return False
+        return True
 
     def tidy(self) -> None:
         """Forget peers with nothing outstanding (periodically: peers come and go)."""

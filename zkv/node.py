@@ -59,6 +59,7 @@ MAX_BATCH_PER_TURN = 2048
 _OK_ITEM = [P.OK, "OK"]
 # A SCAN page visits at most this many buckets and looks at about this many bytes of
 # keys, whatever COUNT asks, so that one page never holds the loop for long.
+FLUSH_RUN = 10_000  # keys in one log record of a FLUSHALL
 SCAN_MAX_BUCKETS = 4096
 SCAN_MAX_KEY_BYTES = 1 << 20
 CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
@@ -130,6 +131,7 @@ class Node:
             "XGET": lambda a: list(self.storage.keyspace.state(a[0])),
             "XDEL": self._xdel,
             "XCONFIG": self._xconfig,
+            "XFLUSH": self._xflush,
             "XHEALTH": lambda a: {"epoch": self.epoch, "routers": self._routers_seen()},
             "CONFIG": lambda a: self.config_doc(),
         }
@@ -174,6 +176,20 @@ class Node:
     def _mset(self, a: list[Any]) -> Any:
         self.storage.pending += self.storage.keyspace.mset(a[0])
         return "OK"
+
+    def _xflush(self, a: list[Any]) -> Any:
+        """FLUSHALL: every key goes (logged as drops, in runs), unless a move is open
+        here; the number of keys dropped."""
+        ks = self.storage.keyspace
+        if ks.receiving is not None or self.jobs:
+            raise CommandError(f"node {self.ring_name} has a move open; FLUSHALL waits "
+                               "until it is done")
+        keys = list(ks.data)
+        for start in range(0, len(keys), FLUSH_RUN):
+            record = ks.forget(keys[start : start + FLUSH_RUN])
+            if record is not None:
+                self.storage.pending += record
+        return len(keys)
 
     def _scan_start(self, cursor: str) -> int:
         if cursor == "0":

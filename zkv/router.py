@@ -200,9 +200,10 @@ class Router:
             return
         self.request_parsed(client, op, args, body, now)
 
-    def request_parsed(self, client: Any, op: str, args: list[Any], body: bytes,
+    def request_parsed(self, client: Any, op: str, args: list[Any], body: bytes | None,
                        now: float) -> None:
-        """A request already parsed (by a shell that serves other commands itself)."""
+        """A request already parsed (by a shell that serves other commands itself);
+        ``body``: its encoding, when the shell has it (else made where needed)."""
         deadline = now + self.timeout
         try:
             if op in ("GET", "SET", "DEL", "EXISTS"):

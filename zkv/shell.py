@@ -50,6 +50,7 @@ from .guard import (
     rss_bytes,
 )
 from .placement import Placement
+from .respfront import RespFront
 from .ring import Ring
 from .router import CORE_OPS, Router
 
@@ -109,6 +110,14 @@ def _by_size(items: list[tuple[int, bytes]], limit: int) -> list[list[tuple[int,
     return runs
 
 
+def _flushed(results: list[Any]) -> Any:
+    """FLUSHALL's reply: OK once every member has flushed, else the first error."""
+    for result in results:
+        if isinstance(result, ZkvError):
+            raise result
+    return "OK"
+
+
 class ProxyShell:
     def __init__(
         self,
@@ -164,6 +173,9 @@ class ProxyShell:
         self.started = time.monotonic()
         self.requests = 0
         self.errors = 0
+        self.resp: RespFront | None = None
+        self.resp_port: int | None = None
+        self.resp_admin = False
         self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
             "INFO": self._info,
             "CONFIG": lambda r, a: self._answer(r, self.config_doc(*a[:1])),
@@ -171,6 +183,11 @@ class ProxyShell:
             "RING": self._ring,
             "STATUS": lambda r, a: self._answer(r, self.status()),
         }
+
+    def enable_resp(self, port: int | None, admin: bool = False) -> None:
+        """Serve Redis clients on ``port`` too (zkv.respfront), once running; ``admin``
+        allows admin commands (FLUSHALL) there."""
+        self.resp_port, self.resp_admin = port, admin
 
     def _connect(self, addr: str) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -218,12 +235,20 @@ class ProxyShell:
         else:
             self.slow_deadlines.append((time.monotonic() + timeout, tag))
 
-    def _answer(self, routing: list[bytes], result: Any) -> None:
-        self.out.send([*routing, P.encode_ok(result)])
+    def _to_client(self, client: Any, body: bytes) -> None:
+        """A reply body to a client: a ZeroMQ client's routing frames, or a command of
+        the RESP front (a zkv.respfront.Slot)."""
+        if type(client) is list:
+            self.out.send([*client, body])
+        else:
+            client.answer(body)
 
-    def _fail(self, routing: list[bytes], exc: ZkvError) -> None:
+    def _answer(self, routing: Any, result: Any) -> None:
+        self._to_client(routing, P.encode_ok(result))
+
+    def _fail(self, routing: Any, exc: ZkvError) -> None:
         self.errors += 1
-        self.out.send([*routing, P.encode_exc(exc)])
+        self._to_client(routing, P.encode_exc(exc))
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
                  finish: Callable[[list[Any]], Any], allow_down: bool = False) -> None:
@@ -244,7 +269,7 @@ class ProxyShell:
     def _deliver(self, gather: Gather, part: int, result: Any) -> None:
         reply = gather.deliver(part, result)
         if reply is not None:
-            self.out.send([*gather.routing, reply])
+            self._to_client(gather.routing, reply)
 
     # -- the front -------------------------------------------------------------
     def handle_front(self, frames: list[bytes], now: float) -> None:
@@ -283,7 +308,10 @@ class ProxyShell:
                     self._send_envelope(node, sock, ready.epoch, part)
         send = self.out.send
         for client, body in ready.answers:
-            send([*client, body])
+            if type(client) is list:
+                send([*client, body])
+            else:
+                client.answer(body)
         if ready.wants is not None and ready.wants > self.state.epoch:
             self._wants(ready.wants)
 
@@ -339,6 +367,24 @@ class ProxyShell:
 
         self._gather_info(routing, build)
 
+    def gather_info(self, client: Any) -> None:
+        """INFO for a client of another front (the RESP front's INFO and DBSIZE)."""
+        self._info(client, [])
+
+    def flush_all(self, client: Any) -> None:
+        """FLUSHALL (the RESP front's admin command): every member drops every key."""
+        if self.state.move is not None:
+            self._fail(client, CommandError(
+                "FLUSHALL is not available while a move is under way; retry when STATUS "
+                "shows no move"))
+            return
+        members = list(self.ring.members)
+        body = P.encode_request("XFLUSH")
+        try:
+            self._scatter(client, {a: body for a in members}, _flushed)
+        except ZkvError as exc:
+            self._fail(client, exc)
+
     def _nodes(self, routing: list[bytes], args: list[Any]) -> None:
         def build(infos: dict[str, Any]) -> Any:
             return self.nodes(infos)
@@ -392,6 +438,7 @@ class ProxyShell:
             "rss_bytes": rss_bytes(),
             **(self.guard.stats() if self.guard is not None else {}),
             **self.out.stats(),
+            **(self.resp.stats() if self.resp is not None else {}),
         }
 
     # -- keys whose owner is changing (a move in its copy phase) ---------------------
@@ -481,7 +528,7 @@ class ProxyShell:
             return  # a late reply to a request that already timed out
         target, _, part, _ = entry
         if part == -1:
-            self.out.send([*target, body])
+            self._to_client(target, body)
             return
         try:
             result: Any = P.decode_reply(body)
@@ -586,8 +633,13 @@ class ProxyShell:
                 else:
                     addr = by_socket.get(sock)
                     if addr is None:
-                        if self.guard is not None and sock is self.guard.monitor:
+                        resp = self.resp
+                        if resp is not None and sock is resp.sock:
+                            resp.handle(time.monotonic())
+                        elif self.guard is not None and sock is self.guard.monitor:
                             self.guard.handle()
+                        elif resp is not None and sock is resp.guard.monitor:
+                            resp.guard.handle()
                         continue
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
@@ -602,6 +654,12 @@ class ProxyShell:
             self._flush()
             if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
                 self._expire(now)
+            resp = self.resp
+            if resp is not None:
+                if resp.paused:
+                    resp.resume(now)
+                    self._flush()
+                resp.flush()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY
                 if now >= next_tidy:
@@ -654,6 +712,15 @@ class ProxyShell:
         self.guard = ConnectionGuard(front, self.max_clients, f"proxy {self.address}")
         self.poller.register(self.guard.monitor, zmq.POLLIN)
         self.poller.register(front, zmq.POLLIN)
+        if self.resp_port:
+            try:
+                self.resp = RespFront(self, self.host, self.resp_port, self.resp_admin,
+                                      self.max_clients, self.client_buffer_bytes)
+            except ClusterError:
+                self.ctx.destroy(0)
+                raise
+            self.poller.register(self.resp.sock, zmq.POLLIN)
+            self.poller.register(self.resp.guard.monitor, zmq.POLLIN)
         self._before_serve()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
