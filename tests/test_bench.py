@@ -156,3 +156,28 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path: Path, args: list[str]) -> N
     assert "Traceback" not in proc.stderr
     assert "error:" in proc.stderr.strip().splitlines()[-1]
     assert proc.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_resp_rows_by_redis_benchmark(tmp_path: Path) -> None:
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "400", "-r", "100", "--resp")
+    if "resp" in report.get("skipped", {}):
+        assert "redis-benchmark" in report["skipped"]["resp"]
+        pytest.skip(report["skipped"]["resp"])
+    section = report["resp"]
+    rows = {(r["target"], r["mode"], r["test"]) for r in section["rows"]}
+    for mode in ("c1", "c50", "c50-P16"):
+        for test in ("set", "get"):
+            assert ("zkv-resp", mode, test) in rows and ("zkv-zmq", mode, test) in rows
+            assert section["ratios"][mode][test]["zkv-zmq"] > 0
+    peers = {t for t, _, _ in rows} - {"zkv-resp", "zkv-zmq"}
+    for peer in ("redis", "twemproxy"):
+        assert peer in peers or peer in report["skipped"]
+    assert all(r["ops_per_sec"] > 0 for r in section["rows"])
+
+
+@pytest.mark.timeout(30)
+def test_resp_starts_its_own_cluster(tmp_path: Path) -> None:
+    proc = run_bench(tmp_path, "--resp", "--proxy", "127.0.0.1:1")
+    assert proc.returncode == 1 and "leave out --proxy" in proc.stderr
+    assert "Traceback" not in proc.stderr

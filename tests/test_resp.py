@@ -402,3 +402,60 @@ def test_resp_front_refuses_a_port_in_use(procs: Any, tmp_path: Any) -> None:
 def test_zkv_client_unaffected(shared: Cluster) -> None:
     c: zkv.Client = shared.client()
     assert c.set("resp:zkv", "1") and c.get("resp:zkv") == b"1"
+
+
+def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any) -> None:
+    """A hostile client: random known and unknown commands with random arguments, then
+    random bytes. Every command gets a reply (never an internal error); garbage ends
+    only its own connection; the proxy keeps serving."""
+    import random
+
+    from zkv import resp as R
+
+    rng = random.Random(7)
+    names = list(R.SPECS) + [b"NOPE", b"MULTI", b"EVAL", b"SUBSCRIBE"]
+    words = [b"", b"0", b"-1", b"99999999999999999999999", b"*", b"MATCH", b"COUNT", b"TYPE",
+             b"EX", b"SETNAME", b"GETNAME", b"3", b"2", b"a b", b"\x00\xff", b"x" * 3000]
+    conn = raw()
+    reader = hiredis.Reader()
+    sent = 0
+    for _ in range(400):
+        args = [rng.choice(names)] + [rng.choice(words) for _ in range(rng.randrange(4))]
+        if args[0].lower() in (b"quit", b"flushall", b"flushdb", b"reset", b"hello"):
+            continue  # ends the connection, empties the cluster, or changes the protocol
+        conn.send(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
+                                                    for a in args))
+        sent += 1
+    replies: list[Any] = []
+    conn.sock.settimeout(10)
+    while len(replies) < sent:
+        chunk = conn.sock.recv(1 << 16)
+        assert chunk, f"closed after {len(replies)} of {sent} replies"
+        reader.feed(chunk)
+        while (reply := reader.gets()) is not False:
+            replies.append(reply)
+    assert not [x for x in replies if "internal" in str(x).lower()]
+    for _ in range(30):
+        junk = raw()
+        junk.send(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+        junk.close()
+    assert r.ping() is True and r.set("resp:alive", "yes") and r.get("resp:alive") == b"yes"
+
+
+def test_a_client_sending_far_ahead_of_reading_is_cut_off(raw: Any, r: Any,
+                                                          shared: Cluster) -> None:
+    """Small replies always go (large ones past the buffer become errors, above), so a
+    client that sends and never reads piles them up: past its buffer its commands wait
+    unread, and past its buffer plus one request of input it is closed."""
+    conn = raw()
+    burst = b"*1\r\n$4\r\nPING\r\n" * 50_000  # 700 KB of commands, 7 bytes back each
+    sent = 0
+    with pytest.raises(OSError):  # the proxy closes the connection: reset or broken pipe
+        while sent < 400 << 20:
+            conn.send(burst)
+            sent += len(burst)
+    limit = BUFFER + 64 << 20  # client_buffer_bytes + max_message_bytes
+    assert sent < limit + (64 << 20), "the proxy kept reading far past its limit"
+    proxy = shared.client().info()["proxy"]
+    assert proxy["rss_bytes"] < 600 << 20
+    assert r.get("resp:alive") == b"yes" or r.set("resp:alive", "yes")

@@ -251,3 +251,10 @@ def test_commands_before_bad_bytes_come_back_then_the_error() -> None:
     assert r.failed is not None
     with pytest.raises(resp.RespProtocolError, match="expected"):
         r.feed(b"")
+
+
+@given(st.sampled_from(["GET", "DEL", "EXISTS", "SET"]), st.binary(max_size=70_000),
+       st.binary(max_size=300))
+def test_keyed_requests_encode_as_cbor2_would(op: str, key: bytes, value: bytes) -> None:
+    args = [key, value] if op == "SET" else [key]
+    assert P.encode_keyed(op, args) == P.encode_request(op, *args)

@@ -111,6 +111,7 @@ class Config:
     proxy: str | None = None
     direct: bool = False
     compare: bool = False
+    resp: bool = False
     memory: int | None = None
     recovery: int | None = None
     seed: int = 1
@@ -669,12 +670,15 @@ def start_node(children: Children, fsync: str, name: str) -> str:
     return f"127.0.0.1:{port}"
 
 
-def start_cluster(children: Children, nodes: int, fsync: str) -> tuple[str, list[str]]:
+def start_cluster(children: Children, nodes: int, fsync: str,
+                  resp_port: int | None = None) -> tuple[str, list[str]]:
     """``nodes`` storage nodes and a proxy in front of them: (proxy, node addresses)."""
     addrs = [start_node(children, fsync, f"node{i}") for i in range(1, nodes + 1)]
     port = free_port()
     argv = ["proxy", "--port", str(port), "--timeout-ms", str(int(REPLY_TIMEOUT * 1000)),
             "--state-dir", os.path.join(children.workdir, "proxy")]
+    if resp_port is not None:
+        argv += ["--resp-port", str(resp_port)]
     for a in addrs:
         argv += ["--node", a]
     children.spawn("proxy", zkv_argv(*argv), ready="zkv proxy")
@@ -882,7 +886,8 @@ def _config_json(cfg: Config) -> dict[str, Any]:
 
 def _throughput(cfg: Config, children: Children, runner: Runner,
                 report: dict[str, Any], say: Callable[[str], None]) -> None:
-    proxy = cfg.proxy or start_cluster(children, cfg.nodes, cfg.fsync)[0]
+    resp_port = free_port() if cfg.resp else None
+    proxy = cfg.proxy or start_cluster(children, cfg.nodes, cfg.fsync, resp_port)[0]
     # "direct": a node of its own (a node of the cluster serves only its share of keys)
     node = start_node(children, cfg.fsync, "direct-node") if cfg.compare else None
     targets: list[tuple[str, str]] = []
@@ -924,6 +929,13 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
                       if (b, test) in by and by[(b, test)] > 0 and mine is not None}
             if ratios:
                 report.setdefault(key, {})[test] = ratios
+    if cfg.resp:
+        from .benchmarks import resp as resp_bench
+
+        def runner_for(c: Config) -> Runner:
+            return Runner(c, children, runner.show_progress, runner.console)
+
+        resp_bench.run(cfg, children, f"127.0.0.1:{resp_port}", proxy, runner_for, report, say)
 
 
 def _run_floor(cfg: Config, children: Children, runner: Runner, target: str, test: str,
@@ -1055,6 +1067,10 @@ def show(report: dict[str, Any], console: Any) -> None:
                           f"[red]{r['errors']}[/]" if r["errors"] else "0",
                           *("" if c is None else f"{c:.2f}x" for c in cells))
         console.print(table)
+    if report.get("resp"):
+        from .benchmarks import resp as resp_bench
+
+        resp_bench.show(report["resp"], console)
     if report.get("skipped"):
         for name, why in report["skipped"].items():
             console.print(f"[yellow]{name} skipped[/]: {why}")
@@ -1137,6 +1153,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also run zkv-direct, direct (one node), floor (raw pyzmq) and redis; "
                         "print ratios")
+    p.add_argument("--resp", action="store_true",
+                   help="also run redis-benchmark (-c 1, -c 50, -c 50 -P 16) against zkv's "
+                        "RESP front, redis-server and twemproxy, beside zkv's ZeroMQ front")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
                    help="fsync policy of the nodes started (and of redis) (default everysec)")
     p.add_argument("--nodes", type=_positive, default=3, help="nodes to start (default 3)")
@@ -1154,10 +1173,13 @@ def config_from(args: argparse.Namespace) -> Config:
     if tests is None:
         tests = () if (args.memory or args.recovery) else TESTS
     workers = args.workers or (1 if args.clients == 1 else 2)
+    if args.resp and args.proxy:
+        raise ConfigError("--resp starts a cluster of its own (with a RESP port): leave out "
+                          "--proxy")
     return Config(tests=tests, requests=args.requests, clients=args.clients,
                   pipeline=args.pipeline, window=args.window, value_bytes=args.value_bytes,
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
-                  proxy=args.proxy, direct=args.direct, compare=args.compare,
+                  proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
                   memory=args.memory,
                   recovery=args.recovery)
 

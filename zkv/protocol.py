@@ -430,6 +430,16 @@ _OK_OK = cbor2.dumps([OK, "OK"])
 _OK_NONE = cbor2.dumps([OK, None])
 
 
+_KEYED_HEADS = {"GET": b"\x82\x63GET", "DEL": b"\x82\x63DEL", "EXISTS": b"\x82\x66EXISTS",
+                "SET": b"\x83\x63SET"}
+
+
+def encode_keyed(op: str, args: list[bytes]) -> bytes:
+    """``encode_request(op, *args)`` for GET, DEL, EXISTS (a key) and SET (key, value),
+    byte for byte, without cbor2 (nearly all traffic from the RESP front)."""
+    return _KEYED_HEADS[op] + b"".join(_head(2, len(a)) + a for a in args)
+
+
 def encode_ok_items(items: list[Any]) -> bytes:
     """``encode_ok(items)`` for a pipeline's list of reply items, byte for byte, about
     twice as fast: the common items ([0, bytes], [0, None], [0, "OK"]) are written

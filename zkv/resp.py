@@ -90,93 +90,97 @@ class RespReader:
         return out
 
     def _parse(self, out: list[list[bytes]], limit: int) -> None:
-        buf = self._buf
-        while len(out) < limit:
-            if self._left < 0:
-                if self._start >= len(buf):
-                    break
-                if buf[self._start] == 0x2A:  # "*"
-                    if not self._array_head():
-                        break
-                    if self._left <= 0:  # "*0" or "*-1": nothing to do, as Redis
-                        self._left = -1
-                        self._start = self._scan
+        """Walk the headers of the commands buffered (never their payloads), hand each
+        run of whole commands to hiredis at once, and keep where a command begun ends
+        for the next call. One tight loop: this is per command on the hot path."""
+        buf, find = self._buf, self._buf.find
+        size = len(buf)
+        start, scan, left = self._start, self._scan, self._left
+        run = start  # where the whole commands not yet given to hiredis begin
+        whole = 0  # how many of them
+        max_bulk, max_request = self.max_bulk, self.max_request
+        try:
+            while len(out) + whole < limit and start < size:
+                if left < 0:
+                    if buf[start] != 0x2A:  # not "*": an inline command
+                        if whole:
+                            self._give(out, run, start, whole)
+                            whole = 0
+                        self._start = start
+                        args = self._inline()
+                        if args is None:
+                            break
+                        start = scan = run = self._start
+                        if args:
+                            out.append(args)
                         continue
-                else:
-                    args = self._inline()
-                    if args is None:
+                    nl = find(b"\r\n", start, start + _HEADER_MAX)
+                    if nl < 0:
+                        if size - start >= _HEADER_MAX:
+                            raise RespProtocolError("Protocol error: invalid multibulk length")
                         break
-                    if args:
-                        out.append(args)
-                    continue
-            if not self._bulks():
-                break
-            end = self._scan
-            self._hi.feed(buf, self._start, end - self._start)  # type: ignore[arg-type]
-            command = self._hi.gets()
+                    left = _count(buf, start + 1, nl, "multibulk")
+                    if left > self.max_args:
+                        raise RespProtocolError(
+                            f"Protocol error: invalid multibulk length ({left} arguments; at "
+                            f"most {self.max_args})")
+                    scan = nl + 2
+                    if left <= 0:  # "*0" or "*-1": nothing to do, as Redis
+                        if whole:
+                            self._give(out, run, start, whole)
+                            whole = 0
+                        start = run = scan
+                        left = -1
+                        continue
+                while left > 0:
+                    if scan >= size:
+                        break
+                    if buf[scan] != 0x24:  # "$"
+                        raise RespProtocolError(
+                            f"Protocol error: expected '$', got '{chr(buf[scan])}'")
+                    nl = find(b"\r\n", scan, scan + _HEADER_MAX)
+                    if nl < 0:
+                        if size - scan >= _HEADER_MAX:
+                            raise RespProtocolError("Protocol error: invalid bulk length")
+                        break
+                    n = _count(buf, scan + 1, nl, "bulk")
+                    if not 0 <= n <= max_bulk:
+                        raise RespProtocolError(
+                            f"Protocol error: invalid bulk length ({n} bytes; at most "
+                            f"{max_bulk})")
+                    end = nl + n + 4
+                    if end - start > max_request:
+                        raise RespProtocolError(
+                            f"Protocol error: request of more than {max_request} bytes")
+                    if end > size:
+                        break
+                    if buf[end - 2] != 13 or buf[end - 1] != 10:
+                        raise RespProtocolError("Protocol error: bulk string not ended by CRLF")
+                    scan = end
+                    left -= 1
+                if left > 0:
+                    break
+                whole += 1
+                start = scan
+                left = -1
+        finally:
+            if whole:
+                self._give(out, run, start, whole)
+            self._start, self._scan, self._left = start, scan, left
+        if start > 65536 and start * 2 > len(buf):
+            del buf[:start]
+            self._scan -= start
+            self._start = 0
+
+    def _give(self, out: list[list[bytes]], begin: int, end: int, count: int) -> None:
+        """Whole, checked commands to hiredis, and what it makes of them to ``out``."""
+        hi = self._hi
+        hi.feed(self._buf, begin, end - begin)  # type: ignore[arg-type]
+        for _ in range(count):
+            command = hi.gets()
             if not isinstance(command, list):
                 raise RespProtocolError("Protocol error: unreadable request")
             out.append(command)
-            self._left = -1
-            self._start = end
-        if self._start > 65536 and self._start * 2 > len(buf):
-            del buf[: self._start]
-            self._scan -= self._start
-            self._start = 0
-
-    def _number(self, pos: int, what: str) -> tuple[int, int] | None:
-        """The integer of the header at ``pos`` ("*N" or "$N") and where its line ends."""
-        buf = self._buf
-        nl = buf.find(b"\r\n", pos, pos + _HEADER_MAX)
-        if nl < 0:
-            if len(buf) - pos >= _HEADER_MAX:
-                raise RespProtocolError(f"Protocol error: invalid {what} length")
-            return None
-        text = bytes(buf[pos + 1 : nl])
-        if not text or not (text.isdigit() or text[:1] == b"-" and text[1:].isdigit()):
-            raise RespProtocolError(f"Protocol error: invalid {what} length")
-        return int(text), nl + 2
-
-    def _array_head(self) -> bool:
-        head = self._number(self._start, "multibulk")
-        if head is None:
-            return False
-        n, self._scan = head
-        if n > self.max_args:
-            raise RespProtocolError(
-                f"Protocol error: invalid multibulk length ({n} arguments; at most "
-                f"{self.max_args})")
-        self._left = n
-        return True
-
-    def _bulks(self) -> bool:
-        """Walk the bulk headers of the command begun; whether all of it is here."""
-        buf = self._buf
-        while self._left > 0:
-            pos = self._scan
-            if pos >= len(buf):
-                return False
-            if buf[pos] != 0x24:  # "$"
-                raise RespProtocolError(
-                    f"Protocol error: expected '$', got '{chr(buf[pos])}'")
-            head = self._number(pos, "bulk")
-            if head is None:
-                return False
-            n, body = head
-            if not 0 <= n <= self.max_bulk:
-                raise RespProtocolError(
-                    f"Protocol error: invalid bulk length ({n} bytes; at most {self.max_bulk})")
-            end = body + n + 2
-            if end - self._start > self.max_request:
-                raise RespProtocolError(
-                    f"Protocol error: request of more than {self.max_request} bytes")
-            if end > len(buf):
-                return False
-            if buf[end - 2 : end] != b"\r\n":
-                raise RespProtocolError("Protocol error: bulk string not ended by CRLF")
-            self._scan = end
-            self._left -= 1
-        return True
 
     def _inline(self) -> list[bytes] | None:
         buf = self._buf
@@ -193,6 +197,14 @@ class RespReader:
         if len(args) > self.max_args:
             raise RespProtocolError("Protocol error: too many arguments")
         return args
+
+
+def _count(buf: bytearray, begin: int, end: int, what: str) -> int:
+    """The integer of a "*N" or "$N" header's digits."""
+    try:
+        return int(buf[begin:end])
+    except ValueError:
+        raise RespProtocolError(f"Protocol error: invalid {what} length") from None
 
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",
@@ -392,11 +404,13 @@ class Reply:
 
 @dataclass
 class Forward:
-    """A zkv request for the routing core; ``shape`` makes its result (or ZkvError) RESP."""
+    """A zkv request for the routing core; ``shape`` makes its result (or ZkvError) RESP;
+    ``body``: its encoding, where made here."""
 
     op: str
     args: list[Any]
     shape: Shape
+    body: bytes | None = None
 
 
 @dataclass
@@ -486,6 +500,9 @@ SPECS: dict[bytes, Spec] = {
         Spec("info", -1, (), 0, 0, 0, "server", "Returns information about the server.",
              (("section", _S, "optional multiple"),)),
         Spec("time", 1, ("fast",), 0, 0, 0, "server", "Returns the server time."),
+        Spec("config", -2, (), 0, 0, 0, "server",
+             "CONFIG GET answers no parameters (zkv is configured by its topology).",
+             (("subcommand", _S, ""),)),
         Spec("flushall", -1, ("write",), 0, 0, 0, "server",
              "Removes all keys (admin: needs --resp-admin).",
              (("flush-type", _S, "optional"),)),
@@ -535,7 +552,12 @@ def _int(b: bytes) -> int:
 
 def _req(ctx: Context, op: str, args: list[Any], shape: Shape) -> Forward:
     op, checked = P.check_request([op, *args], ctx.limits)
+    if op in _KEYED:
+        return Forward(op, checked, shape, P.encode_keyed(op, checked))
     return Forward(op, checked, shape)
+
+
+_KEYED = frozenset(("GET", "SET", "DEL", "EXISTS"))
 
 
 # shapes: a zkv result (or error) as RESP
@@ -818,6 +840,13 @@ def _plan_flush(s: Session, a: list[bytes], ctx: Context) -> Plan:
     return Local("FLUSHALL", _shape_ok)
 
 
+def _plan_config(s: Session, a: list[bytes], ctx: Context) -> Plan:
+    if a[1].upper() == b"GET" and len(a) >= 3:
+        return Reply(mapping([], s.proto))  # what tools ask (save, appendonly) is not ours
+    return Reply(error(f"ERR CONFIG {_text(a[1]).upper()[:32]} is not supported: zkv is "
+                       "configured by its topology file and command line"))
+
+
 def _plan_time(s: Session, a: list[bytes], ctx: Context) -> Plan:
     seconds = int(ctx.now)
     micros = int((ctx.now - seconds) * 1_000_000)
@@ -847,6 +876,7 @@ _PLANNERS: dict[bytes, Callable[[Session, list[bytes], Context], Plan]] = {
     b"command": _plan_command,
     b"info": _plan_info,
     b"time": _plan_time,
+    b"config": _plan_config,
     b"flushall": _plan_flush,
     b"flushdb": _plan_flush,
 }

@@ -40,6 +40,7 @@ log = logging.getLogger("zkv.resp")
 
 MAX_PENDING = 1024  # a connection's commands in flight; more wait unread
 MAX_PER_TURN = 256  # messages read from the socket in one loop turn
+RECV_HWM = 64
 
 
 class Slot:
@@ -94,7 +95,9 @@ class RespFront:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a reply: the budget bounds them instead
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        # per connection: at most this many reads (of up to 8 KiB) queue in ZeroMQ before
+        # it stops reading that connection (TCP then holds the client back)
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
         try:
             sock.bind(f"tcp://{self.address}")
         except zmq.ZMQError as exc:
@@ -214,7 +217,7 @@ class RespFront:
         slot = Slot(conn, plan.shape)
         conn.slots.append(slot)
         if isinstance(plan, resp.Forward):
-            shell.router.request_parsed(slot, plan.op, plan.args, None, now)
+            shell.router.request_parsed(slot, plan.op, plan.args, plan.body, now)
         elif plan.what == "FLUSHALL":
             shell.flush_all(slot)
         else:
