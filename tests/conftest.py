@@ -184,6 +184,15 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 @pytest.fixture
+def opened() -> Iterator[list[Any]]:
+    """zkv.storage.Storage objects a test opened; closed at the end even when it fails."""
+    made: list[Any] = []
+    yield made
+    for st in made:
+        st.close()  # idempotent
+
+
+@pytest.fixture
 def zctx() -> Iterator[zmq.Context[Any]]:
     ctx: zmq.Context[Any] = zmq.Context()
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import REPO, Procs, Topo, wait_until
+from conftest import REPO, Procs, Topo, free_port, wait_until
 
 import zkv
 from zkv.config import load_topology
@@ -220,3 +220,27 @@ def test_up_with_a_bad_config_is_one_clear_line(
     assert "Traceback" not in output
     assert len(output.splitlines()) == 1, output
     assert output.startswith("zkv up: error: ") and str(path) in output and expect in output
+
+
+@pytest.mark.timeout(90)
+def test_up_serves_redis_clients_where_the_topology_says(
+    tmp_path: Path, procs: Procs, reap: list[Callable[[], str]]
+) -> None:
+    redis = pytest.importorskip("redis")
+    resp, follower, follower_resp = free_port(), free_port(), free_port()
+    topo = Topo(tmp_path / "t", 2, proxy={"resp_port": resp})
+    topo.path.write_text(topo.path.read_text() + f"followers:\n  - port: {follower}\n"
+                         f"    resp_port: {follower_resp}\n")
+    up = procs.start("up", str(topo.path))
+    reap.append(lambda: up.output)
+    assert f"(Redis clients: {resp})" in up.wait_for("zkv up: ", 15)
+    up.wait_for("zkv proxy ", 30)
+    up.wait_for(f"follows={topo.proxy_addr}", 30)
+    cluster_pids(topo.proxy_addr, 2)
+    for port in (resp, follower_resp):
+        r = redis.Redis(port=port, socket_timeout=5)
+        try:
+            wait_until(lambda r=r: r.ping(), 10, what=f"the RESP front on {port}")
+            assert r.set(f"up-resp-{port}", "yes") and r.get(f"up-resp-{port}") == b"yes"
+        finally:
+            r.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,6 @@ from zkv.errors import LogCorruption, StorageError
 from zkv.storage import Storage, segment_name, snapshot_name
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Storage]]:
-    """Storages a test opened; closed at the end even when the test fails."""
-    made: list[Storage] = []
-    yield made
-    for st in made:
-        st.close()  # idempotent
 
 
 def open_storage(path: Path, opened: list[Storage], **kwargs: Any) -> tuple[Storage, Any]:

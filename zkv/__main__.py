@@ -199,10 +199,10 @@ def _add_proxy_parser(sub: Any) -> None:
 
 
 def _parsers() -> list[Callable[[Any], None]]:
-    from . import bench, cli, launch
+    from . import bench, cli, launch, waltool
 
     return [_add_node_parser, _add_proxy_parser, cli.add_parser, launch.add_parser,
-            bench.add_parser]
+            bench.add_parser, waltool.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,11 +44,15 @@ def up(args: argparse.Namespace) -> int:
     manager = Manager()
     for name, cmd in commands(topology, args.config):
         manager.add_process(name, cmd)
-    followers = "".join(f", a follower on {f.address}" for f in topology.followers)
+    def resp(port: int | None) -> str:
+        return f" (Redis clients: {port})" if port else ""
+
+    followers = "".join(f", a follower on {f.address}{resp(f.resp_port)}"
+                        for f in topology.followers)
     print(
         f"zkv up: {len(topology.nodes)} nodes and a proxy on "
-        f"{topology.proxy.host}:{topology.proxy.port}{followers} from {args.config}; "
-        "Ctrl-C stops them all",
+        f"{topology.proxy.host}:{topology.proxy.port}{resp(topology.proxy.resp_port)}"
+        f"{followers} from {args.config}; Ctrl-C stops them all",
         flush=True,
     )
     manager.loop()

@@ -165,6 +165,7 @@ class Storage:
         snapshot_factor: float = 4.0,
         snapshot_min_bytes: int = 4 << 20,
         repair: bool = False,
+        check_only: bool = False,
     ) -> None:
         if fsync not in POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(POLICIES)}, not {fsync!r}")
@@ -173,6 +174,10 @@ class Storage:
         self.snapshot_factor = snapshot_factor
         self.snapshot_min_bytes = snapshot_min_bytes
         self.repair = repair
+        # check_only: recover into memory as a start would, changing no file; what a
+        # start would change is listed in ``changes`` instead (zkv wal check)
+        self.check_only = check_only
+        self.changes: list[str] = []
         self.keyspace = Keyspace()
         self.pending = bytearray()
         self.seq = 0  # current segment
@@ -197,6 +202,8 @@ class Storage:
         """Lock the directory and recover its data. Anything wrong with the directory
         itself (not a directory, read-only, full) is one StorageError naming the path."""
         started = time.monotonic()
+        if self.check_only:
+            return self._check(started)
         try:
             os.makedirs(self.dir, exist_ok=True)
             if not os.path.isdir(self.dir):
@@ -214,6 +221,28 @@ class Storage:
             self._release()
             raise
 
+    def _check(self, started: float) -> Recovery:
+        """Recovery without changing anything (the directory must not be in use)."""
+        if not os.path.isdir(self.dir):
+            raise StorageError(f"{self.dir}: no such directory" if not os.path.exists(self.dir)
+                               else f"{self.dir}: not a directory")
+        holder = lockfile.holder(self.dir)
+        if holder is not None:
+            raise StorageError(f"data directory {self.dir} is in use by a running node "
+                               f"(pid {holder}): its files are changing; stop it first")
+        try:
+            return self._recover(started)
+        except OSError as exc:
+            raise StorageError(self._os_problem(exc, "cannot read the data directory")) \
+                from None
+
+    def _change(self, what: str) -> bool:
+        """Whether to make this change to the files now (not in check mode: noted)."""
+        if self.check_only:
+            self.changes.append(what)
+            return False
+        return True
+
     def _os_problem(self, exc: OSError, what: str) -> str:
         where = exc.filename or self.dir
         return f"{where}: {what} {self.dir}: {exc.strerror or exc}"
@@ -221,7 +250,8 @@ class Storage:
     def _recover(self, started: float) -> Recovery:
         report = Recovery()
         for name in os.listdir(self.dir):
-            if name.endswith(".tmp"):
+            if name.endswith(".tmp") and self._change(
+                    f"remove {os.path.join(self.dir, name)} (an unfinished temporary file)"):
                 os.unlink(os.path.join(self.dir, name))
         base, live = self._files(report)
         if base:
@@ -230,11 +260,14 @@ class Storage:
             report.records += self._load_snapshot(path, report)
             self.snapshot_bytes = os.path.getsize(path)
         for old in self._numbered(SNAPSHOT_RE):
-            if old < base:
-                os.unlink(os.path.join(self.dir, snapshot_name(old)))
+            path = os.path.join(self.dir, snapshot_name(old))
+            if old < base and self._change(f"remove {path} (older than the snapshot)"):
+                os.unlink(path)
         for seq in self._numbered(SEGMENT_RE):
-            if seq < (live[0] if live else base):
-                os.unlink(os.path.join(self.dir, segment_name(seq)))
+            path = os.path.join(self.dir, segment_name(seq))
+            if seq < (live[0] if live else base) and self._change(
+                    f"remove {path} (held in the snapshot)"):
+                os.unlink(path)
         for i, seq in enumerate(live):
             last = i == len(live) - 1
             n, stop = self._replay_segment(seq, last, report)
@@ -245,13 +278,14 @@ class Storage:
                 break
         self.keyspace.reindex()
         self.seq = live[-1] if live else max(base, 1)
-        self._open_segment(self.seq)
         self.first_seq = live[0] if live else self.seq
         self.snapshot_seq = base or None
-        write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, self.seq))
+        if not self.check_only:
+            self._open_segment(self.seq)
+            write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, self.seq))
         self.log_bytes = sum(
             os.path.getsize(os.path.join(self.dir, segment_name(s))) for s in live
-        ) if live else 0
+            if os.path.exists(os.path.join(self.dir, segment_name(s)))) if live else 0
         report.keys = len(self.keyspace)
         report.seconds = time.monotonic() - started
         return report
@@ -315,11 +349,13 @@ class Storage:
     def _set_aside(self, seqs: list[int], report: Recovery) -> None:
         for later in seqs:
             p = os.path.join(self.dir, segment_name(later))
-            os.replace(p, p + ".dropped")
+            if self._change(f"set {p} aside as {p}.dropped"):
+                os.replace(p, p + ".dropped")
             report.warnings.append(f"{p}: set aside as {p}.dropped by --repair")
 
     def _warn(self, report: Recovery, msg: str) -> None:
-        log.warning("%s", msg)
+        if not self.check_only:  # a check reports what it finds itself
+            log.warning("%s", msg)
         report.warnings.append(msg)
 
     def _numbered(self, pattern: re.Pattern[str]) -> list[int]:
@@ -411,12 +447,10 @@ class Storage:
         if not damage.corrupt and last:
             kept = f"{path}.torn-{damage.offset}"
             self._cut(path, damage.offset, cut, kept)
-            msg = (
+            self._warn(report, (
                 f"{path}: torn tail at byte offset {damage.offset} ({damage.reason}); "
-                f"cut {len(cut)} bytes, kept in {kept}"
-            )
-            log.warning(msg)
-            report.warnings.append(msg)
+                f"{'a start cuts' if self.check_only else 'cut'} {len(cut)} bytes, "
+                f"kept in {kept}"))
             return n, False
         reason = (damage.reason if damage.corrupt
                   else f"{damage.reason} in a segment that is not the last")
@@ -424,17 +458,17 @@ class Storage:
             raise LogCorruption(path, damage.offset, reason)
         kept = f"{path}.corrupt-{damage.offset}"
         self._cut(path, damage.offset, cut, kept)
-        msg = (
+        self._warn(report, (
             f"{path}: --repair dropped {len(cut)} bytes from byte offset {damage.offset} "
-            f"({reason}); kept in {kept}"
-        )
-        log.warning(msg)
-        report.warnings.append(msg)
+            f"({reason}); kept in {kept}"))
         return n, True
 
     def _cut(self, path: str, offset: int, cut: bytes, kept: str) -> None:
         """Cut ``path`` at ``offset``, keeping the bytes cut in ``kept`` first. If they
         cannot be kept (a full disk, say), nothing is cut and the start is refused."""
+        if not self._change(f"cut {path} at byte offset {offset}, keeping the {len(cut)} "
+                            f"bytes cut in {kept}"):
+            return
         try:
             with open(kept, "wb") as f:
                 f.write(cut)
