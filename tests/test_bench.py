@@ -181,3 +181,11 @@ def test_resp_starts_its_own_cluster(tmp_path: Path) -> None:
     proc = run_bench(tmp_path, "--resp", "--proxy", "127.0.0.1:1")
     assert proc.returncode == 1 and "leave out --proxy" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_metrics_on_and_off_in_one_run(tmp_path: Path) -> None:
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "200", "--metrics")
+    assert {r["target"] for r in report["results"]} == {"zkv", "zkv-metrics"}
+    assert set(report["ratios_metrics"]) == {"set", "get"}
+    assert all(x > 0 for x in report["ratios_metrics"].values())

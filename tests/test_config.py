@@ -261,6 +261,11 @@ BAD_FIELDS = [
     ("follower resp port taken", "proxy: {resp_port: 6380}\nfollowers: [{port: 8001, "
      "resp_port: 6380}]\n" + NODE,
      ["followers[0].resp_port: 127.0.0.1:6380 is already used by the proxy's RESP front"]),
+    ("metrics port on the proxy", "proxy: {port: 8000, metrics_port: 8000}\n" + NODE,
+     ["is already used by the proxy"]),
+    ("node metrics port on a node",
+     "nodes:\n  - {port: 8081, metrics_port: 8082}\n  - {port: 8082}\n",
+     ["nodes[1]: address 127.0.0.1:8082 is already used by nodes[0].metrics_port"]),
     ("section type", "proxy: [1, 2]\n" + NODE, ["proxy: expected a mapping", "a list"]),
     ("limits type", "limits: 5\n" + NODE, ["limits: expected a mapping"]),
     ("nodes missing", "proxy: {port: 8000}\n", ["nodes: missing"]),

@@ -66,6 +66,7 @@ def _node(args: argparse.Namespace) -> int:
         max_clients=args.max_clients or cfg.max_clients,
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
+    node.metrics_port = args.metrics_port or cfg.metrics_port
     node.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -83,6 +84,8 @@ def _add_node_parser(sub: Any) -> None:
                         "read and reporting what is lost")
     p.add_argument("--max-clients", type=_positive_int, default=None, metavar="N",
                    help="connections served at once; newer ones are shed (default 10000)")
+    p.add_argument("--metrics-port", type=_port_number, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_node)
 
@@ -120,8 +123,10 @@ def _proxy(args: argparse.Namespace) -> int:
             max_clients=args.max_clients or cfg.max_clients,
             client_buffer_bytes=cfg.client_buffer_bytes,
         )
-        follower.enable_resp(args.resp_port or _follower_resp_port(args, follower.port),
+        entry = _follower_entry(args, follower.port)
+        follower.enable_resp(args.resp_port or (entry.resp_port if entry else None),
                              args.resp_admin or cfg.resp_admin)
+        follower.metrics_port = args.metrics_port or (entry.metrics_port if entry else None)
         follower.run(on_ready=lambda line: print(line, flush=True))
         return 0
     proxy = Proxy(
@@ -141,6 +146,7 @@ def _proxy(args: argparse.Namespace) -> int:
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
     proxy.enable_resp(args.resp_port or cfg.resp_port, args.resp_admin or cfg.resp_admin)
+    proxy.metrics_port = args.metrics_port or cfg.metrics_port
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -155,16 +161,16 @@ def _follower_port(args: argparse.Namespace) -> int:
     raise ZkvError("--follow needs --port to say where this follower listens")
 
 
-def _follower_resp_port(args: argparse.Namespace, port: int) -> int | None:
-    """The RESP port the topology gives the follower on ``port`` (the proxy section's
-    is the config manager's own)."""
+def _follower_entry(args: argparse.Namespace, port: int) -> Any:
+    """The topology's entry for the follower on ``port`` (its RESP and metrics ports:
+    the proxy section's are the config manager's own), or None."""
     from .config import load_topology
 
     if not args.config:
         return None
     for f in load_topology(args.config).followers:
         if f.port == port:
-            return f.resp_port
+            return f
     return None
 
 
@@ -189,6 +195,8 @@ def _add_proxy_parser(sub: Any) -> None:
                    help="connections served at once; newer ones are shed (default 10000)")
     p.add_argument("--resp-port", type=_port_number, default=None, metavar="PORT",
                    help="also serve Redis clients (RESP) on PORT, e.g. redis-cli -p PORT")
+    p.add_argument("--metrics-port", type=_port_number, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics")
     p.add_argument("--resp-admin", action="store_true",
                    help="allow admin commands (FLUSHALL, FLUSHDB) on the RESP front")
     p.add_argument("--follow", default=None, metavar="HOST:PORT",

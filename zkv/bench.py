@@ -112,6 +112,7 @@ class Config:
     direct: bool = False
     compare: bool = False
     resp: bool = False
+    metrics: bool = False
     memory: int | None = None
     recovery: int | None = None
     seed: int = 1
@@ -662,26 +663,32 @@ def zkv_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "zkv", *args]
 
 
-def start_node(children: Children, fsync: str, name: str) -> str:
+def start_node(children: Children, fsync: str, name: str, metrics: bool = False) -> str:
     port = free_port()
     data = os.path.join(children.workdir, name)
+    extra = ["--metrics-port", str(free_port())] if metrics else []
     children.spawn(name, zkv_argv("node", "--port", str(port), "--data-dir", data,
-                                  "--fsync", fsync), ready="zkv node")
+                                  "--fsync", fsync, *extra), ready="zkv node")
     return f"127.0.0.1:{port}"
 
 
 def start_cluster(children: Children, nodes: int, fsync: str,
-                  resp_port: int | None = None) -> tuple[str, list[str]]:
-    """``nodes`` storage nodes and a proxy in front of them: (proxy, node addresses)."""
-    addrs = [start_node(children, fsync, f"node{i}") for i in range(1, nodes + 1)]
+                  resp_port: int | None = None, metrics: bool = False,
+                  name: str = "") -> tuple[str, list[str]]:
+    """``nodes`` storage nodes and a proxy in front of them: (proxy, node addresses);
+    ``metrics``: every process serves Prometheus metrics (zkv bench --metrics)."""
+    addrs = [start_node(children, fsync, f"{name}node{i}", metrics)
+             for i in range(1, nodes + 1)]
     port = free_port()
     argv = ["proxy", "--port", str(port), "--timeout-ms", str(int(REPLY_TIMEOUT * 1000)),
-            "--state-dir", os.path.join(children.workdir, "proxy")]
+            "--state-dir", os.path.join(children.workdir, f"{name}proxy")]
+    if metrics:
+        argv += ["--metrics-port", str(free_port())]
     if resp_port is not None:
         argv += ["--resp-port", str(resp_port)]
     for a in addrs:
         argv += ["--node", a]
-    children.spawn("proxy", zkv_argv(*argv), ready="zkv proxy")
+    children.spawn(f"{name}proxy", zkv_argv(*argv), ready="zkv proxy")
     return f"127.0.0.1:{port}", addrs
 
 
@@ -893,6 +900,10 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
     targets: list[tuple[str, str]] = []
     if cfg.compare or not cfg.direct:
         targets.append(("zkv", proxy))
+    if cfg.metrics:  # the same cluster again, serving metrics: what they cost
+        targets.append(("zkv-metrics",
+                        start_cluster(children, cfg.nodes, cfg.fsync, metrics=True,
+                                      name="metrics-")[0]))
     if cfg.compare or cfg.direct:
         targets.append(("zkv-direct", proxy))
     if cfg.compare:
@@ -921,6 +932,10 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
                                     direct=target == "zkv-direct")
             report["results"].append(asdict(result))
     by = {(r["target"], r["test"]): r["ops_per_sec"] for r in report["results"]}
+    for test in cfg.tests:
+        on, off = by.get(("zkv-metrics", test)), by.get(("zkv", test))
+        if on and off:
+            report.setdefault("ratios_metrics", {})[test] = round(on / off, 3)
     for key, row in (("ratios", "zkv"), ("ratios_direct", "zkv-direct")):
         for test in cfg.tests:
             mine = by.get((row, test))
@@ -1067,6 +1082,9 @@ def show(report: dict[str, Any], console: Any) -> None:
                           f"[red]{r['errors']}[/]" if r["errors"] else "0",
                           *("" if c is None else f"{c:.2f}x" for c in cells))
         console.print(table)
+    for test, ratio in report.get("ratios_metrics", {}).items():
+        console.print(f"{test.upper()}: with metrics on, {ratio:.2f}x the throughput with "
+                      "them off")
     if report.get("resp"):
         from .benchmarks import resp as resp_bench
 
@@ -1153,6 +1171,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also run zkv-direct, direct (one node), floor (raw pyzmq) and redis; "
                         "print ratios")
+    p.add_argument("--metrics", action="store_true",
+                   help="also run a second cluster serving Prometheus metrics (the row "
+                        "zkv-metrics): what metrics cost, as a ratio")
     p.add_argument("--resp", action="store_true",
                    help="also run redis-benchmark (-c 1, -c 50, -c 50 -P 16) against zkv's "
                         "RESP front, redis-server and twemproxy, beside zkv's ZeroMQ front")
@@ -1180,6 +1201,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   pipeline=args.pipeline, window=args.window, value_bytes=args.value_bytes,
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
                   proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
+                  metrics=args.metrics,
                   memory=args.memory,
                   recovery=args.recovery)
 

@@ -295,6 +295,7 @@ class NodeConfig:
     snapshot_min_bytes: int = 4 * MiB  # no snapshot for logs smaller than this
     max_clients: int = DEFAULT_MAX_CLIENTS  # connections; newer ones are shed
     client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER  # unread reply bytes per client
+    metrics_port: int | None = None  # Prometheus metrics (zkv.metrics); off unless set
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -329,6 +330,7 @@ class ProxyConfig:
     client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER  # unread reply bytes per client
     resp_port: int | None = None  # the RESP front (Redis clients); off unless set
     resp_admin: bool = False  # admin commands (FLUSHALL) allowed on the RESP front
+    metrics_port: int | None = None  # Prometheus metrics (zkv.metrics); off unless set
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -346,9 +348,11 @@ class FollowerConfig:
     host: str = DEFAULT_HOST
     port: int
     resp_port: int | None = None  # this follower's RESP front; off unless set
+    metrics_port: int | None = None  # this follower's Prometheus metrics; off unless set
 
     def __post_init__(self) -> None:
-        for name, check in (("host", _host), ("port", _port), ("resp_port", _optional(_port))):
+        for name, check in (("host", _host), ("port", _port), ("resp_port", _optional(_port)),
+                            ("metrics_port", _optional(_port))):
             try:
                 object.__setattr__(self, name, check(getattr(self, name)))
             except _Bad as exc:
@@ -416,6 +420,7 @@ _NODE_FIELDS: dict[str, Check] = {
     "snapshot_min_bytes": _integer(0),
     "max_clients": _integer(1, 1 << 20),
     "client_buffer_bytes": _integer(1 << 20),
+    "metrics_port": _optional(_port),
 }
 _NODE_ENTRY_FIELDS: dict[str, Check] = {"address": _address, **_NODE_FIELDS}
 _DEFAULTS_FIELDS = {k: _NODE_FIELDS[k] for k in ("fsync", "snapshot_factor", "snapshot_min_bytes",
@@ -435,6 +440,7 @@ _PROXY_FIELDS: dict[str, Check] = {
     "client_buffer_bytes": _integer(1 << 20),
     "resp_port": _optional(_port),
     "resp_admin": _boolean,
+    "metrics_port": _optional(_port),
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
 _TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers")
@@ -543,8 +549,14 @@ def _nodes(data: object, defaults: Mapping[str, Any], limits: Limits) -> list[No
 def _check_distinct(proxy: ProxyConfig, nodes: Sequence[NodeConfig], labels: Sequence[str]) -> None:
     """No two processes on one host:port, no two sharing a data directory."""
     by_address = {proxy.address: "the proxy"}
-    if proxy.resp_port is not None:
-        by_address[format_address(proxy.host, proxy.resp_port)] = "the proxy's RESP front"
+    for port, label in ((proxy.resp_port, "resp_port"), (proxy.metrics_port, "metrics_port")):
+        if port is not None:
+            where = format_address(proxy.host, port)
+            if where in by_address:
+                raise ConfigError(f"proxy.{label}: {where} is already used by "
+                                  f"{by_address[where]}")
+            by_address[where] = ("the proxy's RESP front" if label == "resp_port"
+                                 else "the proxy's metrics")
     by_dir = {os.path.normpath(proxy.state_dir): "the proxy's state_dir"}
     for node, label in zip(nodes, labels):
         if node.address in by_address:
@@ -552,6 +564,12 @@ def _check_distinct(proxy: ProxyConfig, nodes: Sequence[NodeConfig], labels: Seq
                 f"{label}: address {node.address} is already used by {by_address[node.address]}"
             )
         by_address[node.address] = label
+        if node.metrics_port is not None:
+            where = format_address(node.host, node.metrics_port)
+            if where in by_address:
+                raise ConfigError(f"{label}.metrics_port: {where} is already used by "
+                                  f"{by_address[where]}")
+            by_address[where] = f"{label}.metrics_port"
         directory = node.resolved_data_dir()
         if os.path.normpath(directory) in by_dir:
             raise ConfigError(
@@ -592,11 +610,17 @@ def _followers(data: object, proxy: ProxyConfig,
     taken = {proxy.address: "the proxy", **{n.address: "a node" for n in nodes}}
     if proxy.resp_port is not None:
         taken[format_address(proxy.host, proxy.resp_port)] = "the proxy's RESP front"
+    if proxy.metrics_port is not None:
+        taken[format_address(proxy.host, proxy.metrics_port)] = "the proxy's metrics"
+    for n in nodes:
+        if n.metrics_port is not None:
+            taken[format_address(n.host, n.metrics_port)] = "a node's metrics"
     out = []
     for i, item in enumerate(data):
         path = f"followers[{i}]"
         values = _section(item, {"address": _address, "host": _host, "port": _port,
-                                 "resp_port": _optional(_port)}, path)
+                                 "resp_port": _optional(_port),
+                                 "metrics_port": _optional(_port)}, path)
         address = values.pop("address", None)
         if address is not None:
             values["host"], values["port"] = address
@@ -607,11 +631,14 @@ def _followers(data: object, proxy: ProxyConfig,
             raise ConfigError(
                 f"{path}: address {follower.address} is already used by {taken[follower.address]}")
         taken[follower.address] = path
-        if follower.resp_port is not None:
-            resp = format_address(follower.host, follower.resp_port)
-            if resp in taken:
-                raise ConfigError(f"{path}.resp_port: {resp} is already used by {taken[resp]}")
-            taken[resp] = f"{path}.resp_port"
+        for field_name in ("resp_port", "metrics_port"):
+            extra = getattr(follower, field_name)
+            if extra is not None:
+                where = format_address(follower.host, extra)
+                if where in taken:
+                    raise ConfigError(f"{path}.{field_name}: {where} is already used by "
+                                      f"{taken[where]}")
+                taken[where] = f"{path}.{field_name}"
         out.append(follower)
     return tuple(out)
 

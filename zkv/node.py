@@ -48,6 +48,7 @@ from .guard import (
     rss_bytes,
 )
 from .keyspace import FILL, OVERWRITE
+from .metrics import Timings
 from .placement import FROZEN, Placement
 from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
@@ -99,6 +100,10 @@ class Node:
         self.incarnation = secrets.token_hex(4)
         self.counters: dict[str, int] = {}
         self.errors = 0
+        self.error_codes: dict[tuple[str, str], int] = {}  # (op, code) -> error replies
+        self.timings = Timings()  # service time by op, while metrics are served
+        self.timed = False
+        self.metrics_port: int | None = None
         self.started = time.monotonic()
         self.recovery: Recovery | None = None
         self._stop = False
@@ -604,6 +609,8 @@ class Node:
         refused (MOVED) unless this node serves its keys at its epoch: a request that
         carries no epoch is judged by this node's configuration."""
         mark = self.storage.mark()
+        op = "?"
+        began = time.perf_counter() if self.timed else 0.0
         try:
             op, args = P.parse_request(body, self.limits)
             self._checking = check
@@ -616,16 +623,23 @@ class Node:
                     f"the reply to {op} would be {len(reply)} bytes, over the "
                     f"max_message_bytes limit of {self.limits.max_message_bytes}; ask for less"
                 )
+            if began:
+                self.timings.observe(op, time.perf_counter() - began)
             return reply
         except ZkvError as exc:
-            self.errors += 1
+            self._count_error(op, exc.code)
             self.storage.rollback_to(mark)  # an error reply: nothing of it applied
             return P.encode_exc(exc)
         except Exception as exc:  # a bug must not take the node down, nor half apply
             log.exception("internal error")
-            self.errors += 1
+            self._count_error(op, "INTERNAL")
             self.storage.rollback_to(mark)
             return P.encode_exc(InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _count_error(self, op: str, code: str, n: int = 1) -> None:
+        self.errors += n
+        key = (op, code)
+        self.error_codes[key] = self.error_codes.get(key, 0) + n
 
     def _handle_envelope(self, routing: list[bytes], body: bytes) -> list[list[bytes]]:
         """The requests a router sent together: refused as a whole if routed by another
@@ -639,7 +653,7 @@ class Node:
         refusal = self._epoch_refusal(epoch)
         refused = P.encode_exc(refusal) if refusal is not None else b""
         if refusal is not None:
-            self.errors += len(items)
+            self._count_error("ENVELOPE", refusal.code, len(items))
         limit = self.limits.max_message_bytes - 4096
         messages: list[list[bytes]] = []
         chunk: list[tuple[int, bytes]] = []
@@ -839,6 +853,17 @@ class Node:
         self.guards = [ConnectionGuard(sock, self.max_clients, f"node {self.address}"),
                        ConnectionGuard(pull, self.max_clients, f"node {self.address} (pull)")]
         self.out = OutputBudget(sock, self.client_buffer_bytes, exempt=ROUTER_ID_PREFIX)
+        if self.metrics_port:
+            from . import metrics
+
+            try:
+                metrics.serve(self.host, self.metrics_port, lambda: metrics.node_families(self))
+            except OSError as exc:
+                self.storage.close()
+                ctx.destroy(0)
+                raise StorageError(f"cannot serve metrics on {self.host}:{self.metrics_port}: "
+                                   f"{exc.strerror or exc}") from exc
+            self.timed = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         rec = self.recovery

@@ -206,10 +206,15 @@ class RespFront:
         self.ctx.extra["resp_clients"] = len(self.conns)
         self.ctx.extra["resp_connections"] = self.connections
         plan = resp.plan_command(conn.session, args, self.ctx)
+        if not isinstance(plan, resp.Forward):
+            name = args[0].upper().decode("ascii", "replace")[:32]
+            counts = shell.op_counts
+            counts[name] = counts.get(name, 0) + 1
         if isinstance(plan, resp.Reply):
             conn.slots.append(Slot(conn, None, plan.data))
             if plan.data[:1] == b"-":
                 shell.errors += 1
+                shell.error_codes["RESP"] = shell.error_codes.get("RESP", 0) + 1
             if plan.close:
                 conn.closing = True
             self.dirty.add(conn)

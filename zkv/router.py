@@ -51,6 +51,7 @@ from .errors import (
     ZkvError,
 )
 from .keyspace import PRESENT, UNKNOWN
+from .metrics import Timings
 from .placement import Placement
 
 log = logging.getLogger("zkv.router")
@@ -154,6 +155,12 @@ class Router:
         self.dirty_known = False
         self.requests = 0
         self.errors = 0
+        # for the metrics (zkv.metrics): requests by op, errors by code, and while
+        # ``timed``, request-to-reply times by op
+        self.ops: dict[str, int] = {}
+        self.error_codes: dict[str, int] = {}
+        self.timings = Timings()
+        self.timed = False
 
     # -- inputs ------------------------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -204,6 +211,8 @@ class Router:
                        now: float) -> None:
         """A request already parsed (by a shell that serves other commands itself);
         ``body``: its encoding, when the shell has it (else made where needed)."""
+        self.ops[op] = self.ops.get(op, 0) + 1
+        self.now = now
         deadline = now + self.timeout
         try:
             if op in ("GET", "SET", "DEL", "EXISTS"):
@@ -297,6 +306,7 @@ class Router:
 
     def _answer_error(self, client: Any, exc: ZkvError) -> None:
         self.errors += 1
+        self.error_codes[exc.code] = self.error_codes.get(exc.code, 0) + 1
         self._ready.answers.append((client, P.encode_exc(exc)))
 
     # -- routing one op --------------------------------------------------------------------
@@ -362,6 +372,8 @@ class Router:
                 job = op.job
                 if not job.done:
                     job.done = True
+                    if self.timed:
+                        self._timed(op.kind, job)
                     self._answer_body(job.client, body)
                 return
         try:
@@ -479,6 +491,8 @@ class Router:
             return
         if job.kind == "one":
             job.done = True
+            if self.timed:
+                self._timed("PIPE" if op.kind == "RAWPIPE" else op.kind, job)
             if isinstance(result, ZkvError):
                 self._answer_error(job.client, result)
             elif op.kind == "RAWPIPE":
@@ -506,8 +520,14 @@ class Router:
         if job.left == 0:
             self._finish(job)
 
+    def _timed(self, op: str, job: Job) -> None:
+        """Request to reply, for the metrics (a job's deadline says when it came)."""
+        self.timings.observe(op, self.now - (job.deadline - self.timeout))
+
     def _finish(self, job: Job) -> None:
         job.done = True
+        if self.timed:
+            self._timed(job.kind.upper(), job)
         values = [r.value for r in job.results]
         try:
             if job.kind == "mget":

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from . import frames as wire
+from . import metrics
 from . import protocol as P
 from .cluster import ClusterState, Health
 from .config import format_address
@@ -174,6 +175,9 @@ class ProxyShell:
         self.requests = 0
         self.errors = 0
         self.resp: RespFront | None = None
+        self.metrics_port: int | None = None
+        self.op_counts: dict[str, int] = {}  # requests the shell serves itself, by op
+        self.error_codes: dict[str, int] = {}  # its error replies, by code
         self.resp_port: int | None = None
         self.resp_admin = False
         self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
@@ -248,6 +252,7 @@ class ProxyShell:
 
     def _fail(self, routing: Any, exc: ZkvError) -> None:
         self.errors += 1
+        self.error_codes[exc.code] = self.error_codes.get(exc.code, 0) + 1
         self._to_client(routing, P.encode_exc(exc))
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
@@ -289,6 +294,7 @@ class ProxyShell:
             handler = self._ops.get(op)
             if handler is None:
                 raise CommandError(f"{op} is not served by the proxy")
+            self.op_counts[op] = self.op_counts.get(op, 0) + 1
             handler(routing, args)
         except ZkvError as exc:
             self._fail(routing, exc)
@@ -712,6 +718,15 @@ class ProxyShell:
         self.guard = ConnectionGuard(front, self.max_clients, f"proxy {self.address}")
         self.poller.register(self.guard.monitor, zmq.POLLIN)
         self.poller.register(front, zmq.POLLIN)
+        if self.metrics_port:
+            try:
+                metrics.serve(self.host, self.metrics_port,
+                              lambda: metrics.proxy_families(self))
+            except OSError as exc:
+                self.ctx.destroy(0)
+                raise ClusterError(f"cannot serve metrics on {self.host}:{self.metrics_port}: "
+                                   f"{exc.strerror or exc}") from exc
+            self.router.timed = True
         if self.resp_port:
             try:
                 self.resp = RespFront(self, self.host, self.resp_port, self.resp_admin,

@@ -45,6 +45,7 @@ from . import durable, lockfile, wal
 from .durable import fsync_dir
 from .errors import LogCorruption, StorageError
 from .keyspace import Keyspace, ReplayError
+from .metrics import Timings
 
 log = logging.getLogger("zkv.storage")
 
@@ -189,6 +190,9 @@ class Storage:
         self.last_sync = time.monotonic()
         self.snapshots_written = 0
         self.fsyncs = 0
+        self.fsync_timings = Timings()  # zkv.metrics: how long fsyncs take
+        self.snapshot_timings = Timings()
+        self._snap_started = 0.0
         self._lock_fd = -1
         self._snap: threading.Thread | None = None
         self._snap_result: tuple[int, int] | BaseException | None = None
@@ -505,7 +509,9 @@ class Storage:
         try:
             self._write_all(data)
             if self.fsync == "always" or durable:
+                began = time.perf_counter()
                 os.fdatasync(self.fd)
+                self.fsync_timings.observe("", time.perf_counter() - began)
                 self.fsyncs += 1
             else:
                 self.dirty = True
@@ -548,7 +554,9 @@ class Storage:
     def sync(self) -> None:
         """fsync now if anything is unsynced (everysec's tick, shutdown)."""
         if self.dirty and self.fd >= 0:
+            began = time.perf_counter()
             os.fdatasync(self.fd)
+            self.fsync_timings.observe("", time.perf_counter() - began)
             self.fsyncs += 1
             self.dirty = False
         self.last_sync = time.monotonic()
@@ -611,6 +619,7 @@ class Storage:
                 self._snap_result = exc
 
         self._snap_result = None
+        self._snap_started = time.monotonic()
         self._snap = threading.Thread(target=run, name="zkv-snapshot", daemon=True)
         self._snap.start()
 
@@ -648,6 +657,7 @@ class Storage:
                       snapshot_name(seq), self.dir, exc.strerror or exc)
         self.snapshot_bytes = size
         self.snapshots_written += 1
+        self.snapshot_timings.observe("", time.monotonic() - self._snap_started)
 
     def close(self) -> None:
         """Finish any snapshot and make everything written durable."""
