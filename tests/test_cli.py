@@ -4,6 +4,7 @@ interactive shell driven through a real pseudo-terminal with pexpect."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -313,3 +314,50 @@ def test_client_and_cli_agree_on_the_value(cli: Run, shared: Cluster) -> None:
     shared.client().set("from-client", zkv.__version__)
     assert cli("GET", "from-client", options=("--raw",)).stdout.decode().strip() == \
         zkv.__version__
+
+
+# -- watching: --stat and --latency ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_stat_prints_a_line_per_interval(cli: Run, shared: Cluster) -> None:
+    c = shared.client()
+    c.mset({f"stat:{i}": "x" for i in range(30)})
+    done = cli(options=("--stat", "--count", "3", "-i", "0.2"))
+    assert done.returncode == 0, done.stderr
+    no_traceback(done)
+    lines = out(done).splitlines()
+    assert lines[0].split() == ["keys", "mem", "rss", "clients", "requests", "req/s",
+                                "errors", "nodes", "epoch"]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 3
+    keys = c.info()["totals"]["keys"]
+    assert all(int(r[0]) >= 30 for r in rows) and int(rows[-1][0]) <= keys
+    assert rows[-1][7] == f"{len(shared.node_addrs)}/{len(shared.node_addrs)}"
+    assert int(rows[2][4]) > int(rows[0][4])  # each INFO is a request too
+    assert rows[1][5].isdigit()  # requests per second from the second line on
+
+
+@pytest.mark.timeout(60)
+def test_latency_reports_min_max_avg(cli: Run) -> None:
+    done = cli(options=("--latency", "--count", "2"))
+    assert done.returncode == 0, done.stderr
+    lines = out(done).splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        m = re.fullmatch(r"min: ([\d.]+), max: ([\d.]+), avg: ([\d.]+) \((\d+) samples\)", line)
+        assert m, line
+        low, high, avg, n = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+        assert 0 < low <= avg <= high and n > 10
+
+
+@pytest.mark.timeout(30)
+def test_watching_takes_no_command_and_needs_a_server(cli: Run) -> None:
+    done = cli("GET", "x", options=("--stat",))
+    assert done.returncode == 2 and b"take no command" in done.stderr + done.stdout
+    done = cli(options=("--stat", "--latency"))
+    assert done.returncode == 2
+    done = cli(options=("--latency", "--count", "1", "--timeout", "0.3"),
+               proxy=f"127.0.0.1:{free_port()}")
+    assert done.returncode != 0
+    no_traceback(done)

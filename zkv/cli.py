@@ -415,6 +415,18 @@ def main(args: argparse.Namespace) -> int:
         printer.error(UsageError(f"--proxy: {exc}"))
         return EXIT_USAGE
     with client:
+        if args.stat or args.latency:
+            from . import watch
+
+            if args.words:
+                printer.error(UsageError("--stat and --latency take no command"))
+                return EXIT_USAGE
+            try:
+                if args.stat:
+                    return watch.stat(client, args.interval, args.count)
+                return watch.latency(client, args.count)
+            except KeyboardInterrupt:
+                return EXIT_OK
         if args.words:
             return run_one(client, printer, list(args.words))
         return shell(client, printer)
@@ -430,6 +442,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("cli", help="terminal client (interactive, or one command)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -440,6 +458,15 @@ def add_parser(sub: Any) -> None:
                         "owns the key (the proxy gives the configuration)")
     p.add_argument("--raw", action="store_true", help="plain output without styling, for scripts")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a reply")
+    watching = p.add_mutually_exclusive_group()
+    watching.add_argument("--stat", action="store_true",
+                          help="a line a second of cluster statistics (as redis-cli --stat)")
+    watching.add_argument("--latency", action="store_true",
+                          help="PING round trips: min, max, avg in ms (as redis-cli --latency)")
+    p.add_argument("-i", "--interval", type=_seconds, default=1.0,
+                   help="--stat: seconds between lines (default 1)")
+    p.add_argument("--count", type=_count, default=None, metavar="N",
+                   help="--stat, --latency: stop after N lines (default: until Ctrl-C)")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",
                    help="a command to run once, e.g. SET username Alice")
     p.set_defaults(func=main)

@@ -41,6 +41,14 @@ class Timings:
         counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sums[label] += seconds
 
+    def total(self) -> list[int]:
+        """Counts per bucket over every label."""
+        out = [0] * (len(BUCKETS) + 1)
+        for counts in list(self.counts.values()):
+            for i, n in enumerate(counts):
+                out[i] += n
+        return out
+
     def family(self, name: str, documentation: str, label: str = "op") -> Any:
         from prometheus_client.core import HistogramMetricFamily
 
@@ -170,3 +178,18 @@ def proxy_families(shell: Any) -> Iterator[Any]:
     yield _gauge("zkv_move_active", "Whether a move (ADD, REMOVE, MOVE ABORT) is under way.",
                  1 if shell.state.move is not None else 0)
     yield _gauge("zkv_rss_bytes", "Resident memory of the process.", rss_bytes())
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound (seconds) of the bucket holding quantile ``q`` of ``counts`` (one
+    count per BUCKETS entry, then the overflow), or None without samples."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank:
+            return BUCKETS[i] if i < len(BUCKETS) else float("inf")
+    return float("inf")

@@ -1,0 +1,66 @@
+"""`zkv top` under a real pseudo-terminal against a live cluster: every node shows, a
+killed node shows as down, q quits; and the rates and latencies it computes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pexpect
+import pytest
+from conftest import REPO, Cluster
+
+from zkv.top import Sampler
+
+
+@pytest.mark.timeout(90)
+def test_top_shows_every_node_and_one_in_trouble(make_cluster: Any) -> None:
+    cluster: Cluster = make_cluster()
+    c = cluster.client()
+    c.mset({f"top{i}": "x" for i in range(100)})
+    child = pexpect.spawn(sys.executable, ["-m", "zkv", "top", "--proxy", cluster.address,
+                                           "-i", "0.3"],
+                          cwd=str(REPO), timeout=15, encoding="utf-8", dimensions=(40, 160),
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("COLUMNS", "LINES")})
+    try:
+        try:
+            child.expect_exact("ops/s")
+        except pexpect.TIMEOUT:
+            raise AssertionError(f"zkv top showed: {child.before!r}") from None
+        seen: set[str] = set()
+        while seen != set(cluster.node_addrs):  # every node, in whatever order it sorts
+            child.expect_exact(cluster.node_addrs)
+            seen.add(child.after)
+        victim = cluster.node_addrs[1]
+        cluster.kill_node(victim)
+        child.expect(r"down", timeout=15)
+        child.send("q")
+        child.expect(pexpect.EOF, timeout=10)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_rates_latencies_and_trouble_first() -> None:
+    nodes = [{"address": "a", "state": "up"}, {"address": "b", "state": "down"},
+             {"address": "c", "state": "up"}]
+
+    def info(ops: int, errors: int, buckets: list[int]) -> dict[str, Any]:
+        node = {"ops": {"GET": ops}, "errors": errors, "keys": 5, "rss_bytes": 1 << 20,
+                "log_bytes": 10, "latency_buckets": buckets}
+        return {"proxy": {"requests": ops * 3, "errors": 0, "epoch": 2},
+                "nodes": {"a": dict(node), "c": {**node, "errors": 0}}, "totals": {"keys": 10}}
+
+    s = Sampler()
+    s.rows(info(100, 0, [0] * 18), nodes, 10.0)
+    buckets = [0] * 18
+    buckets[1] = 98  # 98 requests under 100 us
+    buckets[8] = 2  # 2 under 25 ms
+    rows, summary = s.rows(info(300, 4, buckets), nodes, 12.0)
+    assert [r["address"] for r in rows] == ["b", "a", "c"]  # down, then erroring
+    a = next(r for r in rows if r["address"] == "a")
+    assert a["ops_s"] == 100 and a["errors_s"] == 2
+    assert a["p50"] == 0.0001 and a["p99"] == 0.025
+    assert summary["requests_s"] == 300

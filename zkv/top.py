@@ -1,0 +1,201 @@
+"""``zkv top [--proxy HOST:PORT]``: a live full-screen view of a running cluster.
+
+Refreshed every second from INFO, NODES and STATUS through the proxy (the ZeroMQ
+front; no metrics port needed): per node its state, ops/s, p50/p99 service time
+(from the node's sampled latency histogram, over the last refresh), keys, memory,
+log size and errors/s; per proxy requests/s and errors/s; a move under way with its
+phase. Nodes in trouble (down, erroring, slow) sort first and are coloured. ``q``
+(or Ctrl-C) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from . import metrics
+from .client import Client
+from .errors import ConfigError, ZkvError
+from .watch import human
+
+SLOW = 0.01  # a node whose p99 is over this many seconds is shown as slow
+
+
+class Sampler:
+    """Turns successive INFO replies into rates and recent latencies."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] | None = None
+        self.last_at = 0.0
+
+    def rows(self, info: dict[str, Any], nodes: list[dict[str, Any]],
+             now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        before = self.last or {}
+        span = now - self.last_at if self.last is not None else 0.0
+        out = []
+        for entry in nodes:
+            addr = entry["address"]
+            node = info.get("nodes", {}).get(addr, {})
+            old = before.get("nodes", {}).get(addr, {})
+            ops = sum(node.get("ops", {}).values()) if "ops" in node else None
+            old_ops = sum(old.get("ops", {}).values()) if "ops" in old else None
+            buckets = node.get("latency_buckets")
+            old_buckets = old.get("latency_buckets") or [0] * len(buckets or [])
+            recent = ([a - b for a, b in zip(buckets, old_buckets)]
+                      if buckets and span else buckets)
+            row = {
+                "address": addr, "state": entry.get("state", "?"),
+                "role": entry.get("moving") or "member",
+                "keys": node.get("keys"), "memory": node.get("rss_bytes"),
+                "log": node.get("log_bytes"),
+                "ops_s": _rate(ops, old_ops, span),
+                "errors_s": _rate(node.get("errors"), old.get("errors"), span),
+                "p50": metrics.quantile(recent, 0.5) if recent else None,
+                "p99": metrics.quantile(recent, 0.99) if recent else None,
+            }
+            row["trouble"] = (row["state"] != "up") * 4 + bool(row["errors_s"]) * 2 + (
+                (row["p99"] or 0) > SLOW)
+            out.append(row)
+        out.sort(key=lambda r: (-r["trouble"], r["address"]))
+        proxy, old_proxy = info.get("proxy", {}), before.get("proxy", {})
+        summary = {
+            "address": proxy.get("address"), "epoch": proxy.get("epoch"),
+            "requests_s": _rate(proxy.get("requests"), old_proxy.get("requests"), span),
+            "errors_s": _rate(proxy.get("errors"), old_proxy.get("errors"), span),
+            "clients": int(proxy.get("clients", 0)) + int(proxy.get("resp_clients", 0)),
+            "keys": info.get("totals", {}).get("keys"),
+        }
+        self.last, self.last_at = info, now
+        return out, summary
+
+
+def _rate(now_value: Any, before: Any, span: float) -> float | None:
+    if not isinstance(now_value, int) or not isinstance(before, int) or span <= 0:
+        return None
+    return max(0, now_value - before) / span
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds == float("inf"):
+        return ">10000"
+    return f"{seconds * 1000:.2f}" if seconds < 0.01 else f"{seconds * 1000:.0f}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def render(rows: list[dict[str, Any]], summary: dict[str, Any], status: dict[str, Any],
+           proxy: str) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text(f"zkv top  proxy {proxy}  epoch {summary['epoch']}  "
+                f"{_num(summary['requests_s'])} req/s  {_num(summary['errors_s'])} err/s  "
+                f"{summary['clients']} clients  {_num(summary['keys'])} keys   (q quits)",
+                style="bold")
+    table = Table(expand=True)
+    widest = max([len(r["address"]) for r in rows] + [4])
+    table.add_column("node", no_wrap=True, min_width=widest)  # never cut an address
+    for name in ("state", "role", "ops/s", "p50 ms", "p99 ms", "keys", "memory", "log",
+                 "errors/s"):
+        table.add_column(name, justify="left" if name in ("state", "role") else "right")
+    for r in rows:
+        style = "bold red" if r["state"] != "up" else (
+            "yellow" if r["trouble"] else "")
+        table.add_row(r["address"], r["state"], r["role"], _num(r["ops_s"]), _ms(r["p50"]),
+                      _ms(r["p99"]), _num(r["keys"]),
+                      human(r["memory"]) if r["memory"] is not None else "-",
+                      human(r["log"]) if r["log"] is not None else "-",
+                      _num(r["errors_s"]), style=style)
+    parts: list[Any] = [head, table]
+    move = status.get("move")
+    if move:
+        parts.append(Text(f"move {move.get('id', '')}: {move.get('kind', '')} phase "
+                          f"{move.get('phase', '')}", style="cyan"))
+    return Group(*parts)
+
+
+def run(proxy: str, interval: float, count: int | None) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(highlight=False)  # addresses as typed, not split by colouring
+    sampler = Sampler()
+    client = Client(proxy, timeout=max(2.0, interval * 2))
+    stdin = sys.stdin
+    keys = stdin.isatty()
+    saved = termios.tcgetattr(stdin) if keys else None
+    shown = 0
+    try:
+        if keys:
+            tty.setcbreak(stdin.fileno())
+        with Live(console=console, screen=console.is_terminal, auto_refresh=False) as live:
+            while count is None or shown < count:
+                try:
+                    info, nodes, status = client.info(), client.nodes(), client.status()
+                except ZkvError as exc:
+                    from rich.text import Text
+
+                    live.update(Text(f"zkv top: {proxy}: {exc}", style="bold red"),
+                                refresh=True)
+                else:
+                    rows, summary = sampler.rows(info, nodes, time.monotonic())
+                    live.update(render(rows, summary, status, proxy), refresh=True)
+                shown += 1
+                if _wait_for_q(stdin if keys else None, interval):
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        client.close()
+    return 0
+
+
+def _wait_for_q(stdin: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if stdin is None:
+            time.sleep(left)
+            return False
+        ready, _, _ = select.select([stdin], [], [], left)
+        if ready and os.read(stdin.fileno(), 1) in (b"q", b"Q"):
+            return True
+
+
+def main(args: argparse.Namespace) -> int:
+    from .config import parse_address
+
+    try:
+        parse_address(args.proxy, "--proxy")
+    except ConfigError as exc:
+        print(f"zkv top: error: {exc}", file=sys.stderr)
+        return 2
+    return run(args.proxy, args.interval, args.count)
+
+
+def add_parser(sub: Any) -> None:
+    from .cli import _count, _seconds
+
+    p = sub.add_parser("top", help="a live view of a running cluster (q quits)")
+    p.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT",
+                   help="the proxy to watch (default 127.0.0.1:8000)")
+    p.add_argument("-i", "--interval", type=_seconds, default=1.0,
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=_count, default=None, metavar="N",
+                   help="stop after N refreshes (default: until q)")
+    p.set_defaults(func=main)
