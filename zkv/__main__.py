@@ -207,10 +207,10 @@ def _add_proxy_parser(sub: Any) -> None:
 
 
 def _parsers() -> list[Callable[[Any], None]]:
-    from . import bench, cli, launch, top, waltool
+    from . import backup, bench, cli, launch, top, waltool
 
     return [_add_node_parser, _add_proxy_parser, cli.add_parser, launch.add_parser,
-            bench.add_parser, waltool.add_parser, top.add_parser]
+            bench.add_parser, waltool.add_parser, top.add_parser, backup.add_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

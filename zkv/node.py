@@ -52,7 +52,14 @@ from .metrics import Timings
 from .placement import FROZEN, Placement
 from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
-from .transfer import MAX_BATCH_KEYS, Incoming, Outgoing, RangeScan, decode_batch
+from .transfer import (
+    MAX_BATCH_KEYS,
+    Incoming,
+    Outgoing,
+    RangeScan,
+    SnapshotStream,
+    decode_batch,
+)
 
 log = logging.getLogger("zkv.node")
 
@@ -61,6 +68,7 @@ _OK_ITEM = [P.OK, "OK"]
 # A SCAN page visits at most this many buckets and looks at about this many bytes of
 # keys, whatever COUNT asks, so that one page never holds the loop for long.
 FLUSH_RUN = 10_000  # keys in one log record of a FLUSHALL
+BACKUP_STALL = 60.0  # seconds a backup stream may wait for its reader before it closes
 SCAN_MAX_BUCKETS = 4096
 SCAN_MAX_KEY_BYTES = 1 << 20
 CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
@@ -111,7 +119,7 @@ class Node:
         self._durable = False  # this turn wrote move records: fsync whatever the policy
         self.pull_endpoint = ""
         self.pull_port = 0
-        self.outgoing: dict[tuple[str, str], Outgoing] = {}
+        self.outgoing: dict[tuple[str, str], Outgoing | SnapshotStream] = {}
         self.pushes: dict[tuple[str, str], zmq.Socket[bytes]] = {}
         self.incoming: dict[tuple[str, str], Incoming] = {}
         self.jobs: dict[tuple[str, str], RangeScan] = {}
@@ -137,6 +145,7 @@ class Node:
             "XGET": lambda a: list(self.storage.keyspace.state(a[0])),
             "XDEL": self._xdel,
             "XCONFIG": self._xconfig,
+            "XBACKUP": self._xbackup,
             "XFLUSH": self._xflush,
             "XHEALTH": lambda a: {"epoch": self.epoch, "routers": self._routers_seen()},
             "CONFIG": lambda a: self.config_doc(),
@@ -469,6 +478,45 @@ class Node:
         self.outgoing[key] = out
         return "OK"
 
+    def _xbackup(self, a: list[Any]) -> Any:
+        """Stream a copy of every key, as of now, to a ``zkv backup`` PULL socket
+        ({"id", "pull"}); {"id", "close": true} ends it. The keys, and their bytes."""
+        spec = a[0] if a else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("id"), str) \
+                or not 0 < len(spec["id"]) <= 64:
+            raise ProtocolError("XBACKUP takes a map with id (text) and pull (an endpoint)")
+        key = (spec["id"], "backup")
+        if spec.get("close") is True:
+            self._close_push(key)
+            return "OK"
+        pull = spec.get("pull")
+        if not isinstance(pull, str) or not pull.startswith("tcp://") or len(pull) > 300:
+            raise ProtocolError("XBACKUP pull must be a tcp:// endpoint")
+        if self.storage.keyspace.receiving is not None or self.jobs:
+            raise CommandError(f"node {self.ring_name} has a move open; back up once it is "
+                               "done")
+        self._close_push(key)
+        if len(self.outgoing) >= MAX_MOVES:
+            raise CommandError(f"{len(self.outgoing)} streams leave this node already; "
+                               f"at most {MAX_MOVES}")
+        assert self.ctx is not None
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.IPV6, 1)
+        push.setsockopt(zmq.SNDHWM, 4)
+        try:
+            push.connect(pull)
+        except zmq.ZMQError as exc:
+            push.close(0)
+            raise ProtocolError(f"pull: cannot connect to {pull}: {exc}") from None
+        ks = self.storage.keyspace
+        items = list(ks.data.items())  # this moment's data: a prefix of what was acked
+        self.pushes[key] = push
+        self.outgoing[key] = SnapshotStream(spec["id"], self.ring_name, items,
+                                            last_progress=time.monotonic(),
+                                            move_id=spec["id"])
+        return {"keys": len(items), "bytes": ks.live_bytes}
+
     def _close_push(self, key: tuple[str, str]) -> None:
         sock = self.pushes.pop(key, None)
         if sock is not None:
@@ -509,6 +557,13 @@ class Node:
                 except zmq.Again:
                     out.held = batch
                     break
+                if isinstance(out, SnapshotStream):
+                    out.last_progress = now
+            if isinstance(out, SnapshotStream) and now - out.last_progress > BACKUP_STALL:
+                log.warning("backup %s: nobody took its batches for %.0f s; stream closed",
+                            out.backup_id, BACKUP_STALL)
+                self._close_push(key)
+                continue
             busy = busy or not (out.done or out.throttled or out.held is not None)
         return busy
 

@@ -157,6 +157,7 @@ COMMANDS: dict[str, Command] = {
         Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
         Command("XCONFIG", INTERNAL, ("any",), "internal: the config manager's configuration"),
         Command("XFLUSH", INTERNAL, (), "internal: drop every key (FLUSHALL)"),
+        Command("XBACKUP", INTERNAL, ("any",), "internal: stream a copy of every key"),
         Command("XHEALTH", INTERNAL, (), "internal: a heartbeat that says the node's epoch"),
         Command("CONFIG", META, ("any?",),
                 "The cluster configuration: epoch, members, any move.", "[SINCE_EPOCH]"),

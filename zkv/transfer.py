@@ -199,3 +199,58 @@ class Incoming:
     def status(self) -> dict[str, Any]:
         return {"batches": self.next_seq, "keys": self.keys, "taken": self.taken,
                 "bytes": self.bytes, "done": self.done, "broken": self.broken}
+
+
+@dataclass
+class SnapshotStream:
+    """A backup's stream (XBACKUP): the node's keys as of one moment (a copy taken in
+    one loop turn, so a prefix of its acknowledged writes), cut into batches like a
+    move's, to the PULL socket of the ``zkv backup`` that asked."""
+
+    backup_id: str
+    source: str
+    items: list[tuple[bytes, bytes]]
+    batch_keys: int = 1000
+    batch_bytes: int = 1 << 20
+    pos: int = 0
+    seq: int = 0
+    sent_keys: int = 0
+    sent_bytes: int = 0
+    done: bool = False
+    throttled: bool = False
+    held: bytes | None = None
+    last_progress: float = 0.0
+    dest: str = "backup"
+    move_id: str = ""
+
+    def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
+        if self.held is not None:
+            batch, self.held = self.held, None
+            return batch
+        if self.done:
+            return None
+        pairs: list[bytes] = []
+        size = 0
+        items = self.items
+        while self.pos < len(items) and len(pairs) < 2 * self.batch_keys \
+                and size < self.batch_bytes:
+            key, value = items[self.pos]
+            pairs.append(key)
+            pairs.append(value)
+            size += len(key) + len(value)
+            self.pos += 1
+        final = self.pos >= len(items)
+        self.sent_keys += len(pairs) // 2
+        self.sent_bytes += size
+        batch = encode_batch(self.backup_id, self.source, self.seq, pairs, final,
+                             self.sent_keys)
+        self.seq += 1
+        self.done = final
+        if final:
+            self.items = []  # the copy is not needed any more
+        return batch
+
+    def status(self) -> dict[str, Any]:
+        return {"dest": self.dest, "total_keys": self.sent_keys if self.done else None,
+                "sent_keys": self.sent_keys, "sent_bytes": self.sent_bytes,
+                "done": self.done and self.held is None}

@@ -1,0 +1,252 @@
+"""``zkv backup`` and ``zkv restore``: a whole cluster to a directory and back.
+
+    zkv backup --proxy 127.0.0.1:8000 ./backup-2026-12-01
+    zkv restore ./backup-2026-12-01 --proxy 127.0.0.1:9000
+
+A backup asks every member (XBACKUP) to copy its keys as of one moment (one loop
+turn on that node: a prefix of its acknowledged writes) and stream the copy, in
+batches as a move does (PUSH to this process's PULL socket), and writes each node's
+stream to a file of its own, in the log's record format (so ``zkv wal dump`` reads
+it), then a MANIFEST.json naming the epoch, the ring and each file's key count,
+last. Refused while a move is under way. A restore loads a backup into an empty
+cluster of any size: each file's keys go through the proxy in MSET batches of a
+thousand, so the new ring places every key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import durable, wal
+from .client import Client
+from .errors import ClusterError, ProtocolError, Unavailable, ZkvError
+from .transfer import decode_batch
+
+MANIFEST = "MANIFEST.json"
+VERSION = 1
+RESTORE_BATCH = 1000  # keys per MSET
+
+Progress = Callable[[int, int], None]  # (keys done, keys in all)
+
+
+def _file_name(i: int) -> str:
+    return f"node-{i:03d}.zkv"
+
+
+def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float = 10.0,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Back the cluster behind ``proxy`` up into ``directory`` (new or empty); the
+    manifest written. ``listen``: the address nodes can reach this process at."""
+    if os.path.exists(directory) and os.listdir(directory):
+        raise ClusterError(f"{directory} is not empty; back up into a new directory")
+    os.makedirs(directory, exist_ok=True)
+    with Client(proxy, timeout=timeout) as c:
+        if c.status().get("move") is not None:
+            raise ClusterError("a move is under way; back up once STATUS shows none")
+        doc = c.call("CONFIG")
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("members"), dict):
+        raise ProtocolError(f"{proxy} did not give the cluster configuration")
+    members = sorted(config["members"])
+    if not members:
+        raise ClusterError("the cluster has no nodes: nothing to back up")
+    backup_id = "backup-" + secrets.token_hex(6)
+    ctx: zmq.Context[Any] = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVHWM, 16)
+    pull.setsockopt(zmq.IPV6, 1)
+    files: dict[str, Any] = {}
+    try:
+        host = f"[{listen}]" if ":" in listen else listen
+        port = pull.bind_to_random_port(f"tcp://{host}")
+        endpoint = f"tcp://{host}:{port}"
+        expected: dict[str, int] = {}
+        for member in members:
+            with Client(member, timeout=timeout) as node:
+                answer = node.call("XBACKUP", {"id": backup_id, "pull": endpoint})
+            expected[member] = int(answer["keys"])
+        total = sum(expected.values())
+        for i, member in enumerate(members):
+            f = open(os.path.join(directory, _file_name(i)), "wb")
+            f.write(wal.encode((wal.META, {"backup": backup_id, "node": member})))
+            files[member] = f
+        got = _receive(pull, backup_id, files, expected, timeout, progress, total)
+    finally:
+        for member in members:
+            try:
+                with Client(member, timeout=2.0) as node:
+                    node.call("XBACKUP", {"id": backup_id, "close": True})
+            except ZkvError:
+                pass  # the node closes an unread stream itself after a while
+        for f in files.values():
+            f.close()
+        ctx.destroy(0)
+    durable.fsync_dir(directory)
+    manifest = {
+        "version": VERSION, "backup": backup_id, "proxy": proxy,
+        "taken": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "epoch": doc.get("epoch"), "config": config,
+        "nodes": {m: {"file": _file_name(i), "keys": got[m]} for i, m in enumerate(members)},
+        "keys": sum(got.values()),
+    }
+    durable.write_json(os.path.join(directory, MANIFEST), manifest, indent=2)
+    return manifest
+
+
+def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
+             expected: dict[str, int], timeout: float, progress: Progress | None,
+             total: int) -> dict[str, int]:
+    seqs = {m: 0 for m in files}
+    got = {m: 0 for m in files}
+    left = set(files)
+    done = 0
+    while left:
+        if not pull.poll(int(timeout * 1000)):
+            raise Unavailable(f"no backup batch from {', '.join(sorted(left))} for "
+                              f"{timeout:.0f} s; the backup is incomplete")
+        body = pull.recv()
+        try:
+            bid, source, seq, pairs, final, sent, _ = decode_batch(body)
+        except ProtocolError:
+            continue  # not ours
+        if bid != backup_id or source not in left:
+            continue
+        if seq != seqs[source]:
+            raise Unavailable(f"the stream from {source} lost a batch (got {seq}, wanted "
+                              f"{seqs[source]}); the backup is incomplete: run it again")
+        seqs[source] += 1
+        f = files[source]
+        if pairs:
+            f.write(wal.encode((wal.CHUNK, pairs)))
+        got[source] += len(pairs) // 2
+        done += len(pairs) // 2
+        if final:
+            if sent != got[source] or got[source] != expected[source]:
+                raise Unavailable(f"the stream from {source} ended with {got[source]} keys "
+                                  f"of {expected[source]}; the backup is incomplete")
+            f.write(wal.encode((wal.META, {"end": got[source]})))
+            f.flush()
+            os.fsync(f.fileno())
+            left.discard(source)
+        if progress is not None:
+            progress(done, total)
+    return got
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ClusterError(f"{path} is missing: not a zkv backup (or an unfinished one)") \
+            from None
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION \
+            or not isinstance(manifest.get("nodes"), dict):
+        raise ClusterError(f"{path} is not a zkv backup manifest (version {VERSION})")
+    return manifest
+
+
+def restore(directory: str, proxy: str, timeout: float = 10.0,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """Load the backup in ``directory`` into the (empty) cluster behind ``proxy``."""
+    manifest = read_manifest(directory)
+    total = int(manifest.get("keys", 0))
+    with Client(proxy, timeout=timeout) as c:
+        held = int(c.info().get("totals", {}).get("keys", 0))
+        if held:
+            raise ClusterError(f"the cluster behind {proxy} holds {held} keys; restore needs "
+                               "an empty cluster")
+        if c.status().get("move") is not None:
+            raise ClusterError("a move is under way; restore once STATUS shows none")
+        done = 0
+        started = time.monotonic()
+        for node, entry in sorted(manifest["nodes"].items()):
+            path = os.path.join(directory, str(entry.get("file", "")))
+            try:
+                with open(path, "rb") as f:
+                    buf = f.read()
+            except OSError as exc:
+                raise ClusterError(f"{path} (the keys of {node}): {exc.strerror or exc}") \
+                    from None
+            scan = wal.LogScan(buf)
+            count, end = 0, None
+            for _, item in scan:
+                if item[0] == wal.CHUNK:
+                    pairs = item[1]
+                    for i in range(0, len(pairs), 2 * RESTORE_BATCH):
+                        chunk = pairs[i : i + 2 * RESTORE_BATCH]
+                        c.mset(dict(zip(chunk[0::2], chunk[1::2])))
+                        count += len(chunk) // 2
+                        done += len(chunk) // 2
+                        if progress is not None:
+                            progress(done, total)
+                elif item[0] == wal.META and "end" in item[1]:
+                    end = item[1]["end"]
+            if scan.damage is not None or end != count or count != entry.get("keys"):
+                where = (f"damaged at byte offset {scan.damage.offset} ({scan.damage.reason})"
+                         if scan.damage is not None else "incomplete")
+                raise ClusterError(f"{path} is {where}: {count} of {entry.get('keys')} keys of "
+                                   f"{node} restored")
+    return {"keys": done, "nodes": len(manifest["nodes"]), "backup": manifest.get("backup"),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _with_progress(label: str, run: Callable[[Progress], dict[str, Any]]) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return run(update)
+
+
+def backup_main(args: Any) -> int:
+    manifest = _with_progress("backup", lambda p: backup(args.proxy, args.dir, args.listen,
+                                                          args.timeout, p))
+    print(f"backed up {manifest['keys']} keys of {len(manifest['nodes'])} nodes (epoch "
+          f"{manifest['epoch']}) into {args.dir}")
+    return 0
+
+
+def restore_main(args: Any) -> int:
+    result = _with_progress("restore", lambda p: restore(args.dir, args.proxy,
+                                                          args.timeout, p))
+    print(f"restored {result['keys']} keys from {result['nodes']} nodes' backup into "
+          f"{args.proxy} in {result['seconds']:.1f} s")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    from .cli import _seconds
+
+    p = sub.add_parser("backup", help="back a running cluster up into a directory")
+    p.add_argument("dir", metavar="DIR", help="a new (or empty) directory")
+    p.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1", metavar="HOST",
+                   help="the address of this machine that the nodes can reach "
+                        "(they stream to it; default 127.0.0.1)")
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds to wait for a node's next batch (default 10)")
+    p.set_defaults(func=backup_main)
+    r = sub.add_parser("restore", help="load a backup into an empty cluster")
+    r.add_argument("dir", metavar="DIR", help="a directory zkv backup wrote")
+    r.add_argument("--proxy", default="127.0.0.1:8000", metavar="HOST:PORT")
+    r.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds to wait for each reply (default 10)")
+    r.set_defaults(func=restore_main)
