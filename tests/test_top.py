@@ -64,3 +64,26 @@ def test_rates_latencies_and_trouble_first() -> None:
     assert a["ops_s"] == 100 and a["errors_s"] == 2
     assert a["p50"] == 0.0001 and a["p99"] == 0.025
     assert summary["requests_s"] == 300
+
+
+def test_a_move_shows_each_stream_with_its_progress_and_rate() -> None:
+    from rich.console import Console
+
+    from zkv.top import render
+
+    s = Sampler()
+    streams = [{"source": "n1", "dest": "n9", "keys": 100, "total": 400, "done": False},
+               {"source": "n2", "dest": "n9", "keys": 300, "total": 300, "done": True}]
+    status = {"move": {"id": "m1", "kind": "add", "node": "n9", "phase": "copy",
+                       "streams": streams}}
+    s.stream_rates(status, 1.0)
+    streams[0]["keys"] = 250
+    rates = s.stream_rates(status, 3.0)
+    assert rates[("n1", "n9")] == 75.0
+    console = Console(width=120, record=True)
+    console.print(render([], {"epoch": 3, "requests_s": None, "errors_s": None, "clients": 0,
+                              "keys": 0, "stream_rates": rates}, status, "p"))
+    text = console.export_text()
+    assert "move m1: add n9, phase copy" in text
+    assert "n1 -> n9" in text and "250 / 400" in text and "75" in text
+    assert "300 / 300" in text and "done" in text

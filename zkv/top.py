@@ -33,6 +33,7 @@ class Sampler:
     def __init__(self) -> None:
         self.last: dict[str, Any] | None = None
         self.last_at = 0.0
+        self._streams: tuple[dict[tuple[str, str], int], float] = ({}, 0.0)
 
     def rows(self, info: dict[str, Any], nodes: list[dict[str, Any]],
              now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -73,6 +74,17 @@ class Sampler:
         }
         self.last, self.last_at = info, now
         return out, summary
+
+    def stream_rates(self, status: dict[str, Any], now: float) -> dict[tuple[str, str], float]:
+        """Keys per second of each stream of the move under way, since the last call."""
+        move = status.get("move") or {}
+        keys = {(s.get("source", ""), s.get("dest", "")): int(s.get("keys") or 0)
+                for s in move.get("streams", [])}
+        before, at = self._streams
+        self._streams = (keys, now)
+        span = now - at
+        return {pair: max(0, n - before[pair]) / span for pair, n in keys.items()
+                if pair in before and span > 0}
 
 
 def _rate(now_value: Any, before: Any, span: float) -> float | None:
@@ -120,9 +132,35 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any], status: dict[str
     parts: list[Any] = [head, table]
     move = status.get("move")
     if move:
-        parts.append(Text(f"move {move.get('id', '')}: {move.get('kind', '')} phase "
-                          f"{move.get('phase', '')}", style="cyan"))
+        parts.append(Text(f"move {move.get('id', '')}: {move.get('kind', '')} "
+                          f"{move.get('node', '')}, phase {move.get('phase', '')}"
+                          + (" (aborting)" if move.get("aborting") else "")
+                          + (f", error: {move['error']}" if move.get("error") else ""),
+                          style="cyan"))
+        parts.append(_streams(move.get("streams", []), summary.get("stream_rates", {})))
     return Group(*parts)
+
+
+def _streams(streams: list[dict[str, Any]], rates: dict[tuple[str, str], float]) -> Any:
+    """A move's streams, each with a bar (keys sent of its total) and its rate."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    table = Table(show_header=True, box=None, expand=True)
+    for name in ("stream", "progress", "keys", "keys/s"):
+        table.add_column(name, justify="right" if name in ("keys", "keys/s") else "left",
+                         ratio=3 if name == "progress" else None)
+    for st in streams:
+        total = st.get("total")
+        done = bool(st.get("done"))
+        keys = int(st.get("keys") or 0)
+        bar = ProgressBar(total=float(total or max(keys, 1)),
+                          completed=float(total or keys) if done else float(keys))
+        rate = rates.get((st.get("source", ""), st.get("dest", "")))
+        table.add_row(f"{st.get('source')} -> {st.get('dest')}", bar,
+                      f"{keys:,}" + (f" / {total:,}" if total else ""),
+                      "done" if done else _num(rate))
+    return table
 
 
 def run(proxy: str, interval: float, count: int | None) -> int:
@@ -149,7 +187,9 @@ def run(proxy: str, interval: float, count: int | None) -> int:
                     live.update(Text(f"zkv top: {proxy}: {exc}", style="bold red"),
                                 refresh=True)
                 else:
-                    rows, summary = sampler.rows(info, nodes, time.monotonic())
+                    now = time.monotonic()
+                    rows, summary = sampler.rows(info, nodes, now)
+                    summary["stream_rates"] = sampler.stream_rates(status, now)
                     live.update(render(rows, summary, status, proxy), refresh=True)
                 shown += 1
                 if _wait_for_q(stdin if keys else None, interval):
