@@ -59,6 +59,8 @@ def test_counters_and_histograms_move_with_requests(served: dict[str, Any]) -> N
         c.get(f"m{i}")
     with pytest.raises(zkv.LimitExceeded):
         c.get("k" * 70_000)
+    with pytest.raises(zkv.ZkvError):
+        c.call("SCAN", "not-a-cursor")
     node, proxy = scrape(served["node"]), scrape(served["proxy"])
 
     def grew(samples: Any, before: Any, name: str, **labels: str) -> float:
@@ -66,7 +68,8 @@ def test_counters_and_histograms_move_with_requests(served: dict[str, Any]) -> N
 
     assert grew(proxy, proxy0, "zkv_requests_total", op="SET") == 25
     assert grew(proxy, proxy0, "zkv_requests_total", op="GET") == 40
-    assert grew(proxy, proxy0, "zkv_errors_total", code="TOO_LARGE") == 1
+    assert grew(proxy, proxy0, "zkv_errors_total", op="?", code="TOO_LARGE") == 1
+    assert grew(proxy, proxy0, "zkv_errors_total", op="SCAN", code="BAD_COMMAND") == 1
     assert grew(proxy, proxy0, "zkv_request_duration_seconds_count", op="GET") == 40
     assert value(proxy, "zkv_request_duration_seconds_bucket", op="GET", le="+Inf") >= 40
     assert value(proxy, "zkv_node_up", node=served["node_addr"]) == 1

@@ -159,9 +159,10 @@ def proxy_families(shell: Any) -> Iterator[Any]:
         ops[op] = ops.get(op, 0) + n
     yield _counter("zkv_requests", "Client requests, by op (both fronts).", ops, ("op",))
     codes = dict(router.error_codes)
-    for code, n in list(shell.error_codes.items()):
-        codes[code] = codes.get(code, 0) + n
-    yield _counter("zkv_errors", "Error replies to clients, by code.", codes, ("code",))
+    for key, n in list(shell.error_codes.items()):
+        codes[key] = codes.get(key, 0) + n
+    yield _counter("zkv_errors", "Error replies to clients, by op (? where the request "
+                   "was not readable) and code.", codes, ("op", "code"))
     yield router.timings.family("zkv_request_duration_seconds",
                                 "Time from a client request to its reply, by op.")
     yield _gauge("zkv_in_flight_requests", "Requests sent to nodes and not yet answered.",

@@ -214,7 +214,8 @@ class RespFront:
             conn.slots.append(Slot(conn, None, plan.data))
             if plan.data[:1] == b"-":
                 shell.errors += 1
-                shell.error_codes["RESP"] = shell.error_codes.get("RESP", 0) + 1
+                key = (name, "RESP")  # an error the RESP front answered itself
+                shell.error_codes[key] = shell.error_codes.get(key, 0) + 1
             if plan.close:
                 conn.closing = True
             self.dirty.add(conn)

@@ -158,7 +158,7 @@ class Router:
         # for the metrics (zkv.metrics): requests by op, errors by code, and while
         # ``timed``, request-to-reply times by op
         self.ops: dict[str, int] = {}
-        self.error_codes: dict[str, int] = {}
+        self.error_codes: dict[tuple[str, str], int] = {}  # (op, code) -> error replies
         self.timings = Timings()
         self.timed = False
 
@@ -233,10 +233,10 @@ class Router:
             else:
                 raise CommandError(f"{op} is not served here")
         except ZkvError as exc:
-            self._answer_error(client, exc)
+            self._answer_error(client, exc, op)
         except Exception as exc:  # noqa: BLE001 - one boundary per request
             log.exception("internal error routing %s", op)
-            self._answer_error(client, InternalError(f"{type(exc).__name__}: {exc}"))
+            self._answer_error(client, InternalError(f"{type(exc).__name__}: {exc}"), op)
 
     def reply(self, tag: int, body: bytes, now: float) -> None:
         """A node's reply body to request ``tag``."""
@@ -304,9 +304,10 @@ class Router:
     def _answer_body(self, client: Any, body: bytes) -> None:
         self._ready.answers.append((client, body))
 
-    def _answer_error(self, client: Any, exc: ZkvError) -> None:
+    def _answer_error(self, client: Any, exc: ZkvError, op: str = "?") -> None:
         self.errors += 1
-        self.error_codes[exc.code] = self.error_codes.get(exc.code, 0) + 1
+        key = (op, exc.code)
+        self.error_codes[key] = self.error_codes.get(key, 0) + 1
         self._ready.answers.append((client, P.encode_exc(exc)))
 
     # -- routing one op --------------------------------------------------------------------
@@ -494,7 +495,8 @@ class Router:
             if self.timed:
                 self._timed("PIPE" if op.kind == "RAWPIPE" else op.kind, job)
             if isinstance(result, ZkvError):
-                self._answer_error(job.client, result)
+                self._answer_error(job.client, result,
+                                   "PIPE" if op.kind == "RAWPIPE" else op.kind)
             elif op.kind == "RAWPIPE":
                 self._answer_body(job.client, P.encode_ok_items(result))
             else:
@@ -506,7 +508,7 @@ class Router:
                     job.done = True
                     self._answer_error(job.client, LimitExceeded(
                         f"the reply would be over {job.value_budget} bytes "
-                        "(max_message_bytes); ask for fewer keys at once"))
+                        "(max_message_bytes); ask for fewer keys at once"), "MGET")
                     return
                 result = LimitExceeded(
                     "not returned: this value does not fit in what is left of the "
@@ -545,12 +547,12 @@ class Router:
                     P.error_item(v) if isinstance(v, ZkvError) else
                     (v.item if isinstance(v, _Item) else P.reply_item(v)) for v in values])
         except ZkvError as exc:
-            self._answer_error(job.client, exc)
+            self._answer_error(job.client, exc, job.kind.upper())
             return
         if len(body) > self.limits.max_message_bytes:
             self._answer_error(job.client, LimitExceeded(
                 f"the reply would be {len(body)} bytes, over the max_message_bytes limit "
-                f"of {self.limits.max_message_bytes}; ask for less"))
+                f"of {self.limits.max_message_bytes}; ask for less"), job.kind.upper())
             return
         self._answer_body(job.client, body)
 

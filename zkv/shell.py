@@ -177,7 +177,7 @@ class ProxyShell:
         self.resp: RespFront | None = None
         self.metrics_port: int | None = None
         self.op_counts: dict[str, int] = {}  # requests the shell serves itself, by op
-        self.error_codes: dict[str, int] = {}  # its error replies, by code
+        self.error_codes: dict[tuple[str, str], int] = {}  # its error replies, (op, code)
         self.resp_port: int | None = None
         self.resp_admin = False
         self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
@@ -252,7 +252,8 @@ class ProxyShell:
 
     def _fail(self, routing: Any, exc: ZkvError) -> None:
         self.errors += 1
-        self.error_codes[exc.code] = self.error_codes.get(exc.code, 0) + 1
+        key = ("?", exc.code)  # (op, code): the shell's own errors (before or beside routing)
+        self.error_codes[key] = self.error_codes.get(key, 0) + 1
         self._to_client(routing, P.encode_exc(exc))
 
     def _scatter(self, routing: list[bytes], bodies: dict[str, bytes],
