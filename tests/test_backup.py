@@ -112,4 +112,14 @@ def test_refusals_are_clear(cluster: Cluster, tmp_path: Path) -> None:
     victim.write_bytes(victim.read_bytes()[:-20])  # cut its end
     out = zkv_cmd("restore", str(tmp_path / "bk"), "--proxy", cluster.address)
     assert out.returncode == 1 and victim.name in out.stderr
+    assert "nothing was restored" in out.stderr and c.keys() == []  # checked before writing
     assert "Traceback" not in out.stderr
+    manifest = tmp_path / "bk" / "MANIFEST.json"
+    manifest.write_text(manifest.read_text().replace('"keys": ', '"keys": "x", "k": '))
+    out = zkv_cmd("restore", str(tmp_path / "bk"), "--proxy", cluster.address)
+    assert out.returncode == 1 and "not a zkv backup manifest" in out.stderr
+    assert "Traceback" not in out.stderr
+    plain = tmp_path / "a-file"
+    plain.write_text("x")
+    out = zkv_cmd("backup", "--proxy", cluster.address, str(plain))
+    assert out.returncode == 1 and "is not a directory" in out.stderr

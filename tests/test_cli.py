@@ -352,7 +352,7 @@ def test_latency_reports_min_max_avg(cli: Run) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_watching_takes_no_command_and_needs_a_server(cli: Run) -> None:
+def test_watching_takes_no_command_and_needs_a_server(cli: Run, shared: Cluster) -> None:
     done = cli("GET", "x", options=("--stat",))
     assert done.returncode == 2 and b"take no command" in done.stderr + done.stdout
     done = cli(options=("--stat", "--latency"))
@@ -361,3 +361,5 @@ def test_watching_takes_no_command_and_needs_a_server(cli: Run) -> None:
                proxy=f"127.0.0.1:{free_port()}")
     assert done.returncode != 0
     no_traceback(done)
+    done = cli(options=("--stat", "--count", "1"), proxy=shared.node_addrs[0])
+    assert done.returncode == 1 and "not a proxy" in out(done)

@@ -4,6 +4,7 @@ back through zkv.Client, byte for byte, across an ADD and a REMOVE."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,8 @@ needs_cli = pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not insta
 @pytest.fixture(scope="module")
 def shared(request: Any, tmp_path_factory: Any) -> Iterator[Cluster]:
     yield from module_cluster(request, tmp_path_factory, proxy={
-        "resp_port": free_port(), "resp_admin": True, "client_buffer_bytes": BUFFER})
+        "resp_port": free_port(), "resp_admin": True, "client_buffer_bytes": BUFFER,
+        "metrics_port": free_port()})
 
 
 def resp_port(cluster: Cluster) -> int:
@@ -342,6 +344,17 @@ def test_flushall_is_admin_only_and_empties_every_node(make_cluster: Any, procs:
         plain.flushall()
     assert c.get("f1") == b"x"
     admin = redis.Redis(port=resp_port(cluster), socket_timeout=10)
+    down = cluster.node_addrs[0]  # with a node down: refused, and nothing flushed
+    cluster.kill_node(down)
+    cluster.wait_state(down, "down")
+    with pytest.raises(redis.exceptions.ResponseError, match="nothing was flushed"):
+        admin.flushall()
+    with pytest.raises(redis.exceptions.ResponseError, match=f"node {down}"):
+        admin.dbsize()  # a count missing that node's keys would be wrong
+    survivor = next(f"f{i}" for i in range(300) if c.ring(f"f{i}")["owner"] != down)
+    assert c.get(survivor) == b"x"
+    cluster.start_node(down)
+    cluster.wait_state(down, "up")
     assert admin.flushall() is True
     assert admin.dbsize() == 0 and c.get("f1") is None
     assert c.keys() == []
@@ -404,7 +417,8 @@ def test_zkv_client_unaffected(shared: Cluster) -> None:
     assert c.set("resp:zkv", "1") and c.get("resp:zkv") == b"1"
 
 
-def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any) -> None:
+def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
+                                                           shared: Cluster) -> None:
     """A hostile client: random known and unknown commands with random arguments, then
     random bytes. Every command gets a reply (never an internal error); garbage ends
     only its own connection; the proxy keeps serving."""
@@ -439,7 +453,21 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any) -> 
         junk = raw()
         junk.send(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
         junk.close()
+    for bad in (b"*01\r\n$4\r\nPING\r\n", b"*1\r\n$+4\r\nPING\r\n"):  # once fatal
+        conn = raw()
+        conn.send(bad)
+        assert b"-ERR Protocol error" in conn.read_until(b"\r\n")
+        assert conn.closed()
     assert r.ping() is True and r.set("resp:alive", "yes") and r.get("resp:alive") == b"yes"
+    # the unknown names were not made metric labels: anyone could mint them at will
+    import urllib.request
+
+    port = shared.topo.proxy_cfg["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    ops = set(re.findall(rb'zkv_requests_total\{op="([^"]*)"', text))
+    assert ops <= {n.upper() for n in R.SPECS} | {b"UNKNOWN", b"PIPE", b"GET", b"SET",
+                                                  b"DEL", b"EXISTS", b"MGET", b"MSET",
+                                                  b"SCAN", b"KEYS", b"PING", b"INFO"}
 
 
 def test_a_client_sending_far_ahead_of_reading_is_cut_off(raw: Any, r: Any,

@@ -67,6 +67,13 @@ def test_feed_limit_leaves_the_rest_buffered_in_order() -> None:
     (b"GET \"a\r\n", "unbalanced quotes"),
     (b"GET \"a\"b\r\n", "unbalanced quotes"),
     (b"x" * (resp.MAX_INLINE + 10), "too big inline"),
+    # forms Python's int() takes and hiredis does not: refused here, before hiredis
+    (b"*01\r\n$4\r\nPING\r\n", "multibulk length"),
+    (b"*+1\r\n$4\r\nPING\r\n", "multibulk length"),
+    (b"* 1\r\n$4\r\nPING\r\n", "multibulk length"),
+    (b"*1\r\n$04\r\nPING\r\n", "bulk length"),
+    (b"*1\r\n$1_0\r\n0123456789\r\n", "bulk length"),
+    (b"*1\r\n$-0\r\n", "bulk length"),
 ])
 def test_bad_input_is_a_protocol_error_naming_it(data: bytes, says: str) -> None:
     with pytest.raises(resp.RespProtocolError, match=says):

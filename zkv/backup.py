@@ -45,9 +45,10 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
            progress: Progress | None = None) -> dict[str, Any]:
     """Back the cluster behind ``proxy`` up into ``directory`` (new or empty); the
     manifest written. ``listen``: the address nodes can reach this process at."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ClusterError(f"{directory} is not a directory; back up into a new directory")
     if os.path.exists(directory) and os.listdir(directory):
         raise ClusterError(f"{directory} is not empty; back up into a new directory")
-    os.makedirs(directory, exist_ok=True)
     with Client(proxy, timeout=timeout) as c:
         if c.status().get("move") is not None:
             raise ClusterError("a move is under way; back up once STATUS shows none")
@@ -58,6 +59,10 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     members = sorted(config["members"])
     if not members:
         raise ClusterError("the cluster has no nodes: nothing to back up")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise ClusterError(f"cannot make {directory}: {exc.strerror or exc}") from None
     backup_id = "backup-" + secrets.token_hex(6)
     ctx: zmq.Context[Any] = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -75,11 +80,15 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
                 answer = node.call("XBACKUP", {"id": backup_id, "pull": endpoint})
             expected[member] = int(answer["keys"])
         total = sum(expected.values())
-        for i, member in enumerate(members):
-            f = open(os.path.join(directory, _file_name(i)), "wb")
-            f.write(wal.encode((wal.META, {"backup": backup_id, "node": member})))
-            files[member] = f
-        got = _receive(pull, backup_id, files, expected, timeout, progress, total)
+        try:
+            for i, member in enumerate(members):
+                f = open(os.path.join(directory, _file_name(i)), "wb")
+                f.write(wal.encode((wal.META, {"backup": backup_id, "node": member})))
+                files[member] = f
+            got = _receive(pull, backup_id, files, expected, timeout, progress, total)
+        except OSError as exc:
+            raise ClusterError(f"cannot write the backup in {directory}: "
+                               f"{exc.strerror or exc}") from None
     finally:
         for member in members:
             try:
@@ -152,10 +161,45 @@ def read_manifest(directory: str) -> dict[str, Any]:
             from None
     except (OSError, ValueError) as exc:
         raise ClusterError(f"{path} cannot be read: {exc}") from None
+    nodes = manifest.get("nodes") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("version") != VERSION \
-            or not isinstance(manifest.get("nodes"), dict):
-        raise ClusterError(f"{path} is not a zkv backup manifest (version {VERSION})")
+            or not isinstance(nodes, dict) or not _count(manifest.get("keys")) \
+            or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                       and _count(e.get("keys")) and os.sep not in e["file"]
+                       for e in nodes.values()):
+        raise ClusterError(f"{path} is not a zkv backup manifest (version {VERSION}): "
+                           "nodes must map each node to its file and key count")
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_keys(directory: str, node: str, entry: dict[str, Any]) -> list[list[bytes]]:
+    """A node file's CHUNK records, checked whole (records, end marker, key count)."""
+    path = os.path.join(directory, entry["file"])
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError as exc:
+        raise ClusterError(f"{path} (the keys of {node}): {exc.strerror or exc}") from None
+    scan = wal.LogScan(buf)
+    chunks: list[list[bytes]] = []
+    count, end = 0, None
+    for _, item in scan:
+        if item[0] == wal.CHUNK and isinstance(item[1], list):
+            chunks.append(item[1])
+            count += len(item[1]) // 2
+        elif item[0] == wal.META and isinstance(item[1], dict) and "end" in item[1]:
+            end = item[1]["end"]
+    if scan.damage is not None:
+        raise ClusterError(f"{path} is damaged at byte offset {scan.damage.offset} "
+                           f"({scan.damage.reason}); nothing was restored")
+    if end != count or count != entry["keys"]:
+        raise ClusterError(f"{path} holds {count} keys, its end marker says {end} and the "
+                           f"manifest {entry['keys']}: incomplete; nothing was restored")
+    return chunks
 
 
 def restore(directory: str, proxy: str, timeout: float = 10.0,
@@ -170,35 +214,27 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
                                "an empty cluster")
         if c.status().get("move") is not None:
             raise ClusterError("a move is under way; restore once STATUS shows none")
+        # every file is checked whole before anything is written
+        files = {node: _read_keys(directory, node, entry)
+                 for node, entry in sorted(manifest["nodes"].items())}
+        if sum(manifest["nodes"][n]["keys"] for n in files) != total:
+            raise ClusterError(f"the manifest's key count ({total}) is not the sum of its "
+                               "nodes'; nothing was restored")
         done = 0
         started = time.monotonic()
-        for node, entry in sorted(manifest["nodes"].items()):
-            path = os.path.join(directory, str(entry.get("file", "")))
-            try:
-                with open(path, "rb") as f:
-                    buf = f.read()
-            except OSError as exc:
-                raise ClusterError(f"{path} (the keys of {node}): {exc.strerror or exc}") \
-                    from None
-            scan = wal.LogScan(buf)
-            count, end = 0, None
-            for _, item in scan:
-                if item[0] == wal.CHUNK:
-                    pairs = item[1]
+        try:
+            for chunks in files.values():
+                for pairs in chunks:
                     for i in range(0, len(pairs), 2 * RESTORE_BATCH):
                         chunk = pairs[i : i + 2 * RESTORE_BATCH]
                         c.mset(dict(zip(chunk[0::2], chunk[1::2])))
-                        count += len(chunk) // 2
                         done += len(chunk) // 2
                         if progress is not None:
                             progress(done, total)
-                elif item[0] == wal.META and "end" in item[1]:
-                    end = item[1]["end"]
-            if scan.damage is not None or end != count or count != entry.get("keys"):
-                where = (f"damaged at byte offset {scan.damage.offset} ({scan.damage.reason})"
-                         if scan.damage is not None else "incomplete")
-                raise ClusterError(f"{path} is {where}: {count} of {entry.get('keys')} keys of "
-                                   f"{node} restored")
+        except ZkvError as exc:
+            raise ClusterError(f"restore stopped after {done} of {total} keys: {exc}; the "
+                               "cluster holds those keys now (empty it to run the restore "
+                               "again)") from None
     return {"keys": done, "nodes": len(manifest["nodes"]), "backup": manifest.get("backup"),
             "seconds": round(time.monotonic() - started, 3)}
 

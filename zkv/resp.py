@@ -175,12 +175,16 @@ class RespReader:
     def _give(self, out: list[list[bytes]], begin: int, end: int, count: int) -> None:
         """Whole, checked commands to hiredis, and what it makes of them to ``out``."""
         hi = self._hi
-        hi.feed(self._buf, begin, end - begin)  # type: ignore[arg-type]
-        for _ in range(count):
-            command = hi.gets()
-            if not isinstance(command, list):
-                raise RespProtocolError("Protocol error: unreadable request")
-            out.append(command)
+        try:
+            hi.feed(self._buf, begin, end - begin)  # type: ignore[arg-type]
+            for _ in range(count):
+                command = hi.gets()
+                if not isinstance(command, list):
+                    raise RespProtocolError("Protocol error: unreadable request")
+                out.append(command)
+        except hiredis.ProtocolError as exc:  # what the header walk let through
+            self._hi = hiredis.Reader()
+            raise RespProtocolError(f"Protocol error: {exc}") from None
 
     def _inline(self) -> list[bytes] | None:
         buf = self._buf
@@ -200,11 +204,15 @@ class RespReader:
 
 
 def _count(buf: bytearray, begin: int, end: int, what: str) -> int:
-    """The integer of a "*N" or "$N" header's digits."""
-    try:
-        return int(buf[begin:end])
-    except ValueError:
-        raise RespProtocolError(f"Protocol error: invalid {what} length") from None
+    """The integer of a "*N" or "$N" header: plain ASCII digits (or -1), nothing else,
+    exactly what hiredis accepts (int() would take "+1", " 1", "01", "1_0")."""
+    text = bytes(buf[begin:end])
+    if text == b"-1":
+        return -1
+    if not text or not text.isdigit() or (len(text) > 1 and text[0] == 0x30) \
+            or len(text) > 19:
+        raise RespProtocolError(f"Protocol error: invalid {what} length")
+    return int(text)
 
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",
@@ -542,12 +550,12 @@ def _text(b: bytes) -> str:
 
 
 def _int(b: bytes) -> int:
-    try:
-        if len(b) > 20:
-            raise ValueError
-        return int(b)
-    except ValueError:
-        raise CommandError("value is not an integer or out of range") from None
+    """An integer argument as Redis reads one: optional minus, then digits only."""
+    digits = b[1:] if b[:1] == b"-" else b
+    if not digits.isdigit() or len(digits) > 19 or (len(digits) > 1 and digits[:1] == b"0") \
+            or b == b"-0":
+        raise CommandError("value is not an integer or out of range")
+    return int(b)
 
 
 def _req(ctx: Context, op: str, args: list[Any], shape: Shape) -> Forward:
@@ -827,6 +835,10 @@ def _plan_dbsize(s: Session, a: list[bytes], ctx: Context) -> Plan:
     def shape(infos: Any, sess: Session) -> bytes:
         if isinstance(infos, ZkvError):
             return error_reply(infos)
+        down = sorted(a for a, i in infos.get("nodes", {}).items() if "error" in i)
+        if down:  # a count without its keys would be a wrong answer, not a partial one
+            return error(f"CLUSTERDOWN node {down[0]} did not answer: DBSIZE would miss "
+                         "its keys")
         return integer(int(infos["totals"].get("keys", 0)))
     return Local("DBSIZE", shape)
 

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("zkv.resp")
 
 MAX_PENDING = 1024  # a connection's commands in flight; more wait unread
+MIN_IN_FLIGHT = 8  # ...however large its replies
+FIRST_IN_FLIGHT = 16  # in flight before the size of a connection's replies is known
 MAX_PER_TURN = 256  # messages read from the socket in one loop turn
 RECV_HWM = 64
 
@@ -74,7 +76,8 @@ class Slot:
 
 
 class Conn:
-    __slots__ = ("closing", "front", "gone", "ident", "reader", "session", "slots")
+    __slots__ = ("closing", "front", "gone", "ident", "reader", "reply_size", "session",
+                 "slots")
 
     def __init__(self, front: RespFront, ident: bytes, session: resp.Session,
                  reader: resp.RespReader) -> None:
@@ -82,6 +85,9 @@ class Conn:
         self.slots: list[Slot] = []
         self.closing = False  # answer what is in flight, then close (QUIT, protocol error)
         self.gone = False  # closed: nothing more is sent
+        # the size of its replies of late (a moving average): how many commands may be
+        # in flight at once without their replies outgrowing the client buffer
+        self.reply_size = front.budget / FIRST_IN_FLIGHT
 
 
 class RespFront:
@@ -133,7 +139,11 @@ class RespFront:
                     else:
                         self._gone(conn)
                 elif conn is not None and not conn.gone:
-                    self._take(conn, data, now)
+                    try:
+                        self._take(conn, data, now)
+                    except Exception as exc:  # noqa: BLE001 - a bug ends this connection only
+                        log.exception("internal error on a RESP connection")
+                        self._refuse(conn, f"ERR internal error: {type(exc).__name__}: {exc}")
             if not wire.waiting(sock):
                 break
         self.flush()
@@ -160,9 +170,13 @@ class RespFront:
         self._read(conn, data, now)
 
     def _room(self, conn: Conn) -> int:
+        """How many more of a connection's commands may be read now: none while its
+        unread replies are over the budget, else as many as the budget holds replies of
+        the size its replies have had (at most MAX_PENDING in flight)."""
         if self.out.backlog(conn.ident) > self.budget:
             return 0
-        return MAX_PENDING - len(conn.slots)
+        fits = int(self.budget // max(conn.reply_size, 1.0))
+        return max(MIN_IN_FLIGHT, min(MAX_PENDING, fits)) - len(conn.slots)
 
     def _read(self, conn: Conn, data: bytes, now: float) -> None:
         room = self._room(conn)
@@ -190,7 +204,11 @@ class RespFront:
             if conn.gone or conn.closing:
                 self.paused.discard(conn)
             elif self._room(conn) > 0:
-                self._read(conn, b"", now)
+                try:
+                    self._read(conn, b"", now)
+                except Exception as exc:  # noqa: BLE001 - as in handle
+                    log.exception("internal error on a RESP connection")
+                    self._refuse(conn, f"ERR internal error: {type(exc).__name__}: {exc}")
         self.flush()
 
     def _refuse(self, conn: Conn, message: str) -> None:
@@ -207,7 +225,9 @@ class RespFront:
         self.ctx.extra["resp_connections"] = self.connections
         plan = resp.plan_command(conn.session, args, self.ctx)
         if not isinstance(plan, resp.Forward):
-            name = args[0].upper().decode("ascii", "replace")[:32]
+            # a label per known command only: anyone could mint unknown names at will
+            name = (args[0].upper().decode() if args[0].lower() in resp.SPECS
+                    else "UNKNOWN")
             counts = shell.op_counts
             counts[name] = counts.get(name, 0) + 1
         if isinstance(plan, resp.Reply):
@@ -252,7 +272,8 @@ class RespFront:
             for slot in slots[:ready]:
                 data = slot.data
                 assert data is not None
-                if len(data) > SMALL_REPLY:
+                size = len(data)
+                if size > SMALL_REPLY:
                     if backlog and backlog + len(data) > self.budget:
                         self.out.held_back += 1
                         data = resp.error(
@@ -261,6 +282,7 @@ class RespFront:
                             f"{self.budget}); read replies before sending more commands")
                 parts.append(data)
                 backlog += len(data)
+                conn.reply_size += (size - conn.reply_size) * 0.2
             del slots[:ready]
             if not self.out.put([conn.ident, b"".join(parts)]):
                 self._gone(conn)

@@ -386,6 +386,11 @@ class ProxyShell:
                 "shows no move"))
             return
         members = list(self.ring.members)
+        down = [a for a in members if not self.health.is_up(a)]
+        if down:  # all or nothing, as far as can be known: refuse before any node flushes
+            self._fail(client, NodeUnavailable(
+                f"node {down[0]} is down; FLUSHALL would leave its keys: nothing was flushed"))
+            return
         body = P.encode_request("XFLUSH")
         try:
             self._scatter(client, {a: body for a in members}, _flushed)

@@ -174,6 +174,7 @@ def run(proxy: str, interval: float, count: int | None) -> int:
     keys = stdin.isatty()
     saved = termios.tcgetattr(stdin) if keys else None
     shown = 0
+    failed = False
     try:
         if keys:
             tty.setcbreak(stdin.fileno())
@@ -181,12 +182,15 @@ def run(proxy: str, interval: float, count: int | None) -> int:
             while count is None or shown < count:
                 try:
                     info, nodes, status = client.info(), client.nodes(), client.status()
-                except ZkvError as exc:
+                except (ZkvError, AttributeError, KeyError, TypeError) as exc:
                     from rich.text import Text
 
-                    live.update(Text(f"zkv top: {proxy}: {exc}", style="bold red"),
+                    failed = True
+                    what = exc if isinstance(exc, ZkvError) else "not a zkv proxy"
+                    live.update(Text(f"zkv top: {proxy}: {what}", style="bold red"),
                                 refresh=True)
                 else:
+                    failed = False
                     now = time.monotonic()
                     rows, summary = sampler.rows(info, nodes, now)
                     summary["stream_rates"] = sampler.stream_rates(status, now)
@@ -200,7 +204,7 @@ def run(proxy: str, interval: float, count: int | None) -> int:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         client.close()
-    return 0
+    return 1 if failed else 0
 
 
 def _wait_for_q(stdin: Any, seconds: float) -> bool:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from . import wal
+from . import lockfile, wal
 from .errors import LogCorruption, StorageError, ZkvError
 from .storage import SEGMENT_RE, SNAPSHOT_RE, Storage, read_manifest, segment_name, snapshot_name
 
@@ -59,10 +59,13 @@ def check(directory: str) -> tuple[int, list[str]]:
                  "rest aside"]
         return EXIT_DAMAGED, lines
     except StorageError as exc:
-        if "in use" in exc.message or exc.message.endswith(("no such directory",
-                                                             "not a directory")):
+        if "in use" in exc.message or "cannot read" in exc.message or exc.message.endswith(
+                ("no such directory", "not a directory")):
             return EXIT_ERROR, [f"cannot check: {exc.message}"]
         return EXIT_DAMAGED, [f"damaged: {exc.message}"]
+    except OSError as exc:
+        return EXIT_ERROR, [f"cannot check: {exc.filename or directory}: "
+                            f"{exc.strerror or exc}"]
     lines = [f"{directory}: {report.records} records, {report.keys} keys"
              + (f" (snapshot {report.snapshot})" if report.snapshot else "")]
     lines += [f"found: {w}" for w in report.warnings]
@@ -75,13 +78,15 @@ def check(directory: str) -> tuple[int, list[str]]:
     return EXIT_CLEAN, lines
 
 
-def files(directory: str) -> list[str]:
-    """The snapshot and segments of ``directory`` a start reads, in order."""
+def files(directory: str, notes: list[str] | None = None) -> list[str]:
+    """The snapshot and segments of ``directory`` a start reads, in order (by their
+    numbers where the MANIFEST is damaged, which ``notes`` then says)."""
     manifest = None
     try:
         manifest = read_manifest(directory)
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if notes is not None:
+            notes.append(f"{exc}; the files are taken by their numbers")
     names = os.listdir(directory)
     snaps = sorted(int(m.group(1)) for m in map(SNAPSHOT_RE.match, names) if m)
     segs = sorted(int(m.group(1)) for m in map(SEGMENT_RE.match, names) if m)
@@ -95,8 +100,12 @@ def files(directory: str) -> list[str]:
 
 def records(directory: str) -> Iterator[tuple[str, int, Any, str | None]]:
     """(file, offset, item, None) for each record; (file, offset, None, why) where a file
-    stops early (a torn tail or corruption)."""
-    for name in files(directory):
+    stops early (a torn tail or corruption), or the MANIFEST is damaged."""
+    notes: list[str] = []
+    names = files(directory, notes)
+    for note in notes:
+        yield "MANIFEST", 0, None, note
+    for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             buf = f.read()
         scan = wal.LogScan(buf)
@@ -149,7 +158,13 @@ def _plain(obj: Any) -> Any:
 
 def dump(directory: str, as_json: bool, out: Any) -> int:
     if not os.path.isdir(directory):
-        print(f"zkv wal dump: error: {directory}: no such directory", file=sys.stderr)
+        what = "not a directory" if os.path.exists(directory) else "no such directory"
+        print(f"zkv wal dump: error: {directory}: {what}", file=sys.stderr)
+        return EXIT_ERROR
+    holder = lockfile.holder(directory)
+    if holder is not None:
+        print(f"zkv wal dump: error: data directory {directory} is in use by a running node "
+              f"(pid {holder}): its files are changing; stop it first", file=sys.stderr)
         return EXIT_ERROR
     damaged = False
     for name, off, item, why in records(directory):
@@ -189,6 +204,15 @@ def repair(directory: str) -> tuple[int, list[str]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except OSError as exc:  # unreadable files: a clear line, never a traceback
+        print(f"zkv wal {args.action}: error: {exc.filename or args.dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.action == "dump":
         return dump(args.dir, args.json, sys.stdout)
     status, lines = check(args.dir) if args.action == "check" else repair(args.dir)

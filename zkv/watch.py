@@ -48,8 +48,10 @@ def stat_line(info: dict[str, Any], previous: tuple[float, int] | None,
 
 
 def stat(client: Client, interval: float, count: int | None, out: TextIO = sys.stdout) -> int:
+    """Exit status 1 when the last INFO failed (or the address is not a proxy's)."""
     previous = None
     lines = 0
+    failed = False
     while count is None or lines < count:
         if lines % 20 == 0:
             out.write(HEADER + "\n")
@@ -57,14 +59,20 @@ def stat(client: Client, interval: float, count: int | None, out: TextIO = sys.s
             info = client.info()
         except ZkvError as exc:
             out.write(f"error: {exc}\n")
+            failed = True
         else:
+            if "proxy" not in info:
+                out.write("error: this is not a proxy (a storage node?): --stat watches a "
+                          "cluster through its proxy\n")
+                return 1
             line, previous = stat_line(info, previous, time.monotonic())
             out.write(line + "\n")
+            failed = False
         out.flush()
         lines += 1
         if count is None or lines < count:
             time.sleep(interval)
-    return 0
+    return 1 if failed else 0
 
 
 def latency(client: Client, count: int | None, out: TextIO = sys.stdout) -> int:
