@@ -34,7 +34,7 @@ import zmq
 from . import frames as wire
 from . import protocol as P
 from .cluster import ClusterState
-from .errors import LimitExceeded, NodeUnavailable, NotSent, ProtocolError, Timeout, ZkvError
+from .errors import LimitExceeded, NodeUnavailable, NotSent, Timeout, ZkvError
 from .link import Link
 from .placement import Placement
 from .router import CORE_OPS, Router, _is_error
@@ -457,22 +457,7 @@ class DirectRouting:
         if entry is None:
             return
         node, waiting = entry
-        if body[:3] == P.REPLY_ENVELOPE:
-            try:
-                replies = P.decode_reply_envelope(body)
-            except ZkvError:
-                replies = []
-            for tag, reply in replies:
-                self.router.reply(tag, reply, now)
-                waiting.discard(tag)
-        else:  # the node refused the envelope as a whole
-            try:
-                P.decode_reply(body)
-                error: ZkvError = ProtocolError(f"node {node} answered an envelope oddly")
-            except ZkvError as exc:
-                error = exc
-            self.router.fail_tags(list(waiting), error)
-            waiting.clear()
+        self.router.envelope_reply(node, body, waiting, now)
         if not waiting:
             del self.envelopes[frame]
 

@@ -63,30 +63,30 @@ class Timings:
         return fam
 
 
-def _counter(name: str, documentation: str, values: dict[Any, Any] | int,
-             labels: tuple[str, ...] = ()) -> Any:
-    from prometheus_client.core import CounterMetricFamily
-
-    fam = CounterMetricFamily(name, documentation, labels=list(labels) or None)
+def _family(kind: Any, name: str, documentation: str, values: dict[Any, Any] | float,
+            labels: tuple[str, ...] = ()) -> Any:
+    """A counter or gauge family: one value, or one per label tuple (or single label)."""
+    fam = kind(name, documentation, labels=list(labels) or None)
     if isinstance(values, dict):
         for key, value in list(values.items()):
             fam.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     else:
         fam.add_metric([], values)
     return fam
+
+
+def _counter(name: str, documentation: str, values: dict[Any, Any] | int,
+             labels: tuple[str, ...] = ()) -> Any:
+    from prometheus_client.core import CounterMetricFamily
+
+    return _family(CounterMetricFamily, name, documentation, values, labels)
 
 
 def _gauge(name: str, documentation: str, values: dict[Any, Any] | float,
            labels: tuple[str, ...] = ()) -> Any:
     from prometheus_client.core import GaugeMetricFamily
 
-    fam = GaugeMetricFamily(name, documentation, labels=list(labels) or None)
-    if isinstance(values, dict):
-        for key, value in list(values.items()):
-            fam.add_metric(list(key) if isinstance(key, tuple) else [key], value)
-    else:
-        fam.add_metric([], values)
-    return fam
+    return _family(GaugeMetricFamily, name, documentation, values, labels)
 
 
 class Collector:

@@ -452,24 +452,10 @@ class Node:
         # the name the ring knows this node by (it may be bound to 0.0.0.0)
         (source,) = self._move_args(a, "source") if "source" in spec else (self.address,)
         (tombs,) = self._move_args(a, "tombs") if "tombs" in spec else (False,)
-        assert self.ctx is not None
         key = (move_id, dest)
-        self._close_push(key)
-        if len(self.outgoing) >= MAX_MOVES:
-            raise CommandError(f"{len(self.outgoing)} streams leave this node already; "
-                               f"at most {MAX_MOVES}")
-        push = self.ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.IPV6, 1)
-        push.setsockopt(zmq.SNDHWM, 4)
-        try:
-            push.connect(pull)
-        except zmq.ZMQError as exc:
-            push.close(0)
-            raise ProtocolError(f"pull: cannot connect to {pull}: {exc}") from None
+        self._open_push(key, pull)
         ks = self.storage.keyspace
         scan = RangeScan(ks.buckets, ranges)
-        self.pushes[key] = push
         out = Outgoing(move_id, source, dest, scan, batch_keys, batch_bytes, rate,
                        started=time.monotonic())
         if tombs:  # a rollback: this node's deletes during the move go back too
@@ -495,6 +481,17 @@ class Node:
         if self.storage.keyspace.receiving is not None or self.jobs:
             raise CommandError(f"node {self.ring_name} has a move open; back up once it is "
                                "done")
+        self._open_push(key, pull)
+        ks = self.storage.keyspace
+        items = list(ks.data.items())  # this moment's data: a prefix of what was acked
+        self.outgoing[key] = SnapshotStream(spec["id"], self.ring_name, items,
+                                            last_progress=time.monotonic(),
+                                            move_id=spec["id"])
+        return {"keys": len(items), "bytes": ks.live_bytes}
+
+    def _open_push(self, key: tuple[str, str], pull: str) -> None:
+        """The PUSH socket of a new outgoing stream (a move's or a backup's) to ``pull``,
+        replacing any stream of the same key; the caller adds the stream itself."""
         self._close_push(key)
         if len(self.outgoing) >= MAX_MOVES:
             raise CommandError(f"{len(self.outgoing)} streams leave this node already; "
@@ -509,13 +506,7 @@ class Node:
         except zmq.ZMQError as exc:
             push.close(0)
             raise ProtocolError(f"pull: cannot connect to {pull}: {exc}") from None
-        ks = self.storage.keyspace
-        items = list(ks.data.items())  # this moment's data: a prefix of what was acked
         self.pushes[key] = push
-        self.outgoing[key] = SnapshotStream(spec["id"], self.ring_name, items,
-                                            last_progress=time.monotonic(),
-                                            move_id=spec["id"])
-        return {"keys": len(items), "bytes": ks.live_bytes}
 
     def _close_push(self, key: tuple[str, str]) -> None:
         sock = self.pushes.pop(key, None)

@@ -221,8 +221,6 @@ class RespFront:
     def _run(self, conn: Conn, args: list[bytes], now: float) -> None:
         shell = self.shell
         shell.requests += 1
-        self.ctx.extra["resp_clients"] = len(self.conns)
-        self.ctx.extra["resp_connections"] = self.connections
         plan = resp.plan_command(conn.session, args, self.ctx)
         if not isinstance(plan, resp.Forward):
             # a label per known command only: anyone could mint unknown names at will
@@ -246,7 +244,9 @@ class RespFront:
             shell.router.request_parsed(slot, plan.op, plan.args, plan.body, now)
         elif plan.what == "FLUSHALL":
             shell.flush_all(slot)
-        else:
+        else:  # INFO or DBSIZE: what INFO says of this front, as of now
+            self.ctx.extra["resp_clients"] = len(self.conns)
+            self.ctx.extra["resp_connections"] = self.connections
             shell.gather_info(slot)
 
     # -- output --------------------------------------------------------------------------

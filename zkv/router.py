@@ -250,6 +250,30 @@ class Router:
             log.exception("internal error handling a reply from %s", sent.node)
             self._fail_sent(sent, InternalError(f"{type(exc).__name__}: {exc}"))
 
+    def envelope_reply(self, node: str, body: bytes, waiting: set[int] | None,
+                       now: float) -> None:
+        """A node's answer to an envelope: a reply envelope (each entry to its request;
+        its tags leave ``waiting``), or one error refusing the whole envelope (every tag
+        still ``waiting`` fails with it). ``waiting``: the envelope's unanswered tags,
+        None when it is no longer known (late)."""
+        if body[:3] == P.REPLY_ENVELOPE:
+            try:
+                entries = P.decode_reply_envelope(body)
+            except ZkvError:
+                entries = []
+            for tag, entry in entries:
+                self.reply(tag, entry, now)
+                if waiting is not None:
+                    waiting.discard(tag)
+        elif waiting is not None:
+            try:
+                P.decode_reply(body)
+                error: ZkvError = ProtocolError(f"node {node} answered an envelope oddly")
+            except ZkvError as exc:
+                error = exc
+            self.fail_tags(list(waiting), error)
+            waiting.clear()
+
     def tick(self, now: float) -> None:
         self.now = now
         deadlines, inflight = self.deadlines, self.inflight

@@ -514,24 +514,7 @@ class ProxyShell:
             return
         if tag.startswith(ENVELOPE_FRAME):
             waiting = self.envelopes.get(tag)
-            if body[:3] == P.REPLY_ENVELOPE:
-                reply = self.router.reply
-                try:
-                    entries = P.decode_reply_envelope(body)
-                except ZkvError:
-                    entries = []
-                for entry_tag, entry_body in entries:
-                    reply(entry_tag, entry_body, now)
-                    if waiting is not None:
-                        waiting.discard(entry_tag)
-            elif waiting is not None:  # the node refused the envelope as a whole
-                try:
-                    P.decode_reply(body)
-                    error: ZkvError = ProtocolError(f"node {addr} answered an envelope oddly")
-                except ZkvError as exc:
-                    error = exc
-                self.router.fail_tags(list(waiting), error)
-                waiting.clear()
+            self.router.envelope_reply(addr, body, waiting, now)
             if waiting is not None and not waiting:
                 del self.envelopes[tag]
             return
