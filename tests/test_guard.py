@@ -97,9 +97,12 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(
     """400 pipelined GETs of a 1 MiB value, never read: the server holds at most about
     client_buffer_bytes of them; the rest are held back as short TOO_LARGE replies."""
     budget = 4 << 20
-    # (a long deadline: 400 MiB of replies may take the node more than a second)
+    # (a long deadline, and patience with a silent node: 400 MiB of replies may keep a
+    # node on a loaded machine busy for seconds, and a node silent for heartbeat_ms x
+    # heartbeat_misses is marked down, failing these GETs with small NODE_DOWN replies)
     cluster: Cluster = make_cluster(nodes=1, proxy={"client_buffer_bytes": budget,
-                                                    "timeout_ms": 30_000},
+                                                    "timeout_ms": 30_000,
+                                                    "heartbeat_misses": 60},
                                     defaults={"client_buffer_bytes": budget})
     address = cluster.address if target == "proxy" else cluster.node_addrs[0]
     c = cluster.client(timeout=5, address=address)
