@@ -280,7 +280,8 @@ class Topo:
     def __init__(self, directory: Path, nodes: int = 3, *, name: str = "cluster.yaml",
                  limits: dict[str, int] | None = None,
                  proxy: dict[str, Any] | None = None,
-                 defaults: dict[str, Any] | None = None, host: str = "127.0.0.1") -> None:
+                 defaults: dict[str, Any] | None = None, host: str = "127.0.0.1",
+                 replicas: int = 0) -> None:
         import yaml
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -306,8 +307,28 @@ class Topo:
         if limits:
             doc["limits"] = limits
         doc["defaults"] = {"fsync": "no", **(defaults or {})}
-        doc["nodes"] = [{"address": a, "data_dir": str(d)} for a, d in self.data_dirs.items()]
+        # each node's replicas (zkv.replication), on free ports of their own
+        self.replica_addrs: dict[str, list[str]] = {}
+        entries = []
+        for a, d in list(self.data_dirs.items()):
+            entry: dict[str, Any] = {"address": a, "data_dir": str(d)}
+            if replicas:
+                copies = []
+                for _ in range(replicas):
+                    port = free_port()
+                    addr = self._addr(port)
+                    self.data_dirs[addr] = directory / "data" / f"node-{port}"
+                    copies.append({"address": addr, "data_dir": str(self.data_dirs[addr])})
+                self.replica_addrs[a] = [c["address"] for c in copies]
+                entry["replicas"] = copies
+            entries.append(entry)
+        doc["nodes"] = entries
         self.path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    @property
+    def all_addrs(self) -> list[str]:
+        """Every node: the members, each followed by its replicas."""
+        return [x for a in self.node_addrs for x in (a, *self.replica_addrs.get(a, ()))]
 
     def _addr(self, port: int) -> str:
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
@@ -336,10 +357,14 @@ class Cluster:
     def node_addrs(self) -> list[str]:
         return list(self.topo.node_addrs)
 
+    @property
+    def replica_addrs(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.topo.replica_addrs.items()}
+
     def start(self) -> Cluster:
-        for addr in self.topo.node_addrs:
+        for addr in self.topo.all_addrs:
             self.start_node(addr, wait=False)
-        for addr in self.topo.node_addrs:
+        for addr in self.topo.all_addrs:
             self.nodes[addr].wait_for(NODE_READY, 20)
         self.start_proxy()
         self.wait_routable()

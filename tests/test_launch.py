@@ -114,7 +114,7 @@ def test_commands_for_the_example_topologies() -> None:
     for path in sorted((REPO / "configs").glob("*.yaml")):
         topology = load_topology(path)
         cmds = commands(topology, str(path))
-        assert len(cmds) == len(topology.nodes) + 1 + len(topology.followers), path
+        assert len(cmds) == len(topology.all_nodes()) + 1 + len(topology.followers), path
         assert len({name for name, _ in cmds}) == len(cmds)
         assert all(cmd.startswith("exec ") for _, cmd in cmds)
 

@@ -95,15 +95,29 @@ def _proxy(args: argparse.Namespace) -> int:
     from .proxy import Proxy
 
     members: dict[str, float] = {}
+    replicas: dict[str, list[str]] = {}
     if args.config:
         topo = load_topology(args.config)
         cfg = topo.proxy
         members = topo.members()
+        replicas = topo.replica_map()
     else:
         cfg = ProxyConfig()
     for text in args.node or []:
         host, port = parse_address(text, "--node")
         members[format_address(host, port)] = 1.0  # [::1]:8081 keeps its brackets
+    for text in args.replica or []:
+        primary, sep, replica = text.partition("=")
+        if not sep:
+            raise ZkvError(f"--replica {text!r}: expected PRIMARY=REPLICA (HOST:PORT=HOST:PORT)")
+        shard = format_address(*parse_address(primary, "--replica PRIMARY"))
+        copy = format_address(*parse_address(replica, "--replica REPLICA"))
+        if shard not in members:
+            raise ZkvError(f"--replica {text}: {shard} is not a node (give it with --node, "
+                           "or in --config)")
+        if copy in members or any(copy in r for r in replicas.values()) or copy == shard:
+            raise ZkvError(f"--replica {text}: {copy} is already a node of the cluster")
+        replicas.setdefault(shard, []).append(copy)
     if args.follow:
         from .follower import Follower
 
@@ -144,6 +158,8 @@ def _proxy(args: argparse.Namespace) -> int:
         move_rate=cfg.move_rate,
         max_clients=args.max_clients or cfg.max_clients,
         client_buffer_bytes=cfg.client_buffer_bytes,
+        replicas=replicas,
+        min_in_sync=args.min_in_sync or cfg.min_in_sync,
     )
     proxy.enable_resp(args.resp_port or cfg.resp_port, args.resp_admin or cfg.resp_admin)
     proxy.metrics_port = args.metrics_port or cfg.metrics_port
@@ -199,6 +215,11 @@ def _add_proxy_parser(sub: Any) -> None:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
     p.add_argument("--resp-admin", action="store_true",
                    help="allow admin commands (FLUSHALL, FLUSHDB) on the RESP front")
+    p.add_argument("--replica", action="append", metavar="PRIMARY=REPLICA",
+                   help="a replica for the shard of node PRIMARY (repeatable): "
+                        "--replica 127.0.0.1:8081=127.0.0.1:9081")
+    p.add_argument("--min-in-sync", type=_positive_int, default=None, metavar="N",
+                   help="copies (primary included) a shard needs to take writes (default 1)")
     p.add_argument("--follow", default=None, metavar="HOST:PORT",
                    help="run a follower proxy: learn the configuration from the config "
                         "manager at HOST:PORT (keeps no state of its own)")

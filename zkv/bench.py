@@ -113,6 +113,7 @@ class Config:
     compare: bool = False
     resp: bool = False
     metrics: bool = False
+    replicas: int = 0  # also a cluster with this many replicas per shard (zkv-replicas)
     memory: int | None = None
     recovery: int | None = None
     seed: int = 1
@@ -674,11 +675,15 @@ def start_node(children: Children, fsync: str, name: str, metrics: bool = False)
 
 def start_cluster(children: Children, nodes: int, fsync: str,
                   resp_port: int | None = None, metrics: bool = False,
-                  name: str = "") -> tuple[str, list[str]]:
+                  name: str = "", replicas: int = 0) -> tuple[str, list[str]]:
     """``nodes`` storage nodes and a proxy in front of them: (proxy, node addresses);
-    ``metrics``: every process serves Prometheus metrics (zkv bench --metrics)."""
+    ``metrics``: every process serves Prometheus metrics (zkv bench --metrics);
+    ``replicas``: each node is a shard's primary with this many replicas, and this
+    returns once they are all in sync."""
     addrs = [start_node(children, fsync, f"{name}node{i}", metrics)
              for i in range(1, nodes + 1)]
+    copies = [(a, start_node(children, fsync, f"{name}node{i}r{j}", metrics))
+              for i, a in enumerate(addrs, 1) for j in range(1, replicas + 1)]
     port = free_port()
     argv = ["proxy", "--port", str(port), "--timeout-ms", str(int(REPLY_TIMEOUT * 1000)),
             "--state-dir", os.path.join(children.workdir, f"{name}proxy")]
@@ -688,8 +693,25 @@ def start_cluster(children: Children, nodes: int, fsync: str,
         argv += ["--resp-port", str(resp_port)]
     for a in addrs:
         argv += ["--node", a]
+    for a, r in copies:
+        argv += ["--replica", f"{a}={r}"]
     children.spawn(f"{name}proxy", zkv_argv(*argv), ready="zkv proxy")
+    if copies:
+        _wait_in_sync(f"127.0.0.1:{port}", len(copies))
     return f"127.0.0.1:{port}", addrs
+
+
+def _wait_in_sync(proxy: str, replicas: int, timeout: float = 30.0) -> None:
+    from .client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(proxy, timeout=2.0) as c:
+        while time.monotonic() < deadline:
+            rows = c.nodes()
+            if sum(bool(r.get("in_sync")) for r in rows) >= replicas:
+                return
+            time.sleep(0.1)
+    raise Unavailable(f"the replicas behind {proxy} were not in sync within {timeout:.0f} s")
 
 
 def redis_available() -> str | None:
@@ -904,6 +926,10 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
         targets.append(("zkv-metrics",
                         start_cluster(children, cfg.nodes, cfg.fsync, metrics=True,
                                       name="metrics-")[0]))
+    if cfg.replicas:  # the same cluster again, every shard replicated: what that costs
+        targets.append(("zkv-replicas",
+                        start_cluster(children, cfg.nodes, cfg.fsync, name="replicated-",
+                                      replicas=cfg.replicas)[0]))
     if cfg.compare or cfg.direct:
         targets.append(("zkv-direct", proxy))
     if cfg.compare:
@@ -933,9 +959,10 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
             report["results"].append(asdict(result))
     by = {(r["target"], r["test"]): r["ops_per_sec"] for r in report["results"]}
     for test in cfg.tests:
-        on, off = by.get(("zkv-metrics", test)), by.get(("zkv", test))
-        if on and off:
-            report.setdefault("ratios_metrics", {})[test] = round(on / off, 3)
+        for row, key in (("zkv-metrics", "ratios_metrics"), ("zkv-replicas", "ratios_replicas")):
+            on, off = by.get((row, test)), by.get(("zkv", test))
+            if on and off:
+                report.setdefault(key, {})[test] = round(on / off, 3)
     for key, row in (("ratios", "zkv"), ("ratios_direct", "zkv-direct")):
         for test in cfg.tests:
             mine = by.get((row, test))
@@ -1085,6 +1112,9 @@ def show(report: dict[str, Any], console: Any) -> None:
     for test, ratio in report.get("ratios_metrics", {}).items():
         console.print(f"{test.upper()}: with metrics on, {ratio:.2f}x the throughput with "
                       "them off")
+    for test, ratio in report.get("ratios_replicas", {}).items():
+        console.print(f"{test.upper()}: with {report['config'].get('replicas', 1)} "
+                      f"replica(s) per shard, {ratio:.2f}x the throughput without")
     if report.get("resp"):
         from .benchmarks import resp as resp_bench
 
@@ -1177,6 +1207,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resp", action="store_true",
                    help="also run redis-benchmark (-c 1, -c 50, -c 50 -P 16) against zkv's "
                         "RESP front, redis-server and twemproxy, beside zkv's ZeroMQ front")
+    p.add_argument("--replicas", type=_non_negative, default=0, metavar="N",
+                   help="also run against a cluster whose shards have N replicas each "
+                        "(row zkv-replicas; ratios_replicas: it against zkv)")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
                    help="fsync policy of the nodes started (and of redis) (default everysec)")
     p.add_argument("--nodes", type=_positive, default=3, help="nodes to start (default 3)")
@@ -1201,7 +1234,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   pipeline=args.pipeline, window=args.window, value_bytes=args.value_bytes,
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
                   proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
-                  metrics=args.metrics,
+                  metrics=args.metrics, replicas=args.replicas,
                   memory=args.memory,
                   recovery=args.recovery)
 

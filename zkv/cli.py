@@ -201,23 +201,38 @@ class Printer:
             self._mapping(node, title=f"node {addr}")
 
     def _nodes(self, nodes: list[dict[str, Any]]) -> None:
+        replicated = any("role" in n for n in nodes)
         if self.raw:
+            raw_cols = ["address", "state", "keys", "share"]
+            if replicated:
+                raw_cols += ["shard", "role", "replication", "lag_s"]
             for n in nodes:
-                self.out(" ".join(str(n.get(k)) for k in ("address", "state", "keys", "share")))
+                self.out(" ".join(str(n.get(k, "-")) for k in raw_cols))
             return
         table = Table(title="nodes")
-        for col in ("address", "state", "keys", "share", "weight", "fsync"):
-            table.add_column(col, justify="right" if col in ("keys", "share", "weight") else "left")
+        cols = ["address", "state", "keys", "share", "weight", "fsync"]
+        if replicated:
+            cols[2:2] = ["shard", "role", "replication", "lag"]
+        for col in cols:
+            table.add_column(col, justify="right" if col in ("keys", "share", "weight", "lag")
+                             else "left")
         for n in nodes:
             state = n["state"]
-            table.add_row(
+            row = [
                 n["address"],
                 f"[green]{state}[/]" if state == "up" else f"[red]{state}[/]",
                 "-" if n.get("keys") is None else f"{n['keys']:,}",
                 f"{n['share'] * 100:.1f}%",
                 f"{n.get('weight', 1):g}",
                 n.get("fsync") or "-",
-            )
+            ]
+            if replicated:
+                repl = n.get("replication") or ("-" if n.get("role") != "replica" else "?")
+                colour = "green" if repl == "in_sync" else "yellow" if repl != "-" else "white"
+                row[2:2] = [n.get("shard") or n["address"], n.get("role") or "primary",
+                            f"[{colour}]{repl}[/]",
+                            "-" if n.get("lag_s") is None else f"{n['lag_s']:.3f}s"]
+            table.add_row(*row)
         self.console.print(table)
 
     def plan(self, op: str, addr: str, plan: dict[str, Any]) -> None:

@@ -17,29 +17,70 @@ from .ring import Ring
 STATE_VERSION = 1
 
 
+# A link key names what a router's socket reaches: a shard's name (its primary,
+# wherever that is now), or NODE_KEY + an address (that one node: a replica).
+NODE_KEY = "@"
+
+
 @dataclass(frozen=True)
 class ClusterState:
     epoch: int
-    members: dict[str, float]  # address -> weight
+    members: dict[str, float]  # shard name (the address it was created with) -> weight
     vnodes: int
     move: dict[str, Any] | None = None  # an unfinished move, see zkv.rebalance
+    # Replicated shards (zkv.replication): name -> {"primary": address, "replicas":
+    # [addresses], "in_sync": [the replicas holding every acknowledged write]}. A shard
+    # not listed is one node, at the address that is its name.
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    min_in_sync: int = 1  # copies (primary included) a shard needs to take writes
 
     def ring(self) -> Ring:
         return Ring(self.members, self.vnodes)
 
     def involved(self) -> set[str]:
-        """Every node this configuration names: the ring's members and a move's nodes."""
+        """Every shard this configuration names: the ring's members and a move's."""
         move = self.move
         return set(self.members) | (set(move["old"]) | set(move["new"]) if move else set())
 
+    def primary(self, name: str) -> str:
+        """The address of shard ``name``'s primary."""
+        shard = self.shards.get(name)
+        return name if shard is None else str(shard["primary"])
+
+    def nodes_of(self, name: str) -> list[str]:
+        """Every node of shard ``name``: its primary first, then its replicas."""
+        shard = self.shards.get(name)
+        return [name] if shard is None else [shard["primary"], *shard["replicas"]]
+
+    def shard_of(self, address: str) -> str | None:
+        """The shard the node at ``address`` belongs to, if any."""
+        for name, shard in self.shards.items():
+            if address == shard["primary"] or address in shard["replicas"]:
+                return name
+        return address if address in self.involved() else None
+
+    def link_keys(self) -> dict[str, str]:
+        """What a router connects to: each shard (at its primary's address) and each
+        other node of a replicated shard (``NODE_KEY + address``) -> the address."""
+        keys = {name: self.primary(name) for name in self.involved()}
+        for name in self.involved():
+            for address in self.nodes_of(name)[1:]:
+                keys[NODE_KEY + address] = address
+        return keys
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "vnodes": self.vnodes,
             "members": dict(sorted(self.members.items())),
             "move": self.move,
         }
+        if self.shards:
+            doc["shards"] = {k: dict(v) for k, v in sorted(self.shards.items())}
+        if self.min_in_sync != 1:
+            doc["min_in_sync"] = self.min_in_sync
+        return doc
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> ClusterState:
@@ -61,18 +102,49 @@ class ClusterState:
         move = data.get("move")
         if move is not None and not isinstance(move, dict):
             raise bad("move must be an object or null")
-        return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move)
+        shards = data.get("shards", {})
+        if not isinstance(shards, dict):
+            raise bad("shards must be an object")
+        for name, shard in shards.items():
+            if not (isinstance(name, str) and isinstance(shard, dict)
+                    and isinstance(shard.get("primary"), str)
+                    and _addresses(shard.get("replicas"))
+                    and _addresses(shard.get("in_sync"))
+                    and set(shard["in_sync"]) <= set(shard["replicas"])
+                    and shard["primary"] not in shard["replicas"]):
+                raise bad(f"shards[{name!r}] must have a primary, replicas and in_sync "
+                          "(a subset of the replicas)")
+        min_in_sync = data.get("min_in_sync", 1)
+        if type(min_in_sync) is not int or min_in_sync < 1:
+            raise bad("min_in_sync must be a positive integer")
+        return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move,
+                   {str(k): {"primary": v["primary"], "replicas": list(v["replicas"]),
+                             "in_sync": list(v["in_sync"])} for k, v in shards.items()},
+                   min_in_sync)
 
     # Every change is a new epoch: nodes order configurations by it alone, and a
     # request carries it, so no two different configurations ever share one.
     def with_members(self, members: dict[str, float]) -> ClusterState:
         return replace(self, epoch=self.epoch + 1, members=dict(members))
 
+    def with_shard(self, name: str, primary: str, replicas: list[str],
+                   in_sync: list[str]) -> ClusterState:
+        """Shard ``name`` reconfigured (a failover, or its in-sync set changed): one
+        epoch on."""
+        shards = dict(self.shards)
+        shards[name] = {"primary": primary, "replicas": list(replicas),
+                        "in_sync": [r for r in replicas if r in in_sync]}
+        return replace(self, epoch=self.epoch + 1, shards=shards)
+
     def with_move(self, move: dict[str, Any] | None,
                   members: dict[str, float] | None = None) -> ClusterState:
         """The move record replaced (and the ring too, with ``members``): one epoch on."""
         return replace(self, epoch=self.epoch + 1, move=move,
                        members=dict(self.members if members is None else members))
+
+
+def _addresses(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(a, str) for a in value)
 
 
 @dataclass

@@ -331,6 +331,7 @@ class ProxyConfig:
     resp_port: int | None = None  # the RESP front (Redis clients); off unless set
     resp_admin: bool = False  # admin commands (FLUSHALL) allowed on the RESP front
     metrics_port: int | None = None  # Prometheus metrics (zkv.metrics); off unless set
+    min_in_sync: int = 1  # copies (primary included) a shard needs to take writes
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -368,9 +369,23 @@ class Topology:
     """The proxy and the nodes, as read from ``source`` (a file name or ``<flags>``)."""
 
     proxy: ProxyConfig
-    nodes: tuple[NodeConfig, ...]
+    nodes: tuple[NodeConfig, ...]  # the ring's members: each a shard's first primary
     source: str
     followers: tuple[FollowerConfig, ...] = ()
+    # each shard's replicas (zkv.replication), by the address of the node they copy
+    replicas: dict[str, tuple[NodeConfig, ...]] = field(default_factory=dict)
+
+    def all_nodes(self) -> list[NodeConfig]:
+        """Every storage node to run: the members, each followed by its replicas."""
+        out = []
+        for n in self.nodes:
+            out.append(n)
+            out.extend(self.replicas.get(n.address, ()))
+        return out
+
+    def replica_map(self) -> dict[str, list[str]]:
+        """Shard name -> its replicas' addresses (shards with replicas only)."""
+        return {k: [r.address for r in v] for k, v in self.replicas.items() if v}
 
     def node(self, address_or_port: str | int) -> NodeConfig:
         """The node at ``"host:port"``, or the only node on a port (int or digits)."""
@@ -378,7 +393,7 @@ class Topology:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            known = ", ".join(n.address for n in self.nodes)
+            known = ", ".join(n.address for n in self.all_nodes())
             raise ConfigError(f"{self.source}: no node at {want}; the nodes are {known}")
         found = ", ".join(n.address for n in matches)
         raise ConfigError(
@@ -388,13 +403,13 @@ class Topology:
     def _matching(self, wanted: str | int) -> tuple[str, list[NodeConfig]]:
         port = _port_only(wanted)
         if port is not None:
-            return f"port {port}", [n for n in self.nodes if n.port == port]
+            return f"port {port}", [n for n in self.all_nodes() if n.port == port]
         try:
             host, port = parse_address(str(wanted), "node address")
         except ConfigError as exc:
             raise ConfigError(f"{self.source}: {exc}") from None
         address = format_address(host, port)
-        return address, [n for n in self.nodes if n.address == address]
+        return address, [n for n in self.all_nodes() if n.address == address]
 
     def members(self) -> dict[str, float]:
         """Ring membership: node address -> weight, in the order the nodes are listed."""
@@ -441,6 +456,7 @@ _PROXY_FIELDS: dict[str, Check] = {
     "resp_port": _optional(_port),
     "resp_admin": _boolean,
     "metrics_port": _optional(_port),
+    "min_in_sync": _integer(1, 64),
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
 _TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers")
@@ -520,12 +536,13 @@ def _proxy(data: object, limits: Limits) -> ProxyConfig:
     return proxy
 
 
-def _node(data: object, path: str, defaults: Mapping[str, Any], limits: Limits) -> NodeConfig:
+def _node(data: object, path: str, defaults: Mapping[str, Any], limits: Limits,
+          table: Mapping[str, Check] | None = None) -> NodeConfig:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping with address (or host and port), got {_describe(data)}"
         )
-    values = _section(data, _NODE_ENTRY_FIELDS, path)
+    values = _section(data, _NODE_ENTRY_FIELDS if table is None else table, path)
     address = values.pop("address", None)
     if address is not None:
         if "host" in values or "port" in values:
@@ -536,14 +553,43 @@ def _node(data: object, path: str, defaults: Mapping[str, Any], limits: Limits) 
     return NodeConfig(**{**defaults, **values}, limits=limits)
 
 
-def _nodes(data: object, defaults: Mapping[str, Any], limits: Limits) -> list[NodeConfig]:
+def _nodes(data: object, defaults: Mapping[str, Any], limits: Limits
+           ) -> tuple[list[NodeConfig], dict[str, tuple[NodeConfig, ...]]]:
     if data is None:
         raise ConfigError("nodes: missing; list at least one node, e.g. - address: 127.0.0.1:8081")
     if not isinstance(data, list):
         raise ConfigError(f"nodes: expected a list of nodes, got {_describe(data)}")
     if not data:
         raise ConfigError("nodes: the list is empty; list at least one node")
-    return [_node(item, f"nodes[{i}]", defaults, limits) for i, item in enumerate(data)]
+    nodes, replicas = [], {}
+    for i, item in enumerate(data):
+        extra = None
+        if isinstance(item, dict) and "replicas" in item:
+            item = dict(item)
+            extra = item.pop("replicas")
+        node = _node(item, f"nodes[{i}]", defaults, limits)
+        nodes.append(node)
+        if extra is not None:
+            replicas[node.address] = _replicas(extra, f"nodes[{i}].replicas", node, limits)
+    return nodes, replicas
+
+
+# A replica takes its primary's settings unless it sets its own; its weight is the shard's.
+_REPLICA_FIELDS = {k: v for k, v in _NODE_ENTRY_FIELDS.items() if k != "weight"}
+
+
+def _replicas(data: object, path: str, primary: NodeConfig,
+              limits: Limits) -> tuple[NodeConfig, ...]:
+    """A node's ``replicas:``: addresses ("HOST:PORT"), or entries like a node's."""
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list of HOST:PORT (or node entries), "
+                          f"got {_describe(data)}")
+    inherited = {k: getattr(primary, k) for k in _DEFAULTS_FIELDS}
+    out = []
+    for i, item in enumerate(data):
+        entry = {"address": item} if isinstance(item, str) else item
+        out.append(_node(entry, f"{path}[{i}]", inherited, limits, _REPLICA_FIELDS))
+    return tuple(out)
 
 
 def _check_distinct(proxy: ProxyConfig, nodes: Sequence[NodeConfig], labels: Sequence[str]) -> None:
@@ -591,14 +637,22 @@ def _topology(data: object, source: str) -> Topology:
     limits = _limits(data.get("limits"))
     proxy = _proxy(data.get("proxy"), limits)
     defaults = _section(data.get("defaults"), _DEFAULTS_FIELDS, "defaults")
-    nodes = _nodes(data.get("nodes"), defaults, limits)
-    _check_distinct(proxy, nodes, [f"nodes[{i}]" for i in range(len(nodes))])
+    nodes, replicas = _nodes(data.get("nodes"), defaults, limits)
+    everyone, labels = [], []
+    for i, n in enumerate(nodes):
+        everyone.append(n)
+        labels.append(f"nodes[{i}]")
+        for j, r in enumerate(replicas.get(n.address, ())):
+            everyone.append(r)
+            labels.append(f"nodes[{i}].replicas[{j}]")
+    _check_distinct(proxy, everyone, labels)
     try:
         check_points({n.address: n.weight for n in nodes}, proxy.vnodes)
     except ValueError as exc:
         raise ConfigError(f"nodes: {exc}") from None
-    followers = _followers(data.get("followers"), proxy, nodes)
-    return Topology(proxy=proxy, nodes=tuple(nodes), source=source, followers=followers)
+    followers = _followers(data.get("followers"), proxy, everyone)
+    return Topology(proxy=proxy, nodes=tuple(nodes), source=source, followers=followers,
+                    replicas=replicas)
 
 
 def _followers(data: object, proxy: ProxyConfig,

@@ -98,6 +98,9 @@ class DirectRouting:
             return False
         self._learn_limits(doc.get("limits"))
         self.state = state
+        for node in [n for n, link in self.links.items() if link.address != state.primary(n)]:
+            self.links.pop(node).close()  # its shard failed over: talk to the new primary
+            self._pollers.pop(node, None)
         placement = self.placement = Placement(state)
         if self.router is None:
             # the router's own deadline is a little past the caller's: the caller's
@@ -326,7 +329,8 @@ class DirectRouting:
             return
         link = self.links.get(node)
         if link is None:
-            link = self.links[node] = Link(self.ctx, node)
+            assert self.state is not None
+            link = self.links[node] = Link(self.ctx, self.state.primary(node))
         frame = ENVELOPE_FRAME + _TAG.pack(next(self._envelopes))
         body = P.encode_envelope(epoch, items)
         try:

@@ -152,6 +152,34 @@ class Keyspace:
             records += self.forget(gone) or b""
         return len(taken) // 2, (records or None)
 
+    def apply_live(self, item: Any) -> None:
+        """Apply one record shipped by a primary (zkv.replication) as a live change: the
+        buckets stay current and the change undoes if the commit fails. A record of the
+        wrong shape raises (TypeError, ValueError, IndexError)."""
+        kind = item[0]
+        if kind == wal.SET:
+            key, value = item[1], item[2]
+            if type(key) is not bytes or type(value) is not bytes:
+                raise TypeError("key and value must be bytes")
+            self._put(key, value)
+        elif kind == wal.DEL:
+            self.delete(item[1])
+        elif kind == wal.MSET or kind == wal.CHUNK:
+            pairs = item[1]
+            if len(pairs) % 2 or not all(type(x) is bytes for x in pairs):
+                raise TypeError("pairs must be keys and values")
+            for i in range(0, len(pairs), 2):
+                self._put(pairs[i], pairs[i + 1])
+        elif kind == wal.DROP:
+            self.forget(list(item[1]))
+        elif kind == wal.TOMBS:
+            for key in item[1]:
+                self._tomb(key, True)
+        elif kind == wal.META:
+            self._apply_meta(item[1])
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+
     def _rebuild_receiving(self) -> None:
         union = RangeSet()
         for r in self.incoming.values():

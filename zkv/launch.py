@@ -25,7 +25,7 @@ def commands(
     cfg = shlex.quote(config_path)
     out = [
         (f"node{i}", f"exec {zkv} node --config {cfg} --host {shlex.quote(n.host)} --port {n.port}")
-        for i, n in enumerate(topology.nodes, 1)
+        for i, n in enumerate(topology.all_nodes(), 1)
     ]
     out.append(("proxy", f"exec {zkv} proxy --config {cfg}"))
     manager = shlex.quote(topology.proxy.address)
@@ -35,6 +35,13 @@ def commands(
         for i, f in enumerate(topology.followers, 1)
     ]
     return out
+
+
+def _shards(topology: Topology) -> str:
+    copies = topology.replica_map()
+    if not copies:
+        return ""
+    return f" ({len(topology.nodes)} shards, {sum(map(len, copies.values()))} replicas)"
 
 
 def up(args: argparse.Namespace) -> int:
@@ -50,7 +57,7 @@ def up(args: argparse.Namespace) -> int:
     followers = "".join(f", a follower on {f.address}{resp(f.resp_port)}"
                         for f in topology.followers)
     print(
-        f"zkv up: {len(topology.nodes)} nodes and a proxy on "
+        f"zkv up: {len(topology.all_nodes())} nodes{_shards(topology)} and a proxy on "
         f"{topology.proxy.host}:{topology.proxy.port}{resp(topology.proxy.resp_port)}"
         f"{followers} from {args.config}; Ctrl-C stops them all",
         flush=True,

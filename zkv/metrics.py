@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -147,6 +148,18 @@ def node_families(node: Any) -> Iterator[Any]:
                    "stream.", sent_keys, ("move", "destination"))
     yield _counter("zkv_move_sent_bytes", "Bytes streamed to another node by a move, per "
                    "stream.", sent_bytes, ("move", "destination"))
+    primary = node.repl.primary
+    if primary is not None:
+        now = time.monotonic()
+        peers = list(primary.peers.values())
+        yield _gauge("zkv_replication_lag_seconds", "How long the oldest record shipped to "
+                     "a replica has waited for its acknowledgement, per replica.",
+                     {p.addr: p.age(now) for p in peers}, ("replica",))
+        yield _gauge("zkv_replica_in_sync", "Whether a replica is in the in-sync set (1) or "
+                     "not (0), per replica.", {p.addr: int(p.in_sync) for p in peers},
+                     ("replica",))
+        yield _gauge("zkv_lease_valid", "Whether this primary holds its lease from its "
+                     "in-sync replicas.", int(primary.lease_ok(now)))
 
 
 def proxy_families(shell: Any) -> Iterator[Any]:
@@ -178,6 +191,9 @@ def proxy_families(shell: Any) -> Iterator[Any]:
                  shell.state.epoch)
     yield _gauge("zkv_move_active", "Whether a move (ADD, REMOVE, MOVE ABORT) is under way.",
                  1 if shell.state.move is not None else 0)
+    if hasattr(shell, "failovers"):  # the config manager
+        yield _counter("zkv_failovers", "Replicas promoted to primary by this config "
+                       "manager.", shell.failovers)
     yield _gauge("zkv_rss_bytes", "Resident memory of the process.", rss_bytes())
 
 

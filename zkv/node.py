@@ -50,6 +50,7 @@ from .guard import (
 from .keyspace import FILL, OVERWRITE
 from .metrics import Timings
 from .placement import FROZEN, Placement
+from .replicator import DATA_OPS, Replicator
 from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
 from .transfer import (
@@ -147,7 +148,8 @@ class Node:
             "XCONFIG": self._xconfig,
             "XBACKUP": self._xbackup,
             "XFLUSH": self._xflush,
-            "XHEALTH": lambda a: {"epoch": self.epoch, "routers": self._routers_seen()},
+            "XHEALTH": self._xhealth,
+            "XREPL": lambda a: self.repl.xrepl(a),
             "CONFIG": lambda a: self.config_doc(),
         }
         # The cluster configuration this node was last given (zkv.placement): which keys
@@ -156,6 +158,8 @@ class Node:
         self.ring_name = self.address
         self._checking = False  # the request being run is checked key by key
         self.routers: dict[bytes, float] = {}  # who sent envelopes lately, and when
+        self.repl = Replicator(self)  # this node's part in its shard's replication
+        self.touched = False  # the request being run read or wrote data (see serve)
 
     # -- commands ----------------------------------------------------------
     def _get(self, a: list[Any]) -> Any:
@@ -390,6 +394,30 @@ class Node:
             self.storage.pending += record
             self._durable = True
 
+    log_record = _log
+
+    def _xhealth(self, a: list[Any]) -> Any:
+        health: dict[str, Any] = {"epoch": self.epoch, "routers": self._routers_seen()}
+        report = self.repl.report()
+        if report is not None:
+            health["repl"] = report
+        return health
+
+    # (for zkv.replicator)
+    def out_send(self, reply: list[bytes]) -> None:
+        assert self.out is not None
+        self.out.send(reply)
+
+    def open_stream(self, key: tuple[str, str], pull: str) -> None:
+        self._open_push(key, pull)
+
+    def close_stream(self, key: tuple[str, str]) -> None:
+        self._close_push(key)
+
+    def commit(self, durable: bool = False) -> None:
+        """Commit this turn's records, and ship them to the replicas (a primary)."""
+        self.repl.shipped(self.storage.commit(durable=durable))
+
     def _chunked(self, kind: str, move_id: str, ranges: RangeSet) -> tuple[int, bool]:
         """One bounded step of forgetting the keys of ``ranges``: (keys gone, finished).
         A scan runs over several requests so that serving never stalls on a big node."""
@@ -577,7 +605,7 @@ class Node:
                 self.storage.pending += record
             counted.append((stream, in_order, pairs, taken, final, total, dels))
         try:
-            self.storage.commit(durable=True)
+            self.commit(durable=True)
         except StorageError:
             for stream, *_ in counted:
                 stream.broken = True
@@ -589,6 +617,7 @@ class Node:
             if final and in_order and not stream.broken:
                 stream.done = stream.keys == total
                 stream.broken = not stream.done
+        self.repl.streams_done()
 
     def execute(self, op: str, args: list[Any]) -> Any:
         handler = self._handlers.get(op)
@@ -646,7 +675,8 @@ class Node:
             ]]
         routing, body = frames[:-1], frames[-1]
         if body[:3] == P.ENVELOPE:
-            self.routers[routing[0] if routing else b""] = time.monotonic()
+            # (a router names each of its links ROUTER_ID#n: count routers, not links)
+            self.routers[routing[0].partition(b"#")[0] if routing else b""] = time.monotonic()
             return self._handle_envelope(routing, body)
         placement = self.placement
         return [[*routing,
@@ -664,10 +694,14 @@ class Node:
         began = time.perf_counter() if self.timed or not self._seen & 31 else 0.0
         try:
             op, args = P.parse_request(body, self.limits)
+            if self.repl.gated:
+                self.repl.gate(op)
             self._checking = check
             if check:
                 self._check_keys(op, args)
             result = self.execute(op, args)
+            if self.repl.gated and op in DATA_OPS:
+                self.touched = True  # a primary's reply that waits for its replicas
             reply = P.encode_ok_items(result) if op == "PIPE" else P.encode_ok(result)
             if len(reply) > self.limits.max_message_bytes:
                 raise LimitExceeded(
@@ -780,12 +814,20 @@ class Node:
         placement = Placement(state)  # checks the document further (rings, ranges)
         name = format_address(host, port)
         path = os.path.join(self.storage.dir, CLUSTER_FILE)
+        address = spec.get("address")
+        if address is not None:
+            try:
+                address = format_address(*parse_address(str(address), "address"))
+            except ZkvError as exc:
+                raise ProtocolError(f"config: {exc}") from None
         try:
-            durable.write_json(path, {"config": state.to_json(), "name": name})
+            durable.write_json(path, {"config": state.to_json(), "name": name,
+                                      "address": address})
         except OSError as exc:
             raise StorageError(f"cannot keep the cluster configuration in {path}: "
                                f"{exc.strerror or exc}") from None
         self.placement, self.ring_name = placement, name
+        self.repl.configure(state, name, address)
         return {"epoch": self.epoch}
 
     def load_config(self) -> None:
@@ -799,6 +841,9 @@ class Node:
             state = ClusterState.from_json(data.get("config"), path)
             host, port = parse_address(str(data.get("name", self.address)), "name")
             self.placement, self.ring_name = Placement(state), format_address(host, port)
+            address = data.get("address")
+            self.repl.configure(state, self.ring_name,
+                                address if isinstance(address, str) else None)
         except (ValueError, ZkvError, AttributeError) as exc:
             log.warning("%s: cannot use the kept cluster configuration (%s); waiting for the "
                         "config manager to send it", path, exc)
@@ -814,6 +859,10 @@ class Node:
         poller.register(pull, zmq.POLLIN)
         for guard in self.guards:
             poller.register(guard.monitor, zmq.POLLIN)
+        repl = self.repl
+        repl.poller = poller
+        for link in repl.by_socket:
+            poller.register(link, zmq.POLLIN)
         out = self.out
         assert out is not None
         storage = self.storage
@@ -825,23 +874,32 @@ class Node:
                 if guard.monitor in events:
                     guard.handle()
             if sock in events:
-                replies = []
+                # (free: replies that need no replica's word)
+                replies: list[list[bytes]] = []
+                free: list[list[bytes]] = []
                 handle = self.handle
                 turn_bytes = 0  # the replies of one turn wait for its commit: bound them
                 for _ in range(MAX_BATCH_PER_TURN):
+                    self.touched = False
                     for reply in handle(wire.recv(sock)):
-                        replies.append(reply)
+                        (replies if self.touched or not repl.gated else free).append(reply)
                         turn_bytes += len(reply[-1])
                     if turn_bytes > self.limits.max_message_bytes or not wire.waiting(sock):
                         break
                 try:
-                    storage.commit(durable=self._durable)
+                    self.commit(durable=self._durable)
                 except StorageError as exc:
                     log.error("%s", exc)
-                    replies = [self._failed(r, P.encode_exc(exc)) for r in replies]
+                    replies = [self.failed_reply(r, P.encode_exc(exc)) for r in replies]
+                    free = [self.failed_reply(r, P.encode_exc(exc)) for r in free]
                 self._durable = False
-                for reply in replies:
+                for reply in free:
                     out.send(reply)
+                for reply in repl.hold(replies):
+                    out.send(reply)
+            if repl.by_socket:
+                for link in [s for s in repl.by_socket if s in events]:
+                    repl.answered(link)
             if pull in events:
                 bodies = []
                 for _ in range(8):
@@ -854,6 +912,8 @@ class Node:
                 except StorageError as exc:
                     log.error("transfer batches not applied: %s", exc)
             now = time.monotonic()
+            if repl.primary is not None:
+                repl.tick(now)
             busy = bool(self.outgoing) and self.pump(now)
             storage.tick(now)
             if now >= next_tidy:
@@ -861,7 +921,7 @@ class Node:
                 out.tidy()
 
     @staticmethod
-    def _failed(reply: list[bytes], error: bytes) -> list[bytes]:
+    def failed_reply(reply: list[bytes], error: bytes) -> list[bytes]:
         """A reply of a turn whose commit failed: every answer in it becomes ``error``."""
         body = reply[-1]
         if body[:3] == P.REPLY_ENVELOPE:

@@ -159,6 +159,7 @@ COMMANDS: dict[str, Command] = {
         Command("XFLUSH", INTERNAL, (), "internal: drop every key (FLUSHALL)"),
         Command("XBACKUP", INTERNAL, ("any",), "internal: stream a copy of every key"),
         Command("XHEALTH", INTERNAL, (), "internal: a heartbeat that says the node's epoch"),
+        Command("XREPL", INTERNAL, ("any",), "internal: records from a shard's primary"),
         Command("CONFIG", META, ("any?",),
                 "The cluster configuration: epoch, members, any move.", "[SINCE_EPOCH]"),
     )

@@ -9,6 +9,7 @@ zkv.mover; heartbeats bring a node that missed a configuration up to date.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +32,7 @@ from .mover import (
     repair_settings,
 )
 from .planner import moved_fraction, plan, summary
+from .replication import plan as plan_shard
 from .ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
 from .shell import (
     DEFAULT_CLIENT_BUFFER,
@@ -97,11 +99,13 @@ class Proxy(ProxyShell):
         move_rate: float | None = None,
         max_clients: int = DEFAULT_MAX_CLIENTS,
         client_buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
+        replicas: dict[str, list[str]] | None = None,
+        min_in_sync: int = 1,
     ) -> None:
         self.state_dir = state_dir
         notes: list[str] = []
         self._lock_fd = lock_state_dir(state_dir)
-        state = self._initial_state(members or {}, vnodes, notes)
+        state = self._initial_state(members or {}, vnodes, notes, replicas or {}, min_in_sync)
         super().__init__(state, host, port, timeout_ms, heartbeat_ms, heartbeat_misses, limits,
                          max_clients, client_buffer_bytes, knows_every_write=True, notes=notes)
         self.move_defaults: dict[str, Any] = {
@@ -110,6 +114,7 @@ class Proxy(ProxyShell):
         self.publishing: ClusterState | None = None  # sent to the nodes, not yet in effect
         self.driver: MoveDriver | None = None
         self._admin_busy = False
+        self.failovers = 0
         self._next_key_count = 0.0
         self._ops.update({
             "ADD": self._add,
@@ -122,8 +127,8 @@ class Proxy(ProxyShell):
         self._repair_move()
         self._apply_state(self.state)
         self._warm_up(min(self.timeout, 1.0))
-        for addr in sorted(self.state.involved()):  # every node gets the configuration in
-            self._push(addr, self.state, lambda ok: None)  # effect here (it already is)
+        for addr in sorted(self.state.link_keys()):  # every node gets the configuration
+            self._push(addr, self.state, lambda ok: None)  # in effect here (it already is)
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
             self.driver = MoveDriver(self, self.state)
@@ -132,17 +137,46 @@ class Proxy(ProxyShell):
         return f"{super()._ready_line()} state={self.state_dir}"
 
     def _housekeeping(self, now: float) -> None:
+        if self.state.shards and self.publishing is None and not self._admin_busy:
+            self._replication(now)
         if now >= self._next_key_count:
             self._next_key_count = now + KEY_COUNT_EVERY
             self._poll_keys()
         if self.driver is not None:
             self._tick_driver(now)
 
+    def _replication(self, now: float) -> None:
+        """Reconfigure a replicated shard when its nodes' reports call for it
+        (zkv.replication.plan): one change at a time, each a new epoch."""
+        fresh = 2 * self.health.interval * self.health.misses
+        reports = {addr: report for addr, (when, epoch, report) in self.repl_reports.items()
+                   if epoch == self.state.epoch and now - when <= fresh}
+        for name in sorted(self.state.shards):
+            new = plan_shard(self.state, name, self.health.is_up(name), reports)
+            if new is None:
+                continue
+            old, shard = self.state.shards[name], new.shards[name]
+            if shard["primary"] != old["primary"]:
+                self.failovers += 1
+                log.warning("shard %s: primary %s is not answering and replica %s has not "
+                            "heard from it for %.1f s: promoting it (epoch %d)", name,
+                            old["primary"], shard["primary"],
+                            reports[shard["primary"]]["silent"], new.epoch)
+            else:
+                gone = sorted(set(old["in_sync"]) - set(shard["in_sync"]))
+                came = sorted(set(shard["in_sync"]) - set(old["in_sync"]))
+                log.warning("shard %s: %s (epoch %d)", name,
+                            f"{', '.join(gone)} leaves the in-sync set (not acknowledging)"
+                            if gone else f"{', '.join(came)} is in sync", new.epoch)
+            self.repl_reports.clear()  # judged by the new epoch's reports from now on
+            self.commit(new)
+            return
+
     def _idle(self) -> bool:
         return self.driver is None and not self._admin_busy
 
     def _node_epoch(self, addr: str, epoch: int) -> None:
-        if epoch < self.state.epoch and self.publishing is None and addr in self._involved():
+        if epoch < self.state.epoch and self.publishing is None and addr in self._addresses:
             log.info("node %s is at epoch %d, behind %d: sending it the configuration", addr,
                      epoch, self.state.epoch)
             self._push(addr, self.state, lambda ok: None)
@@ -153,13 +187,17 @@ class Proxy(ProxyShell):
                         "directory replaced?", epoch, self.state.epoch)
 
     # -- membership ------------------------------------------------------------
-    def _initial_state(self, members: dict[str, float], vnodes: int,
-                       notes: list[str]) -> ClusterState:
+    def _initial_state(self, members: dict[str, float], vnodes: int, notes: list[str],
+                       replicas: dict[str, list[str]], min_in_sync: int) -> ClusterState:
         saved = load_state(self.state_dir)
         if saved is None:
-            state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes)
+            shards = {name: {"primary": name, "replicas": list(r), "in_sync": []}
+                      for name, r in replicas.items() if r and name in members}
+            state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes,
+                                 shards=shards, min_in_sync=min_in_sync)
             save_state(self.state_dir, state)
             return state
+        saved = self._new_replicas(saved, replicas, min_in_sync)
         if members and (saved.members != members or saved.vnodes != vnodes):
             note = (
                 f"the state directory {self.state_dir} holds membership epoch {saved.epoch} "
@@ -170,12 +208,34 @@ class Proxy(ProxyShell):
             notes.append(note)
         return saved
 
+    def _new_replicas(self, saved: ClusterState, replicas: dict[str, list[str]],
+                      min_in_sync: int) -> ClusterState:
+        """Replicas the topology lists that the saved configuration does not have yet
+        join their shards (out of sync: they sync first), and min_in_sync is the
+        topology's; a replica no longer listed stays (it is not dropped silently)."""
+        state = saved
+        known = {a for name in saved.involved() for a in saved.nodes_of(name)}
+        for name, wanted in sorted(replicas.items()):
+            new = [a for a in wanted if a not in known]
+            if name not in saved.members or not new:
+                continue
+            shard = state.shards.get(name, {"primary": name, "replicas": [], "in_sync": []})
+            state = state.with_shard(name, shard["primary"], [*shard["replicas"], *new],
+                                     shard["in_sync"])
+            log.info("shard %s: new replicas %s from the topology", name, ", ".join(new))
+        if state.min_in_sync != min_in_sync:
+            state = dataclasses.replace(state, epoch=state.epoch + 1, min_in_sync=min_in_sync)
+        if state is not saved:
+            save_state(self.state_dir, state)
+        return state
+
     def status(self) -> dict[str, Any]:
         return {
             "epoch": self.state.epoch,
             "members": dict(self.state.members),
             "vnodes": self.state.vnodes,
             "move": self.driver.status() if self.driver else None,
+            "failovers": self.failovers,
             "notes": list(self.notes),
         }
 
@@ -206,10 +266,14 @@ class Proxy(ProxyShell):
 
     def _publish(self, state: ClusterState, then: Callable[[], None] | None = None) -> None:
         self.publishing = state
-        targets = [a for a in state.involved() if self.health.is_up(a)]
+        # every node the new configuration names, over the links of the one in effect
+        # (a failover moves a shard's key to another address only once it takes effect)
+        keys = sorted({self.key_of(address) for address in state.link_keys().values()})
+        for key in keys:
+            if key not in self.links:
+                self._connect(key)
+        targets = [k for k in keys if self.health.is_up(k)]
         left = set(targets)
-        for addr in sorted(state.involved() - set(self.links)):
-            self._connect(addr)
 
         def acked(addr: str, ok: bool) -> None:
             left.discard(addr)
@@ -231,8 +295,10 @@ class Proxy(ProxyShell):
                             "answers)", addr, state.epoch, result)
             done(not isinstance(result, ZkvError))
 
-        self._call(addr, "XCONFIG", [{"config": state.to_json(), "name": addr}], answered,
-                   self.timeout)
+        address = self.link_address.get(addr) or self.address_of(addr)
+        name = state.shard_of(address) or address
+        self._call(addr, "XCONFIG", [{"config": state.to_json(), "name": name,
+                                      "address": address}], answered, self.timeout)
 
     def settled(self) -> bool:
         """For the move driver: no configuration is on its way to the nodes."""

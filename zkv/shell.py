@@ -29,7 +29,7 @@ import zmq
 from . import frames as wire
 from . import metrics
 from . import protocol as P
-from .cluster import ClusterState, Health
+from .cluster import NODE_KEY, ClusterState, Health
 from .config import format_address
 from .errors import (
     ClusterError,
@@ -162,8 +162,16 @@ class ProxyShell:
         self._router_id = (ROUTER_ID_PREFIX + self.address.encode() + b"/"
                            + os.urandom(4).hex().encode())
         self.guard: ConnectionGuard | None = None
+        # links by link key (zkv.cluster.ClusterState.link_keys): a shard's name reaches
+        # its primary, NODE_KEY + address one other node of a replicated shard
         self.links: dict[str, zmq.Socket[bytes]] = {}
+        self.link_address: dict[str, str] = {}  # link key -> the address it is connected to
+        self._links_made = 0
+        self._addresses: dict[str, str] = state.link_keys()
         self.by_socket: dict[zmq.Socket[bytes], str] = {}
+        # the latest replication report of each node (heartbeat answers), by address:
+        # (when, the node's epoch, the report)
+        self.repl_reports: dict[str, tuple[float, int, dict[str, Any]]] = {}
         self.poller = zmq.Poller()
         self.pending: dict[bytes, tuple[Any, str, int, list[bytes] | None]] = {}
         self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -193,9 +201,30 @@ class ProxyShell:
         allows admin commands (FLUSHALL) there."""
         self.resp_port, self.resp_admin = port, admin
 
+    def address_of(self, key: str) -> str:
+        """The address link key ``key`` reaches (a shard's primary, or the node named)."""
+        found = self._addresses.get(key)
+        if found is not None:
+            return found
+        return key[len(NODE_KEY):] if key.startswith(NODE_KEY) else key
+
+    def key_of(self, address: str) -> str:
+        """A link key that reaches the node at ``address``: a link already connected
+        there, else its key in the configuration in effect, else NODE_KEY + address."""
+        for key, where in self.link_address.items():
+            if where == address:
+                return key
+        for key, where in self._addresses.items():
+            if where == address:
+                return key
+        return address if address in self.state.involved() else NODE_KEY + address
+
     def _connect(self, addr: str) -> None:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self._router_id)
+        # one routing id per link: a node's ROUTER refuses a second connection under an
+        # id it already has, and a failover can briefly leave two links to one node
+        self._links_made += 1
+        sock.setsockopt(zmq.ROUTING_ID, self._router_id + b"#%d" % self._links_made)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -204,14 +233,17 @@ class ProxyShell:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
-        sock.connect(f"tcp://{addr}")
+        address = self.address_of(addr)
+        sock.connect(f"tcp://{address}")
         self.links[addr] = sock
+        self.link_address[addr] = address
         self.by_socket[sock] = addr
         self.poller.register(sock, zmq.POLLIN)
         self.health.track(addr, time.monotonic())
 
     def _disconnect(self, addr: str) -> None:
         sock = self.links.pop(addr)
+        self.link_address.pop(addr, None)
         del self.by_socket[sock]
         self.poller.unregister(sock)
         sock.close(0)
@@ -348,8 +380,14 @@ class ProxyShell:
         members = list(self.ring.members)
         return members + sorted(self.state.involved() - set(members))
 
-    def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any]) -> None:
+    def _gather_info(self, routing: list[bytes], build: Callable[[dict[str, Any]], Any],
+                     replicas: bool = False) -> None:
+        """INFO from every shard's primary (and, with ``replicas``, from every other
+        node of a replicated shard, as NODE_KEY + address) to ``build``."""
         members = self._involved()
+        if replicas:
+            members += [NODE_KEY + a for name in list(members)
+                        for a in self.state.nodes_of(name)[1:]]
         body = P.encode_request("INFO")
 
         def finish(results: list[Any]) -> Any:
@@ -401,7 +439,7 @@ class ProxyShell:
         def build(infos: dict[str, Any]) -> Any:
             return self.nodes(infos)
 
-        self._gather_info(routing, build)
+        self._gather_info(routing, build, replicas=True)
 
     def nodes(self, infos: dict[str, Any]) -> list[dict[str, Any]]:
         shares = self.ring.shares()
@@ -421,7 +459,33 @@ class ProxyShell:
             if move is not None and addr not in self.ring:
                 entry["moving"] = "joining" if addr in move["new"] else "leaving"
             out.append(entry)
+            if addr in self.state.shards:
+                out.extend(self._shard_rows(addr, entry, infos))
         return out
+
+    def _shard_rows(self, name: str, entry: dict[str, Any],
+                    infos: dict[str, Any]) -> list[dict[str, Any]]:
+        """A replicated shard in NODES: its primary's row (``entry``, which gets the
+        primary's address) and one row per replica, with its in-sync state and lag."""
+        shard = self.state.shards[name]
+        primary = shard["primary"]
+        entry.update(address=primary, shard=name, role="primary")
+        report = self.repl_reports.get(primary, (0.0, 0, {}))[2]
+        lags, states = report.get("lag", {}), report.get("state", {})
+        rows = []
+        for addr in shard["replicas"]:
+            info = infos.get(NODE_KEY + addr, {})
+            rows.append({
+                "address": addr, "shard": name, "role": "replica",
+                "state": "up" if self.health.is_up(NODE_KEY + addr) else "down",
+                "in_sync": addr in shard["in_sync"],
+                "replication": states.get(addr, "in_sync" if addr in shard["in_sync"]
+                                          else "waiting"),
+                "lag_s": lags.get(addr),
+                "keys": info.get("keys"), "share": entry["share"], "weight": entry["weight"],
+                "fsync": info.get("fsync"), "error": info.get("error"),
+            })
+        return rows
 
     def _ring(self, routing: list[bytes], args: list[Any]) -> None:
         key: bytes = args[0]
@@ -473,10 +537,29 @@ class ProxyShell:
         self.ring = state.ring()
         self.placement = Placement(state)
         self.router.set_placement(self.placement)
-        for addr in sorted(state.involved() - set(self.links)):
+        self._addresses = state.link_keys()
+        for key, address in sorted(self._addresses.items()):
+            if key in self.links and self.link_address.get(key) != address:
+                self._repoint(key, address)
+        for addr in sorted(set(self._addresses) - set(self.links)):
             self._connect(addr)
         if self._idle():
             self._drop_links()
+
+    def _repoint(self, key: str, address: str) -> None:
+        """Shard ``key`` has a new primary: what was in flight to the old one fails
+        (its outcome is unknown), and the link goes to ``address``."""
+        log.warning("shard %s: primary now %s (was %s)", key, address, self.link_address[key])
+        now = time.monotonic()
+        self.router.set_down(key, True, now)
+        lost = [tag for tag, entry in self.pending.items() if entry[1] == key]
+        for tag in lost:
+            self._abandon(self.pending.pop(tag), NodeUnavailable(
+                f"shard {key} failed over with this request in flight; the outcome of a "
+                "write is unknown"))
+        self._disconnect(key)
+        self._connect(key)
+        self.router.set_down(key, False, now)
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
         self.timers.append((time.monotonic() + delay, fn, self._owner))
@@ -497,7 +580,7 @@ class ProxyShell:
                     self._owner = None
 
     def _drop_links(self) -> None:
-        wanted = self.state.involved()
+        wanted = set(self._addresses)
         for addr in sorted(set(self.links) - wanted):
             self._disconnect(addr)
 
@@ -543,6 +626,9 @@ class ProxyShell:
             return
         epoch, routers = result.get("epoch"), result.get("routers")
         if isinstance(epoch, int):
+            report = result.get("repl")
+            if isinstance(report, dict):
+                self.repl_reports[self.address_of(addr)] = (time.monotonic(), epoch, report)
             self._node_epoch(addr, epoch)
         if isinstance(routers, int) and routers > 1 and self.router.knows_every_write:
             log.info("another router sends requests to %s: reads of moving keys will not "
@@ -639,7 +725,8 @@ class ProxyShell:
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
                         self.handle_node(addr, recv(sock), now)
-                        if not waiting(sock):
+                        # (a reply can end with this link closed: a failover re-points it)
+                        if sock not in by_socket or not waiting(sock):
                             break
             now = time.monotonic()
             router = self.router

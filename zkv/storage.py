@@ -498,12 +498,13 @@ class Storage:
         fsync_dir(self.dir)
 
     # -- writing ----------------------------------------------------------
-    def commit(self, durable: bool = False) -> None:
+    def commit(self, durable: bool = False) -> bytes:
         """Make the pending records as durable as the policy asks (or on disk now, with
-        ``durable``: rebalancing records and batches), or undo them."""
+        ``durable``: rebalancing records and batches), or undo them. The records
+        written (what a primary ships to its replicas)."""
         if not self.pending:
             self.keyspace.commit()
-            return
+            return b""
         data = bytes(self.pending)
         self.pending.clear()
         try:
@@ -524,6 +525,7 @@ class Storage:
         self.seg_size += len(data)
         self.log_bytes += len(data)
         self.keyspace.commit()
+        return data
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

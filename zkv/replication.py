@@ -1,0 +1,270 @@
+"""Replication as data: what a primary ships and when it may answer, what a replica
+accepts, and when the config manager changes a shard. No sockets, no clock, no files.
+
+The model is PacificA's (Lin et al., 2008), as Kafka's in-sync replicas also work:
+
+* A shard is a primary and replicas. The config manager (the proxy with the state
+  directory) names them, and which replicas are *in sync*, in the versioned cluster
+  configuration (:class:`zkv.cluster.ClusterState`).
+* The primary logs each turn's records, ships the same bytes to every replica in
+  order (:meth:`Primary.ship`), and answers that turn's requests only once every
+  in-sync replica has acknowledged them, which a replica does once they are as
+  durable as its own fsync policy makes them (:meth:`Primary.committed`).
+* A replica that stops acknowledging is reported (:meth:`Primary.report`, in the
+  primary's heartbeat answers) and the config manager removes it from the in-sync set
+  at a new epoch (:func:`plan`); only then does the primary answer without it.
+* The primary holds a lease from its in-sync replicas: each acknowledgement renews it
+  from the moment the acknowledged message was sent. With the lease run out it serves
+  nothing (:meth:`Primary.lease_ok`). A replica that has heard nothing from its
+  primary for ``GRACE`` (longer than ``LEASE``) says so in its heartbeat answers, and
+  the config manager promotes only such a replica, and only while the primary is not
+  answering it. So two primaries never both answer.
+* A replica that is not in sync (new, returning, or a deposed primary) gets a *sync
+  session*: its first message tells it to drop everything it holds and open a catch-up
+  move over the whole hash space; the primary streams it a copy of its keys as of that
+  message (PUSH/PULL, like a move's batches) while shipping every later record. The
+  move's rule (a streamed key is taken only where the replica holds no newer state of
+  it) makes copy plus records exactly the primary's data. Once the stream is complete
+  the replica says ``synced``; the primary reports it caught up; the config manager
+  adds it to the in-sync set.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cluster import ClusterState
+
+__all__ = ["BEACON", "GRACE", "LAG", "LEASE", "Primary", "Replica", "plan", "promote"]
+
+LEASE = 1.2  # seconds a primary may serve after the send time of its oldest needed ack
+GRACE = 1.8  # a replica silent this long from its primary asks to be promoted
+LAG = 0.5  # an in-sync replica with a message unacknowledged this long is reported
+BEACON = 0.2  # a replica idle this long gets an empty message (renewing the lease)
+RESYNC = 2.0  # a replica out of sync and silent this long gets a new sync session
+MAX_UNACKED = 10_000  # messages a replica may owe; past it, the session is broken
+SYNC_MOVE = "sync:"  # the catch-up move's id at a replica: SYNC_MOVE + session
+
+
+@dataclass
+class Peer:
+    """One replica, as its primary sees it."""
+
+    addr: str
+    in_sync: bool
+    session: str = ""  # "" until a session is started (an in-sync replica of a
+    # primary that restarted has none: that primary cannot answer writes)
+    next_seq: int = 0
+    acked_lsn: int = -1
+    unacked: collections.deque[tuple[int, int, float]] = field(
+        default_factory=collections.deque)  # (seq, lsn, sent at)
+    lease_from: float = float("-inf")  # send time of the newest acknowledged message
+    last_sent: float = float("-inf")
+    started: float = 0.0  # when the session began
+    synced: bool = False  # the replica says its copy is complete
+    broken: str = ""  # why the session cannot go on ("" while it can)
+    copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream, once it is ready
+
+    def age(self, now: float) -> float:
+        """How long the oldest unacknowledged message has waited."""
+        return now - self.unacked[0][2] if self.unacked else 0.0
+
+
+class Primary:
+    """A primary's view of its replicas: sequence numbers, acknowledgements, lease."""
+
+    def __init__(self, shard: str, incarnation: str, now: float) -> None:
+        self.shard = shard
+        self.incarnation = incarnation  # names this run's sessions
+        self.peers: dict[str, Peer] = {}
+        self.lsn = 0  # turns shipped by this run
+        self.sessions = 0
+        self.since = now
+
+    def configure(self, replicas: list[str], in_sync: list[str]) -> None:
+        """A new configuration: replicas come and go, and in-sync flags change. A
+        replica newly in the in-sync set keeps its session (it had to catch up first)."""
+        for addr in [a for a in self.peers if a not in replicas]:
+            del self.peers[addr]
+        for addr in replicas:
+            peer = self.peers.get(addr)
+            if peer is None:
+                peer = self.peers[addr] = Peer(addr, addr in in_sync)
+                if peer.in_sync:  # this run never shipped to it: it cannot vouch for it
+                    peer.broken = "no session with this primary since it started"
+            peer.in_sync = addr in in_sync
+
+    # -- what to send --------------------------------------------------------------
+    def _message(self, peer: Peer, now: float, data: bytes, sync: bool = False
+                 ) -> dict[str, Any]:
+        seq = peer.next_seq
+        peer.next_seq += 1
+        peer.unacked.append((seq, self.lsn, now))
+        peer.last_sent = now
+        if len(peer.unacked) > MAX_UNACKED:
+            peer.broken = f"{MAX_UNACKED} messages unacknowledged"
+        msg: dict[str, Any] = {"shard": self.shard, "session": peer.session, "seq": seq,
+                               "data": data}
+        if sync:
+            msg["sync"] = True
+        return msg
+
+    def start_session(self, addr: str, now: float) -> dict[str, Any]:
+        """A sync session for replica ``addr`` (out of sync): its first message. The
+        caller takes the copy of the keys to stream in the same turn."""
+        peer = self.peers[addr]
+        self.sessions += 1
+        peer.session = f"{self.incarnation}.{self.sessions}"
+        peer.next_seq, peer.acked_lsn = 0, -1
+        peer.unacked.clear()
+        peer.synced, peer.broken, peer.copy = False, "", None
+        peer.started = now
+        return self._message(peer, now, b"", sync=True)
+
+    def ship(self, data: bytes, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """One committed turn's records, to every replica with a live session."""
+        self.lsn += 1
+        return [(p.addr, self._message(p, now, data)) for p in self.peers.values()
+                if p.session and not p.broken]
+
+    def tick(self, now: float) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+        """Beacons for idle replicas, and the out-of-sync replicas to start a new sync
+        session with (never synced, broken, or silent too long)."""
+        beacons, restart = [], []
+        for p in self.peers.values():
+            live = bool(p.session) and not p.broken
+            if not p.in_sync and (not p.session or (not live or p.age(now) > RESYNC)
+                                  and now - p.started >= RESYNC / 2):
+                restart.append(p.addr)
+            elif live and now - p.last_sent >= BEACON:
+                beacons.append((p.addr, self._message(p, now, b"")))
+        return beacons, restart
+
+    # -- what comes back -------------------------------------------------------------
+    def ack(self, addr: str, session: Any, seq: Any, synced: bool, now: float) -> bool:
+        """A replica holds everything up to message ``seq`` of ``session``. True if
+        the committed point may have moved."""
+        peer = self.peers.get(addr)
+        if peer is None or session != peer.session or peer.broken or type(seq) is not int:
+            return False
+        moved = False
+        while peer.unacked and peer.unacked[0][0] <= seq:
+            _, lsn, sent = peer.unacked.popleft()
+            peer.acked_lsn, peer.lease_from, moved = lsn, sent, True
+        peer.synced = peer.synced or synced
+        return moved and peer.in_sync
+
+    def refused(self, addr: str, session: Any, reason: str) -> None:
+        """A replica refused a message of ``session``: that session is over."""
+        peer = self.peers.get(addr)
+        if peer is not None and session == peer.session and not peer.broken:
+            peer.broken = reason
+
+    # -- what the primary may do -------------------------------------------------------
+    def committed(self) -> int:
+        """The newest turn every in-sync replica holds (all of them, with none in sync)."""
+        low = self.lsn
+        for p in self.peers.values():
+            if p.in_sync:
+                low = min(low, p.acked_lsn if not p.broken else -1)
+        return low
+
+    def lease_ok(self, now: float) -> bool:
+        return all(now - p.lease_from < LEASE for p in self.peers.values() if p.in_sync)
+
+    def copies(self) -> int:
+        """Copies of every acknowledged write: this primary and its in-sync replicas."""
+        return 1 + sum(p.in_sync for p in self.peers.values())
+
+    def report(self, now: float) -> dict[str, Any]:
+        """For the config manager (in heartbeat answers): in-sync replicas to drop,
+        replicas ready to join, and each one's lag in seconds."""
+        laggards = [p.addr for p in self.peers.values()
+                    if p.in_sync and (p.broken or not p.session or p.age(now) > LAG)]
+        caught_up = [p.addr for p in self.peers.values()
+                     if not p.in_sync and p.synced and not p.broken and p.age(now) <= LAG]
+        return {"role": "primary", "laggards": laggards, "caught_up": caught_up,
+                "lease": self.lease_ok(now),
+                "lag": {p.addr: round(p.age(now), 3) for p in self.peers.values()},
+                "state": {p.addr: ("in_sync" if p.in_sync else "synced" if p.synced
+                                   else "catching_up" if p.session and not p.broken
+                                   else "waiting") for p in self.peers.values()}}
+
+
+@dataclass
+class Replica:
+    """What a replica knows of its primary's session with it."""
+
+    session: str = ""
+    next_seq: int = 0
+    last_heard: float = float("-inf")
+    synced: bool = False
+    started: float = 0.0  # when this replica began to follow (silence counts from it)
+
+    def accept(self, msg: dict[str, Any], now: float) -> str:
+        """"" if message ``msg`` continues (or, a sync, starts) the session; else why
+        it is refused (the primary then starts a new one)."""
+        session, seq = msg.get("session"), msg.get("seq")
+        if not isinstance(session, str) or type(seq) is not int:
+            return "a replication message needs a session and a seq"
+        if msg.get("sync") is True:
+            if seq != 0:
+                return "a sync session starts at seq 0"
+            self.session, self.next_seq, self.synced = session, 0, False
+        elif session != self.session:
+            return f"no session {session} here (this replica follows {self.session or 'none'})"
+        if seq != self.next_seq:
+            self.session = ""
+            return f"message {seq} arrived where {self.next_seq} was due; session ended"
+        self.next_seq += 1
+        self.last_heard = now
+        return ""
+
+    def silent(self, now: float) -> float:
+        return now - max(self.last_heard, self.started)
+
+    def report(self, now: float, primary: str) -> dict[str, Any]:
+        return {"role": "replica", "primary": primary, "silent": round(self.silent(now), 3),
+                "synced": self.synced, "session": self.session}
+
+
+# -- the config manager's decisions -----------------------------------------------------
+def plan(state: ClusterState, name: str, primary_up: bool,
+         reports: dict[str, dict[str, Any]]) -> ClusterState | None:
+    """The next configuration for shard ``name``, if it needs one, from the latest
+    heartbeat reports of its nodes (address -> report, at this epoch) and whether its
+    primary answers heartbeats."""
+    shard = state.shards.get(name)
+    if shard is None:
+        return None
+    primary, replicas, in_sync = shard["primary"], shard["replicas"], shard["in_sync"]
+    mine = reports.get(primary) if primary_up else None
+    if mine is not None and mine.get("role") == "primary":
+        laggards = [a for a in mine.get("laggards", []) if a in in_sync]
+        if laggards:
+            return state.with_shard(name, primary, replicas,
+                                    [a for a in in_sync if a not in laggards])
+        joining = [a for a in mine.get("caught_up", []) if a in replicas and a not in in_sync]
+        if joining:
+            return state.with_shard(name, primary, replicas, [*in_sync, *joining])
+        return None
+    if primary_up:
+        return None  # it answers, but not yet as this epoch's primary: wait for it
+    claims = [a for a in in_sync
+              if reports.get(a, {}).get("role") == "replica"
+              and reports[a].get("primary") == primary
+              and isinstance(reports[a].get("silent"), (int, float))
+              and reports[a]["silent"] >= GRACE]
+    if not claims:
+        return None
+    return promote(state, name, claims[0])
+
+
+def promote(state: ClusterState, name: str, new: str) -> ClusterState:
+    """Shard ``name`` with ``new`` (an in-sync replica) as its primary. Every other node
+    (the old primary included) leaves the in-sync set, to sync again from ``new``."""
+    shard = state.shards[name]
+    rest = [shard["primary"], *[a for a in shard["replicas"] if a != new]]
+    return state.with_shard(name, new, rest, [])

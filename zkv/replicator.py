@@ -1,0 +1,393 @@
+"""A storage node's replication shell: the sockets around zkv.replication's core.
+
+On a primary it ships each committed turn's records to the replicas (one DEALER per
+replica, to the replica's ROUTER, as XREPL requests), holds that turn's replies until
+every in-sync replica has acknowledged them, streams a copy of the keys to a replica
+that syncs (PUSH/PULL, as a move's batches), and refuses to serve once its lease is
+gone. On a replica it applies what its primary ships (XREPL), logging the same records,
+and refuses client requests: a shard's reads and writes go to its primary.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import frames as wire
+from . import protocol as P
+from . import wal
+from .cluster import ClusterState
+from .errors import ProtocolError, StaleEpoch, StorageError, Unavailable, ZkvError
+from .guard import ROUTER_ID_PREFIX
+from .keyspace import FILL
+from .replication import SYNC_MOVE, Primary, Replica
+from .ring import RangeSet
+from .transfer import SnapshotStream
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("zkv.replication")
+
+# What a replica refuses and a primary without a lease serves not: the data ops.
+READ_OPS = frozenset({"GET", "EXISTS", "MGET", "SCAN", "KEYS", "XGET"})
+WRITE_OPS = frozenset({"SET", "DEL", "MSET", "PIPE", "XDEL", "XFLUSH"})
+DATA_OPS = READ_OPS | WRITE_OPS
+SHIP_BYTES = 16 << 20  # records in one XREPL message, at most (cut at record boundaries)
+DROP_RUN = 10_000  # keys in one log record when a syncing replica drops what it held
+LINK_HWM = 20_000
+
+
+def split_records(data: bytes, limit: int = SHIP_BYTES) -> list[bytes]:
+    """``data`` (whole framed log records) in pieces of at most ``limit`` bytes, cut at
+    record boundaries (a record larger than ``limit`` is a piece of its own)."""
+    if len(data) <= limit:
+        return [data]
+    pieces, start, off = [], 0, 0
+    while off < len(data):
+        length, _ = wal.HEADER.unpack_from(data, off)
+        end = off + wal.HEADER_SIZE + length
+        if end - start > limit and off > start:
+            pieces.append(data[start:off])
+            start = off
+        off = end
+    pieces.append(data[start:])
+    return pieces
+
+
+class Replicator:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.address = node.address  # as the config manager names this node
+        self.shard: str | None = None
+        self.primary: Primary | None = None
+        self.replica: Replica | None = None
+        self.min_in_sync = 1
+        self.links: dict[str, zmq.Socket[bytes]] = {}  # replica address -> DEALER
+        self.by_socket: dict[zmq.Socket[bytes], str] = {}
+        self.parked: collections.deque[tuple[int, list[list[bytes]]]] = collections.deque()
+        self.poller: zmq.Poller | None = None
+        self.gated = False  # data requests are checked (a replicated shard)
+        self.demoted = 0  # replies failed because this node stopped being primary
+
+    # -- the configuration --------------------------------------------------------------
+    def configure(self, state: ClusterState, name: str, address: str | None) -> None:
+        """This node's role in the configuration just taken (or loaded)."""
+        now = time.monotonic()
+        if address:
+            self.address = address
+        shard = state.shards.get(name)
+        self.shard, self.min_in_sync = name, state.min_in_sync
+        if shard is not None and shard["primary"] == self.address:
+            if self.primary is None:
+                log.info("node %s is the primary of shard %s", self.address, name)
+                self.primary = Primary(name, self.node.incarnation, now)
+            self.replica = None
+            self.primary.configure(shard["replicas"], shard["in_sync"])
+            for addr in [a for a in self.links if a not in shard["replicas"]]:
+                self._close(addr)
+        elif shard is not None and self.address in shard["replicas"]:
+            if self.replica is None:
+                log.info("node %s is a replica of shard %s (primary %s)", self.address, name,
+                         shard["primary"])
+                self.replica = Replica(started=now)
+            self._stop_primary("it is now a replica")
+        else:
+            self.replica = None
+            self._stop_primary("it is no longer in a replicated shard")
+        self.gated = shard is not None
+        self.release()
+
+    def _stop_primary(self, why: str) -> None:
+        if self.primary is None:
+            return
+        self.primary = None
+        for addr in list(self.links):
+            self._close(addr)
+        error = P.encode_exc(Unavailable(
+            f"node {self.address} stopped being the primary of shard {self.shard} ({why}) "
+            "before its replicas confirmed this; the outcome of a write is unknown"))
+        while self.parked:
+            _, replies = self.parked.popleft()
+            for reply in replies:
+                self.demoted += 1
+                self.node.out_send(self.node.failed_reply(reply, error))
+
+    # -- the gate on data requests --------------------------------------------------------
+    def gate(self, op: str) -> None:
+        """Raise if this node may not serve ``op`` now (only called when gated)."""
+        if op not in READ_OPS and op not in WRITE_OPS:
+            return
+        if self.replica is not None:
+            raise Unavailable(f"node {self.address} is a replica of shard {self.shard}; its "
+                              "reads and writes go to the shard's primary")
+        primary = self.primary
+        if primary is None:
+            raise Unavailable(f"node {self.address} is not serving shard {self.shard}")
+        if not primary.lease_ok(time.monotonic()):
+            raise Unavailable(
+                f"the primary of shard {self.shard} ({self.address}) has no lease from its "
+                "in-sync replicas (one is not answering); it serves again once they answer "
+                "or the config manager reconfigures the shard")
+        if op in WRITE_OPS and primary.copies() < self.min_in_sync:
+            raise Unavailable(
+                f"shard {self.shard} has {primary.copies()} copies in sync, fewer than "
+                f"min_in_sync ({self.min_in_sync}); writes are refused until a replica "
+                "catches up")
+
+    # -- a primary's shipping ----------------------------------------------------------------
+    def shipped(self, data: bytes) -> None:
+        """The records of a turn are committed here: ship them."""
+        primary = self.primary
+        if primary is None or not data or not primary.peers:
+            return
+        now = time.monotonic()
+        for piece in split_records(data):
+            for addr, msg in primary.ship(piece, now):
+                self._send(addr, msg)
+
+    def hold(self, replies: list[list[bytes]]) -> list[list[bytes]]:
+        """A turn's replies: the ones to send now; the rest wait for the replicas."""
+        primary = self.primary
+        if primary is None or not replies:
+            return replies
+        if primary.committed() >= primary.lsn and not self.parked:
+            return replies
+        self.parked.append((primary.lsn, replies))
+        return []
+
+    def release(self) -> None:
+        primary = self.primary
+        if primary is None:
+            return
+        if self.parked and primary.copies() < self.min_in_sync:
+            # the in-sync set shrank below min_in_sync under these: they are held by
+            # too few copies to be acknowledged, and are applied here all the same
+            error = P.encode_exc(Unavailable(
+                f"shard {self.shard} has {primary.copies()} copies in sync, fewer than "
+                f"min_in_sync ({self.min_in_sync}); this write was applied on too few "
+                "copies to be acknowledged: its outcome is unknown"))
+            while self.parked:
+                for reply in self.parked.popleft()[1]:
+                    self.node.out_send(self.node.failed_reply(reply, error))
+            return
+        done = primary.committed()
+        while self.parked and self.parked[0][0] <= done:
+            for reply in self.parked.popleft()[1]:
+                self.node.out_send(reply)
+
+    def _send(self, addr: str, msg: dict[str, Any]) -> None:
+        sock = self.links.get(addr)
+        if sock is None:
+            sock = self._open(addr)
+        msg["epoch"] = self.node.epoch
+        msg["from"] = self.address
+        try:
+            wire.send(sock, [msg["session"].encode(), P.encode_request("XREPL", msg)],
+                      wire.NOBLOCK)
+        except zmq.ZMQError:
+            assert self.primary is not None
+            self.primary.refused(addr, msg["session"], "its link would not take more")
+
+    def _open(self, addr: str) -> zmq.Socket[bytes]:
+        assert self.node.ctx is not None
+        sock: zmq.Socket[bytes] = self.node.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, ROUTER_ID_PREFIX + b"repl/" + self.address.encode()
+                        + b"/" + self.node.incarnation.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
+        sock.setsockopt(zmq.SNDHWM, LINK_HWM)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.node.limits.max_message_bytes + 4096)
+        sock.connect(f"tcp://{addr}")
+        self.links[addr] = sock
+        self.by_socket[sock] = addr
+        if self.poller is not None:
+            self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _close(self, addr: str) -> None:
+        sock = self.links.pop(addr, None)
+        if sock is None:
+            return
+        del self.by_socket[sock]
+        if self.poller is not None:
+            self.poller.unregister(sock)
+        sock.close(0)
+        self.node.close_stream((SYNC_MOVE, addr))
+
+    def answered(self, sock: zmq.Socket[bytes]) -> None:
+        """Replies from a replica: acknowledgements (or refusals)."""
+        addr = self.by_socket.get(sock)
+        moved = False
+        now = time.monotonic()
+        while wire.waiting(sock):
+            frames = wire.recv(sock)
+            if addr is None or self.primary is None or len(frames) != 2:
+                continue
+            session = frames[0].decode(errors="replace")
+            try:
+                result = P.decode_reply(frames[1])
+            except ZkvError as exc:
+                log.warning("replica %s refused a message: %s", addr, exc)
+                self.primary.refused(addr, session, str(exc))
+                continue
+            if not isinstance(result, dict):
+                continue
+            moved |= self.primary.ack(addr, session, result.get("seq"),
+                                      result.get("synced") is True, now)
+            if "pull_port" in result:
+                self._start_copy(addr, session, result["pull_port"])
+        if moved:
+            self.release()
+
+    def _start_copy(self, addr: str, session: str, pull_port: Any) -> None:
+        assert self.primary is not None
+        peer = self.primary.peers.get(addr)
+        if peer is None or peer.session != session or peer.copy is None \
+                or type(pull_port) is not int:
+            return
+        host = addr.rsplit(":", 1)[0]
+        try:
+            self.node.open_stream((SYNC_MOVE, addr), f"tcp://{host}:{pull_port}")
+        except ZkvError as exc:
+            self.primary.refused(addr, session, f"no stream to it: {exc}")
+            return
+        self.node.outgoing[(SYNC_MOVE, addr)] = SnapshotStream(
+            SYNC_MOVE + session, self.shard or self.address, peer.copy,
+            last_progress=time.monotonic(), dest=addr, move_id=SYNC_MOVE + session)
+        log.info("shard %s: copying %d keys to replica %s", self.shard, len(peer.copy), addr)
+        peer.copy = None
+
+    def tick(self, now: float) -> None:
+        primary = self.primary
+        if primary is None:
+            return
+        beacons, restart = primary.tick(now)
+        for addr, msg in beacons:
+            self._send(addr, msg)
+        for addr in restart:
+            self._close(addr)  # what is queued for its old session goes too
+            msg = primary.start_session(addr, now)
+            ks = self.node.storage.keyspace
+            primary.peers[addr].copy = list(ks.data.items())
+            # the moves open here, and their tombstones, go with the copy: a replica
+            # promoted mid-move must know them as this node does
+            if ks.incoming:
+                msg["moves"] = ks.snapshot_meta()
+                msg["tombs"] = list(ks.tombstones)
+            log.info("shard %s: replica %s syncs (session %s)", self.shard, addr,
+                     msg["session"])
+            self._send(addr, msg)
+
+    # -- a replica's side --------------------------------------------------------------------
+    def xrepl(self, a: list[Any]) -> Any:
+        """Records (or, to start a session, a sync) from this shard's primary."""
+        msg = a[0] if a else None
+        if not isinstance(msg, dict) or not isinstance(msg.get("data"), bytes) \
+                or type(msg.get("epoch")) is not int:
+            raise ProtocolError("XREPL takes a map with epoch, session, seq and data")
+        node = self.node
+        if msg["epoch"] < node.epoch:
+            raise StaleEpoch(f"node {self.address} is at epoch {node.epoch}; this primary "
+                             f"ships at {msg['epoch']}", {"epoch": node.epoch})
+        replica = self.replica
+        if replica is None:
+            raise Unavailable(f"node {self.address} is not a replica (epoch {node.epoch})")
+        try:
+            items = self._records(msg["data"])
+        except ValueError as exc:
+            replica.session = ""
+            raise ProtocolError(f"XREPL data: {exc}") from None
+        why = replica.accept(msg, time.monotonic())
+        if why:
+            raise Unavailable(why)
+        reply: dict[str, Any] = {"seq": msg["seq"]}
+        ks = node.storage.keyspace
+        if msg.get("sync") is True:
+            self._drop_all()
+            moves, tombs = msg.get("moves"), msg.get("tombs")
+            if isinstance(moves, dict) and isinstance(moves.get("incoming"), dict):
+                meta = (wal.META, {"incoming": moves["incoming"],
+                                   "modes": moves.get("modes", {})})
+                try:
+                    ks.apply(meta)
+                except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                    raise ProtocolError(f"XREPL moves: {exc}") from None
+                node.log_record(wal.encode(meta))
+                if isinstance(tombs, list) and all(type(k) is bytes for k in tombs) and tombs:
+                    ks.apply((wal.TOMBS, tombs))
+                    node.log_record(wal.encode((wal.TOMBS, tombs)))
+            node.log_record(ks.open_move(SYNC_MOVE + msg["session"], RangeSet.full(), FILL))
+            reply["pull_port"] = node.pull_port
+        try:
+            for item in items:
+                ks.apply_live(item)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            replica.session = ""
+            raise ProtocolError(f"XREPL data: a record of the wrong shape ({exc})") from None
+        node.storage.pending += msg["data"]
+        reply["synced"] = replica.synced
+        return reply
+
+    @staticmethod
+    def _records(data: bytes) -> list[Any]:
+        scan = wal.LogScan(data)
+        items = [item for _, item in scan]
+        if scan.damage is not None:
+            raise ValueError(f"{scan.damage.kind} at offset {scan.damage.offset}")
+        return items
+
+    def _drop_all(self) -> None:
+        """A sync starts: whatever this node held is stale (it may hold writes its old
+        primary never had acknowledged, or be a deposed primary itself)."""
+        node = self.node
+        ks = node.storage.keyspace
+        for move_id in list(ks.incoming):
+            node.log_record(ks.close_move(move_id))
+        node.incoming.clear()
+        keys = list(ks.data)
+        for start in range(0, len(keys), DROP_RUN):
+            node.log_record(ks.forget(keys[start:start + DROP_RUN]))
+
+    def streams_done(self) -> None:
+        """After batches were applied: a sync whose copy is complete ends its move."""
+        replica = self.replica
+        if replica is None or replica.synced or not replica.session:
+            return
+        move_id = SYNC_MOVE + replica.session
+        node = self.node
+        done = [k for k, st in node.incoming.items() if k[0] == move_id and st.done]
+        if done:
+            node.log_record(node.storage.keyspace.close_move(move_id))
+            try:
+                node.storage.commit(durable=True)
+            except StorageError as exc:
+                log.error("%s", exc)
+                return
+            for key in done:
+                del node.incoming[key]
+            replica.synced = True
+            log.info("replica %s: copy of shard %s complete", self.address, self.shard)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any] | None:
+        now = time.monotonic()
+        if self.primary is not None:
+            return {**self.primary.report(now), "shard": self.shard,
+                    "waiting_replies": sum(len(r) for _, r in self.parked)}
+        if self.replica is not None:
+            assert self.shard is not None
+            state = self.node.placement.state if self.node.placement else None
+            primary = state.primary(self.shard) if state is not None else ""
+            return {**self.replica.report(now, primary), "shard": self.shard}
+        return None
+
+    def close(self) -> None:
+        for addr in list(self.links):
+            self._close(addr)
