@@ -80,6 +80,34 @@ def test_five_yaml() -> None:
     assert all(n.resolved_data_dir().startswith("./data/five/") for n in topo.nodes)
 
 
+def test_replicated_yaml() -> None:
+    topo = load_topology(CONFIGS / "replicated.yaml")
+    assert [n.port for n in topo.nodes] == [8081, 8082, 8083]
+    assert topo.replica_map() == {f"127.0.0.1:{p}": [f"127.0.0.1:{p + 10}"]
+                                  for p in (8081, 8082, 8083)}
+    assert [n.port for n in topo.all_nodes()] == [8081, 8091, 8082, 8092, 8083, 8093]
+    assert {n.fsync for n in topo.all_nodes()} == {"always"}
+    assert topo.node(8092).resolved_data_dir() == "./data/replicated/127.0.0.1-8092"
+    assert topo.members() == {f"127.0.0.1:{p}": 1.0 for p in (8081, 8082, 8083)}
+
+
+def test_replicas_take_their_primarys_settings_unless_they_set_their_own(
+        tmp_path: Path) -> None:
+    topo = load_topology(write(tmp_path, (
+        "defaults: {fsync: \"no\"}\n"
+        "nodes:\n"
+        "  - address: 127.0.0.1:8081\n"
+        "    fsync: always\n"
+        "    replicas: [127.0.0.1:8091, {port: 8092, fsync: everysec}]\n"
+        "  - address: 127.0.0.1:8082\n"), "r.yaml"))
+    assert topo.replica_map() == {"127.0.0.1:8081": ["127.0.0.1:8091", "127.0.0.1:8092"]}
+    assert topo.node("127.0.0.1:8091").fsync == "always"
+    assert topo.node(8092).fsync == "everysec"
+    assert topo.node(8082).fsync == "no"
+    assert topo.node(8091).resolved_data_dir() == os.path.join(".", "data", "127.0.0.1-8091")
+    assert topo.proxy.min_in_sync == 1
+
+
 def test_weighted_yaml() -> None:
     topo = load_topology(CONFIGS / "weighted.yaml")
     assert sorted(topo.members().values()) == [1.0, 1.0, 2.0]
@@ -300,6 +328,21 @@ BAD_FIELDS = [
      ["nodes[1].data_dir: 'd/' is already used by nodes[0].data_dir"]),
     ("data_dir is proxy state", "nodes:\n  - {port: 8081, data_dir: ./data/proxy}\n",
      ["nodes[0].data_dir", "the proxy's state_dir"]),
+    ("replicas not a list", "nodes:\n  - {port: 8081, replicas: 127.0.0.1:8091}\n",
+     ["nodes[0].replicas: expected a list of HOST:PORT"]),
+    ("replica address bad", "nodes:\n  - {port: 8081, replicas: [nowhere]}\n",
+     ["nodes[0].replicas[0].address"]),
+    ("replica on its primary", "nodes:\n  - {port: 8081, replicas: [127.0.0.1:8081]}\n",
+     ["nodes[0].replicas[0]: address 127.0.0.1:8081 is already used by nodes[0]"]),
+    ("replica on another node",
+     "nodes:\n  - {port: 8081, replicas: [127.0.0.1:8082]}\n  - {port: 8082}\n",
+     ["nodes[1]: address 127.0.0.1:8082 is already used by nodes[0].replicas[0]"]),
+    ("replica weight", "nodes:\n  - {port: 8081, replicas: [{port: 8091, weight: 2}]}\n",
+     ["nodes[0].replicas[0]", "weight"]),
+    ("replica shares a data_dir",
+     "nodes:\n  - {port: 8081, data_dir: d, replicas: [{port: 8091, data_dir: d}]}\n",
+     ["nodes[0].replicas[0].data_dir: 'd' is already used by nodes[0].data_dir"]),
+    ("min_in_sync zero", "proxy: {min_in_sync: 0}\n" + NODE, ["proxy.min_in_sync"]),
 ]
 
 

@@ -280,3 +280,202 @@ def test_the_direct_client_follows_a_failover(make_cluster: Any) -> None:
     wait_until(lambda: primary_of(cluster, shard) != shard, 15, what="the failover")
     wait_until(lambda: c.set(b"k", b"v2"), 10, what="the direct client writing again")
     assert c.get(b"k") == b"v2"
+
+
+def test_replicas_from_flags(procs: Any, tmp_path: Any) -> None:
+    """zkv proxy --node P --replica P=R: the same shard as a topology's replicas:."""
+    from conftest import free_port
+
+    primary, replica, proxy = free_port(), free_port(), free_port()
+    for port in (primary, replica):
+        procs.node(port, str(tmp_path / f"n{port}"))
+    p, r = f"127.0.0.1:{primary}", f"127.0.0.1:{replica}"
+    procs.start("proxy", "--port", str(proxy), "--state-dir", str(tmp_path / "s"),
+                "--node", p, "--replica", f"{p}={r}", "--min-in-sync", "2",
+                ready="zkv proxy")
+    c = zkv.Client(f"127.0.0.1:{proxy}", timeout=3.0)
+    try:
+        wait_until(lambda: any(n.get("in_sync") for n in c.nodes()), 20,
+                   what="the replica in sync")
+        assert c.set(b"k", b"v")  # two copies, as min_in_sync asks
+        assert keys_of(r) == 1
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--replica", "127.0.0.1:1"], "expected PRIMARY=REPLICA"),
+    (["--replica", "127.0.0.1:2=127.0.0.1:3"], "127.0.0.1:2 is not a node"),
+    (["--replica", "127.0.0.1:1=127.0.0.1:1"], "already a node of the cluster"),
+    (["--replica", "127.0.0.1:1=nowhere"], "--replica REPLICA"),
+])
+def test_bad_replica_flags_are_one_clear_line(procs: Any, tmp_path: Any, args: list[str],
+                                              message: str) -> None:
+    proc = procs.start("proxy", "--state-dir", str(tmp_path / "s"), "--node", "127.0.0.1:1",
+                       *args, ready=None)
+    assert proc.wait_exit(15) != 0
+    assert message in proc.output and "Traceback" not in proc.output
+
+
+def test_a_replica_survives_malformed_replication_messages(make_cluster: Any) -> None:
+    """XREPL is internal, but whoever can reach a node can send it: anything malformed
+    gets an error reply, changes nothing, and the shard goes on as before."""
+    from zkv import wal
+
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=3.0)
+    assert c.set(b"k", b"v")
+    raw = zkv.Client(replica, timeout=3.0, retries=0)
+    epoch = c.status()["epoch"]
+    good = {"epoch": epoch, "session": "x", "seq": 0, "shard": shard, "from": shard}
+    bad = [
+        [],
+        ["not a map"],
+        [{**good, "data": "text"}],
+        [{**good, "data": b"", "epoch": "1"}],
+        [{**good, "data": b"", "epoch": 0}],  # an older epoch: a deposed primary
+        [{**good, "data": b"\x00" * 20}],  # not log records
+        [{**good, "data": wal.encode([wal.SET, "text", 5])}],  # records of the wrong shape
+        [{**good, "data": b"", "session": 7}],
+        [{**good, "data": b"", "seq": 5}],  # no such session
+        [{**good, "data": b"", "sync": True, "from": "127.0.0.1:1"}],  # not its primary
+    ]
+    try:
+        for args in bad:
+            with pytest.raises(zkv.ZkvError):
+                raw.call("XREPL", *args)
+        # well formed, but not of the session the replica follows: refused too
+        with pytest.raises(zkv.Unavailable, match="no session x here"):
+            raw.call("XREPL", {**good, "data": wal.encode([wal.SET, b"k", b"evil"])})
+    finally:
+        raw.close()
+    assert c.set(b"k2", b"v2") and c.get(b"k") == b"v"
+    assert keys_of(replica) == 2  # its session with the primary went on throughout
+    table = {r["address"]: r for r in rows(cluster)}
+    assert table[replica]["in_sync"] and table[replica]["replication"] == "in_sync"
+
+
+@pytest.mark.timeout(180)
+def test_add_and_remove_move_keys_between_replicated_shards(make_cluster: Any,
+                                                             procs: Any, tmp_path: Any) -> None:
+    """A move streams primary to primary; what a destination takes, and what a source
+    drops, reaches their replicas like any write. ADD of a plain node, then REMOVE of
+    a replicated shard, under writers: nothing acknowledged is lost, and each remaining
+    replica holds exactly what its primary holds."""
+    from conftest import free_port
+
+    cluster = replicated(make_cluster, nodes=2)
+    c = cluster.client(timeout=10.0)
+    port = free_port()
+    procs.node(port, str(tmp_path / "joining"))
+    new = f"127.0.0.1:{port}"
+    with Load(cluster.address, MIX, workers=2, keys_each=300, pause=0.002) as load:
+        time.sleep(0.5)
+        c.add_node(new)
+        gone = cluster.node_addrs[0]
+        c.remove_node(gone)
+        time.sleep(0.5)
+    load.check_threads()
+    read_back(c.mget, load.possible())
+    status = c.status()
+    assert sorted(status["members"]) == sorted([cluster.node_addrs[1], new])
+    stay = cluster.node_addrs[1]
+    wait_in_sync(cluster, 30)
+    replica = cluster.replica_addrs[stay][0]
+    assert keys_of(replica) == keys_of(primary_of(cluster, stay))
+    table = rows(cluster)
+    assert {r["address"] for r in table} == {stay, replica, new}  # the removed shard's gone
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_node_is_replaced_with_replica_add_and_remove(make_cluster: Any, procs: Any,
+                                                             tmp_path: Any) -> None:
+    """The primary dies for good (its replica takes over), then a new empty node is
+    attached with REPLICA ADD and the dead one detached with REPLICA REMOVE, while
+    writers run: the copy count is back to two, and nothing acknowledged is lost."""
+    from conftest import free_port
+
+    cluster = replicated(make_cluster, nodes=2)
+    shard = cluster.node_addrs[0]
+    c = cluster.client(timeout=10.0)
+    with Load(cluster.address, MIX, workers=2, keys_each=300, pause=0.002) as load:
+        time.sleep(0.5)
+        cluster.kill_node(shard)  # gone for good
+        wait_until(lambda: primary_of(cluster, shard) != shard, 15, what="the failover")
+        port = free_port()
+        procs.node(port, str(tmp_path / "fresh"))
+        fresh = f"127.0.0.1:{port}"
+        row = c.add_replica(shard, fresh, wait_timeout=60)
+        assert row["in_sync"] and row["shard"] == shard
+        assert c.remove_replica(shard)["removed"] == shard  # the dead machine's node
+        time.sleep(0.5)
+    load.check_threads()
+    read_back(c.mget, load.possible())
+    table = {r["address"]: r for r in rows(cluster)}
+    mine = {a: r for a, r in table.items() if r.get("shard") == shard}
+    assert sorted(mine) == sorted([cluster.replica_addrs[shard][0], fresh])
+    assert mine[fresh]["in_sync"] and mine[fresh]["role"] == "replica"
+    assert keys_of(fresh) == keys_of(primary_of(cluster, shard))
+
+
+def test_replica_commands_refuse_mistakes_and_change_nothing(make_cluster: Any, procs: Any,
+                                                             tmp_path: Any) -> None:
+    from conftest import free_port
+
+    cluster = replicated(make_cluster, nodes=2)
+    a, b = cluster.node_addrs
+    ra = cluster.replica_addrs[a][0]
+    c = cluster.client(timeout=5.0)
+    epoch = c.status()["epoch"]
+    busy = free_port()
+    procs.node(busy, str(tmp_path / "busy"))
+    with zkv.Client(f"127.0.0.1:{busy}", timeout=3.0) as other:
+        other.set(b"someone else's", b"data")
+    cases = [
+        (("ADD", a, b), "already a node of this cluster"),
+        (("ADD", a, ra), "already a node of this cluster"),
+        (("ADD", "127.0.0.1:1", f"127.0.0.1:{busy}"), "is not a shard"),
+        (("ADD", a, f"127.0.0.1:{busy}"), "already holds 1 keys"),
+        (("ADD", a, f"127.0.0.1:{free_port()}"), "does not answer"),
+        (("ADD", a), "usage: REPLICA ADD"),
+        (("REMOVE", a), "is the primary of shard"),
+        (("REMOVE", "127.0.0.1:1"), "not a replica of any shard"),
+    ]
+    for args, message in cases:
+        with pytest.raises(zkv.ClusterError, match=message):
+            c.call("REPLICA", *args)
+    with pytest.raises(zkv.ZkvError, match="REPLICA takes ADD"):
+        c.call("REPLICA", "JOIN", a, ra)
+    for args, message in [((b, b), "not a replica of it"), (("127.0.0.1:1",), "not a shard")]:
+        with pytest.raises(zkv.ClusterError, match=message):
+            c.failover(*args)
+    assert c.status()["epoch"] == epoch  # nothing changed
+    wait_in_sync(cluster)
+
+
+@pytest.mark.timeout(180)
+def test_a_planned_failover_loses_nothing_and_is_quick(make_cluster: Any) -> None:
+    cluster = replicated(make_cluster, nodes=2)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    probe = cluster.client(timeout=1.0)
+    ring = Ring({a: 1.0 for a in cluster.node_addrs}, c.status()["vnodes"])
+    key = next(b"p%d" % i for i in range(100) if ring.owner(b"p%d" % i) == shard)
+    with Load(cluster.address, MIX, workers=2, keys_each=300, pause=0.002) as load:
+        time.sleep(0.5)
+        began = time.monotonic()
+        reply = c.failover(shard, replica)
+        assert reply["primary"] == replica and reply["was"] == shard
+        wait_until(lambda: probe.set(key, b"x"), 10, interval=0.02, what="writes again")
+        took = time.monotonic() - began
+        wait_in_sync(cluster, 30)  # the old primary syncs back as a replica
+        time.sleep(0.3)
+    load.check_threads()
+    read_back(c.mget, load.possible())
+    assert primary_of(cluster, shard) == replica
+    assert c.status()["handovers"] == 1 and c.status()["failovers"] == 0
+    print(f"planned failover: writes taken again after {took:.2f} s")
+    assert took < 5

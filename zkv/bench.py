@@ -971,6 +971,12 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
                       if (b, test) in by and by[(b, test)] > 0 and mine is not None}
             if ratios:
                 report.setdefault(key, {})[test] = ratios
+    if cfg.replicas:
+        from .benchmarks import replication
+
+        say("replication: catch-up, move and failover")
+        report["replication"] = replication.measure(children, min(cfg.keyspace, 50_000),
+                                                    say=lambda line: None)
     if cfg.resp:
         from .benchmarks import resp as resp_bench
 
@@ -1115,6 +1121,13 @@ def show(report: dict[str, Any], console: Any) -> None:
     for test, ratio in report.get("ratios_replicas", {}).items():
         console.print(f"{test.upper()}: with {report['config'].get('replicas', 1)} "
                       f"replica(s) per shard, {ratio:.2f}x the throughput without")
+    repl = report.get("replication")
+    if repl:
+        console.print(
+            f"replication: catch-up {repl['catch_up_keys_per_sec']:,} keys/s, "
+            f"{repl['catch_up_vs_move']:.2f}x the move rate ({repl['move_keys_per_sec']:,} "
+            f"keys/s); failover (kill -9 of a primary until writes are taken again): "
+            f"{', '.join(f'{t:.2f} s' for t in repl['failover_seconds'])}")
     if report.get("resp"):
         from .benchmarks import resp as resp_bench
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import protocol as P
-from .client import Client, MoveHandle
+from .client import Client, MoveHandle, wait_in_sync
 from .errors import ConfigError, ZkvError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -61,7 +61,7 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
             if not token.isdigit() or int(token) < 1:
                 raise UsageError(f"COUNT must be a positive integer, not {token!r}")
             args.append(int(token))
-        elif kind in ("cursor", "addr"):
+        elif kind in ("cursor", "addr", "replica_action"):
             args.append(token)
         else:
             args.append(token.encode())
@@ -323,6 +323,8 @@ def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
     try:
         if op in ("ADD", "REMOVE", "MOVE"):
             return run_admin(client, printer, op, args)
+        if op == "REPLICA" and args[0] == "ADD":
+            return run_replica_add(client, printer, args)
         result = client.call(op, *args)
     except ZkvError as exc:
         printer.error(exc)
@@ -363,6 +365,28 @@ def run_admin(client: Client, printer: Printer, op: str, args: list[Any]) -> int
     else:
         final = printer.follow(handle)
     printer.out(f"{op} {args[0]}: done (epoch {final['epoch']})")
+    return EXIT_OK
+
+
+def run_replica_add(client: Client, printer: Printer, args: list[Any]) -> int:
+    """REPLICA ADD: attach, then follow the sync with a progress bar until in sync."""
+    reply = client.call("REPLICA", *args)
+    shard, addr = reply["shard"], reply["replica"]
+    printer.out(f"REPLICA ADD {addr}: joins shard {shard} (epoch {reply['epoch']}); syncing")
+    if printer.raw:
+        wait_in_sync(client, addr)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=printer.console, transient=True) as bar:
+            task = bar.add_task(f"copying shard {shard} to {addr}", total=None)
+
+            def shown(row: dict[str, Any], primary: int | None) -> None:
+                bar.update(task, completed=row.get("keys") or 0, total=primary)
+
+            wait_in_sync(client, addr, progress=shown)
+    printer.out(f"REPLICA ADD {addr}: in sync (epoch {client.status()['epoch']})")
     return EXIT_OK
 
 

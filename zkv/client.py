@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
-from .errors import ConfigError, NotSent, ProtocolError, Timeout, Unavailable, ZkvError
+from .errors import (
+    ClusterError,
+    ConfigError,
+    NotSent,
+    ProtocolError,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
 from .link import Link
 
 if TYPE_CHECKING:
@@ -288,6 +296,27 @@ class Client:
             return handle
         return handle.wait(wait_timeout)
 
+    def add_replica(self, shard: str, address: str, *, wait: bool = True,
+                    wait_timeout: float | None = None) -> dict[str, Any]:
+        """REPLICA ADD: attach the node at ``address`` (running, empty) to ``shard`` as a
+        replica. It syncs from the shard's primary; with ``wait`` (the default) this
+        returns once it is in sync, else at once."""
+        reply: dict[str, Any] = self.call("REPLICA", "ADD", shard, address)
+        if wait:  # the reply, and the replica's NODES row once it is in sync
+            return {**wait_in_sync(self, address, wait_timeout), **reply}
+        return reply
+
+    def remove_replica(self, address: str) -> dict[str, Any]:
+        """REPLICA REMOVE: detach a replica from its shard (the node keeps running)."""
+        reply: dict[str, Any] = self.call("REPLICA", "REMOVE", address)
+        return reply
+
+    def failover(self, shard: str, address: str | None = None) -> dict[str, Any]:
+        """FAILOVER: hand ``shard`` to an in-sync replica (``address``, or any), losing no
+        acknowledged write; the new primary serves within about a second."""
+        reply: dict[str, Any] = self.call("FAILOVER", shard, *([address] if address else []))
+        return reply
+
     def _admin(self, op: str, address: str, options: dict[str, Any], rate: float | None,
                wait: bool, wait_timeout: float | None) -> dict[str, Any] | MoveHandle:
         if rate is not None:
@@ -299,6 +328,31 @@ class Client:
         if not wait:
             return handle
         return handle.wait(wait_timeout)
+
+
+def wait_in_sync(client: Client, address: str, timeout: float | None = None,
+                 progress: Callable[[dict[str, Any], int | None], None] | None = None
+                 ) -> dict[str, Any]:
+    """Poll NODES until the replica at ``address`` is in sync; its row. ``progress``
+    gets each row seen before that, and its primary's key count (a syncing replica's
+    keys count up towards it)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        rows = client.nodes()
+        row = next((r for r in rows if r.get("address") == address
+                    and r.get("role") == "replica"), None)
+        if row is None:
+            raise ClusterError(f"{address} is not a replica of any shard")
+        if row.get("in_sync"):
+            return dict(row)
+        if progress is not None:
+            primary = next((r.get("keys") for r in rows if r.get("role") == "primary"
+                            and r.get("shard") == row.get("shard")), None)
+            progress(row, primary)
+        if deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"replica {address} not in sync within {timeout:g} s "
+                          f"({row.get('replication')}); it goes on syncing")
+        time.sleep(0.2)
 
 
 class MoveHandle:

@@ -125,7 +125,15 @@ class ClusterState:
     # Every change is a new epoch: nodes order configurations by it alone, and a
     # request carries it, so no two different configurations ever share one.
     def with_members(self, members: dict[str, float]) -> ClusterState:
-        return replace(self, epoch=self.epoch + 1, members=dict(members))
+        return replace(self, epoch=self.epoch + 1, members=dict(members))._pruned()
+
+    def _pruned(self) -> ClusterState:
+        """Without the shards that left (a REMOVE that finished): no node of theirs is
+        routed to or configured any more."""
+        involved = self.involved()
+        if all(name in involved for name in self.shards):
+            return self
+        return replace(self, shards={k: v for k, v in self.shards.items() if k in involved})
 
     def with_shard(self, name: str, primary: str, replicas: list[str],
                    in_sync: list[str]) -> ClusterState:
@@ -140,7 +148,7 @@ class ClusterState:
                   members: dict[str, float] | None = None) -> ClusterState:
         """The move record replaced (and the ring too, with ``members``): one epoch on."""
         return replace(self, epoch=self.epoch + 1, move=move,
-                       members=dict(self.members if members is None else members))
+                       members=dict(self.members if members is None else members))._pruned()
 
 
 def _addresses(value: Any) -> bool:

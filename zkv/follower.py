@@ -33,7 +33,7 @@ log = logging.getLogger("zkv.follower")
 # seconds between two asks for a newer configuration (tests make a follower lag with a
 # long one, ZKV_FOLLOWER_POLL)
 POLL = float(os.environ.get("ZKV_FOLLOWER_POLL", "0.25") or 0.25)
-FORWARDED = ("ADD", "REMOVE", "MOVE", "STATUS")
+FORWARDED = ("ADD", "REMOVE", "MOVE", "STATUS", "REPLICA", "FAILOVER")
 
 
 class Follower(ProxyShell):

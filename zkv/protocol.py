@@ -147,6 +147,12 @@ COMMANDS: dict[str, Command] = {
         Command("MOVE", ADMIN, ("action", "options?"),
                 "Roll the move under way back to the old membership (--force: give up on "
                 "nodes that are down).", "ABORT [--force]"),
+        Command("REPLICA", ADMIN, ("replica_action", "addr", "addr?"),
+                "Attach node HOST:PORT to shard SHARD as a replica and sync it (ADD), or "
+                "detach a replica (REMOVE).", "ADD SHARD HOST:PORT | REMOVE HOST:PORT"),
+        Command("FAILOVER", ADMIN, ("addr", "addr?"),
+                "Hand shard SHARD to an in-sync replica (HOST:PORT, or any), losing no "
+                "acknowledged write.", "SHARD [HOST:PORT]"),
         # Node-to-node and proxy-to-node operations used by rebalancing.
         Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
         Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),
@@ -244,6 +250,12 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         if not _is_int(value) or value < 1:
             raise ProtocolError("a reply budget must be a positive integer of bytes")
         return min(value, limits.max_message_bytes)
+    if kind == "replica_action":
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str) or value.upper() not in ("ADD", "REMOVE"):
+            raise ProtocolError("REPLICA takes ADD SHARD HOST:PORT or REMOVE HOST:PORT")
+        return value.upper()
     if kind == "action":
         if isinstance(value, bytes):
             value = value.decode("ascii", "replace")

@@ -33,6 +33,7 @@ from .mover import (
 )
 from .planner import moved_fraction, plan, summary
 from .replication import plan as plan_shard
+from .replication import promote
 from .ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
 from .shell import (
     DEFAULT_CLIENT_BUFFER,
@@ -114,12 +115,15 @@ class Proxy(ProxyShell):
         self.publishing: ClusterState | None = None  # sent to the nodes, not yet in effect
         self.driver: MoveDriver | None = None
         self._admin_busy = False
-        self.failovers = 0
+        self.failovers = 0  # automatic: a primary that stopped answering
+        self.handovers = 0  # FAILOVER commands
         self._next_key_count = 0.0
         self._ops.update({
             "ADD": self._add,
             "REMOVE": self._remove,
             "MOVE": self._move_command,
+            "REPLICA": self._replica,
+            "FAILOVER": self._failover,
         })
 
     # -- what the config manager adds to the shell ---------------------------------------
@@ -236,6 +240,7 @@ class Proxy(ProxyShell):
             "vnodes": self.state.vnodes,
             "move": self.driver.status() if self.driver else None,
             "failovers": self.failovers,
+            "handovers": self.handovers,
             "notes": list(self.notes),
         }
 
@@ -361,6 +366,89 @@ class Proxy(ProxyShell):
             return self._answer(routing, self._plan_reply(new_ring, True))
         self._with_live_node(routing, addr, lambda: self._start(routing, "remove", addr,
                                                                 new_ring, options))
+
+    # -- administration: replicas and failover ---------------------------------------------
+    def _node_arg(self, text: str, what: str) -> str:
+        try:
+            return format_address(*parse_address(text, what))
+        except ZkvError as exc:
+            raise ClusterError(f"{exc}; nothing changed") from None
+
+    def _shard_arg(self, text: str) -> str:
+        name = self._node_arg(text, "shard")
+        if name not in self.state.members:
+            raise ClusterError(f"{name} is not a shard (the shards are "
+                               f"{', '.join(sorted(self.state.members)) or 'none'}); "
+                               "nothing changed")
+        return name
+
+    def _replica(self, routing: list[bytes], args: list[Any]) -> None:
+        """REPLICA ADD SHARD ADDR (an empty node that answers joins the shard and syncs)
+        and REPLICA REMOVE ADDR (a replica leaves its shard)."""
+        action = args[0]
+        self._check_admin()
+        state = self.state
+        if action == "ADD":
+            if len(args) != 3:
+                raise ClusterError("usage: REPLICA ADD SHARD HOST:PORT; nothing changed")
+            name, addr = self._shard_arg(args[1]), self._node_arg(args[2], "replica")
+            if state.shard_of(addr) is not None or addr in state.involved():
+                raise ClusterError(f"{addr} is already a node of this cluster (shard "
+                                   f"{state.shard_of(addr)}); nothing changed")
+            shard = state.shards.get(name, {"primary": name, "replicas": [], "in_sync": []})
+
+            def attach() -> None:
+                new = self.state.with_shard(name, shard["primary"],
+                                            [*shard["replicas"], addr], shard["in_sync"])
+                log.info("shard %s: replica %s added (epoch %d); it syncs now", name, addr,
+                         new.epoch)
+                self.commit(new, lambda: self._answer(routing, {
+                    "shard": name, "replica": addr, "epoch": new.epoch}))
+
+            self._with_live_node(routing, addr, attach, must_be_empty=True)
+            return
+        if len(args) != 2:
+            raise ClusterError("usage: REPLICA REMOVE HOST:PORT; nothing changed")
+        gone = self._node_arg(args[1], "replica")
+        home = state.shard_of(gone)
+        entry = state.shards.get(home or "")
+        if home is None or entry is None or gone not in entry["replicas"]:
+            what = f"the primary of shard {home} (FAILOVER it first)" \
+                if entry is not None else "not a replica of any shard"
+            raise ClusterError(f"{gone} is {what}; nothing changed")
+        smaller = state.with_shard(home, entry["primary"],
+                                   [a for a in entry["replicas"] if a != gone],
+                                   [a for a in entry["in_sync"] if a != gone])
+        log.info("shard %s: replica %s removed (epoch %d)", home, gone, smaller.epoch)
+        self.commit(smaller, lambda: self._answer(routing, {
+            "shard": home, "removed": gone, "epoch": smaller.epoch}))
+
+    def _failover(self, routing: list[bytes], args: list[Any]) -> None:
+        """FAILOVER SHARD [ADDR]: a planned handover to an in-sync replica. The new
+        primary serves once the old one's lease has run out (zkv.replicator), so no
+        write the old one acknowledged is missed and no two primaries answer."""
+        self._check_admin()
+        name = self._shard_arg(args[0])
+        shard = self.state.shards.get(name)
+        if shard is None or not shard["replicas"]:
+            raise ClusterError(f"shard {name} has no replicas; nothing changed")
+        if len(args) > 1:
+            target = self._node_arg(args[1], "new primary")
+            if target not in shard["in_sync"]:
+                state = "not a replica of it" if target not in shard["replicas"] \
+                    else "not in sync (NODES shows its state)"
+                raise ClusterError(f"{target} is {state}; shard {name} stays with "
+                                   f"{shard['primary']}")
+        elif shard["in_sync"]:
+            target = shard["in_sync"][0]
+        else:
+            raise ClusterError(f"shard {name} has no replica in sync; nothing changed")
+        new = promote(self.state, name, target)
+        self.handovers += 1
+        log.warning("shard %s: FAILOVER from %s to %s (epoch %d)", name, shard["primary"],
+                    target, new.epoch)
+        self.commit(new, lambda: self._answer(routing, {
+            "shard": name, "primary": target, "was": shard["primary"], "epoch": new.epoch}))
 
     def _force_remove(self, routing: list[bytes], addr: str) -> None:
         """REMOVE ADDR --force: a node that is gone for good leaves the ring without its

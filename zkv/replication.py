@@ -21,12 +21,12 @@ The model is PacificA's (Lin et al., 2008), as Kafka's in-sync replicas also wor
   answering it. So two primaries never both answer.
 * A replica that is not in sync (new, returning, or a deposed primary) gets a *sync
   session*: its first message tells it to drop everything it holds and open a catch-up
-  move over the whole hash space; the primary streams it a copy of its keys as of that
-  message (PUSH/PULL, like a move's batches) while shipping every later record. The
-  move's rule (a streamed key is taken only where the replica holds no newer state of
-  it) makes copy plus records exactly the primary's data. Once the stream is complete
-  the replica says ``synced``; the primary reports it caught up; the config manager
-  adds it to the in-sync set.
+  move over the whole hash space; the primary streams it a copy of its keys taken once
+  it answers (PUSH/PULL, like a move's batches) while shipping every record since that
+  first message. The move's rule (a streamed key is taken only where the replica holds
+  no newer state of it) makes copy plus records exactly the primary's data. Once the
+  stream is complete the replica says ``synced``; the primary reports it caught up;
+  the config manager adds it to the in-sync set.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Peer:
     started: float = 0.0  # when the session began
     synced: bool = False  # the replica says its copy is complete
     broken: str = ""  # why the session cannot go on ("" while it can)
-    copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream, once it is ready
+    copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream (see zkv.replicator)
 
     def age(self, now: float) -> float:
         """How long the oldest unacknowledged message has waited."""

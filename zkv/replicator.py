@@ -24,7 +24,7 @@ from .cluster import ClusterState
 from .errors import ProtocolError, StaleEpoch, StorageError, Unavailable, ZkvError
 from .guard import ROUTER_ID_PREFIX
 from .keyspace import FILL
-from .replication import SYNC_MOVE, Primary, Replica
+from .replication import LEASE, SYNC_MOVE, Primary, Replica
 from .ring import RangeSet
 from .transfer import SnapshotStream
 
@@ -72,6 +72,7 @@ class Replicator:
         self.parked: collections.deque[tuple[int, list[list[bytes]]]] = collections.deque()
         self.poller: zmq.Poller | None = None
         self.gated = False  # data requests are checked (a replicated shard)
+        self.serve_after = 0.0  # a new primary serves from then (monotonic)
         self.demoted = 0  # replies failed because this node stopped being primary
 
     # -- the configuration --------------------------------------------------------------
@@ -86,6 +87,10 @@ class Replicator:
             if self.primary is None:
                 log.info("node %s is the primary of shard %s", self.address, name)
                 self.primary = Primary(name, self.node.incarnation, now)
+                if self.replica is not None:
+                    # promoted: the old primary may hold a lease renewed by this node's
+                    # last acknowledgement; serve only once it has surely run out
+                    self.serve_after = self.replica.last_heard + LEASE
             self.replica = None
             self.primary.configure(shard["replicas"], shard["in_sync"])
             for addr in [a for a in self.links if a not in shard["replicas"]]:
@@ -128,7 +133,13 @@ class Replicator:
         primary = self.primary
         if primary is None:
             raise Unavailable(f"node {self.address} is not serving shard {self.shard}")
-        if not primary.lease_ok(time.monotonic()):
+        now = time.monotonic()
+        if now < self.serve_after:
+            raise Unavailable(
+                f"node {self.address} is the new primary of shard {self.shard}; it serves "
+                f"in {self.serve_after - now:.1f} s, once the old primary's lease has "
+                "surely run out")
+        if not primary.lease_ok(now):
             raise Unavailable(
                 f"the primary of shard {self.shard} ({self.address}) has no lease from its "
                 "in-sync replicas (one is not answering); it serves again once they answer "
@@ -249,9 +260,14 @@ class Replicator:
     def _start_copy(self, addr: str, session: str, pull_port: Any) -> None:
         assert self.primary is not None
         peer = self.primary.peers.get(addr)
-        if peer is None or peer.session != session or peer.copy is None \
-                or type(pull_port) is not int:
+        if peer is None or peer.session != session or peer.synced or peer.broken \
+                or type(pull_port) is not int or (SYNC_MOVE, addr) in self.node.outgoing:
             return
+        # The copy is taken now, when the replica has answered the session's first
+        # message, not when that was sent: any moment after it will do, because the
+        # replica applies every record shipped since then, and a streamed key is taken
+        # only where it holds no newer state (so a dead replica costs no copies).
+        peer.copy = list(self.node.storage.keyspace.data.items())
         host = addr.rsplit(":", 1)[0]
         try:
             self.node.open_stream((SYNC_MOVE, addr), f"tcp://{host}:{pull_port}")
@@ -275,7 +291,6 @@ class Replicator:
             self._close(addr)  # what is queued for its old session goes too
             msg = primary.start_session(addr, now)
             ks = self.node.storage.keyspace
-            primary.peers[addr].copy = list(ks.data.items())
             # the moves open here, and their tombstones, go with the copy: a replica
             # promoted mid-move must know them as this node does
             if ks.incoming:
@@ -299,14 +314,18 @@ class Replicator:
         replica = self.replica
         if replica is None:
             raise Unavailable(f"node {self.address} is not a replica (epoch {node.epoch})")
-        try:
+        if msg.get("sync") is True and msg["epoch"] == node.epoch and node.placement \
+                and msg.get("from") != node.placement.state.primary(self.shard or ""):
+            raise Unavailable(f"{msg.get('from')!r} is not the primary of shard {self.shard} "
+                              f"at epoch {node.epoch}")
+        why = replica.accept(msg, time.monotonic())
+        if why:
+            raise Unavailable(why)
+        try:  # (the message continues the session: if it is damaged, the session ends)
             items = self._records(msg["data"])
         except ValueError as exc:
             replica.session = ""
             raise ProtocolError(f"XREPL data: {exc}") from None
-        why = replica.accept(msg, time.monotonic())
-        if why:
-            raise Unavailable(why)
         reply: dict[str, Any] = {"seq": msg["seq"]}
         ks = node.storage.keyspace
         if msg.get("sync") is True:

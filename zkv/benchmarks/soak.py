@@ -1,6 +1,7 @@
 """A soak run: a mixed load for minutes while storage nodes are restarted on a schedule.
 
-    python -m zkv.benchmarks.soak [--minutes 5] [--restart-every 20] [--clients 4] [--json]
+    python -m zkv.benchmarks.soak [--minutes 5] [--restart-every 20] [--clients 4]
+                                  [--replicas N] [--json]
 
 Not part of CI. It starts three nodes (fsync always) and a proxy in a temporary
 directory, runs writers/deleters/readers (each client owns its keys, so the
@@ -10,6 +11,10 @@ between restarts reports operations, errors and the resident memory of every
 process; at the end every key is read back and compared. The run fails (exit 1)
 if any acknowledged write was lost, or if memory grew without bound (the last
 phase's RSS more than twice the first's, after the warm-up phase).
+
+With ``--replicas N`` every shard has N replicas, and each restart picks a node at
+random (primary or replica) and keeps it down for ``--down`` seconds (default 3)
+before starting it again: long enough for a primary's shard to fail over.
 """
 
 from __future__ import annotations
@@ -107,11 +112,14 @@ def verify(proxy: str, expected: dict[bytes, set[bytes | None]]) -> int:
 
 
 def soak(minutes: float, restart_every: float, clients: int, keys: int,
-         say: Any = print) -> dict[str, Any]:
+         say: Any = print, replicas: int = 0, down: float = 3.0) -> dict[str, Any]:
+    rng = random.Random(7)
+    names = [f"node{i}" + (f"r{j}" if j else "") for i in range(1, 4)
+             for j in range(replicas + 1)]
     with tempfile.TemporaryDirectory(prefix="zkv-soak-") as workdir:
         children = Children(workdir)
         try:
-            proxy, nodes = start_cluster(children, 3, "always")
+            proxy, nodes = start_cluster(children, 3, "always", replicas=replicas)
             load = Load(proxy, clients, keys)
             for t in load.threads:
                 t.start()
@@ -128,9 +136,10 @@ def soak(minutes: float, restart_every: float, clients: int, keys: int,
                 say(json.dumps(phase))
                 if time.monotonic() >= end:
                     break
-                name = f"node{victim % 3 + 1}"
+                name = rng.choice(names) if replicas else f"node{victim % 3 + 1}"
                 victim += 1
-                restart_node(children, name)
+                say(json.dumps({"restart": name}))
+                restart_node(children, name, down if replicas else 0.0)
             load.stop.set()
             for t in load.threads:
                 t.join(10)
@@ -143,14 +152,16 @@ def soak(minutes: float, restart_every: float, clients: int, keys: int,
             "keys": len(load.expected), "memory_bounded": bounded}
 
 
-def restart_node(children: Children, name: str) -> None:
-    """kill -9 the node called ``name`` and start it again on the same port and data."""
+def restart_node(children: Children, name: str, down: float = 0.0) -> None:
+    """kill -9 the node called ``name`` and, ``down`` seconds later, start it again on
+    the same port and data."""
     for i, (popen, log) in enumerate(children.popens):
         if os.path.basename(log) == f"{name}.log" and popen.poll() is None:
             argv = [str(a) for a in popen.args]  # type: ignore[union-attr]
             os.killpg(popen.pid, signal.SIGKILL)
             popen.wait(10)
             children.popens.pop(i)
+            time.sleep(down)
             children.spawn(name, argv, ready="zkv node")
             return
 
@@ -162,10 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restart-every", type=float, default=20.0, metavar="SECONDS")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--keys", type=int, default=20_000)
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="replicas per shard; restarts then pick any node at random")
+    p.add_argument("--down", type=float, default=3.0, metavar="SECONDS",
+                   help="with --replicas: how long a killed node stays down (default 3)")
     p.add_argument("--json", action="store_true", help="print only the final JSON summary")
     args = p.parse_args(argv)
+    if args.replicas < 0 or args.down < 0:
+        p.error("--replicas and --down must not be negative")
     result = soak(args.minutes, args.restart_every, args.clients, args.keys,
-                  say=(lambda s: None) if args.json else print)
+                  say=(lambda s: None) if args.json else print, replicas=args.replicas,
+                  down=args.down)
     print(json.dumps(result if args.json else {k: v for k, v in result.items()
                                                 if k != "phases"}))
     return 0 if result["lost"] == 0 and result["memory_bounded"] else 1
