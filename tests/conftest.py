@@ -347,6 +347,7 @@ class Cluster:
         self.procs = procs
         self.nodes: dict[str, Proc] = {}
         self.proxy: Proc | None = None
+        self.proxy_env: dict[str, str] | None = None  # extra environment for the proxy
         self._clients: list[Any] = []
 
     @property
@@ -390,7 +391,8 @@ class Cluster:
         """Start the proxy: from the topology, or with ``args`` instead when given."""
         if not args:
             args = ("--config", str(self.topo.path))
-        self.proxy = self.procs.start("proxy", *args, ready=PROXY_READY, timeout=20)
+        self.proxy = self.procs.start("proxy", *args, ready=PROXY_READY, timeout=20,
+                                      env=self.proxy_env)
         return self.proxy
 
     def kill_proxy(self) -> None:
@@ -449,9 +451,11 @@ def make_cluster(tmp_path: Path, procs: Procs) -> Iterator[Any]:
     ports under tmp_path; every process is killed when the test ends."""
     made: list[Cluster] = []
 
-    def make(nodes: int = 3, start: bool = True, **settings: Any) -> Cluster:
+    def make(nodes: int = 3, start: bool = True, proxy_env: dict[str, str] | None = None,
+             **settings: Any) -> Cluster:
         topo = Topo(tmp_path / f"cluster{len(made)}", nodes, **settings)
         cluster = Cluster(topo, procs)
+        cluster.proxy_env = proxy_env
         made.append(cluster)
         return cluster.start() if start else cluster
 

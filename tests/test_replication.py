@@ -479,3 +479,81 @@ def test_a_planned_failover_loses_nothing_and_is_quick(make_cluster: Any) -> Non
     assert c.status()["handovers"] == 1 and c.status()["failovers"] == 0
     print(f"planned failover: writes taken again after {took:.2f} s")
     assert took < 5
+
+
+# Each (phase, victim) pair of the issue's matrix, three moves per kind: every run kills
+# one victim at each phase of the same move, so the faults also pile up.
+SCHEDULES = [
+    (("prepare", "primary"), ("copy", "replica"), ("cleanup", "proxy")),
+    (("prepare", "replica"), ("copy", "proxy"), ("cleanup", "primary")),
+    (("prepare", "proxy"), ("copy", "primary"), ("cleanup", "replica")),
+]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("schedule", SCHEDULES,
+                         ids=["-".join(v for _, v in s) for s in SCHEDULES])
+@pytest.mark.parametrize("kind", ["add", "remove"])
+def test_kill9_at_every_phase_of_a_move_between_replicated_shards(
+        make_cluster: Any, procs: Any, tmp_path: Any, kind: str,
+        schedule: tuple[tuple[str, str], ...]) -> None:
+    """kill -9 of a source shard's primary (kept down until its replica takes over),
+    of its replica, or of the proxy, at each phase of an ADD and a REMOVE, under
+    writers: the move finishes, and no acknowledged write is lost."""
+    import threading
+
+    from conftest import free_port
+    from test_faults import wait_move_done, wait_phase
+
+    cluster: Cluster = make_cluster(nodes=2, replicas=1, defaults={"fsync": "always"},
+                                    proxy={"timeout_ms": 3000},
+                                    proxy_env={"ZKV_MOVE_PHASE_PAUSE": "1.5"})
+    wait_in_sync(cluster)
+    c = cluster.client(timeout=10.0)
+    initial = {b"pre-%05d" % i: b"v%05d" % i for i in range(2000)}
+    c.mset(initial)
+    source = cluster.node_addrs[0]
+    if kind == "add":
+        port = free_port()
+        procs.node(port, str(tmp_path / "joining"))
+        target = f"127.0.0.1:{port}"
+    restarts: list[threading.Timer] = []
+    with Load(cluster.address, MIX, workers=2, keys_each=150, pause=0.005) as load:
+        with zkv.Client(cluster.address, timeout=10.0) as admin:
+            if kind == "add":
+                admin.add_node(target, wait=False)
+            else:
+                admin.remove_node(source, wait=False)
+        for phase, victim in schedule:
+            move = wait_phase(cluster.address, phase)
+            if kind == "add":
+                source = move["streams"][0]["source"]
+            if victim == "proxy":
+                cluster.kill_proxy()
+                time.sleep(0.3)
+                cluster.start_proxy()
+                continue
+            node = primary_of(cluster, source) if victim == "primary" \
+                else next(r["address"] for r in rows(cluster)
+                          if r.get("shard") == source and r["role"] == "replica")
+            cluster.kill_node(node)
+            # a primary stays down until its replica takes over; the next phase's kill
+            # does not wait for it to be back
+            timer = threading.Timer(2.5 if victim == "primary" else 0.3,
+                                    cluster.start_node, (node,))
+            timer.start()
+            restarts.append(timer)
+        for timer in restarts:
+            timer.join(30)
+        final = wait_move_done(cluster.address, 90)
+        time.sleep(0.3)
+    load.check_threads()
+    expected = {k: {v} for k, v in initial.items()}
+    expected.update(load.possible())
+    read_back(c.mget, expected)
+    want = [*cluster.node_addrs, target] if kind == "add" else cluster.node_addrs[1:]
+    assert sorted(final["members"]) == sorted(want)
+    wait_in_sync(cluster, 30)
+    for row in rows(cluster):  # every copy of every shard holds what its primary holds
+        if row.get("role") == "replica":
+            assert keys_of(row["address"]) == keys_of(primary_of(cluster, row["shard"]))

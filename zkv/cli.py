@@ -210,29 +210,33 @@ class Printer:
                 self.out(" ".join(str(n.get(k, "-")) for k in raw_cols))
             return
         table = Table(title="nodes")
+        weighted = any(n.get("weight", 1) != 1 for n in nodes)
         cols = ["address", "state", "keys", "share", "weight", "fsync"]
-        if replicated:
-            cols[2:2] = ["shard", "role", "replication", "lag"]
+        if replicated:  # a shard's primary, then its replicas (rows come in that order)
+            cols[2:2] = ["role", "replication", "lag"]
+        if not weighted and replicated:
+            cols.remove("weight")
         for col in cols:
             table.add_column(col, justify="right" if col in ("keys", "share", "weight", "lag")
                              else "left")
         for n in nodes:
             state = n["state"]
-            row = [
-                n["address"],
-                f"[green]{state}[/]" if state == "up" else f"[red]{state}[/]",
-                "-" if n.get("keys") is None else f"{n['keys']:,}",
-                f"{n['share'] * 100:.1f}%",
-                f"{n.get('weight', 1):g}",
-                n.get("fsync") or "-",
-            ]
+            cells = {
+                "address": n["address"],
+                "state": f"[green]{state}[/]" if state == "up" else f"[red]{state}[/]",
+                "keys": "-" if n.get("keys") is None else f"{n['keys']:,}",
+                "share": f"{n['share'] * 100:.1f}%",
+                "weight": f"{n.get('weight', 1):g}",
+                "fsync": n.get("fsync") or "-",
+            }
             if replicated:
-                repl = n.get("replication") or ("-" if n.get("role") != "replica" else "?")
-                colour = "green" if repl == "in_sync" else "yellow" if repl != "-" else "white"
-                row[2:2] = [n.get("shard") or n["address"], n.get("role") or "primary",
-                            f"[{colour}]{repl}[/]",
-                            "-" if n.get("lag_s") is None else f"{n['lag_s']:.3f}s"]
-            table.add_row(*row)
+                replica = n.get("role") == "replica"
+                repl = n.get("replication") or "?"
+                colour = "green" if repl == "in_sync" else "yellow"
+                cells["role"] = "└ replica" if replica else "primary"
+                cells["replication"] = f"[{colour}]{repl}[/]" if replica else "-"
+                cells["lag"] = "-" if n.get("lag_s") is None else f"{n['lag_s']:.2f}s"
+            table.add_row(*(cells[c] for c in cols))
         self.console.print(table)
 
     def plan(self, op: str, addr: str, plan: dict[str, Any]) -> None:

@@ -47,6 +47,12 @@ class ClusterState:
         shard = self.shards.get(name)
         return name if shard is None else str(shard["primary"])
 
+    def describe(self, name: str) -> str:
+        """How errors name shard ``name``: "node ADDR", or for a replicated shard
+        "shard NAME (primary ADDR)"."""
+        shard = self.shards.get(name)
+        return f"node {name}" if shard is None else f"shard {name} (primary {shard['primary']})"
+
     def nodes_of(self, name: str) -> list[str]:
         """Every node of shard ``name``: its primary first, then its replicas."""
         shard = self.shards.get(name)

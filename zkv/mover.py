@@ -71,6 +71,8 @@ class Shell(Protocol):
 
     def commit(self, state: ClusterState) -> None: ...
 
+    def current(self) -> ClusterState: ...
+
     def is_up(self, addr: str) -> bool: ...
 
     def settled(self) -> bool: ...
@@ -259,7 +261,10 @@ class MoveDriver:
                 members: dict[str, float] | None = None) -> None:
         """Persist and apply a new state (one epoch on); the old phase's steps are
         forgotten."""
-        self.state = state.with_move(move, members)
+        # (from the newest configuration, not the driver's copy: a failover or an in-sync
+        # change may have come in between, and must not be undone)
+        base = self.shell.current()
+        self.state = (base if base.epoch >= state.epoch else state).with_move(move, members)
         if move is not None:
             self.move = move
         self.shell.commit(self.state)

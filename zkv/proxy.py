@@ -241,6 +241,9 @@ class Proxy(ProxyShell):
             "move": self.driver.status() if self.driver else None,
             "failovers": self.failovers,
             "handovers": self.handovers,
+            "shards": {k: dict(v) for k, v in self.state.shards.items()},
+            # a new configuration on its way to the nodes (a failover, say): its epoch
+            "reconfiguring": self.publishing.epoch if self.publishing is not None else None,
             "notes": list(self.notes),
         }
 
@@ -304,6 +307,11 @@ class Proxy(ProxyShell):
         name = state.shard_of(address) or address
         self._call(addr, "XCONFIG", [{"config": state.to_json(), "name": name,
                                       "address": address}], answered, self.timeout)
+
+    def current(self) -> ClusterState:
+        """The newest configuration: the one on its way to the nodes, else the one in
+        effect (what the next change must be made from)."""
+        return self.publishing if self.publishing is not None else self.state
 
     def settled(self) -> bool:
         """For the move driver: no configuration is on its way to the nodes."""

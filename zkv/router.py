@@ -191,7 +191,8 @@ class Router:
             for tag in lost:
                 sent = self.inflight.pop(tag)
                 self._fail_sent(sent, NodeUnavailable(
-                    f"node {node} went down with this request in flight; "
+                    f"{self.placement.state.describe(node)} went down with this request "
+                    "in flight; "
                     "the outcome of a write is unknown"))
         else:
             self.down.discard(node)
@@ -318,7 +319,7 @@ class Router:
     def _send(self, node: str, body: bytes, kind: int, ops: list[Op], deadline: float,
               extra: Any = None) -> None:
         if node in self.down:
-            raise NodeUnavailable(f"node {node} is down")
+            raise NodeUnavailable(f"{self.placement.state.describe(node)} is down")
         self._seq += 1
         tag = self._seq
         self._ready.sends.setdefault(node, []).append((tag, body))

@@ -258,13 +258,14 @@ class ProxyShell:
         if addr not in self.links:
             raise NodeUnavailable(f"node {addr} is not a member")
         if not self.health.is_up(addr):
-            raise NodeUnavailable(f"node {addr} is down")
+            raise NodeUnavailable(f"{self.state.describe(addr)} is down")
         self._seq += 1
         tag = _TAG.pack(self._seq)
         try:
             wire.send(self.links[addr], [tag, body], wire.NOBLOCK)
         except zmq.Again:
-            raise NodeUnavailable(f"node {addr} is not connected or not keeping up") from None
+            raise NodeUnavailable(f"{self.state.describe(addr)} is not connected or not "
+                                  "keeping up") from None
         self.pending[tag] = (target, addr, part, self._owner)
         if timeout is None:
             self.deadlines.append((time.monotonic() + self.timeout, tag))
@@ -366,7 +367,7 @@ class ProxyShell:
             wire.send(sock, [frame, P.encode_envelope(epoch, items)], wire.NOBLOCK)
         except zmq.Again:
             self.router.fail_tags(tags, NodeUnavailable(
-                f"node {node} is not connected or not keeping up"))
+                f"{self.state.describe(node)} is not connected or not keeping up"))
             return
         self.envelopes[frame] = set(tags)
 

@@ -42,8 +42,11 @@ class Sampler:
         out = []
         for entry in nodes:
             addr = entry["address"]
-            node = info.get("nodes", {}).get(addr, {})
-            old = before.get("nodes", {}).get(addr, {})
+            # INFO is by shard (its primary answers); a replica's row has NODES' figures
+            key = entry.get("shard", addr) if entry.get("role", "primary") == "primary" \
+                else addr
+            node = info.get("nodes", {}).get(key, {})
+            old = before.get("nodes", {}).get(key, {})
             ops = sum(node.get("ops", {}).values()) if "ops" in node else None
             old_ops = sum(old.get("ops", {}).values()) if "ops" in old else None
             buckets = node.get("latency_buckets")
@@ -52,8 +55,8 @@ class Sampler:
                       if buckets and span else buckets)
             row = {
                 "address": addr, "state": entry.get("state", "?"),
-                "role": entry.get("moving") or "member",
-                "keys": node.get("keys"), "memory": node.get("rss_bytes"),
+                "role": entry.get("moving") or _role(entry),
+                "keys": node.get("keys", entry.get("keys")), "memory": node.get("rss_bytes"),
                 "log": node.get("log_bytes"),
                 "ops_s": _rate(ops, old_ops, span),
                 "errors_s": _rate(node.get("errors"), old.get("errors"), span),
@@ -61,7 +64,8 @@ class Sampler:
                 "p99": metrics.quantile(recent, 0.99) if recent else None,
             }
             row["trouble"] = (row["state"] != "up") * 4 + bool(row["errors_s"]) * 2 + (
-                (row["p99"] or 0) > SLOW)
+                (row["p99"] or 0) > SLOW) + (entry.get("role") == "replica"
+                                             and not entry.get("in_sync"))
             out.append(row)
         out.sort(key=lambda r: (-r["trouble"], r["address"]))
         proxy, old_proxy = info.get("proxy", {}), before.get("proxy", {})
@@ -85,6 +89,16 @@ class Sampler:
         span = now - at
         return {pair: max(0, n - before[pair]) / span for pair, n in keys.items()
                 if pair in before and span > 0}
+
+
+def _role(entry: dict[str, Any]) -> str:
+    """A NODES row's role: member, or in a replicated shard primary / replica (with its
+    replication state and lag)."""
+    role = entry.get("role")
+    if role != "replica":
+        return str(role or "member")
+    lag = entry.get("lag_s")
+    return f"replica {entry.get('replication', '?')}" + (f" {lag:.2f}s" if lag else "")
 
 
 def _rate(now_value: Any, before: Any, span: float) -> float | None:
