@@ -244,7 +244,8 @@ def test_a_primary_without_its_lease_serves_nothing(make_cluster: Any) -> None:
 def test_a_restarted_primary_does_not_serve_until_reconfigured(make_cluster: Any) -> None:
     """kill -9 and an immediate restart (faster than the proxy notices): the new run has
     no session with its in-sync replica, so it serves nothing until the config manager
-    drops the replica from the in-sync set (it then syncs again)."""
+    promotes that replica (which holds every acknowledged write, where the restarted
+    run may have lost its log's tail); the old primary then syncs back as a replica."""
     cluster = replicated(make_cluster, nodes=1)
     shard = cluster.node_addrs[0]
     c = cluster.client(timeout=3.0)
@@ -258,16 +259,19 @@ def test_a_restarted_primary_does_not_serve_until_reconfigured(make_cluster: Any
         while c.status()["epoch"] == epoch:
             try:
                 direct.get(b"k1")
-            except zkv.Unavailable as exc:
-                assert "no lease" in str(exc)
+            except zkv.Unavailable as exc:  # (or already told it is a replica now)
+                assert "no lease" in str(exc) or "is a replica" in str(exc), exc
                 refusals += 1
             time.sleep(0.02)
     finally:
         direct.close()
-    # it drops the replica from the in-sync set (one epoch), syncs it, takes it back in
-    wait_until(lambda: c.status()["epoch"] >= epoch + 2, 20, what="the replica back in sync")
+    # the replica is promoted (one epoch); the old primary syncs and joins (another)
+    wait_until(lambda: c.status()["epoch"] >= epoch + 2, 20, what="the old primary in sync")
     wait_in_sync(cluster, 30)
-    assert c.mget([b"k%d" % i for i in range(100)]) == [b"v%d" % i for i in range(100)]
+    assert primary_of(cluster, shard) == cluster.replica_addrs[shard][0]
+    # (a promoted replica serves once the lease its old primary may hold has run out)
+    wait_until(lambda: c.mget([b"k%d" % i for i in range(100)])
+               == [b"v%d" % i for i in range(100)], 10, what="every key read back")
     assert refusals > 0  # until then it served nothing
 
 
@@ -557,3 +561,55 @@ def test_kill9_at_every_phase_of_a_move_between_replicated_shards(
     for row in rows(cluster):  # every copy of every shard holds what its primary holds
         if row.get("role") == "replica":
             assert keys_of(row["address"]) == keys_of(primary_of(cluster, row["shard"]))
+
+
+def test_a_follower_routes_to_the_new_primary_and_needs_no_manager(
+        make_cluster: Any) -> None:
+    """A follower proxy learns a failover from the config manager and routes to the new
+    primary; with the manager killed, reads and writes through it go on (the lease is
+    between a primary and its replicas)."""
+    from test_follower import start_follower
+
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    address, _ = start_follower(cluster)
+    f = cluster.client(timeout=3.0, address=address)
+    assert f.set(b"k", b"v1")
+    cluster.kill_node(shard)
+    wait_until(lambda: f.set(b"k", b"v2"), 15, interval=0.05,
+               what="writes through the follower after the failover")
+    assert f.get(b"k") == b"v2"
+    cluster.kill_proxy()  # the config manager is gone
+    for i in range(20):
+        assert f.set(b"k%d" % i, b"x")
+    assert f.mget([b"k%d" % i for i in range(20)]) == [b"x"] * 20
+
+
+def test_keys_dropped_while_a_replica_syncs_do_not_come_back(make_cluster: Any, procs: Any,
+                                                            tmp_path: Any) -> None:
+    """A FLUSHALL (logged as drops, which leave no tombstone) while a new replica's copy
+    is still streaming in: the copy's later batches must not bring the keys back."""
+    from conftest import free_port
+
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    c = cluster.client(timeout=10.0)
+    for start in range(0, 100_000, 1000):
+        c.mset({b"k%06d" % i: b"v" * 50 for i in range(start, start + 1000)})
+    port = free_port()
+    fresh_proc = procs.node(port, str(tmp_path / "fresh"))
+    fresh = f"127.0.0.1:{port}"
+    primary_proc = cluster.nodes[shard]
+    c.add_replica(shard, fresh, wait=False)
+    wait_until(lambda: f"copying 100000 keys to replica {fresh}" in primary_proc.output, 10,
+               interval=0.005, what="the copy starting")
+    fresh_proc.signal(signal.SIGSTOP)  # the rest of the copy waits behind it
+    try:
+        direct = zkv.Client(shard, timeout=5.0, retries=0)
+        assert direct.call("XFLUSH") == 100_000
+        direct.close()
+    finally:
+        fresh_proc.signal(signal.SIGCONT)
+    wait_until(lambda: next(r for r in rows(cluster) if r["address"] == fresh)["in_sync"],
+               30, what="the new replica in sync")
+    assert keys_of(fresh) == keys_of(shard) == 0

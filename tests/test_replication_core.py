@@ -217,3 +217,49 @@ def test_a_replica_applies_shipped_records_as_live_changes() -> None:
         dst.apply_live((wal.SET, "text", b"v"))
     with pytest.raises(ValueError):
         dst.apply_live((99, b"k"))
+
+
+def test_a_replica_whose_session_broke_before_it_joined_cannot_vouch_for_anything() -> None:
+    """Reported caught up, then its session broke (or a new one began) before the new
+    configuration reached the primary: in the in-sync set it counts as broken, so it
+    is reported and leaves again, and nothing is acknowledged on its word."""
+    p = primary([], [A])
+    assert p.report(0.0)["caught_up"] == [A]
+    p.refused(A, p.peers[A].session, "gap")
+    p.start_session(A, 5.0)  # a new sync: its copy is not complete
+    p.configure([A], [A])
+    assert p.peers[A].broken and p.report(5.0)["laggards"] == [A]
+    p.ship(b"r", 5.0)
+    assert p.committed() < p.lsn and not p.lease_ok(5.0)
+
+
+def test_a_restarted_primary_hands_over_to_an_answering_in_sync_replica() -> None:
+    """It may have lost the tail of its log (fsync everysec, power loss): the replica
+    holding every acknowledged write is promoted; with none answering, the replica
+    leaves the in-sync set instead and the primary carries on."""
+    s = state()
+    fresh = Primary("S", "run2", 0.0)
+    fresh.configure([B], [B])
+    mine = fresh.report(0.0)
+    assert mine["fresh"] == [B]
+    replica = {"role": "replica", "primary": A, "silent": 0.1}
+    new = plan(s, "S", True, {A: mine, B: replica})
+    assert new is not None and new.primary("S") == B and new.shards["S"]["in_sync"] == []
+    alone = plan(s, "S", True, {A: mine})
+    assert alone is not None and alone.primary("S") == A
+    assert alone.shards["S"]["in_sync"] == []
+
+
+def test_malformed_reports_change_nothing() -> None:
+    s = state()
+    for report in ({"role": "primary", "laggards": "B", "caught_up": 5, "fresh": None},
+                   {"role": "primary", "laggards": [7, None]}, {"role": 3}, {}):
+        assert plan(s, "S", True, {A: report, B: {"role": "replica", "silent": "x"}}) is None
+    assert plan(s, "S", False, {B: {"role": "replica", "primary": A, "silent": "x"}}) is None
+
+
+def test_unacknowledged_bytes_are_bounded_too() -> None:
+    p = primary([], [A])
+    for _ in range(20):
+        p.ship(b"x" * (16 << 20), 1.0)
+    assert "bytes" in p.peers[A].broken

@@ -50,7 +50,8 @@ from .guard import (
 from .keyspace import FILL, OVERWRITE
 from .metrics import Timings
 from .placement import FROZEN, Placement
-from .replicator import DATA_OPS, Replicator
+from .replication import SYNC_MOVE
+from .replicator import FREE_OPS, Replicator
 from .ring import RangeSet, key_hash
 from .storage import Recovery, Storage
 from .transfer import (
@@ -598,9 +599,15 @@ class Node:
                 continue
             if move_id not in self.storage.keyspace.incoming:
                 continue  # a stream for a move this node does not have open
+            taking = pairs
+            if move_id.startswith(SYNC_MOVE):  # a replica's copy (zkv.replicator)
+                found = self.repl.sync_batch(move_id, source, pairs)
+                if found is None:
+                    continue
+                taking = found
             stream = self.incoming.setdefault((move_id, source), Incoming())
             in_order = stream.accept(seq)
-            taken, record = self.storage.keyspace.absorb(move_id, pairs, dels)
+            taken, record = self.storage.keyspace.absorb(move_id, taking, dels)
             if record is not None:
                 self.storage.pending += record
             counted.append((stream, in_order, pairs, taken, final, total, dels))
@@ -700,8 +707,11 @@ class Node:
             if check:
                 self._check_keys(op, args)
             result = self.execute(op, args)
-            if self.repl.gated and op in DATA_OPS:
-                self.touched = True  # a primary's reply that waits for its replicas
+            if self.repl.gated and op not in FREE_OPS:
+                # a primary's reply waits for its replicas: what it read may not be on
+                # them yet, and a move's step (XSTAT done, say) must not be taken for
+                # done before the destination's replicas hold what it received
+                self.touched = True
             reply = P.encode_ok_items(result) if op == "PIPE" else P.encode_ok(result)
             if len(reply) > self.limits.max_message_bytes:
                 raise LimitExceeded(

@@ -142,7 +142,10 @@ class Proxy(ProxyShell):
 
     def _housekeeping(self, now: float) -> None:
         if self.state.shards and self.publishing is None and not self._admin_busy:
-            self._replication(now)
+            try:
+                self._replication(now)
+            except Exception:  # noqa: BLE001 - a bad report must not take the manager down
+                log.exception("internal error while reconfiguring a shard")
         if now >= self._next_key_count:
             self._next_key_count = now + KEY_COUNT_EVERY
             self._poll_keys()
@@ -162,10 +165,11 @@ class Proxy(ProxyShell):
             old, shard = self.state.shards[name], new.shards[name]
             if shard["primary"] != old["primary"]:
                 self.failovers += 1
-                log.warning("shard %s: primary %s is not answering and replica %s has not "
-                            "heard from it for %.1f s: promoting it (epoch %d)", name,
-                            old["primary"], shard["primary"],
-                            reports[shard["primary"]]["silent"], new.epoch)
+                why = ("restarted without its replicas' sessions"
+                       if self.health.is_up(name) else "is not answering")
+                log.warning("shard %s: primary %s %s: promoting in-sync replica %s "
+                            "(epoch %d)", name, old["primary"], why, shard["primary"],
+                            new.epoch)
             else:
                 gone = sorted(set(old["in_sync"]) - set(shard["in_sync"]))
                 came = sorted(set(shard["in_sync"]) - set(old["in_sync"]))

@@ -45,7 +45,9 @@ LAG = 0.5  # an in-sync replica with a message unacknowledged this long is repor
 BEACON = 0.2  # a replica idle this long gets an empty message (renewing the lease)
 RESYNC = 2.0  # a replica out of sync and silent this long gets a new sync session
 MAX_UNACKED = 10_000  # messages a replica may owe; past it, the session is broken
+MAX_UNACKED_BYTES = 256 << 20  # bytes of records a replica may owe, likewise
 SYNC_MOVE = "sync:"  # the catch-up move's id at a replica: SYNC_MOVE + session
+FRESH = "no session with this primary since it started"
 
 
 @dataclass
@@ -58,14 +60,17 @@ class Peer:
     # primary that restarted has none: that primary cannot answer writes)
     next_seq: int = 0
     acked_lsn: int = -1
-    unacked: collections.deque[tuple[int, int, float]] = field(
-        default_factory=collections.deque)  # (seq, lsn, sent at)
+    unacked: collections.deque[tuple[int, int, float, int]] = field(
+        default_factory=collections.deque)  # (seq, lsn, sent at, bytes)
+    unacked_bytes: int = 0
     lease_from: float = float("-inf")  # send time of the newest acknowledged message
     last_sent: float = float("-inf")
     started: float = 0.0  # when the session began
     synced: bool = False  # the replica says its copy is complete
     broken: str = ""  # why the session cannot go on ("" while it can)
     copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream (see zkv.replicator)
+    copying: float = 0.0  # when the copy's stream started (0: not yet)
+    copied: float = 0.0  # when it was seen complete (0: not yet)
 
     def age(self, now: float) -> float:
         """How long the oldest unacknowledged message has waited."""
@@ -85,7 +90,10 @@ class Primary:
 
     def configure(self, replicas: list[str], in_sync: list[str]) -> None:
         """A new configuration: replicas come and go, and in-sync flags change. A
-        replica newly in the in-sync set keeps its session (it had to catch up first)."""
+        replica newly in the in-sync set keeps its session (it had to catch up first);
+        if that session did not stay whole meanwhile (it broke, or a new one began),
+        the replica cannot vouch for what it holds: it is broken, so it is reported and
+        leaves the set again."""
         for addr in [a for a in self.peers if a not in replicas]:
             del self.peers[addr]
         for addr in replicas:
@@ -93,7 +101,9 @@ class Primary:
             if peer is None:
                 peer = self.peers[addr] = Peer(addr, addr in in_sync)
                 if peer.in_sync:  # this run never shipped to it: it cannot vouch for it
-                    peer.broken = "no session with this primary since it started"
+                    peer.broken = FRESH
+            elif addr in in_sync and not peer.in_sync and (peer.broken or not peer.synced):
+                peer.broken = peer.broken or "its copy was not complete when it joined"
             peer.in_sync = addr in in_sync
 
     # -- what to send --------------------------------------------------------------
@@ -101,10 +111,12 @@ class Primary:
                  ) -> dict[str, Any]:
         seq = peer.next_seq
         peer.next_seq += 1
-        peer.unacked.append((seq, self.lsn, now))
+        peer.unacked.append((seq, self.lsn, now, len(data)))
+        peer.unacked_bytes += len(data)
         peer.last_sent = now
-        if len(peer.unacked) > MAX_UNACKED:
-            peer.broken = f"{MAX_UNACKED} messages unacknowledged"
+        if len(peer.unacked) > MAX_UNACKED or peer.unacked_bytes > MAX_UNACKED_BYTES:
+            peer.broken = (f"{len(peer.unacked)} messages ({peer.unacked_bytes} bytes) "
+                           "unacknowledged")
         msg: dict[str, Any] = {"shard": self.shard, "session": peer.session, "seq": seq,
                                "data": data}
         if sync:
@@ -119,8 +131,9 @@ class Primary:
         peer.session = f"{self.incarnation}.{self.sessions}"
         peer.next_seq, peer.acked_lsn = 0, -1
         peer.unacked.clear()
+        peer.unacked_bytes = 0
         peer.synced, peer.broken, peer.copy = False, "", None
-        peer.started = now
+        peer.started, peer.copying, peer.copied = now, 0.0, 0.0
         return self._message(peer, now, b"", sync=True)
 
     def ship(self, data: bytes, now: float) -> list[tuple[str, dict[str, Any]]]:
@@ -151,8 +164,9 @@ class Primary:
             return False
         moved = False
         while peer.unacked and peer.unacked[0][0] <= seq:
-            _, lsn, sent = peer.unacked.popleft()
+            _, lsn, sent, size = peer.unacked.popleft()
             peer.acked_lsn, peer.lease_from, moved = lsn, sent, True
+            peer.unacked_bytes -= size
         peer.synced = peer.synced or synced
         return moved and peer.in_sync
 
@@ -185,7 +199,11 @@ class Primary:
                     if p.in_sync and (p.broken or not p.session or p.age(now) > LAG)]
         caught_up = [p.addr for p in self.peers.values()
                      if not p.in_sync and p.synced and not p.broken and p.age(now) <= LAG]
+        # in-sync replicas this run has never shipped to: it restarted, and may have
+        # lost the tail of its log (fsync everysec or no): better promote one of them
+        fresh = [p.addr for p in self.peers.values() if p.in_sync and p.broken == FRESH]
         return {"role": "primary", "laggards": laggards, "caught_up": caught_up,
+                "fresh": fresh,
                 "lease": self.lease_ok(now),
                 "lag": {p.addr: round(p.age(now), 3) for p in self.peers.values()},
                 "state": {p.addr: ("in_sync" if p.in_sync else "synced" if p.synced
@@ -242,24 +260,38 @@ def plan(state: ClusterState, name: str, primary_up: bool,
     primary, replicas, in_sync = shard["primary"], shard["replicas"], shard["in_sync"]
     mine = reports.get(primary) if primary_up else None
     if mine is not None and mine.get("role") == "primary":
-        laggards = [a for a in mine.get("laggards", []) if a in in_sync]
+        if set(_names(mine, "fresh")) & set(in_sync):
+            # it restarted: an in-sync replica that answers holds every acknowledged
+            # write (this run's log may have lost its tail), and the old run's lease
+            # died with it: promote that replica rather than keep this primary
+            answering = [a for a in in_sync if reports.get(a, {}).get("role") == "replica"
+                         and reports[a].get("primary") == primary]
+            if answering:
+                return promote(state, name, answering[0])
+        laggards = [a for a in _names(mine, "laggards") if a in in_sync]
         if laggards:
             return state.with_shard(name, primary, replicas,
                                     [a for a in in_sync if a not in laggards])
-        joining = [a for a in mine.get("caught_up", []) if a in replicas and a not in in_sync]
+        joining = [a for a in _names(mine, "caught_up") if a in replicas and a not in in_sync]
         if joining:
             return state.with_shard(name, primary, replicas, [*in_sync, *joining])
         return None
     if primary_up:
         return None  # it answers, but not yet as this epoch's primary: wait for it
     claims = [a for a in in_sync
-              if reports.get(a, {}).get("role") == "replica"
+              if isinstance(reports.get(a), dict) and reports[a].get("role") == "replica"
               and reports[a].get("primary") == primary
               and isinstance(reports[a].get("silent"), (int, float))
               and reports[a]["silent"] >= GRACE]
     if not claims:
         return None
     return promote(state, name, claims[0])
+
+
+def _names(report: dict[str, Any], field_: str) -> list[str]:
+    """A list of addresses in a node's report (anything else counts as none)."""
+    value = report.get(field_)
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
 
 
 def promote(state: ClusterState, name: str, new: str) -> ClusterState:

@@ -23,7 +23,7 @@ from . import wal
 from .cluster import ClusterState
 from .errors import ProtocolError, StaleEpoch, StorageError, Unavailable, ZkvError
 from .guard import ROUTER_ID_PREFIX
-from .keyspace import FILL
+from .keyspace import FILL, Keyspace
 from .replication import LEASE, SYNC_MOVE, Primary, Replica
 from .ring import RangeSet
 from .transfer import SnapshotStream
@@ -36,10 +36,13 @@ log = logging.getLogger("zkv.replication")
 # What a replica refuses and a primary without a lease serves not: the data ops.
 READ_OPS = frozenset({"GET", "EXISTS", "MGET", "SCAN", "KEYS", "XGET"})
 WRITE_OPS = frozenset({"SET", "DEL", "MSET", "PIPE", "XDEL", "XFLUSH"})
-DATA_OPS = READ_OPS | WRITE_OPS
+# Replies a primary sends at once: they carry nothing its replicas must hold first, and
+# the config manager's heartbeats and configurations must never wait on a replica.
+FREE_OPS = frozenset({"PING", "INFO", "XHEALTH", "XCONFIG", "CONFIG", "XREPL"})
 SHIP_BYTES = 16 << 20  # records in one XREPL message, at most (cut at record boundaries)
 DROP_RUN = 10_000  # keys in one log record when a syncing replica drops what it held
 LINK_HWM = 20_000
+COPY_SETTLE = 10.0  # seconds after its copy was sent by which a replica says it is synced
 
 
 def split_records(data: bytes, limit: int = SHIP_BYTES) -> list[bytes]:
@@ -73,6 +76,7 @@ class Replicator:
         self.poller: zmq.Poller | None = None
         self.gated = False  # data requests are checked (a replicated shard)
         self.serve_after = 0.0  # a new primary serves from then (monotonic)
+        self.dropped: set[bytes] = set()  # keys dropped while a sync's copy streams in
         self.demoted = 0  # replies failed because this node stopped being primary
 
     # -- the configuration --------------------------------------------------------------
@@ -86,11 +90,14 @@ class Replicator:
         if shard is not None and shard["primary"] == self.address:
             if self.primary is None:
                 log.info("node %s is the primary of shard %s", self.address, name)
-                self.primary = Primary(name, self.node.incarnation, now)
+                # (sessions are named by this run and this reign: a node that is primary
+                # again later must not reuse an earlier reign's session names)
+                self.primary = Primary(name, f"{self.node.incarnation}e{state.epoch}", now)
                 if self.replica is not None:
                     # promoted: the old primary may hold a lease renewed by this node's
                     # last acknowledgement; serve only once it has surely run out
-                    self.serve_after = self.replica.last_heard + LEASE
+                    self.serve_after = max(self.replica.last_heard,
+                                           self.replica.started) + LEASE
             self.replica = None
             self.primary.configure(shard["replicas"], shard["in_sync"])
             for addr in [a for a in self.links if a not in shard["replicas"]]:
@@ -113,6 +120,7 @@ class Replicator:
         self.primary = None
         for addr in list(self.links):
             self._close(addr)
+        self._stop_streams()
         error = P.encode_exc(Unavailable(
             f"node {self.address} stopped being the primary of shard {self.shard} ({why}) "
             "before its replicas confirmed this; the outcome of a write is unknown"))
@@ -121,6 +129,12 @@ class Replicator:
             for reply in replies:
                 self.demoted += 1
                 self.node.out_send(self.node.failed_reply(reply, error))
+
+    def _stop_streams(self) -> None:
+        """A node that is not its shard's primary (any more) streams nothing: a move's
+        stream from it would end early, and its final batch say it was complete."""
+        for key in list(self.node.outgoing):
+            self.node.close_stream(key)
 
     # -- the gate on data requests --------------------------------------------------------
     def gate(self, op: str) -> None:
@@ -279,11 +293,13 @@ class Replicator:
             last_progress=time.monotonic(), dest=addr, move_id=SYNC_MOVE + session)
         log.info("shard %s: copying %d keys to replica %s", self.shard, len(peer.copy), addr)
         peer.copy = None
+        peer.copying = time.monotonic()
 
     def tick(self, now: float) -> None:
         primary = self.primary
         if primary is None:
             return
+        self._stalled(now)
         beacons, restart = primary.tick(now)
         for addr, msg in beacons:
             self._send(addr, msg)
@@ -300,6 +316,22 @@ class Replicator:
                      msg["session"])
             self._send(addr, msg)
 
+    def _stalled(self, now: float) -> None:
+        """A sync whose copy stream is gone (closed for want of a reader) or finished
+        long ago without the replica saying it is complete (a batch lost with a
+        connection) will never finish: its session ends, and the next one starts over."""
+        assert self.primary is not None
+        for peer in self.primary.peers.values():
+            if peer.in_sync or peer.synced or peer.broken or not peer.copying:
+                continue
+            out = self.node.outgoing.get((SYNC_MOVE, peer.addr))
+            if out is not None and out.done and not peer.copied:
+                peer.copied = now
+            if out is None or peer.copied and now - peer.copied > COPY_SETTLE:
+                log.warning("shard %s: the copy to replica %s did not complete; syncing it "
+                            "again", self.shard, peer.addr)
+                self.primary.refused(peer.addr, peer.session, "its copy did not complete")
+
     # -- a replica's side --------------------------------------------------------------------
     def xrepl(self, a: list[Any]) -> Any:
         """Records (or, to start a session, a sync) from this shard's primary."""
@@ -308,9 +340,14 @@ class Replicator:
                 or type(msg.get("epoch")) is not int:
             raise ProtocolError("XREPL takes a map with epoch, session, seq and data")
         node = self.node
-        if msg["epoch"] < node.epoch:
-            raise StaleEpoch(f"node {self.address} is at epoch {node.epoch}; this primary "
-                             f"ships at {msg['epoch']}", {"epoch": node.epoch})
+        # An older epoch is fine from the node that is still this shard's primary at this
+        # node's epoch (a new configuration may reach a replica before its primary); from
+        # any other node it is a deposed primary's, and refused.
+        current = node.placement.state.primary(self.shard or "") if node.placement else None
+        if msg["epoch"] < node.epoch and msg.get("from") != current:
+            raise StaleEpoch(f"node {self.address} is at epoch {node.epoch}, where "
+                             f"{msg.get('from')!r} is not the primary of shard {self.shard}",
+                             {"epoch": node.epoch})
         replica = self.replica
         if replica is None:
             raise Unavailable(f"node {self.address} is not a replica (epoch {node.epoch})")
@@ -329,15 +366,20 @@ class Replicator:
         reply: dict[str, Any] = {"seq": msg["seq"]}
         ks = node.storage.keyspace
         if msg.get("sync") is True:
-            self._drop_all()
             moves, tombs = msg.get("moves"), msg.get("tombs")
+            meta = None
             if isinstance(moves, dict) and isinstance(moves.get("incoming"), dict):
                 meta = (wal.META, {"incoming": moves["incoming"],
                                    "modes": moves.get("modes", {})})
-                try:
-                    ks.apply(meta)
+                try:  # checked before anything here is dropped
+                    Keyspace().apply(meta)
                 except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                    replica.session = ""
                     raise ProtocolError(f"XREPL moves: {exc}") from None
+            self._drop_all()
+            self.dropped.clear()
+            if meta is not None:
+                ks.apply(meta)
                 node.log_record(wal.encode(meta))
                 if isinstance(tombs, list) and all(type(k) is bytes for k in tombs) and tombs:
                     ks.apply((wal.TOMBS, tombs))
@@ -347,12 +389,29 @@ class Replicator:
         try:
             for item in items:
                 ks.apply_live(item)
+                if item[0] == wal.DROP and not replica.synced:
+                    # a key dropped here (FLUSHALL, a move's cleanup) leaves no tombstone:
+                    # the copy still streaming in must not bring it back
+                    self.dropped.update(k for k in item[1] if type(k) is bytes)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
             replica.session = ""
             raise ProtocolError(f"XREPL data: a record of the wrong shape ({exc})") from None
         node.storage.pending += msg["data"]
         reply["synced"] = replica.synced
+        if not replica.synced:
+            reply["pull_port"] = node.pull_port  # (until the copy is in: a reply can be lost)
         return reply
+
+    def sync_batch(self, move_id: str, source: str, pairs: list[Any]) -> list[Any] | None:
+        """A batch of a sync's copy, without the keys dropped since the sync began; None
+        if it is not this replica's current sync's (from its shard)."""
+        replica = self.replica
+        if replica is None or move_id != SYNC_MOVE + replica.session or source != self.shard:
+            return None
+        if not self.dropped:
+            return pairs
+        return [x for i in range(0, len(pairs) - 1, 2) if pairs[i] not in self.dropped
+                for x in (pairs[i], pairs[i + 1])]
 
     @staticmethod
     def _records(data: bytes) -> list[Any]:
@@ -381,6 +440,11 @@ class Replicator:
             return
         move_id = SYNC_MOVE + replica.session
         node = self.node
+        if any(k[0] == move_id and st.broken for k, st in node.incoming.items()):
+            log.warning("replica %s: the copy of shard %s broke off; asking for a new sync",
+                        self.address, self.shard)
+            replica.session = ""  # the primary's next message is refused: it syncs again
+            return
         done = [k for k, st in node.incoming.items() if k[0] == move_id and st.done]
         if done:
             node.log_record(node.storage.keyspace.close_move(move_id))
@@ -392,6 +456,7 @@ class Replicator:
             for key in done:
                 del node.incoming[key]
             replica.synced = True
+            self.dropped.clear()
             log.info("replica %s: copy of shard %s complete", self.address, self.shard)
 
     # -- reporting ------------------------------------------------------------------------------
