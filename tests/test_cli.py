@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,13 @@ def test_help_one_shot(cli: Run) -> None:
 # -- the interactive shell in a pseudo-terminal ---------------------------------------------
 
 
+def _default_sigint() -> None:
+    """In the shell's process before it starts: Ctrl-C as a terminal user has it. A
+    test run started in the background by a non-interactive shell (``cmd &``) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def shell(shared: Cluster, env: dict[str, str]) -> Iterator[Callable[..., pexpect.spawn]]:
     made: list[pexpect.spawn] = []
@@ -213,6 +221,7 @@ def shell(shared: Cluster, env: dict[str, str]) -> Iterator[Callable[..., pexpec
         child = pexpect.spawn(
             sys.executable, ["-m", "zkv", "cli", "--proxy", proxy or shared.address],
             cwd=str(REPO), env=env, timeout=10, encoding="utf-8", dimensions=(50, 160),
+            preexec_fn=_default_sigint,
         )
         made.append(child)
         child.expect_exact("type HELP")
@@ -283,8 +292,8 @@ def test_shell_quoting_errors_completion_and_eof(shell: Callable[..., pexpect.sp
     child.sendintr()
     try:
         child.expect(r"zkv [^\r\n]*> ", timeout=3)
-    except pexpect.TIMEOUT:  # missed all the same on a loaded machine: press it again
-        child.sendintr()
+    except pexpect.TIMEOUT:  # the key was missed: send what the terminal sends for it
+        child.kill(signal.SIGINT)
         prompt(child)
     assert "PONG" in command(child, "PING") and child.isalive()
     child.sendeof()
