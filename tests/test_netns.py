@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +92,24 @@ class Hosts:
             _ip("netns", "del", ns)
 
 
-@pytest.fixture
-def hosts() -> Iterator[Hosts]:
+def namespaces(make: Callable[[], Any]) -> Iterator[Any]:
+    """The body of a fixture of namespaces: skipped where they cannot be made; every
+    namespace ``make()`` creates (all named with its ``tag``) is gone afterwards."""
     reason = _netns_unavailable()
     if reason:
         pytest.skip(reason)
-    made = Hosts()
+    made = make()
     try:
         yield made
     finally:
         made.close()
         left = _ip("netns", "list").stdout
         assert made.tag not in left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    yield from namespaces(Hosts)
 
 
 class NetProcs(Procs):

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import Proc, Procs, wait_until
-from test_netns import _ip, _netns_unavailable
+from test_netns import _ip, namespaces
 
 PORT = 7000
 
@@ -89,16 +89,7 @@ class Net:
 
 @pytest.fixture
 def net() -> Iterator[Net]:
-    reason = _netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    made = Net()
-    try:
-        yield made
-    finally:
-        made.close()
-        left = _ip("netns", "list").stdout
-        assert made.tag not in left, f"namespaces left behind: {left}"
+    yield from namespaces(Net)
 
 
 CLIENT = textwrap.dedent("""

@@ -697,21 +697,12 @@ def start_cluster(children: Children, nodes: int, fsync: str,
         argv += ["--replica", f"{a}={r}"]
     children.spawn(f"{name}proxy", zkv_argv(*argv), ready="zkv proxy")
     if copies:
-        _wait_in_sync(f"127.0.0.1:{port}", len(copies))
+        from .client import Client, wait_in_sync
+
+        with Client(f"127.0.0.1:{port}", timeout=2.0) as c:
+            for _, replica in copies:
+                wait_in_sync(c, replica, 30.0)
     return f"127.0.0.1:{port}", addrs
-
-
-def _wait_in_sync(proxy: str, replicas: int, timeout: float = 30.0) -> None:
-    from .client import Client
-
-    deadline = time.monotonic() + timeout
-    with Client(proxy, timeout=2.0) as c:
-        while time.monotonic() < deadline:
-            rows = c.nodes()
-            if sum(bool(r.get("in_sync")) for r in rows) >= replicas:
-                return
-            time.sleep(0.1)
-    raise Unavailable(f"the replicas behind {proxy} were not in sync within {timeout:.0f} s")
 
 
 def redis_available() -> str | None:

@@ -257,14 +257,12 @@ class MoveDriver:
         for addr, op, args in requests:
             self.shell.send(addr, op, args, make(addr), STEP_TIMEOUT)
 
-    def _commit(self, state: ClusterState, move: dict[str, Any] | None,
+    def _commit(self, move: dict[str, Any] | None,
                 members: dict[str, float] | None = None) -> None:
         """Persist and apply a new state (one epoch on); the old phase's steps are
-        forgotten."""
-        # (from the newest configuration, not the driver's copy: a failover or an in-sync
-        # change may have come in between, and must not be undone)
-        base = self.shell.current()
-        self.state = (base if base.epoch >= state.epoch else state).with_move(move, members)
+        forgotten. It is made from the newest configuration, not the driver's copy: a
+        failover or an in-sync change may have come in between, and must not be undone."""
+        self.state = self.shell.current().with_move(move, members)
         if move is not None:
             self.move = move
         self.shell.commit(self.state)
@@ -280,13 +278,13 @@ class MoveDriver:
         elif phase == "revert-cleanup":
             members = self.move["old"]  # the old ring is back
         reset = (phase == "revert") != self.reverting
-        self._commit(self.state, move, members)
+        self._commit(move, members)
         if reset:
             self._reset_streams()
         log.info("move %s: %s", move["id"], phase)
 
     def _finish(self) -> None:
-        self._commit(self.state, None)
+        self._commit(None)
         self.finished = True
         log.info("move %s %s", self.move["id"],
                  "rolled back" if self.reverting else "finished")
@@ -307,7 +305,7 @@ class MoveDriver:
                     "back to the old owners (writes to those ranges wait until it is done)")
         if phase == "revert":
             if force and not self.force:
-                self._commit(self.state, dict(self.move, force=True))
+                self._commit(dict(self.move, force=True))
             return "already rolling back" + (" (now giving up on nodes that are down)"
                                               if force else "")
         raise ClusterError(
@@ -322,7 +320,7 @@ class MoveDriver:
         elif self.phase == "copy":
             self._set_phase("cleanup", force=True)
         elif self.phase == "cleanup":
-            self._commit(self.state, dict(self.move, force=True))
+            self._commit(dict(self.move, force=True))
         else:
             raise ClusterError(f"move {self.move['id']} is being rolled back; wait for it")
         return f"finishing the REMOVE of {addr} without it: its keys not yet copied are lost"
@@ -363,7 +361,7 @@ class MoveDriver:
                 self.done_streams.add(pair)
                 skipped.append(list(pair))
         if len(skipped) != len(self.move.get("skipped", [])):
-            self._commit(self.state, dict(self.move, skipped=skipped))
+            self._commit(dict(self.move, skipped=skipped))
             if self.pulls:
                 self.pulls = {d: p for d, p in self.pulls.items()
                               if any(t.dest == d and (t.source, t.dest) not in self.done_streams

@@ -141,7 +141,8 @@ class Proxy(ProxyShell):
         return f"{super()._ready_line()} state={self.state_dir}"
 
     def _housekeeping(self, now: float) -> None:
-        if self.state.shards and self.publishing is None and not self._admin_busy:
+        if self._new_reports and self.publishing is None and not self._admin_busy:
+            self._new_reports = False  # (judged once each, as heartbeat answers come in)
             try:
                 self._replication(now)
             except Exception:  # noqa: BLE001 - a bad report must not take the manager down
@@ -527,10 +528,7 @@ class Proxy(ProxyShell):
                       extra: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
         """The node address and the checked options of an ADD or REMOVE: every option is
         validated here, before anything is persisted, so a bad one changes nothing."""
-        try:
-            host, port = parse_address(args[0], "node address")
-        except ZkvError as exc:
-            raise ClusterError(f"{exc}; nothing changed") from None
+        address = self._node_arg(args[0], "node address")
         options: dict[str, Any] = dict(args[1]) if len(args) > 1 else {}
         allowed = ("dry_run", *extra, *SETTINGS)
         for name in options:
@@ -541,7 +539,7 @@ class Proxy(ProxyShell):
             raise ClusterError("dry_run must be true or false; nothing changed")
         settings = check_settings(options, self.limits.max_message_bytes // 2)
         options.update(settings)
-        return format_address(host, port), options
+        return address, options
 
     def _with_live_node(self, routing: list[bytes], addr: str, then: Callable[[], None],
                         must_be_empty: bool = False) -> None:

@@ -172,6 +172,7 @@ class ProxyShell:
         # the latest replication report of each node (heartbeat answers), by address:
         # (when, the node's epoch, the report)
         self.repl_reports: dict[str, tuple[float, int, dict[str, Any]]] = {}
+        self._new_reports = False  # a report came in since the config manager looked
         self.poller = zmq.Poller()
         self.pending: dict[bytes, tuple[Any, str, int, list[bytes] | None]] = {}
         self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -553,11 +554,7 @@ class ProxyShell:
         log.warning("shard %s: primary now %s (was %s)", key, address, self.link_address[key])
         now = time.monotonic()
         self.router.set_down(key, True, now)
-        lost = [tag for tag, entry in self.pending.items() if entry[1] == key]
-        for tag in lost:
-            self._abandon(self.pending.pop(tag), NodeUnavailable(
-                f"shard {key} failed over with this request in flight; the outcome of a "
-                "write is unknown"))
+        self._abandon_in_flight(key, f"shard {key} failed over")
         self._disconnect(key)
         self._connect(key)
         self.router.set_down(key, False, now)
@@ -630,6 +627,7 @@ class ProxyShell:
             report = result.get("repl")
             if isinstance(report, dict):
                 self.repl_reports[self.address_of(addr)] = (time.monotonic(), epoch, report)
+                self._new_reports = True
             self._node_epoch(addr, epoch)
         if isinstance(routers, int) and routers > 1 and self.router.knows_every_write:
             log.info("another router sends requests to %s: reads of moving keys will not "
@@ -681,12 +679,15 @@ class ProxyShell:
     def _node_down(self, addr: str) -> None:
         log.warning("node %s is down (no heartbeat reply)", addr)
         self.router.set_down(addr, True, time.monotonic())
+        self._abandon_in_flight(addr, f"node {addr} went down")
+
+    def _abandon_in_flight(self, addr: str, what: str) -> None:
+        """Fail what the shell itself has in flight on link ``addr``: ``what`` happened
+        with it in flight, so the outcome of a write is unknown."""
         lost = [tag for tag, entry in self.pending.items() if entry[1] == addr]
         for tag in lost:
             self._abandon(self.pending.pop(tag), NodeUnavailable(
-                f"node {addr} went down with this request in flight; "
-                "the outcome of a write is unknown"
-            ))
+                f"{what} with this request in flight; the outcome of a write is unknown"))
 
     def _heartbeat(self, now: float) -> None:
         for addr in self.health.due_pings(now):
