@@ -124,7 +124,7 @@ def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
                               f"{timeout:.0f} s; the backup is incomplete")
         body = pull.recv()
         try:
-            bid, source, seq, pairs, final, sent, _ = decode_batch(body)
+            bid, source, seq, pairs, final, sent, _, deadlines = decode_batch(body)
         except ProtocolError:
             continue  # not ours
         if bid != backup_id or source not in left:
@@ -136,6 +136,8 @@ def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
         f = files[source]
         if pairs:
             f.write(wal.encode((wal.CHUNK, pairs)))
+        if deadlines:  # (absolute times: the restored keys expire when these would have)
+            f.write(wal.encode((wal.PXAT, [x for kd in deadlines.items() for x in kd])))
         got[source] += len(pairs) // 2
         done += len(pairs) // 2
         if final:
@@ -176,8 +178,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _read_keys(directory: str, node: str, entry: dict[str, Any]) -> list[list[bytes]]:
-    """A node file's CHUNK records, checked whole (records, end marker, key count)."""
+def _read_keys(directory: str, node: str,
+               entry: dict[str, Any]) -> tuple[list[list[bytes]], dict[bytes, int]]:
+    """A node file's CHUNK records and the deadlines of its keys that have one, checked
+    whole (records, end marker, key count)."""
     path = os.path.join(directory, entry["file"])
     try:
         with open(path, "rb") as f:
@@ -186,11 +190,16 @@ def _read_keys(directory: str, node: str, entry: dict[str, Any]) -> list[list[by
         raise ClusterError(f"{path} (the keys of {node}): {exc.strerror or exc}") from None
     scan = wal.LogScan(buf)
     chunks: list[list[bytes]] = []
+    deadlines: dict[bytes, int] = {}
     count, end = 0, None
     for _, item in scan:
         if item[0] == wal.CHUNK and isinstance(item[1], list):
             chunks.append(item[1])
             count += len(item[1]) // 2
+        elif item[0] == wal.PXAT and isinstance(item[1], list):
+            flat = item[1]
+            deadlines.update((k, t) for k, t in zip(flat[0::2], flat[1::2])
+                             if type(k) is bytes and type(t) is int and t > 0)
         elif item[0] == wal.META and isinstance(item[1], dict) and "end" in item[1]:
             end = item[1]["end"]
     if scan.damage is not None:
@@ -199,7 +208,7 @@ def _read_keys(directory: str, node: str, entry: dict[str, Any]) -> list[list[by
     if end != count or count != entry["keys"]:
         raise ClusterError(f"{path} holds {count} keys, its end marker says {end} and the "
                            f"manifest {entry['keys']}: incomplete; nothing was restored")
-    return chunks
+    return chunks, deadlines
 
 
 def restore(directory: str, proxy: str, timeout: float = 10.0,
@@ -223,11 +232,17 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
         done = 0
         started = time.monotonic()
         try:
-            for chunks in files.values():
+            for chunks, deadlines in files.values():
                 for pairs in chunks:
                     for i in range(0, len(pairs), 2 * RESTORE_BATCH):
                         chunk = pairs[i : i + 2 * RESTORE_BATCH]
                         c.mset(dict(zip(chunk[0::2], chunk[1::2])))
+                        timed = [k for k in chunk[0::2] if k in deadlines]
+                        if timed:
+                            with c.pipeline() as p:
+                                for key in timed:
+                                    p.pexpireat(key, deadlines[key])
+                                p.execute()
                         done += len(chunk) // 2
                         if progress is not None:
                             progress(done, total)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
+from .calls import Convert, StringCommands, to_bytes
 from .errors import (
     ClusterError,
     ConfigError,
@@ -65,19 +66,7 @@ def _checked_address(address: str) -> str:
     return format_address(host, port)
 
 
-def to_bytes(value: Any, what: str = "value") -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
-
-
-class Client:
+class Client(StringCommands):
     def __init__(self, address: str = "127.0.0.1:8000", timeout: float = 5.0,
                  retries: int = 2, direct: bool = False) -> None:
         self.address = _checked_address(address)
@@ -195,16 +184,20 @@ class Client:
             return P.decode_reply(reply)
         raise ProtocolError("unreachable")  # pragma: no cover
 
-    # -- data commands -----------------------------------------------------------
+    # -- data commands (and zkv.calls) ------------------------------------------------
+    def _do(self, op: str, args: list[Any], convert: Convert = lambda r: r) -> Any:
+        return convert(self.call(op, *args))
+
+    def dbsize(self) -> int:
+        """The number of keys in the cluster (not while a move is under way)."""
+        return int(self.call("DBSIZE"))
+
     def ping(self) -> bool:
         return bool(self.call("PING") == "PONG")
 
     def get(self, key: Key) -> bytes | None:
         result: bytes | None = self.call("GET", to_bytes(key, "key"))
         return result
-
-    def set(self, key: Key, value: Value) -> bool:
-        return bool(self.call("SET", to_bytes(key, "key"), to_bytes(value)) == "OK")
 
     def delete(self, key: Key) -> bool:
         """Delete ``key``; whether it existed."""
@@ -391,17 +384,18 @@ class MoveHandle:
 PIPELINE_CHUNK = 1000  # commands per PIPE message; several messages are in flight at once
 
 
-class Pipeline:
+class Pipeline(StringCommands):
     """Commands queued on the client and sent together by :meth:`execute`.
 
     The proxy splits each message per node and merges the replies in order.
     A pipeline is not a transaction: each command succeeds or fails on its own.
-    Supported: get, set, delete, exists, ping.
+    Supported: get, delete, exists, ping, and every command on one key of
+    :class:`zkv.calls.StringCommands` (set with its options, incr, expire, ttl, ...).
     """
 
     _CONVERT: dict[str, Callable[[Any], Any]] = {
         "GET": lambda r: r,
-        "SET": lambda r: r == "OK",
+        "SET": lambda r: True if r == "OK" else r,
         "DEL": bool,
         "EXISTS": bool,
         "PING": lambda r: r == "PONG",
@@ -410,26 +404,27 @@ class Pipeline:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.commands: list[list[Any]] = []
+        self.converts: dict[int, Convert] = {}  # by position, where not _CONVERT's
+
+    def _do(self, op: str, args: list[Any], convert: Convert = lambda r: r) -> Any:
+        if op not in P.PIPE_OPS:
+            raise TypeError(f"{op} cannot be used in a pipeline")
+        self.converts[len(self.commands)] = convert
+        self.commands.append([op, *args])
+        return self
 
     def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.commands.clear()
+        self.converts.clear()
 
     def __len__(self) -> int:
         return len(self.commands)
 
     def get(self, key: Key) -> Pipeline:
         self.commands.append(["GET", key if type(key) is bytes else to_bytes(key, "key")])
-        return self
-
-    def set(self, key: Key, value: Value) -> Pipeline:
-        self.commands.append([
-            "SET",
-            key if type(key) is bytes else to_bytes(key, "key"),
-            value if type(value) is bytes else to_bytes(value),
-        ])
         return self
 
     def delete(self, key: Key) -> Pipeline:
@@ -449,6 +444,7 @@ class Pipeline:
         (the default) the first failed command's error is raised after all have
         run; otherwise errors are returned in place. The queue is emptied."""
         commands, self.commands = self.commands, []
+        special, self.converts = self.converts, {}
         if not commands:
             return []
         chunks = [commands[i : i + PIPELINE_CHUNK] for i in range(0, len(commands), PIPELINE_CHUNK)]
@@ -472,13 +468,14 @@ class Pipeline:
             except ZkvError as exc:
                 results.extend([exc] * len(chunk))
                 continue
-            convert = self._CONVERT
+            table = self._CONVERT
             for cmd, item in zip(chunk, items):
+                convert = special.get(len(results)) or table[cmd[0]]
                 if type(item) is list and len(item) == 2 and item[0] == P.OK:
-                    results.append(convert[cmd[0]](item[1]))
+                    results.append(convert(item[1]))
                     continue
                 try:
-                    results.append(convert[cmd[0]](P.result_of(item)))
+                    results.append(convert(P.result_of(item)))
                 except ZkvError as exc:
                     results.append(exc)
         if raise_on_error:

@@ -12,6 +12,14 @@ of the key still streaming in from the old owner does not bring it back.
 The move records (``META`` maps with ``open``, ``close`` or ``drop``) pass
 through the log like any other, so a restarted node knows which moves it had
 open and which keys it had deleted.
+
+A key may have a deadline (:attr:`Keyspace.expires`: absolute milliseconds since
+the Unix epoch; a key without one costs nothing). The deadline travels with the
+key: a SET record may carry it as a fourth element, PXAT records set or clear
+deadlines, and a snapshot lists them after its keys. Reads take ``now`` and do
+not see a key whose deadline has passed; :meth:`Keyspace.expire` deletes the due
+ones (a node's primary calls it; replicas delete what their primary's DELS
+records say), so expiry means the same on every copy.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 
 from . import wal
 from .buckets import KeyBuckets
+from .expiry import ExpiryWheel
 from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
@@ -40,8 +49,8 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("buckets", "data", "incoming", "live_bytes", "modes", "receiving", "tombstones",
-                 "undo", "undo_tombs")
+    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "receiving",
+                 "tombstones", "undo", "undo_deadlines", "undo_tombs", "wheel")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -60,14 +69,74 @@ class Keyspace:
         self.receiving: RangeSet | None = None  # union of incoming, None when no move is open
         self.tombstones: set[bytes] = set()
         self.undo_tombs: list[tuple[bytes, bool]] = []  # (key, was a tombstone before)
+        # Deadlines (ms since the epoch) of the keys that have one, and when they fall due.
+        self.expires: dict[bytes, int] = {}
+        self.wheel = ExpiryWheel()
+        self.undo_deadlines: list[tuple[bytes, int | None]] = []  # (key, deadline before)
 
     def __len__(self) -> int:
         return len(self.data)
 
     # -- live mutations: change the map, remember the undo, return the log record
-    def set(self, key: bytes, value: bytes) -> bytes:
+    def set(self, key: bytes, value: bytes, deadline: int | None = None) -> bytes:
+        """Set a key (its old deadline goes, ``deadline`` is its new one if given)."""
         self._put(key, value)
-        return wal.encode((wal.SET, key, value))
+        if deadline is None:
+            return wal.encode((wal.SET, key, value))
+        self._set_deadline(key, deadline)
+        return wal.encode((wal.SET, key, value, deadline))
+
+    # -- deadlines ------------------------------------------------------------------
+    def get(self, key: bytes, now: int) -> bytes | None:
+        """The value of a key, or None (absent, or its deadline has passed)."""
+        value = self.data.get(key)
+        if value is not None and self.expires:
+            deadline = self.expires.get(key)
+            if deadline is not None and deadline <= now:
+                return None
+        return value
+
+    def deadline(self, key: bytes) -> int | None:
+        return self.expires.get(key) if self.expires else None
+
+    def set_deadline(self, key: bytes, deadline: int | None) -> bytes:
+        """Give a present key a deadline (None: take its deadline away); the record."""
+        if deadline is None:
+            self._clear_deadline(key)
+        else:
+            self._set_deadline(key, deadline)
+        return wal.encode((wal.PXAT, [key, deadline or 0]))
+
+    def expire(self, now: int, limit: int) -> tuple[int, bytes | None]:
+        """Delete up to about ``limit`` keys whose deadline has passed (the due slots of
+        the wheel, checked against :attr:`expires`); how many went, and the record."""
+        if self.wheel.needs_compaction(len(self.expires)):
+            self.wheel.rebuild(self.expires)
+        expires = self.expires
+        gone: list[bytes] = []
+        for key in self.wheel.due(now, limit):
+            deadline = expires.get(key)
+            if deadline is not None and deadline <= now and key in self.data:
+                self.delete(key)
+                gone.append(key)
+        return len(gone), (wal.encode((wal.DELS, gone)) if gone else None)
+
+    def live_count(self, now: int) -> int:
+        """Keys whose deadline has not passed."""
+        expires = self.expires
+        if not expires:
+            return len(self.data)
+        return len(self.data) - sum(1 for t in expires.values() if t <= now)
+
+    def _set_deadline(self, key: bytes, deadline: int) -> None:
+        self.undo_deadlines.append((key, self.expires.get(key)))
+        self.expires[key] = deadline
+        self.wheel.add(key, deadline)
+
+    def _clear_deadline(self, key: bytes) -> None:
+        old = self.expires.pop(key, None)
+        if old is not None:
+            self.undo_deadlines.append((key, old))
 
     def delete(self, key: bytes) -> tuple[bool, bytes | None]:
         """Whether the key existed, and the record to log (None when nothing changed)."""
@@ -83,11 +152,13 @@ class Keyspace:
         self._drop(key)
         return True, wal.encode((wal.DEL, key))
 
-    def state(self, key: bytes) -> tuple[int, bytes | None]:
-        """PRESENT with the value, ABSENT (known deleted or never here), or UNKNOWN
-        (in a range still being received and not written or deleted here yet)."""
+    def state(self, key: bytes, now: int) -> tuple[int, bytes | None]:
+        """PRESENT with the value, ABSENT (known deleted, expired, or never here), or
+        UNKNOWN (in a range still being received and not written or deleted here yet)."""
         value = self.data.get(key)
         if value is not None:
+            if self.expires and self.expires.get(key, now + 1) <= now:
+                return ABSENT, None
             return PRESENT, value
         if key in self.tombstones:
             return ABSENT, None
@@ -125,12 +196,15 @@ class Keyspace:
             self._drop(key)
         return wal.encode((wal.DROP, gone)) if gone else None
 
-    def absorb(self, move_id: str, pairs: list[Any],
-               dels: Sequence[Any] = ()) -> tuple[int, bytes | None]:
+    def absorb(self, move_id: str, pairs: list[Any], dels: Sequence[Any] = (),
+               deadlines: dict[bytes, int] | None = None,
+               now: int = 0) -> tuple[int, bytes | None]:
         """Apply a batch streamed in by a move. In FILL mode a key is taken only when
         this node holds no newer state of it (no value written here, no tombstone); in
         OVERWRITE mode every key of the ranges is taken, and ``dels`` (keys the sender
-        deleted) are dropped here. Returns how many keys were taken and the records."""
+        deleted) are dropped here. ``deadlines``: those of the batch's keys that have
+        one; a key already due at ``now`` is not taken. Returns how many keys were
+        taken and the records."""
         ranges = self.incoming.get(move_id)
         if ranges is None:
             return 0, None
@@ -142,11 +216,21 @@ class Keyspace:
             if (type(key) is bytes and type(value) is bytes
                     and (overwrite or (key not in data and key not in tombs))
                     and ranges.contains(key_hash(key))):
+                if deadlines and key in deadlines and deadlines[key] <= now:
+                    continue
                 taken.append(key)
                 taken.append(value)
         records = b""
         if taken:
             records += self.mset(taken)
+            if deadlines:
+                timed: list[Any] = []
+                for key in taken[0::2]:
+                    if key in deadlines:
+                        self._set_deadline(key, deadlines[key])
+                        timed += (key, deadlines[key])
+                if timed:
+                    records += wal.encode((wal.PXAT, timed))
         if overwrite and dels:
             gone = [k for k in dels if type(k) is bytes and ranges.contains(key_hash(k))]
             records += self.forget(gone) or b""
@@ -162,8 +246,22 @@ class Keyspace:
             if type(key) is not bytes or type(value) is not bytes:
                 raise TypeError("key and value must be bytes")
             self._put(key, value)
+            if len(item) > 3:
+                self._set_deadline(key, _deadline(item[3]))
         elif kind == wal.DEL:
             self.delete(item[1])
+        elif kind == wal.DELS:
+            for key in item[1]:
+                self.delete(key)
+        elif kind == wal.PXAT:
+            pairs = item[1]
+            for i in range(0, len(pairs) - 1, 2):
+                key, deadline = pairs[i], _deadline(pairs[i + 1], True)
+                if key in self.data:
+                    if deadline:
+                        self._set_deadline(key, deadline)
+                    else:
+                        self._clear_deadline(key)
         elif kind == wal.MSET or kind == wal.CHUNK:
             pairs = item[1]
             if len(pairs) % 2 or not all(type(x) is bytes for x in pairs):
@@ -209,8 +307,17 @@ class Keyspace:
     def commit(self) -> None:
         self.undo.clear()
         self.undo_tombs.clear()
+        self.undo_deadlines.clear()
 
     def rollback(self) -> None:
+        expires = self.expires
+        for key, deadline in reversed(self.undo_deadlines):
+            if deadline is None:
+                expires.pop(key, None)
+            else:
+                expires[key] = deadline
+                self.wheel.add(key, deadline)
+        self.undo_deadlines.clear()
         for key, was in reversed(self.undo_tombs):
             if was:
                 self.tombstones.add(key)
@@ -233,24 +340,27 @@ class Keyspace:
                 self.live_bytes += len(key) + len(old)
         self.undo.clear()
 
-    def mark(self) -> tuple[int, int]:
+    def mark(self) -> tuple[int, int, int]:
         """A point to :meth:`rollback_to`: the changes made after it can be undone alone."""
-        return len(self.undo), len(self.undo_tombs)
+        return len(self.undo), len(self.undo_tombs), len(self.undo_deadlines)
 
-    def rollback_to(self, mark: tuple[int, int]) -> None:
+    def rollback_to(self, mark: tuple[int, int, int]) -> None:
         """Undo the changes made since ``mark`` (one request's, say), keeping earlier ones."""
         undo, tombs = self.undo[mark[0]:], self.undo_tombs[mark[1]:]
-        del self.undo[mark[0]:], self.undo_tombs[mark[1]:]
-        kept_undo, kept_tombs = self.undo, self.undo_tombs
-        self.undo, self.undo_tombs = undo, tombs
+        deadlines = self.undo_deadlines[mark[2]:]
+        del self.undo[mark[0]:], self.undo_tombs[mark[1]:], self.undo_deadlines[mark[2]:]
+        kept = self.undo, self.undo_tombs, self.undo_deadlines
+        self.undo, self.undo_tombs, self.undo_deadlines = undo, tombs, deadlines
         try:
             self.rollback()
         finally:
-            self.undo, self.undo_tombs = kept_undo, kept_tombs
+            self.undo, self.undo_tombs, self.undo_deadlines = kept
 
     def _put(self, key: bytes, value: bytes) -> None:
         if self.tombstones and key in self.tombstones:
             self._tomb(key, False)
+        if self.expires and key in self.expires:
+            self._clear_deadline(key)
         old = self.data.get(key, MISSING)
         self.undo.append((key, old))
         if old is MISSING:
@@ -261,6 +371,8 @@ class Keyspace:
         self.data[key] = value
 
     def _drop(self, key: bytes) -> None:
+        if self.expires and key in self.expires:
+            self._clear_deadline(key)
         old = self.data.pop(key)
         self.undo.append((key, old))
         self.live_bytes -= len(key) + len(old)
@@ -274,19 +386,24 @@ class Keyspace:
         ``live_bytes`` to one count at the end; every other record goes through
         :meth:`apply`. Raises ReplayError for a record of the wrong shape.
         """
-        data, apply = self.data, self.apply
+        data, apply, expires = self.data, self.apply, self.expires
         n, off = 0, 0
         SET, DEL = wal.SET, wal.DEL
         try:
             for off, item in records:  # noqa: B007 (off names a bad record below)
                 kind = item[0]
-                if kind == SET and self.receiving is None and not self.tombstones:
+                if (kind == SET and len(item) == 3 and self.receiving is None
+                        and not self.tombstones):
                     _, key, value = item
                     if type(key) is not bytes or type(value) is not bytes:
                         raise TypeError("key and value must be bytes")
                     data[key] = value
+                    if expires:
+                        expires.pop(key, None)
                 elif kind == DEL and self.receiving is None:
                     data.pop(item[1], None)
+                    if expires:
+                        expires.pop(item[1], None)
                 else:
                     apply(item)
                 n += 1
@@ -300,28 +417,45 @@ class Keyspace:
         self.live_bytes = sum(len(k) + len(v) for k, v in self.data.items())
 
     def reindex(self) -> None:
-        """Rebuild the buckets from the map (after replay, which does not keep them)."""
+        """Rebuild the buckets from the map (after replay, which does not keep them), and
+        the expiry wheel from the deadlines (replay files each deadline it sees)."""
         self.buckets = KeyBuckets(self.data)
+        self.wheel.rebuild(self.expires)
 
     def apply(self, item: Any) -> None:
         """Apply one decoded log or snapshot record (no undo: replay is not a transaction)."""
         kind = item[0]
         data = self.data
         tombs = self.tombstones
+        expires = self.expires
         if kind == wal.SET:
             key, value = item[1], item[2]
+            if type(key) is not bytes or type(value) is not bytes:
+                raise TypeError("key and value must be bytes")
             old = data.get(key)
             self.live_bytes += len(value) - (len(old) if old is not None else -len(key))
             data[key] = value
             if tombs:
                 tombs.discard(key)
+            if len(item) > 3:
+                expires[key] = deadline = _deadline(item[3])
+                self.wheel.add(key, deadline)
+            elif expires:
+                expires.pop(key, None)
         elif kind == wal.DEL:
-            key = item[1]
-            old = data.pop(key, None)
-            if old is not None:
-                self.live_bytes -= len(key) + len(old)
-            if self.receiving is not None and self.receiving.contains(key_hash(key)):
-                tombs.add(key)
+            self._apply_del(item[1])
+        elif kind == wal.DELS:
+            for key in item[1]:
+                self._apply_del(key)
+        elif kind == wal.PXAT:
+            pairs = item[1]
+            for i in range(0, len(pairs) - 1, 2):
+                key, deadline = pairs[i], _deadline(pairs[i + 1], True)
+                if not deadline:
+                    expires.pop(key, None)
+                elif key in data:
+                    expires[key] = deadline
+                    self.wheel.add(key, deadline)
         elif kind == wal.MSET or kind == wal.CHUNK:
             pairs = item[1]
             for i in range(0, len(pairs), 2):
@@ -331,17 +465,30 @@ class Keyspace:
                 data[key] = value
                 if tombs:
                     tombs.discard(key)
+                if expires:
+                    expires.pop(key, None)
         elif kind == wal.DROP:
             for key in item[1]:
                 old = data.pop(key, None)
                 if old is not None:
                     self.live_bytes -= len(key) + len(old)
+                if expires:
+                    expires.pop(key, None)
         elif kind == wal.TOMBS:
             tombs.update(item[1])
         elif kind == wal.META:
             self._apply_meta(item[1])
         else:
             raise ValueError(f"unknown record kind {kind!r}")
+
+    def _apply_del(self, key: bytes) -> None:
+        old = self.data.pop(key, None)
+        if old is not None:
+            self.live_bytes -= len(key) + len(old)
+        if self.expires:
+            self.expires.pop(key, None)
+        if self.receiving is not None and self.receiving.contains(key_hash(key)):
+            self.tombstones.add(key)
 
     def _apply_meta(self, meta: dict[str, Any]) -> None:
         if "open" in meta:
@@ -365,3 +512,13 @@ class Keyspace:
     def snapshot_meta(self) -> dict[str, Any]:
         return {"incoming": {k: v.to_list() for k, v in self.incoming.items()},
                 "modes": dict(self.modes)}
+
+
+MAX_DEADLINE = 1 << 62  # ms since the epoch: far past any real date, still an int64
+
+
+def _deadline(value: Any, zero: bool = False) -> int:
+    """A deadline from a record: a positive int (0 too, meaning none, where ``zero``)."""
+    if type(value) is not int or not (0 if zero else 1) <= value <= MAX_DEADLINE:
+        raise ValueError(f"a deadline must be milliseconds since the epoch, not {value!r}")
+    return value

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from . import durable, wal
+from . import durable, strings, wal
 from . import frames as wire
 from . import protocol as P
 from .cluster import ClusterState
@@ -47,7 +47,7 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .keyspace import FILL, OVERWRITE
+from .keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
 from .metrics import Timings
 from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
@@ -78,6 +78,7 @@ CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
 # handful in practice; the bound keeps a stray or hostile request from piling up
 # sockets and state.
 MAX_MOVES = 64
+EXPIRE_PER_TURN = 2000  # keys active expiry looks at in one loop turn
 # Room left in a reply for the framing of each item and for error items.
 ITEM_OVERHEAD = 16
 ERROR_ITEM_BYTES = 256
@@ -110,6 +111,7 @@ class Node:
         self.incarnation = secrets.token_hex(4)
         self.counters: dict[str, int] = {}
         self.errors = 0
+        self.expired = 0  # keys deleted by active expiry
         self.error_codes: dict[tuple[str, str], int] = {}  # (op, code) -> error replies
         self.timings = Timings()  # service time by op, while metrics are served
         self.timed = False
@@ -131,11 +133,34 @@ class Node:
             "PING": lambda a: "PONG",
             "INFO": lambda a: self.info(),
             "GET": self._get,
-            "EXISTS": lambda a: int(a[0] in self.storage.keyspace.data),
+            "EXISTS": lambda a: int(self._get(a) is not None),
             "SET": self._set,
             "DEL": self._del,
             "MGET": self._mget,
             "MSET": self._mset,
+            "SETNX": lambda a: self._wrote(strings.setnx(self._ks, a[0], a[1], _now())),
+            "GETSET": lambda a: self._wrote(strings.getset(self._ks, a[0], a[1], _now())),
+            "GETDEL": lambda a: self._wrote(strings.getdel(self._ks, a[0], _now())),
+            "GETEX": lambda a: self._wrote(strings.getex(self._ks, a[0], (a + [{}])[1],
+                                                         _now())),
+            "APPEND": lambda a: self._wrote(strings.append(
+                self._ks, a[0], a[1], _now(), self.limits.max_value_bytes)),
+            "STRLEN": lambda a: strings.strlen(self._ks, a[0], _now()),
+            "INCR": lambda a: self._wrote(strings.incrby(self._ks, a[0], 1, _now())),
+            "DECR": lambda a: self._wrote(strings.incrby(self._ks, a[0], -1, _now())),
+            "INCRBY": lambda a: self._wrote(strings.incrby(self._ks, a[0], a[1], _now())),
+            "DECRBY": lambda a: self._wrote(strings.incrby(self._ks, a[0], -a[1], _now())),
+            "EXPIRE": lambda a: self._expire("EXPIRE", a),
+            "PEXPIRE": lambda a: self._expire("PEXPIRE", a),
+            "EXPIREAT": lambda a: self._expire("EXPIREAT", a),
+            "PEXPIREAT": lambda a: self._expire("PEXPIREAT", a),
+            "TTL": lambda a: strings.ttl(self._ks, a[0], _now(), False),
+            "PTTL": lambda a: strings.ttl(self._ks, a[0], _now(), True),
+            "EXPIRETIME": lambda a: strings.expiretime(self._ks, a[0], _now(), False),
+            "PEXPIRETIME": lambda a: strings.expiretime(self._ks, a[0], _now(), True),
+            "PERSIST": lambda a: self._wrote(strings.persist(self._ks, a[0], _now())),
+            "MSETNX": lambda a: self._wrote(strings.msetnx(self._ks, a[0], _now())),
+            "DBSIZE": lambda a: self._ks.live_count(_now()),
             "SCAN": self._scan,
             "KEYS": self._keys,
             "PIPE": self._pipe,
@@ -144,7 +169,9 @@ class Node:
             "XDROP": self._xdrop,
             "XSEND": self._xsend,
             "XSTAT": lambda a: self.move_status(),
-            "XGET": lambda a: list(self.storage.keyspace.state(a[0])),
+            "XGET": lambda a: list(self._ks.state(a[0], _now())),
+            "XPEEK": self._xpeek,
+            "XFILL": self._xfill,
             "XDEL": self._xdel,
             "XCONFIG": self._xconfig,
             "XBACKUP": self._xbackup,
@@ -163,21 +190,74 @@ class Node:
         self.touched = False  # the request being run read or wrote data (see serve)
 
     # -- commands ----------------------------------------------------------
+    @property
+    def _ks(self) -> Keyspace:
+        return self.storage.keyspace
+
+    def _wrote(self, outcome: tuple[Any, bytes]) -> Any:
+        """A command's reply, its records added to this turn's (zkv.strings)."""
+        result, records = outcome
+        if records:
+            self.storage.pending += records
+        return result
+
     def _get(self, a: list[Any]) -> Any:
-        return self.storage.keyspace.data.get(a[0])
+        ks = self.storage.keyspace
+        value = ks.data.get(a[0])
+        if value is not None and ks.expires:
+            return ks.get(a[0], _now())
+        return value
 
     def _set(self, a: list[Any]) -> Any:
+        if len(a) > 2 and a[2]:
+            return self._wrote(strings.set_(self._ks, a[0], a[1], a[2], _now()))
         self.storage.pending += self.storage.keyspace.set(a[0], a[1])
         return "OK"
 
+    def _expire(self, command: str, a: list[Any]) -> Any:
+        return self._wrote(strings.expire(self._ks, command, a[0], a[1],
+                                          a[2] if len(a) > 2 else None, _now()))
+
+    def _xpeek(self, a: list[Any]) -> Any:
+        """A key's whole state for a move's read-modify-write (zkv.router): [state,
+        value, deadline]."""
+        ks = self._ks
+        state, value = ks.state(a[0], _now())
+        return [state, value, ks.deadline(a[0]) if value is not None else None]
+
+    def _xfill(self, a: list[Any]) -> Any:
+        """Take a moving key's state from its old owner where this node knows none yet
+        (a value, with its deadline, or absence as a tombstone); whether it was taken."""
+        ks = self._ks
+        spec = a[0] if a else None
+        if (not isinstance(spec, dict) or type(spec.get("key")) is not bytes
+                or not (spec.get("value") is None or type(spec["value"]) is bytes)
+                or not (spec.get("deadline") is None or type(spec["deadline"]) is int)):
+            raise ProtocolError("XFILL takes {key, value (or null), deadline (or null)}")
+        key = spec["key"]
+        if ks.state(key, _now())[0] != UNKNOWN:
+            return False
+        if spec.get("value") is None:
+            _, record = ks.delete(key)  # in a range being received: leaves a tombstone
+        else:
+            record = ks.set(key, spec["value"], spec.get("deadline"))
+        self._log(record)
+        return True
+
     def _del(self, a: list[Any]) -> Any:
-        existed, record = self.storage.keyspace.delete(a[0])
+        ks = self.storage.keyspace
+        expired = bool(ks.expires) and a[0] in ks.data and ks.get(a[0], _now()) is None
+        existed, record = ks.delete(a[0])
         if record is not None:
             self.storage.pending += record
-        return int(existed)
+        return int(existed and not expired)
 
     def _mget(self, a: list[Any]) -> Any:
-        get = self.storage.keyspace.data.get
+        ks = self.storage.keyspace
+        get: Callable[[bytes], bytes | None] = ks.data.get
+        if ks.expires:
+            now = _now()
+            get = lambda k: ks.get(k, now)  # noqa: E731
         budget = (a[1] if len(a) > 1 else self.limits.max_message_bytes) - 1024
         out = []
         used = 0
@@ -230,10 +310,14 @@ class Node:
         cursor, pattern, count = (a + [None, None])[:3]
         start = self._scan_start(cursor)
         match = P.glob_matcher(pattern)
-        keys, nxt = self.storage.keyspace.buckets.walk(
-            start, count or 1000, SCAN_MAX_BUCKETS, SCAN_MAX_KEY_BYTES,
-            None if match is None else match.fullmatch,
-        )
+        test: Callable[[bytes], Any] | None = None if match is None else match.fullmatch
+        ks = self._ks
+        if ks.expires:
+            now, expires, matches = _now(), ks.expires, test
+            test = lambda k: (expires.get(k, now + 1) > now  # noqa: E731
+                              and (matches is None or bool(matches(k))))
+        keys, nxt = ks.buckets.walk(start, count or 1000, SCAN_MAX_BUCKETS,
+                                    SCAN_MAX_KEY_BYTES, test)
         return ["0" if nxt == 0 else f"{self.incarnation}-{nxt}", keys]
 
     def _keys(self, a: list[Any]) -> Any:
@@ -241,8 +325,10 @@ class Node:
         budget = self.limits.max_message_bytes - 1024
         out = []
         used = 0
+        now, expires = _now(), self._ks.expires
         for k in self.storage.keyspace.data:
-            if match is None or match.fullmatch(k):
+            if (match is None or match.fullmatch(k)) and (
+                    not expires or expires.get(k, now + 1) > now):
                 used += len(k) + ITEM_OVERHEAD
                 if used > budget:
                     raise LimitExceeded(
@@ -282,6 +368,8 @@ class Node:
                     key = item[1]
                     if type(key) is bytes and len(key) <= max_key:
                         value = data.get(key)
+                        if value is not None and ks.expires:
+                            value = ks.get(key, _now())
                         gets += 1
                         if value is not None:
                             if used + len(value) + ITEM_OVERHEAD > budget:
@@ -469,7 +557,7 @@ class Node:
         return {"dropped": dropped, "done": done}
 
     def _xdel(self, a: list[Any]) -> Any:
-        state, _ = self.storage.keyspace.state(a[0])
+        state, _ = self.storage.keyspace.state(a[0], _now())
         existed = self._del(a)
         return [existed, int(state == 2)]
 
@@ -514,7 +602,7 @@ class Node:
         ks = self.storage.keyspace
         items = list(ks.data.items())  # this moment's data: a prefix of what was acked
         self.outgoing[key] = SnapshotStream(spec["id"], self.ring_name, items,
-                                            last_progress=time.monotonic(),
+                                            dict(ks.expires), last_progress=time.monotonic(),
                                             move_id=spec["id"])
         return {"keys": len(items), "bytes": ks.live_bytes}
 
@@ -565,11 +653,12 @@ class Node:
         """Send what the outgoing streams may send now; whether any has work it could
         do right away (so the loop should not sleep)."""
         busy = False
-        data = self.storage.keyspace.data
+        ks = self.storage.keyspace
+        data, expires, now_ms = ks.data, ks.expires, _now()
         for key, out in list(self.outgoing.items()):
             push = self.pushes[key]
             for _ in range(4):
-                batch = out.next_batch(data, now)
+                batch = out.next_batch(data, now, expires, now_ms)
                 if batch is None:
                     break
                 try:
@@ -593,7 +682,7 @@ class Node:
         counted = []
         for body in bodies:
             try:
-                move_id, source, seq, pairs, final, total, dels = decode_batch(body)
+                move_id, source, seq, pairs, final, total, dels, deadlines = decode_batch(body)
             except ProtocolError as exc:
                 log.warning("dropped a bad transfer batch: %s", exc)
                 continue
@@ -607,7 +696,8 @@ class Node:
                 taking = found
             stream = self.incoming.setdefault((move_id, source), Incoming())
             in_order = stream.accept(seq)
-            taken, record = self.storage.keyspace.absorb(move_id, taking, dels)
+            taken, record = self.storage.keyspace.absorb(move_id, taking, dels, deadlines,
+                                                          _now())
             if record is not None:
                 self.storage.pending += record
             counted.append((stream, in_order, pairs, taken, final, total, dels))
@@ -776,8 +866,9 @@ class Node:
             f"node {self.ring_name} is at epoch {mine}, behind the request's {epoch}: it has "
             "not got that configuration yet (the config manager sends it)", {"epoch": mine})
 
-    _READS = frozenset(("GET", "EXISTS", "XGET", "MGET"))
-    _KEYED = frozenset(("GET", "EXISTS", "XGET", "MGET", "SET", "DEL", "XDEL", "MSET"))
+    _READS = frozenset(("XGET", "XPEEK", "MGET")) | (P.SINGLE_KEY_OPS - P.WRITE_OPS)
+    _KEYED = frozenset(("XGET", "XPEEK", "XFILL", "MGET", "XDEL", "MSET", "MSETNX")) \
+        | P.SINGLE_KEY_OPS
 
     def _check_keys(self, op: str, args: list[Any]) -> None:
         if op not in self._KEYED:
@@ -785,7 +876,9 @@ class Node:
         write = op not in self._READS
         if op == "MGET":
             keys = args[0]
-        elif op == "MSET":
+        elif op == "XFILL":
+            keys = [args[0].get("key", b"")] if isinstance(args[0], dict) else []
+        elif op == "MSET" or op == "MSETNX":
             keys = args[0][0::2]
         else:
             keys = args[:1]
@@ -925,10 +1018,30 @@ class Node:
             if repl.primary is not None:
                 repl.tick(now)
             busy = bool(self.outgoing) and self.pump(now)
+            if storage.keyspace.expires and repl.replica is None:
+                busy = self.expire_due() or busy
             storage.tick(now)
             if now >= next_tidy:
                 next_tidy = now + 1.0
                 out.tidy()
+
+    def expire_due(self) -> bool:
+        """Active expiry, a bounded amount a turn: delete keys whose deadline has passed
+        and log (and replicate) the deletes. Whether more may be due right away."""
+        ks = self.storage.keyspace
+        now = _now()
+        gone, record = ks.expire(now, EXPIRE_PER_TURN)
+        if record is None:
+            return False
+        self.storage.pending += record
+        try:
+            self.commit()
+        except StorageError as exc:
+            log.error("expired keys not deleted: %s", exc)
+            return False
+        self.expired += gone
+        due = ks.wheel.next_due()
+        return due is not None and due <= now
 
     @staticmethod
     def failed_reply(reply: list[bytes], error: bytes) -> list[bytes]:
@@ -1000,6 +1113,11 @@ class Node:
             self.storage.close()
             ctx.destroy(0)
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
+
+
+def _now() -> int:
+    """The wall clock in milliseconds since the Unix epoch: what deadlines are in."""
+    return int(time.time() * 1000)
 
 
 def _bounded_int(value: Any, low: int, high: int) -> int:

@@ -27,6 +27,7 @@ import cbor2
 
 from . import cbor, glob
 from .errors import (
+    CommandError,
     LimitExceeded,
     ProtocolError,
     UnknownCommand,
@@ -53,7 +54,6 @@ MAX_ADDRESS = 300  # characters in HOST:PORT
 # (zkv.ring.MAX_RING_POINTS), so an internal request may hold this many pairs.
 MAX_RANGES = 1 << 18
 INTERNAL_ITEMS = 3 * MAX_RANGES + 64
-PIPE_OPS = frozenset(("GET", "SET", "DEL", "EXISTS", "PING"))
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,52 @@ COMMANDS: dict[str, Command] = {
         Command("INFO", META, (), "Server statistics: keys, memory, log sizes, counters."),
         Command("GET", READ, ("key",), "Value of KEY, or nil."),
         Command("EXISTS", READ, ("key",), "1 if KEY exists, else 0."),
-        Command("SET", WRITE, ("key", "value"), "Set KEY to VALUE."),
+        Command("SET", WRITE, ("key", "value", "setopts?"),
+                "Set KEY to VALUE, with a deadline (EX seconds, PX ms, EXAT or PXAT an "
+                "absolute time, KEEPTTL the old one), only if absent (NX), present (XX) or "
+                "equal to OLD (IFEQ); GET: reply the old value. Replies OK, or nil if not set.",
+                "KEY VALUE [EX s|PX ms|EXAT ts|PXAT ms|KEEPTTL] [NX|XX|IFEQ old] [GET]"),
         Command("DEL", WRITE, ("key",), "Delete KEY; 1 if it existed, else 0."),
+        Command("SETNX", WRITE, ("key", "value"), "Set KEY only if it is absent; 1 if set."),
+        Command("GETSET", WRITE, ("key", "value"), "Set KEY, replying its old value."),
+        Command("GETDEL", WRITE, ("key",), "Value of KEY, deleting it."),
+        Command("GETEX", WRITE, ("key", "getexopts?"),
+                "Value of KEY, giving it a new deadline (or none: PERSIST).",
+                "KEY [EX s|PX ms|EXAT ts|PXAT ms|PERSIST]"),
+        Command("APPEND", WRITE, ("key", "value"),
+                "Append VALUE to KEY's value (or set it); the new length."),
+        Command("STRLEN", READ, ("key",), "Length of KEY's value; 0 if absent."),
+        Command("INCR", WRITE, ("key",), "Add 1 to the integer at KEY (absent: 0); the result."),
+        Command("DECR", WRITE, ("key",), "Subtract 1 from the integer at KEY; the result."),
+        Command("INCRBY", WRITE, ("key", "int"), "Add N to the integer at KEY; the result.",
+                "KEY N"),
+        Command("DECRBY", WRITE, ("key", "int"),
+                "Subtract N from the integer at KEY; the result.", "KEY N"),
+        Command("EXPIRE", WRITE, ("key", "int", "expireflag?"),
+                "KEY expires in SECONDS (NX: only if it has no deadline, XX: only if it has, "
+                "GT/LT: only if later/earlier than its deadline); 1 if set.",
+                "KEY SECONDS [NX|XX|GT|LT]"),
+        Command("PEXPIRE", WRITE, ("key", "int", "expireflag?"),
+                "KEY expires in MS milliseconds; as EXPIRE.", "KEY MS [NX|XX|GT|LT]"),
+        Command("EXPIREAT", WRITE, ("key", "int", "expireflag?"),
+                "KEY expires at Unix time TS (seconds); as EXPIRE.", "KEY TS [NX|XX|GT|LT]"),
+        Command("PEXPIREAT", WRITE, ("key", "int", "expireflag?"),
+                "KEY expires at Unix time TS in milliseconds; as EXPIRE.",
+                "KEY TS [NX|XX|GT|LT]"),
+        Command("TTL", READ, ("key",),
+                "Seconds KEY has left; -1 if it has no deadline, -2 if it does not exist."),
+        Command("PTTL", READ, ("key",), "Milliseconds KEY has left; -1 or -2 as TTL."),
+        Command("EXPIRETIME", READ, ("key",),
+                "Unix time (seconds) KEY expires at; -1 or -2 as TTL."),
+        Command("PEXPIRETIME", READ, ("key",),
+                "Unix time in milliseconds KEY expires at; -1 or -2 as TTL."),
+        Command("PERSIST", WRITE, ("key",), "Take KEY's deadline away; 1 if it had one."),
         Command("MGET", READ, ("keys", "budget?"), "Values of several keys, in the order asked."),
         Command("MSET", WRITE, ("pairs",), "Set several keys at once (KEY VALUE ...)."),
+        Command("MSETNX", WRITE, ("pairs",),
+                "Set several keys only if none exists; 1 if set. The keys must share a hash "
+                "tag ({...}), so that they live on one shard."),
+        Command("DBSIZE", META, (), "The number of keys in the cluster."),
         Command("SCAN", READ, ("cursor", "pattern?", "count?"),
                 "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
         Command("KEYS", READ, ("pattern?",), "All keys matching a glob PATTERN (default *)."),
@@ -161,6 +203,8 @@ COMMANDS: dict[str, Command] = {
         Command("XSTAT", INTERNAL, ("any?",), "internal: state of moves on a node"),
         Command("XGET", INTERNAL, ("key",), "internal: a key's state during a move"),
         Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
+        Command("XPEEK", INTERNAL, ("key",), "internal: a key's state with its deadline"),
+        Command("XFILL", INTERNAL, ("any",), "internal: a moving key's state from its old owner"),
         Command("XCONFIG", INTERNAL, ("any",), "internal: the config manager's configuration"),
         Command("XFLUSH", INTERNAL, (), "internal: drop every key (FLUSHALL)"),
         Command("XBACKUP", INTERNAL, ("any",), "internal: stream a copy of every key"),
@@ -173,6 +217,83 @@ COMMANDS: dict[str, Command] = {
 
 # The commands a user types; the internal ones are not advertised.
 USER_COMMANDS = [c for c in COMMANDS.values() if c.kind != INTERNAL]
+# Data commands on one key (their first argument): routed to the key's owner.
+SINGLE_KEY_OPS = frozenset(c.name for c in COMMANDS.values()
+                           if c.kind in (READ, WRITE) and c.args[:1] == ("key",))
+WRITE_OPS = frozenset(c.name for c in COMMANDS.values() if c.kind == WRITE)
+PIPE_OPS = SINGLE_KEY_OPS | {"PING"}
+
+MAX_DEADLINE = 1 << 62
+_EXPIRY = ("ex", "px", "exat", "pxat")
+_SET_FLAGS = ("keepttl", "nx", "xx", "get")
+EXPIRE_FLAGS = ("NX", "XX", "GT", "LT")
+
+
+def _amount(value: Any, what: str) -> int:
+    """An integer argument: an int, or its decimal text (as typed, or from RESP)."""
+    if isinstance(value, (bytes, str)):
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if not re.fullmatch(r"-?[0-9]{1,19}", text):
+            raise ProtocolError(f"{what} must be an integer, not {text[:32]!r}")
+        value = int(text)
+    if not _is_int(value) or not -(1 << 63) <= value < (1 << 63):
+        raise ProtocolError(f"{what} must be an integer within 64 bits")
+    return value  # type: ignore[no-any-return]
+
+
+def _set_options(value: Any, limits: Limits, getex: bool = False) -> dict[str, Any]:
+    """SET's (or GETEX's) options map, checked: at most one deadline option (positive;
+    KEEPTTL counts as one, PERSIST for GETEX), at most one of NX, XX and IFEQ."""
+    command = "GETEX" if getex else "SET"
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_OPTIONS:
+        raise ProtocolError(f"{command} options must be a map")
+    out: dict[str, Any] = {}
+    allowed = (*_EXPIRY, "persist") if getex else (*_EXPIRY, *_SET_FLAGS, "ifeq")
+    for name, v in value.items():
+        name = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        if not isinstance(name, str) or name.lower() not in allowed:
+            raise ProtocolError(f"{command} has no option {str(name)[:32]!r}; it takes "
+                                + ", ".join(a.upper() for a in allowed))
+        name = name.lower()
+        if name in _EXPIRY:
+            n = _amount(v, name.upper())
+            if n <= 0 or n > MAX_DEADLINE:
+                raise CommandError(f"invalid expire time in '{command.lower()}' command")
+            out[name] = n
+        elif name == "ifeq":
+            out[name] = _value(v, limits)
+        elif v is not False and v is not None:
+            out[name] = True
+    timing = [n for n in (*_EXPIRY, "keepttl", "persist") if n in out]
+    if len(timing) > 1 or len([n for n in ("nx", "xx", "ifeq") if n in out]) > 1:
+        raise ProtocolError(f"syntax error: {command} takes at most one of "
+                            + ("EX, PX, EXAT, PXAT and PERSIST" if getex else
+                               "EX, PX, EXAT, PXAT and KEEPTTL, and one of NX, XX and IFEQ"))
+    return out
+
+
+def options_from_words(command: str, words: list[bytes]) -> dict[str, Any]:
+    """The options map of SET or GETEX from the words a user (or a Redis client) gives
+    after the key and value, as Redis takes them: ``EX 10 NX GET``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i].decode("ascii", "replace").lower()
+        if word in _EXPIRY or word == "ifeq" and command == "SET":
+            if i + 1 >= len(words) or word in out:
+                raise ProtocolError("syntax error")
+            out[word] = words[i + 1] if word == "ifeq" else _amount(words[i + 1], word.upper())
+            i += 2
+            continue
+        if (word in _SET_FLAGS and command == "SET" or word == "persist" and command == "GETEX") \
+                and word not in out:
+            out[word] = True
+            i += 1
+            continue
+        raise ProtocolError(f"syntax error: {command} does not take {word.upper()[:32]!r}")
+    return out
 
 
 def _as_bytes(value: Any, what: str) -> bytes:
@@ -279,6 +400,19 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         return value
     if kind == "commands":
         return _list(value, "pipeline", limits)
+    if kind == "int":
+        return _amount(value, "the number")
+    if kind == "setopts":
+        return _set_options(value, limits)
+    if kind == "getexopts":
+        return _set_options(value, limits, getex=True)
+    if kind == "expireflag":
+        if value is None:
+            return None
+        flag = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if not isinstance(flag, str) or flag.upper() not in EXPIRE_FLAGS:
+            raise ProtocolError("the expire flag must be NX, XX, GT or LT")
+        return flag.upper()
     return value  # "any": checked by the receiver
 
 

@@ -69,6 +69,7 @@ class Peer:
     synced: bool = False  # the replica says its copy is complete
     broken: str = ""  # why the session cannot go on ("" while it can)
     copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream (see zkv.replicator)
+    deadlines: dict[bytes, int] = field(default_factory=dict)  # theirs, as of the copy
     copying: float = 0.0  # when the copy's stream started (0: not yet)
     copied: float = 0.0  # when it was seen complete (0: not yet)
 

@@ -282,6 +282,7 @@ class Replicator:
         # replica applies every record shipped since then, and a streamed key is taken
         # only where it holds no newer state (so a dead replica costs no copies).
         peer.copy = list(self.node.storage.keyspace.data.items())
+        peer.deadlines = dict(self.node.storage.keyspace.expires)
         host = addr.rsplit(":", 1)[0]
         try:
             self.node.open_stream((SYNC_MOVE, addr), f"tcp://{host}:{pull_port}")
@@ -289,8 +290,9 @@ class Replicator:
             self.primary.refused(addr, session, f"no stream to it: {exc}")
             return
         self.node.outgoing[(SYNC_MOVE, addr)] = SnapshotStream(
-            SYNC_MOVE + session, self.shard or self.address, peer.copy,
+            SYNC_MOVE + session, self.shard or self.address, peer.copy, peer.deadlines,
             last_progress=time.monotonic(), dest=addr, move_id=SYNC_MOVE + session)
+        peer.deadlines = {}
         log.info("shard %s: copying %d keys to replica %s", self.shard, len(peer.copy), addr)
         peer.copy = None
         peer.copying = time.monotonic()

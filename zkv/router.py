@@ -53,14 +53,15 @@ from .errors import (
 from .keyspace import PRESENT, UNKNOWN
 from .metrics import Timings
 from .placement import Placement
+from .ring import key_hash
 
 log = logging.getLogger("zkv.router")
 
 __all__ = ["CORE_OPS", "Ready", "Router"]
 
 # The commands a router serves by itself; anything else is the shell's (INFO, admin).
-CORE_OPS = frozenset(("GET", "SET", "DEL", "EXISTS", "MGET", "MSET", "PIPE", "SCAN", "KEYS",
-                      "PING"))
+CORE_OPS = frozenset(("MGET", "MSET", "MSETNX", "PIPE", "SCAN", "KEYS", "PING", "DBSIZE")) \
+    | P.SINGLE_KEY_OPS
 MAX_REROUTES = 8  # times one request may be refused for a stale view before it fails
 BEHIND_RETRY = 0.05  # seconds before a request a node was behind for is sent again
 KEYS_PAGE = 10_000
@@ -68,7 +69,11 @@ KEYS_PAGE = 10_000
 # fall back to the old owner while the new one is down (see Router.dirty).
 MAX_DIRTY = 1_000_000
 
-_GET_NEW, _GET_OLD, _DEL_STATE, _DEL_EXISTS, _DEL_WRITE, _PLAIN, _GROUP, _SCAN = range(8)
+(_GET_NEW, _GET_OLD, _DEL_STATE, _DEL_EXISTS, _DEL_WRITE, _PLAIN, _GROUP, _SCAN, _ANY_NEW,
+ _PEEK_OLD, _FILL_NEW) = range(11)
+# SET options that make it read the key's state first (during a move, that state may
+# still be at the old owner)
+_STATEFUL_SET = ("keepttl", "nx", "xx", "get", "ifeq")
 
 
 @dataclass
@@ -100,7 +105,7 @@ class Op:
 
     @property
     def write(self) -> bool:
-        return self.kind in ("SET", "DEL")
+        return self.kind in P.WRITE_OPS
 
 
 class Job:
@@ -216,9 +221,13 @@ class Router:
         self.now = now
         deadline = now + self.timeout
         try:
-            if op in ("GET", "SET", "DEL", "EXISTS"):
+            if op in P.SINGLE_KEY_OPS:
                 job = Job(client, "one", 1, deadline)
                 self._route(Op(job, 0, op, args, body))
+            elif op == "MSETNX":
+                self._msetnx(client, args, body, deadline)
+            elif op == "DBSIZE":
+                self._dbsize(client, deadline)
             elif op == "MGET":
                 self._mget(client, args, deadline)
             elif op == "MSET":
@@ -364,12 +373,21 @@ class Router:
                 f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE "
                 "ABORT): writes to it wait until the rollback is done; nothing changed"))
             return
-        if op.kind == "SET":
+        if op.kind == "SET" and not (len(op.args) > 2 and op.args[2]
+                                     and any(o in op.args[2] for o in _STATEFUL_SET)):
             self._written(key)
-            body = op.body if op.body is not None else P.encode_request("SET", *op.args)
-            self._send(new, body, _PLAIN, [op], op.job.deadline)
+            self._send(new, self._body(op), _PLAIN, [op], op.job.deadline)
         elif op.kind == "DEL":
             self._send(new, P.encode_request("XGET", key), _DEL_STATE, [op], op.job.deadline,
+                       (new, old))
+        elif op.kind == "MSETNX":
+            raise Unavailable("the keys of this MSETNX are being moved between nodes; "
+                              "nothing was set: try again when the move is done")
+        elif op.kind not in ("GET", "EXISTS"):
+            # any other command: where the new owner knows the key's state, it runs
+            # there; else a read runs at the old owner, and a write first brings the
+            # state over (XPEEK at the old owner, XFILL at the new) and then runs
+            self._send(new, P.encode_request("XGET", key), _ANY_NEW, [op], op.job.deadline,
                        (new, old))
         else:
             try:
@@ -378,6 +396,10 @@ class Router:
             except NodeUnavailable as exc:  # the new owner is down: maybe the old one
                 self._chain(_Sent(new, _GET_NEW, [op], op.job.deadline, self.placement.epoch,
                                   (new, old)), exc)
+
+    @staticmethod
+    def _body(op: Op) -> bytes:
+        return op.body if op.body is not None else P.encode_request(op.kind, *op.args)
 
     def _written(self, key: bytes) -> None:
         if not self.dirty_known:
@@ -503,6 +525,27 @@ class Router:
                 self._result(op, result)
             else:
                 self._result(op, int(bool(result[0]) or bool(op.state)))
+        elif isinstance(result, ZkvError):
+            self._result(op, result)  # nothing of a write was applied where it failed
+        elif sent.kind == _ANY_NEW:
+            if result[0] != UNKNOWN:
+                self._run_at(op, new)
+            elif not op.write:
+                self._step(op, old, self._body(op), _PLAIN, None)
+            else:
+                self._step(op, old, P.encode_request("XPEEK", op.key), _PEEK_OLD, (new, old))
+        elif sent.kind == _PEEK_OLD:
+            state, value, deadline = result
+            fill = {"key": op.key, "value": value if state == PRESENT else None,
+                    "deadline": deadline if state == PRESENT else None}
+            self._step(op, new, P.encode_request("XFILL", fill), _FILL_NEW, (new, old))
+        elif sent.kind == _FILL_NEW:
+            self._run_at(op, new)
+
+    def _run_at(self, op: Op, node: str) -> None:
+        if op.write:
+            self._written(op.key)
+        self._step(op, node, self._body(op), _PLAIN, None)
 
     def _del_write(self, op: Op, new: str, old: str, existed_elsewhere: int) -> None:
         op.state = existed_elsewhere
@@ -725,6 +768,50 @@ class Router:
         if job.left == 0 and done == len(ops):
             self._finish(job)
         return ops[done:]
+
+    def _msetnx(self, client: Any, args: list[Any], body: bytes | None,
+                deadline: float) -> None:
+        pairs: list[bytes] = args[0]
+        keys = pairs[0::2]
+        first = key_hash(keys[0])
+        if any(key_hash(k) != first for k in keys[1:]):
+            raise CommandError(
+                "MSETNX keys must live on one shard: give them one hash tag, as in "
+                "{user1}:name {user1}:mail (only the part in braces is hashed)")
+        job = Job(client, "one", 1, deadline)
+        body = body if body is not None else P.encode_request("MSETNX", pairs)
+        self._route(Op(job, 0, "MSETNX", [keys[0], pairs], body))
+
+    def _dbsize(self, client: Any, deadline: float) -> None:
+        """DBSIZE: every node's count of live keys, summed (not during a move, when keys
+        are on two nodes; an error if any node cannot say)."""
+        if self.placement.state.move is not None:
+            raise CommandError("DBSIZE is not available while a move is under way (keys "
+                               "are on two nodes); retry when STATUS shows no move")
+        members = list(self.placement.ring.members)
+        state = _KeysWalk(len(members))
+        if not members:
+            self._answer_body(client, P.encode_ok(0))
+            return
+
+        def count(result: Any) -> None:
+            if state.done:
+                return
+            if isinstance(result, ZkvError):
+                state.done = True
+                self._answer_error(client, result, "DBSIZE")
+                return
+            state.used += int(result)
+            state.left -= 1
+            if state.left == 0:
+                state.done = True
+                self._answer_body(client, P.encode_ok(state.used))
+
+        for addr in members:
+            try:
+                self._send(addr, P.encode_request("DBSIZE"), _SCAN, [], deadline, count)
+            except ZkvError as exc:
+                count(exc)
 
     # -- listing -----------------------------------------------------------------------
     def _no_listing_during_move(self) -> None:

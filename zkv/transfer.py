@@ -4,12 +4,14 @@ A source node turns the keys of the hash ranges it hands over into batches
 (:class:`Outgoing`), which its PUSH socket sends to the destination's PULL
 socket. A batch is one CBOR array::
 
-    [move_id, source, seq, pairs, final, total(, dels)]
+    [move_id, source, seq, pairs, final, total(, dels(, deadlines))]
 
 ``seq`` counts from 0 for each stream; ``final`` marks the last batch and
 ``total`` says how many keys the stream carried (values and deletes). ``dels``,
 when present, lists keys the source deleted: a rollback streams a destination's
-tombstones back too, so that a delete made during the move is not undone. The
+tombstones back too, so that a delete made during the move is not undone.
+``deadlines``, when present, is ``[key, deadline, ...]`` for the batch's keys that
+have one (absolute ms since the epoch); a key already due is not sent. The
 destination tracks each stream with :class:`Incoming`: a batch out of order (a
 restarted source or a dropped connection) marks the stream broken so the proxy
 restarts it; applying a batch twice is harmless, because a transferred key is
@@ -31,7 +33,8 @@ from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
 MAX_BATCH_KEYS = 100_000  # keys in one batch, the most a move may be asked to send
-_BATCH_ITEMS = 2 * MAX_BATCH_KEYS + 16
+_BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 16
+MAX_DEADLINE = 1 << 62
 
 
 class RangeScan:
@@ -66,29 +69,51 @@ class RangeScan:
 
 
 def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final: bool,
-                 total: int, dels: list[bytes] | None = None) -> bytes:
+                 total: int, dels: list[bytes] | None = None,
+                 deadlines: list[Any] | None = None) -> bytes:
     item: list[Any] = [move_id, source, seq, pairs, final, total]
-    if dels:
-        item.append(dels)
+    if dels or deadlines:
+        item.append(dels or [])
+    if deadlines:
+        item.append(deadlines)
     return cbor2.dumps(item)
 
 
-def decode_batch(body: bytes) -> tuple[str, str, int, list[Any], bool, int, list[Any]]:
+Batch = tuple[str, str, int, list[Any], bool, int, list[Any], dict[bytes, int]]
+
+
+def decode_batch(body: bytes) -> Batch:
     """A batch from a PULL socket, which anyone who can reach it may write to: decoded
-    within the bounds a batch can have, and every field checked."""
+    within the bounds a batch can have, and every field checked. The deadlines come
+    back as a map."""
     try:
-        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 7)
+        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 8)
     except cbor.Malformed as exc:
         raise ProtocolError(f"transfer batch is not valid: {exc}") from None
-    if (not isinstance(item, list) or len(item) not in (6, 7) or not isinstance(item[0], str)
+    if (not isinstance(item, list) or len(item) not in (6, 7, 8) or not isinstance(item[0], str)
             or not isinstance(item[1], str) or type(item[2]) is not int or item[2] < 0
             or not isinstance(item[3], list) or len(item[3]) % 2
             or type(item[4]) is not bool or type(item[5]) is not int or item[5] < 0
-            or (len(item) == 7 and not isinstance(item[6], list))):
+            or (len(item) >= 7 and not isinstance(item[6], list))):
         raise ProtocolError(
-            "transfer batch must be [move_id, source, seq, pairs, final, total, (dels)]")
-    dels = item[6] if len(item) == 7 else []
-    return item[0], item[1], item[2], item[3], item[4], item[5], dels
+            "transfer batch must be [move_id, source, seq, pairs, final, total, (dels, "
+            "(deadlines))]")
+    dels = item[6] if len(item) >= 7 else []
+    deadlines: dict[bytes, int] = {}
+    if len(item) == 8:
+        flat = item[7]
+        if (not isinstance(flat, list) or len(flat) % 2
+                or not all(type(k) is bytes for k in flat[0::2])
+                or not all(type(t) is int and 0 < t <= MAX_DEADLINE for t in flat[1::2])):
+            raise ProtocolError("transfer batch deadlines must be [key, ms since the epoch, "
+                                "...]")
+        deadlines = dict(zip(flat[0::2], flat[1::2]))
+    return item[0], item[1], item[2], item[3], item[4], item[5], dels, deadlines
+
+
+def _timed(pairs: list[bytes], expires: dict[bytes, int]) -> list[Any]:
+    """The deadlines of a batch's keys, flat, for encode_batch."""
+    return [x for key in pairs[0::2] if key in expires for x in (key, expires[key])]
 
 
 @dataclass
@@ -115,8 +140,11 @@ class Outgoing:
     dels: list[bytes] = field(default_factory=list)  # deleted keys to send (a rollback)
     dels_total: int = 0
 
-    def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
-        """The next batch to send, or None (finished, throttled, or still scanning)."""
+    def next_batch(self, data: dict[bytes, bytes], now: float,
+                   expires: dict[bytes, int] | None = None, now_ms: int = 0) -> bytes | None:
+        """The next batch to send, or None (finished, throttled, or still scanning).
+        ``expires``: the deadlines of keys that have one (due ones at ``now_ms`` are
+        not sent)."""
         self.throttled = False
         if self.held is not None:
             batch, self.held = self.held, None
@@ -146,6 +174,8 @@ class Outgoing:
             value = data.get(key)
             if value is None:
                 continue  # dropped or deleted since the scan found it
+            if expires and expires.get(key, now_ms + 1) <= now_ms:
+                continue  # expired: never moved
             pairs.append(key)
             pairs.append(value)
             size += len(key) + len(value)
@@ -158,7 +188,7 @@ class Outgoing:
         self.sent_keys += len(pairs) // 2 + len(dels)
         self.sent_bytes += size + sum(len(k) for k in dels)
         batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys,
-                             dels)
+                             dels, _timed(pairs, expires) if expires else None)
         self.seq += 1
         self.done = final
         return batch
@@ -210,6 +240,7 @@ class SnapshotStream:
     backup_id: str
     source: str
     items: list[tuple[bytes, bytes]]
+    deadlines: dict[bytes, int] = field(default_factory=dict)  # as of the copy
     batch_keys: int = 1000
     batch_bytes: int = 1 << 20
     pos: int = 0
@@ -223,7 +254,8 @@ class SnapshotStream:
     dest: str = "backup"
     move_id: str = ""
 
-    def next_batch(self, data: dict[bytes, bytes], now: float) -> bytes | None:
+    def next_batch(self, data: dict[bytes, bytes], now: float,
+                   expires: dict[bytes, int] | None = None, now_ms: int = 0) -> bytes | None:
         if self.held is not None:
             batch, self.held = self.held, None
             return batch
@@ -232,18 +264,22 @@ class SnapshotStream:
         pairs: list[bytes] = []
         size = 0
         items = self.items
+        deadlines = self.deadlines
         while self.pos < len(items) and len(pairs) < 2 * self.batch_keys \
                 and size < self.batch_bytes:
             key, value = items[self.pos]
+            self.pos += 1
+            if deadlines and deadlines.get(key, now_ms + 1) <= now_ms:
+                continue  # expired: not copied
             pairs.append(key)
             pairs.append(value)
             size += len(key) + len(value)
-            self.pos += 1
         final = self.pos >= len(items)
         self.sent_keys += len(pairs) // 2
         self.sent_bytes += size
         batch = encode_batch(self.backup_id, self.source, self.seq, pairs, final,
-                             self.sent_keys)
+                             self.sent_keys, None,
+                             _timed(pairs, deadlines) if deadlines else None)
         self.seq += 1
         self.done = final
         if final:

@@ -37,6 +37,9 @@ MAX_PAYLOAD = 1 << 30
 
 # Record kinds (the first element of every payload array).
 SET, DEL, MSET, CHUNK, META, TOMBS, DROP = 0, 1, 2, 3, 4, 5, 6
+# PXAT [key, deadline, ...]: set deadlines (ms since the epoch; 0 takes one away).
+# DELS [key, ...]: keys deleted by expiry (a delete, as DEL is).
+PXAT, DELS = 7, 8
 
 
 def encode(item: Any) -> bytes:

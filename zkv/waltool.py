@@ -29,7 +29,8 @@ EXIT_TORN = 3  # a node starts, cutting a torn tail (or removing leftovers): not
 EXIT_DAMAGED = 4  # a node refuses to start (corruption, missing files); repair loses data
 
 KINDS = {wal.SET: "SET", wal.DEL: "DEL", wal.MSET: "MSET", wal.CHUNK: "CHUNK",
-         wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP"}
+         wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP", wal.PXAT: "PXAT",
+         wal.DELS: "DELS"}
 
 
 def escape(data: Any) -> str:
@@ -129,12 +130,17 @@ def lines_of(item: Any) -> Iterator[str]:
     body = item[1:] if isinstance(item, list) else []
     if kind == "SET" and len(body) == 2:
         yield f"SET {escape(body[0])} {escape(body[1])}"
+    elif kind == "SET" and len(body) == 3:
+        yield f"SET {escape(body[0])} {escape(body[1])} PXAT {body[2]}"
+    elif kind == "PXAT" and body:
+        for k, v in _pairs(body[0]):
+            yield f"PXAT {escape(k)} {v}" if v else f"PERSIST {escape(k)}"
     elif kind in ("MSET", "CHUNK") and body:
         for k, v in _pairs(body[0]):
             yield f"{kind} {escape(k)} {escape(v)}"
     elif kind in ("DEL",) and body:
         yield f"DEL {escape(body[0])}"
-    elif kind in ("DROP", "TOMBS") and body and isinstance(body[0], list):
+    elif kind in ("DROP", "TOMBS", "DELS") and body and isinstance(body[0], list):
         for k in body[0]:
             yield f"{kind} {escape(k)}"
     else:
