@@ -129,8 +129,10 @@ def test_errors_keep_the_connection_usable(r: Any) -> None:
         r.execute_command("NOSUCH", "x")
     with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
         r.execute_command("GET")
-    with pytest.raises(redis.ResponseError, match="not supported"):
-        r.set("resp:opt", "v", ex=10)
+    with pytest.raises(redis.ResponseError, match="invalid expire time"):
+        r.set("resp:opt", "v", ex=0)
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("SET", "resp:opt", "v", "NX", "XX")
     with pytest.raises(redis.ResponseError, match="out of range"):
         r.execute_command("SELECT", 3)
     with pytest.raises(redis.ResponseError, match="over the limit"):

@@ -53,6 +53,15 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
         return op, [[t.encode() for t in rest]]
     if kinds[-1:] == ["options"]:
         return op, _admin_args(cmd, rest)
+    if kinds[-1:] in (["setopts"], ["getexopts"]):  # SET and GETEX: Redis's option words
+        fixed = len(kinds) - 1
+        if len(rest) < fixed:
+            raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
+        try:
+            opts = P.options_from_words(op, [t.encode() for t in rest[fixed:]])
+        except ZkvError as exc:
+            raise UsageError(f"{exc}; usage: {cmd.usage}") from None
+        return op, [t.encode() for t in rest[:fixed]] + ([opts] if opts else [])
     if not cmd.required <= len(rest) <= len(cmd.user_args):
         raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
     args: list[Any] = []

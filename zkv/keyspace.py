@@ -299,6 +299,10 @@ class Keyspace:
         """Set a key without making its record (the caller logs a batch of them)."""
         self._put(key, value)
 
+    def put_deadline(self, key: bytes, deadline: int) -> None:
+        """Give a key a deadline without making its record (the caller logs a PXAT)."""
+        self._set_deadline(key, deadline)
+
     def mset(self, pairs: list[bytes]) -> bytes:
         for i in range(0, len(pairs), 2):
             self._put(pairs[i], pairs[i + 1])

@@ -47,7 +47,7 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
+from .keyspace import FILL, MAX_DEADLINE, OVERWRITE, UNKNOWN, Keyspace
 from .metrics import Timings
 from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
@@ -357,13 +357,29 @@ class Node:
         data, put = ks.data, ks.put
         max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
         run: list[bytes] = []  # pairs SET since the last record was logged
+        timed: dict[bytes, int] = {}  # deadlines SET in the run (logged after it, as PXAT)
         gets = sets = 0
+        now = _now()
         check = self._checking  # a plain request to a node of a cluster: key by key
         for item in commands:
             if type(item) is list:
                 n = len(item)
                 if check:
                     pass  # every command takes the general path, which checks its key
+                elif n == 4 and item[0] == "SET" and type(item[3]) is dict \
+                        and len(item[3]) == 1:  # SET key value EX|PX|EXAT|PXAT n
+                    _, key, value, opts = item
+                    deadline = _simple_deadline(opts, now)
+                    if (deadline is not None and type(key) is bytes and type(value) is bytes
+                            and len(key) <= max_key and len(value) <= max_value):
+                        put(key, value)
+                        ks.put_deadline(key, deadline)
+                        timed[key] = deadline
+                        run.append(key)
+                        run.append(value)
+                        out.append(_OK_ITEM)
+                        sets += 1
+                        continue
                 elif n == 2 and item[0] == "GET":
                     key = item[1]
                     if type(key) is bytes and len(key) <= max_key:
@@ -382,7 +398,7 @@ class Node:
                 elif n == 3 and item[0] == "SET":
                     _, key, value = item
                     if (type(key) is bytes and type(value) is bytes and len(key) <= max_key
-                            and len(value) <= max_value):
+                            and len(value) <= max_value and key not in timed):
                         put(key, value)
                         run.append(key)
                         run.append(value)
@@ -390,8 +406,8 @@ class Node:
                         sets += 1
                         continue
             if run:
-                self.storage.pending += wal.encode((wal.MSET, run))
-                run = []
+                self._log_run(run, timed)
+                run, timed = [], {}
             try:
                 op, args = P.check_request(item, self.limits)
                 if op not in P.PIPE_OPS:
@@ -407,13 +423,21 @@ class Node:
             except ZkvError as exc:
                 out.append(P.error_item(exc))
         if run:
-            self.storage.pending += wal.encode((wal.MSET, run))
+            self._log_run(run, timed)
         counters = self.counters
         if gets:
             counters["GET"] = counters.get("GET", 0) + gets
         if sets:
             counters["SET"] = counters.get("SET", 0) + sets
         return out
+
+    def _log_run(self, run: list[bytes], timed: dict[bytes, int]) -> None:
+        """A pipeline's run of SETs as one MSET record, then the deadlines some of them
+        set as one PXAT record (replay clears them with the MSET and sets them again)."""
+        self.storage.pending += wal.encode((wal.MSET, run))
+        if timed:
+            self.storage.pending += wal.encode((wal.PXAT, [x for kd in timed.items()
+                                                           for x in kd]))
 
     @staticmethod
     def _over_budget(budget: int) -> LimitExceeded:
@@ -731,6 +755,8 @@ class Node:
             "address": self.address,
             "pid": os.getpid(),
             "keys": len(ks),
+            "keys_with_ttl": len(ks.expires),
+            "expired_keys": self.expired,  # deleted by active expiry since the start
             "live_bytes": ks.live_bytes,
             "rss_bytes": rss_bytes(),
             "fsync": self.storage.fsync,
@@ -1113,6 +1139,21 @@ class Node:
             self.storage.close()
             ctx.destroy(0)
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
+
+
+_TTL_UNITS = {"ex": (1000, True), "px": (1, True), "exat": (1000, False), "pxat": (1, False)}
+
+
+def _simple_deadline(opts: dict[Any, Any], now: int) -> int | None:
+    """The deadline of SET's options when they are one EX, PX, EXAT or PXAT still ahead
+    (what caches send, on the short path); None for anything else (the general path
+    checks and does it)."""
+    (name, amount), = opts.items()
+    unit = _TTL_UNITS.get(name)
+    if unit is None or type(amount) is not int or not 0 < amount <= MAX_DEADLINE // 1000:
+        return None
+    deadline = amount * unit[0] + (now if unit[1] else 0)
+    return deadline if deadline > now else None
 
 
 def _now() -> int:

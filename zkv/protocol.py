@@ -532,6 +532,14 @@ def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list
             if type(key) is bytes and type(value) is bytes \
                     and len(key) <= limits.max_key_bytes and len(value) <= limits.max_value_bytes:
                 return "SET", [key, value]
+        elif n == 4 and item[0] == "SET" and type(item[3]) is dict and len(item[3]) == 1:
+            _, key, value, opts = item  # SET key value EX|PX|EXAT|PXAT n: what caches send
+            (name, amount), = opts.items()
+            if (name in _EXPIRY and type(amount) is int and 0 < amount <= MAX_DEADLINE
+                    and type(key) is bytes and type(value) is bytes
+                    and len(key) <= limits.max_key_bytes
+                    and len(value) <= limits.max_value_bytes):
+                return "SET", [key, value, opts]
     if not isinstance(item, list) or not item:
         raise ProtocolError("request must be a non-empty CBOR array [OP, ARG, ...]")
     op = item[0]

@@ -466,8 +466,69 @@ SPECS: dict[bytes, Spec] = {
         Spec("get", 2, ("readonly", "fast"), 1, 1, 1, "string",
              "Returns the string value of a key.", (("key", _K, ""),)),
         Spec("set", -3, ("write",), 1, 1, 1, "string",
-             "Sets the string value of a key (options such as EX and NX are not supported yet).",
+             "Sets the string value of a key, with an optional deadline and condition.",
+             (("key", _K, ""), ("value", _S, ""), ("condition", "oneof", "optional"),
+              ("get", "pure-token", "optional"), ("expiration", "oneof", "optional"))),
+        Spec("setnx", 3, ("write", "fast"), 1, 1, 1, "string",
+             "Set the string value of a key only when the key doesn't exist.",
              (("key", _K, ""), ("value", _S, ""))),
+        Spec("setex", 4, ("write",), 1, 1, 1, "string",
+             "Sets the string value and expiration time (seconds) of a key.",
+             (("key", _K, ""), ("seconds", _I, ""), ("value", _S, ""))),
+        Spec("psetex", 4, ("write",), 1, 1, 1, "string",
+             "Sets the string value and expiration time (milliseconds) of a key.",
+             (("key", _K, ""), ("milliseconds", _I, ""), ("value", _S, ""))),
+        Spec("getset", 3, ("write", "fast"), 1, 1, 1, "string",
+             "Returns the previous string value of a key after setting it to a new value.",
+             (("key", _K, ""), ("value", _S, ""))),
+        Spec("getdel", 2, ("write", "fast"), 1, 1, 1, "string",
+             "Returns the string value of a key after deleting the key.", (("key", _K, ""),)),
+        Spec("getex", -2, ("write", "fast"), 1, 1, 1, "string",
+             "Returns the string value of a key after setting its expiration time.",
+             (("key", _K, ""), ("expiration", "oneof", "optional"))),
+        Spec("append", 3, ("write", "fast"), 1, 1, 1, "string",
+             "Appends a string to the value of a key; creates the key if needed.",
+             (("key", _K, ""), ("value", _S, ""))),
+        Spec("strlen", 2, ("readonly", "fast"), 1, 1, 1, "string",
+             "Returns the length of a string value.", (("key", _K, ""),)),
+        Spec("incr", 2, ("write", "fast"), 1, 1, 1, "string",
+             "Increments the integer value of a key by one.", (("key", _K, ""),)),
+        Spec("decr", 2, ("write", "fast"), 1, 1, 1, "string",
+             "Decrements the integer value of a key by one.", (("key", _K, ""),)),
+        Spec("incrby", 3, ("write", "fast"), 1, 1, 1, "string",
+             "Increments the integer value of a key by a number.",
+             (("key", _K, ""), ("increment", _I, ""))),
+        Spec("decrby", 3, ("write", "fast"), 1, 1, 1, "string",
+             "Decrements a number from the integer value of a key.",
+             (("key", _K, ""), ("decrement", _I, ""))),
+        Spec("expire", -3, ("write", "fast"), 1, 1, 1, "generic",
+             "Sets the expiration time of a key in seconds.",
+             (("key", _K, ""), ("seconds", _I, ""), ("condition", "oneof", "optional"))),
+        Spec("pexpire", -3, ("write", "fast"), 1, 1, 1, "generic",
+             "Sets the expiration time of a key in milliseconds.",
+             (("key", _K, ""), ("milliseconds", _I, ""), ("condition", "oneof", "optional"))),
+        Spec("expireat", -3, ("write", "fast"), 1, 1, 1, "generic",
+             "Sets the expiration time of a key to a Unix timestamp.",
+             (("key", _K, ""), ("unix-time-seconds", "unix-time", ""),
+              ("condition", "oneof", "optional"))),
+        Spec("pexpireat", -3, ("write", "fast"), 1, 1, 1, "generic",
+             "Sets the expiration time of a key to a Unix milliseconds timestamp.",
+             (("key", _K, ""), ("unix-time-milliseconds", "unix-time", ""),
+              ("condition", "oneof", "optional"))),
+        Spec("ttl", 2, ("readonly", "fast"), 1, 1, 1, "generic",
+             "Returns the expiration time in seconds of a key.", (("key", _K, ""),)),
+        Spec("pttl", 2, ("readonly", "fast"), 1, 1, 1, "generic",
+             "Returns the expiration time in milliseconds of a key.", (("key", _K, ""),)),
+        Spec("expiretime", 2, ("readonly", "fast"), 1, 1, 1, "generic",
+             "Returns the expiration time of a key as a Unix timestamp.", (("key", _K, ""),)),
+        Spec("pexpiretime", 2, ("readonly", "fast"), 1, 1, 1, "generic",
+             "Returns the expiration time of a key as a Unix milliseconds timestamp.",
+             (("key", _K, ""),)),
+        Spec("persist", 2, ("write", "fast"), 1, 1, 1, "generic",
+             "Removes the expiration time of a key.", (("key", _K, ""),)),
+        Spec("msetnx", -3, ("write",), 1, -1, 2, "string",
+             "Sets the values of several keys only when none exists (the keys must share a "
+             "hash tag).", (("key", _K, "multiple"), ("value", _S, "multiple"))),
         Spec("del", -2, ("write",), 1, -1, 1, "generic", "Deletes one or more keys.",
              (("key", _K, "multiple"),)),
         Spec("unlink", -2, ("write", "fast"), 1, -1, 1, "generic",
@@ -560,7 +621,7 @@ def _int(b: bytes) -> int:
 
 def _req(ctx: Context, op: str, args: list[Any], shape: Shape) -> Forward:
     op, checked = P.check_request([op, *args], ctx.limits)
-    if op in _KEYED:
+    if op in _KEYED and len(checked) == (2 if op == "SET" else 1):
         return Forward(op, checked, shape, P.encode_keyed(op, checked))
     return Forward(op, checked, shape)
 
@@ -611,11 +672,60 @@ def _plan_get(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 
 def _plan_set(s: Session, a: list[bytes], ctx: Context) -> Plan:
-    if len(a) > 3:
-        raise CommandError(
-            f"SET option {_text(a[3]).upper()[:32]!r} is not supported by zkv yet "
-            "(plain SET key value only)")
-    return _req(ctx, "SET", [a[1], a[2]], _shape_ok)
+    if len(a) == 3:
+        return _req(ctx, "SET", [a[1], a[2]], _shape_ok)
+    opts = P.options_from_words("SET", a[3:])
+    return _req(ctx, "SET", [a[1], a[2], opts], _shape_bulk if "get" in opts else _shape_set)
+
+
+def _shape_set(result: Any, s: Session) -> bytes:
+    if isinstance(result, ZkvError):
+        return error_reply(result)
+    return OK if result == "OK" else bulk(None, s.proto)
+
+
+def _plan_setex(option: str) -> Callable[[Session, list[bytes], Context], Plan]:
+    def plan(s: Session, a: list[bytes], ctx: Context) -> Plan:
+        return _req(ctx, "SET", [a[1], a[3], {option: _int(a[2])}], _shape_ok)
+    return plan
+
+
+def _plan_getex(s: Session, a: list[bytes], ctx: Context) -> Plan:
+    args: list[Any] = [a[1]]
+    if len(a) > 2:
+        args.append(P.options_from_words("GETEX", a[2:]))
+    return _req(ctx, "GETEX", args, _shape_bulk)
+
+
+def _plan_expire(op: str) -> Callable[[Session, list[bytes], Context], Plan]:
+    def plan(s: Session, a: list[bytes], ctx: Context) -> Plan:
+        if len(a) > 4:
+            raise CommandError("syntax error")
+        flag = []
+        if len(a) == 4:
+            if a[3].upper() not in (b"NX", b"XX", b"GT", b"LT"):
+                raise CommandError(f"Unsupported option {_text(a[3])[:32]}")
+            flag = [a[3].upper()]
+        return _req(ctx, op, [a[1], _int(a[2]), *flag], _shape_int)
+    return plan
+
+
+def _plan_simple(op: str, shape: Shape,
+                 counted: bool = False) -> Callable[[Session, list[bytes], Context], Plan]:
+    """A command whose words are its zkv arguments as they are (``counted``: the second
+    is an integer, as INCRBY's)."""
+    def plan(s: Session, a: list[bytes], ctx: Context) -> Plan:
+        args: list[Any] = list(a[1:])
+        if counted:
+            args[1] = _int(args[1])
+        return _req(ctx, op, args, shape)
+    return plan
+
+
+def _plan_msetnx(s: Session, a: list[bytes], ctx: Context) -> Plan:
+    if len(a) % 2 == 0:
+        raise CommandError("wrong number of arguments for 'msetnx' command")
+    return _req(ctx, "MSETNX", [a[1:]], _shape_int)
 
 
 def _plan_keys_count(op: str) -> Callable[[Session, list[bytes], Context], Plan]:
@@ -832,15 +942,9 @@ def _plan_info(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 
 def _plan_dbsize(s: Session, a: list[bytes], ctx: Context) -> Plan:
-    def shape(infos: Any, sess: Session) -> bytes:
-        if isinstance(infos, ZkvError):
-            return error_reply(infos)
-        down = sorted(a for a, i in infos.get("nodes", {}).items() if "error" in i)
-        if down:  # a count without its keys would be a wrong answer, not a partial one
-            return error(f"CLUSTERDOWN node {down[0]} did not answer: DBSIZE would miss "
-                         "its keys")
-        return integer(int(infos["totals"].get("keys", 0)))
-    return Local("DBSIZE", shape)
+    # every node's count of keys not expired; an error (CLUSTERDOWN) if one cannot say:
+    # a count without its keys would be a wrong answer, not a partial one
+    return _req(ctx, "DBSIZE", [], _shape_int)
 
 
 def _plan_flush(s: Session, a: list[bytes], ctx: Context) -> Plan:
@@ -873,6 +977,28 @@ _PLANNERS: dict[bytes, Callable[[Session, list[bytes], Context], Plan]] = {
     b"exists": _plan_keys_count("EXISTS"),
     b"mget": _plan_mget,
     b"mset": _plan_mset,
+    b"msetnx": _plan_msetnx,
+    b"setnx": _plan_simple("SETNX", _shape_int),
+    b"setex": _plan_setex("ex"),
+    b"psetex": _plan_setex("px"),
+    b"getset": _plan_simple("GETSET", _shape_bulk),
+    b"getdel": _plan_simple("GETDEL", _shape_bulk),
+    b"getex": _plan_getex,
+    b"append": _plan_simple("APPEND", _shape_int),
+    b"strlen": _plan_simple("STRLEN", _shape_int),
+    b"incr": _plan_simple("INCR", _shape_int),
+    b"decr": _plan_simple("DECR", _shape_int),
+    b"incrby": _plan_simple("INCRBY", _shape_int, counted=True),
+    b"decrby": _plan_simple("DECRBY", _shape_int, counted=True),
+    b"expire": _plan_expire("EXPIRE"),
+    b"pexpire": _plan_expire("PEXPIRE"),
+    b"expireat": _plan_expire("EXPIREAT"),
+    b"pexpireat": _plan_expire("PEXPIREAT"),
+    b"ttl": _plan_simple("TTL", _shape_int),
+    b"pttl": _plan_simple("PTTL", _shape_int),
+    b"expiretime": _plan_simple("EXPIRETIME", _shape_int),
+    b"pexpiretime": _plan_simple("PEXPIRETIME", _shape_int),
+    b"persist": _plan_simple("PERSIST", _shape_int),
     b"scan": _plan_scan,
     b"keys": _plan_keys,
     b"type": _plan_type,
