@@ -35,6 +35,7 @@ class FakeServer:
                  answer: Callable[[int, str], bytes | None], host: str = "127.0.0.1") -> None:
         self.answer = answer
         self.seen: list[tuple[bytes, str]] = []  # (connection identity, op)
+        self.bodies: list[bytes] = []
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IPV6, 1)
@@ -52,6 +53,7 @@ class FakeServer:
             op = cbor2.loads(body)[0]
             n = len(self.seen)
             self.seen.append((identity, op))
+            self.bodies.append(body)
             reply = self.answer(n, op)
             if reply is not None:
                 self._sock.send_multipart([identity, *routing, reply])
@@ -313,14 +315,15 @@ def test_a_read_is_retried_on_a_fresh_connection(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("op", ["SET", "DEL", "MSET", "PIPE", "NOPE"])
-def test_a_write_is_sent_once(
+@pytest.mark.parametrize("op", ["PIPE", "NOPE"])
+def test_an_untagged_write_is_sent_once(
     fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client], op: str
 ) -> None:
+    """A pipeline (and what the client cannot tell is safe) is not tagged for retries,
+    so it is not sent again."""
     server = fake(lambda n, op: None)
     c = clients(server.address, timeout=0.3, retries=3)
-    args = {"SET": (b"k", b"v"), "DEL": (b"k",), "MSET": ([b"k", b"v"],),
-            "PIPE": ([["GET", b"k"]],), "NOPE": ()}[op]
+    args = {"PIPE": ([["GET", b"k"]],), "NOPE": ()}[op]
     with pytest.raises(zkv.Timeout, match="unknown"):
         c.call(op, *args)
     time.sleep(0.5)  # time for any retry to arrive
@@ -328,7 +331,38 @@ def test_a_write_is_sent_once(
 
 
 @pytest.mark.timeout(30)
-def test_a_read_can_opt_out_of_retries_and_a_write_can_opt_in(
+@pytest.mark.parametrize("op", ["SET", "DEL", "MSET", "INCR"])
+def test_a_write_is_retried_with_its_id_and_number(
+    fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client], op: str
+) -> None:
+    """A write is tagged (ONCE client_id seq request) and a retry is byte for byte the
+    same request on a fresh socket: the node that applied it answers its first outcome."""
+    server = fake(lambda n, op: None if n < 2 else P.encode_ok(1))
+    c = clients(server.address, timeout=0.3, retries=3)
+    args = {"SET": (b"k", b"v"), "DEL": (b"k",), "MSET": ([b"k", b"v"],),
+            "INCR": (b"k",)}[op]
+    assert c.call(op, *args) == 1
+    assert [o for _, o in server.seen] == ["ONCE"] * 3
+    assert len(set(server.bodies)) == 1 and len({i for i, _ in server.seen}) == 3
+    tag, client_id, seq, request = cbor2.loads(server.bodies[0])
+    assert (tag, client_id, request) == ("ONCE", c.client_id, [op, *args])
+    c.call(op, *args)  # the next write has the next number
+    assert cbor2.loads(server.bodies[-1])[2] == seq + 1
+
+
+@pytest.mark.timeout(30)
+def test_a_write_whose_tries_all_time_out_has_an_unknown_outcome(
+    fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client]
+) -> None:
+    server = fake(lambda n, op: None)
+    c = clients(server.address, timeout=0.2, retries=2)
+    with pytest.raises(zkv.Timeout, match="outcome of SET is unknown after 3 attempts"):
+        c.set("k", "v")
+    assert len(server.bodies) == 3 and len(set(server.bodies)) == 1
+
+
+@pytest.mark.timeout(30)
+def test_retries_can_be_turned_off_and_on_per_call(
     fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client]
 ) -> None:
     server = fake(lambda n, op: None)
@@ -336,9 +370,11 @@ def test_a_read_can_opt_out_of_retries_and_a_write_can_opt_in(
     with pytest.raises(zkv.Timeout):
         c.call("GET", b"k", retry=False)
     with pytest.raises(zkv.Timeout):
-        c.call("SET", b"k", b"v", retry=True)
+        c.call("SET", b"k", b"v", retry=False)
+    with pytest.raises(zkv.Timeout):
+        c.call("PIPE", [["SET", b"k", b"v"]], retry=True)
     time.sleep(0.3)
-    assert [o for _, o in server.seen] == ["GET", "SET", "SET", "SET"]
+    assert [o for _, o in server.seen] == ["GET", "ONCE", "PIPE", "PIPE", "PIPE"]
 
 
 @pytest.mark.timeout(30)

@@ -124,7 +124,7 @@ def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
                               f"{timeout:.0f} s; the backup is incomplete")
         body = pull.recv()
         try:
-            bid, source, seq, pairs, final, sent, _, deadlines = decode_batch(body)
+            bid, source, seq, pairs, final, sent, _, deadlines, _ = decode_batch(body)
         except ProtocolError:
             continue  # not ours
         if bid != backup_id or source not in left:

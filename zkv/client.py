@@ -25,6 +25,7 @@ A Client is not thread-safe: give each thread its own.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,20 @@ def _checked_address(address: str) -> str:
     return format_address(host, port)
 
 
+def _unavailable(reply: bytes) -> bool:
+    """Whether a reply is an error of the Unavailable family (the node is down, a
+    failover is under way, ...): worth another try for a write tagged for retries."""
+    if not (len(reply) > 1 and reply[1] == 0x01):
+        return False
+    try:
+        P.decode_reply(reply)
+    except Unavailable:
+        return True
+    except ZkvError:
+        return False
+    return False
+
+
 class Client(StringCommands):
     def __init__(self, address: str = "127.0.0.1:8000", timeout: float = 5.0,
                  retries: int = 2, direct: bool = False) -> None:
@@ -76,6 +91,10 @@ class Client(StringCommands):
             raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
         self.timeout = float(timeout)
         self.retries = retries
+        # Every write carries this id and a sequence number (zkv.once): the node that
+        # applies it remembers the outcome, so sending it again is safe.
+        self.client_id = secrets.token_bytes(16)
+        self._seq = 0
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._link = Link(self._ctx, self.address)
         self.direct = bool(direct)
@@ -154,33 +173,47 @@ class Client(StringCommands):
 
     def call(self, op: str, *args: Any, retry: bool | None = None) -> Any:
         """Send one command. A request that could not be sent (nothing listens, say) is
-        tried again after a short pause, a write too, since it never left; one that got
-        no reply in time is sent again on a fresh socket when it is a read (or with
-        ``retry=True``): a write's outcome is then unknown and it is not repeated."""
+        tried again after a short pause, a write too, since it never left. A read that
+        got no reply in time is sent again on a fresh socket; so is a write (tagged
+        with this client's id and a sequence number, so the node that applied it
+        answers its first outcome instead of applying it twice), and a write whose
+        node went down or was not reachable is tried again after a pause. Only when
+        every try has run out is a write's outcome unknown (``zkv.Timeout`` says so)."""
         op = op.upper() if isinstance(op, str) else op
-        body = P.encode_request(op, *args)
         kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
+        tagged = op in P.WRITE_OPS
+        if tagged:
+            self._seq += 1
+            body = P.encode_request("ONCE", self.client_id, self._seq, [op, *args])
+        else:
+            body = P.encode_request(op, *args)
         if retry is None:
-            retry = kind in (P.READ, P.META) and op != "PIPE"
+            retry = tagged or kind in (P.READ, P.META) and op != "PIPE"
         attempts = 1 + self.retries
         timeouts = 0
         key = args[0] if args and self._direct is not None else None
         for attempt in range(attempts):
+            last = attempt + 1 == attempts
             try:
                 reply = self._exchange(body, op, key)
             except NotSent as exc:
-                if attempt + 1 < attempts:
+                if not last:
                     time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
                     continue
                 tries = f" ({attempts} attempts)" if attempts > 1 else ""
                 raise NotSent(f"{exc}{tries}") from None
             except Timeout as exc:
                 timeouts += 1
-                if retry and attempt + 1 < attempts:
+                if retry and not last:
                     continue
                 if kind in (P.WRITE, P.ADMIN) or op == "PIPE":
-                    raise Timeout(f"{exc}; the outcome of {op} is unknown") from None
+                    raise Timeout(f"{exc}; the outcome of {op} is unknown"
+                                  + (f" after {timeouts} attempts" if timeouts > 1 else "")
+                                  ) from None
                 raise Timeout(f"{exc} after {timeouts} attempts") from None
+            if tagged and not last and _unavailable(reply):
+                time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))  # a failover, say
+                continue
             return P.decode_reply(reply)
         raise ProtocolError("unreachable")  # pragma: no cover
 

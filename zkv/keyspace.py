@@ -30,6 +30,7 @@ from typing import Any
 from . import wal
 from .buckets import KeyBuckets
 from .expiry import ExpiryWheel
+from .once import Outcomes, valid_id
 from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
@@ -49,8 +50,8 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "receiving",
-                 "tombstones", "undo", "undo_deadlines", "undo_tombs", "wheel")
+    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "once",
+                 "receiving", "tombstones", "undo", "undo_deadlines", "undo_tombs", "wheel")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -73,6 +74,7 @@ class Keyspace:
         self.expires: dict[bytes, int] = {}
         self.wheel = ExpiryWheel()
         self.undo_deadlines: list[tuple[bytes, int | None]] = []  # (key, deadline before)
+        self.once = Outcomes()  # the outcomes of recent tagged writes (zkv.once)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -181,6 +183,13 @@ class Keyspace:
         self.apply(item)
         return wal.encode(item)
 
+    def forget_outcomes(self) -> bytes | None:
+        """Forget the outcomes of tagged writes (zkv.once); the record, if any went."""
+        if not self.once.entries:
+            return None
+        self.once.clear()
+        return wal.encode((wal.META, {"outcomes": "forget"}))
+
     def close_move(self, move_id: str) -> bytes | None:
         if move_id not in self.incoming:
             return None
@@ -275,6 +284,12 @@ class Keyspace:
                 self._tomb(key, True)
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.ONCE:
+            for inner in _inner_records(item[4]):
+                self.apply_live(inner)
+            self.once.remember(*_once_id(item), item[3])
+        elif kind == wal.ONCES:
+            self.once.merge(item[1])
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -312,8 +327,13 @@ class Keyspace:
         self.undo.clear()
         self.undo_tombs.clear()
         self.undo_deadlines.clear()
+        self.once.commit()
 
     def rollback(self) -> None:
+        self.rollback_data()
+        self.once.rollback_to(0)
+
+    def rollback_data(self) -> None:
         expires = self.expires
         for key, deadline in reversed(self.undo_deadlines):
             if deadline is None:
@@ -344,19 +364,20 @@ class Keyspace:
                 self.live_bytes += len(key) + len(old)
         self.undo.clear()
 
-    def mark(self) -> tuple[int, int, int]:
+    def mark(self) -> tuple[int, int, int, int]:
         """A point to :meth:`rollback_to`: the changes made after it can be undone alone."""
-        return len(self.undo), len(self.undo_tombs), len(self.undo_deadlines)
+        return len(self.undo), len(self.undo_tombs), len(self.undo_deadlines), self.once.mark()
 
-    def rollback_to(self, mark: tuple[int, int, int]) -> None:
+    def rollback_to(self, mark: tuple[int, int, int, int]) -> None:
         """Undo the changes made since ``mark`` (one request's, say), keeping earlier ones."""
+        self.once.rollback_to(mark[3])
         undo, tombs = self.undo[mark[0]:], self.undo_tombs[mark[1]:]
         deadlines = self.undo_deadlines[mark[2]:]
         del self.undo[mark[0]:], self.undo_tombs[mark[1]:], self.undo_deadlines[mark[2]:]
         kept = self.undo, self.undo_tombs, self.undo_deadlines
         self.undo, self.undo_tombs, self.undo_deadlines = undo, tombs, deadlines
         try:
-            self.rollback()
+            self.rollback_data()
         finally:
             self.undo, self.undo_tombs, self.undo_deadlines = kept
 
@@ -482,6 +503,12 @@ class Keyspace:
             tombs.update(item[1])
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.ONCE:
+            for inner in _inner_records(item[4]):
+                self.apply(inner)
+            self.once.remember(*_once_id(item), item[3], live=False)
+        elif kind == wal.ONCES:
+            self.once.merge(item[1], live=False)
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -506,6 +533,8 @@ class Keyspace:
             if self.incoming.pop(str(meta["close"]), None) is not None:
                 self.modes.pop(str(meta["close"]), None)
                 self._rebuild_receiving()
+        elif meta.get("outcomes") == "forget":
+            self.once.clear(live=False)
         elif "incoming" in meta:  # a snapshot's header
             self.incoming = {str(k): RangeSet.from_list(v) for k, v in meta["incoming"].items()}
             self.modes = {str(k): str(v) for k, v in meta.get("modes", {}).items()
@@ -526,3 +555,23 @@ def _deadline(value: Any, zero: bool = False) -> int:
     if type(value) is not int or not (0 if zero else 1) <= value <= MAX_DEADLINE:
         raise ValueError(f"a deadline must be milliseconds since the epoch, not {value!r}")
     return value
+
+
+def _inner_records(data: Any) -> list[Any]:
+    """The records a ONCE record carries (framed, as bytes)."""
+    if type(data) is not bytes:
+        raise TypeError("a ONCE record carries its records as bytes")
+    scan = wal.LogScan(data)
+    items = [item for _, item in scan]
+    if scan.damage is not None:
+        raise ValueError(f"the records in a ONCE record are damaged: {scan.damage.reason}")
+    if any(item[0] in (wal.ONCE, wal.ONCES, wal.META) for item in items):
+        raise ValueError("a ONCE record carries data records only")
+    return items
+
+
+def _once_id(item: Any) -> tuple[bytes, int]:
+    client, seq = item[1], item[2]
+    if not valid_id(client, seq):
+        raise ValueError("a ONCE record names a client id and a sequence number")
+    return client, seq

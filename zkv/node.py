@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from . import durable, strings, wal
+from . import durable, once, strings, wal
 from . import frames as wire
 from . import protocol as P
 from .cluster import ClusterState
@@ -161,6 +161,7 @@ class Node:
             "PERSIST": lambda a: self._wrote(strings.persist(self._ks, a[0], _now())),
             "MSETNX": lambda a: self._wrote(strings.msetnx(self._ks, a[0], _now())),
             "DBSIZE": lambda a: self._ks.live_count(_now()),
+            "ONCE": self._once,
             "SCAN": self._scan,
             "KEYS": self._keys,
             "PIPE": self._pipe,
@@ -213,6 +214,30 @@ class Node:
             return self._wrote(strings.set_(self._ks, a[0], a[1], a[2], _now()))
         self.storage.pending += self.storage.keyspace.set(a[0], a[1])
         return "OK"
+
+    def _once(self, a: list[Any]) -> Any:
+        """A write tagged for safe retries (zkv.once): its first outcome if this node
+        has applied it already, else applied now, its records and outcome logged as
+        one ONCE record."""
+        client, seq, (op, args) = a
+        ks = self._ks
+        seen, outcome = ks.once.get(client, seq)
+        if seen:
+            self.counters["RETRIED"] = self.counters.get("RETRIED", 0) + 1
+            if isinstance(outcome, dict) and once.BIG in outcome:
+                raise CommandError(
+                    f"this {op} was applied already (a retry); its reply of "
+                    f"{outcome[once.BIG]} bytes was not kept: read the key to see it")
+            return outcome
+        pending = self.storage.pending
+        start = len(pending)
+        result = self.execute(op, args)
+        records = bytes(pending[start:])
+        del pending[start:]
+        outcome = once.kept(result)
+        ks.once.remember(client, seq, outcome)
+        pending += wal.encode((wal.ONCE, client, seq, outcome, records))
+        return result
 
     def _expire(self, command: str, a: list[Any]) -> Any:
         return self._wrote(strings.expire(self._ks, command, a[0], a[1],
@@ -598,7 +623,7 @@ class Node:
         ks = self.storage.keyspace
         scan = RangeScan(ks.buckets, ranges)
         out = Outgoing(move_id, source, dest, scan, batch_keys, batch_bytes, rate,
-                       started=time.monotonic())
+                       started=time.monotonic(), outcomes=ks.once.flat)
         if tombs:  # a rollback: this node's deletes during the move go back too
             out.dels = [k for k in ks.tombstones if ranges.contains(key_hash(k))]
             out.dels_total = len(out.dels)
@@ -706,7 +731,8 @@ class Node:
         counted = []
         for body in bodies:
             try:
-                move_id, source, seq, pairs, final, total, dels, deadlines = decode_batch(body)
+                (move_id, source, seq, pairs, final, total, dels, deadlines,
+                 outcomes) = decode_batch(body)
             except ProtocolError as exc:
                 log.warning("dropped a bad transfer batch: %s", exc)
                 continue
@@ -724,6 +750,10 @@ class Node:
                                                           _now())
             if record is not None:
                 self.storage.pending += record
+            if outcomes:  # the source's recent tagged writes: their retries come here now
+                merged = self.storage.keyspace.once.merge(outcomes)
+                if merged:
+                    self.storage.pending += wal.encode((wal.ONCES, merged))
             counted.append((stream, in_order, pairs, taken, final, total, dels))
         try:
             self.commit(durable=True)
@@ -897,6 +927,8 @@ class Node:
         | P.SINGLE_KEY_OPS
 
     def _check_keys(self, op: str, args: list[Any]) -> None:
+        if op == "ONCE":
+            op, args = args[2]
         if op not in self._KEYED:
             return
         write = op not in self._READS

@@ -87,8 +87,9 @@ class Limits:
 
     @property
     def max_items(self) -> int:
-        """CBOR items a data request may hold: a full PIPE of 4-item commands, with room."""
-        return 4 * self.max_batch + 64
+        """CBOR items a data request may hold: a full PIPE of commands of up to 12 items
+        (a SET with options, tagged for safe retries), with room."""
+        return 12 * self.max_batch + 64
 
 
 DEFAULT_LIMITS = Limits()
@@ -174,6 +175,9 @@ COMMANDS: dict[str, Command] = {
                 "Set several keys only if none exists; 1 if set. The keys must share a hash "
                 "tag ({...}), so that they live on one shard."),
         Command("DBSIZE", META, (), "The number of keys in the cluster."),
+        Command("ONCE", WRITE, ("client_id", "seq", "request"),
+                "A write tagged for safe retries (zkv.once): CLIENT_ID SEQ [OP ARG ...].",
+                "CLIENT_ID SEQ REQUEST"),
         Command("SCAN", READ, ("cursor", "pattern?", "count?"),
                 "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
         Command("KEYS", READ, ("pattern?",), "All keys matching a glob PATTERN (default *)."),
@@ -215,13 +219,14 @@ COMMANDS: dict[str, Command] = {
     )
 }
 
-# The commands a user types; the internal ones are not advertised.
-USER_COMMANDS = [c for c in COMMANDS.values() if c.kind != INTERNAL]
+# The commands a user types; the internal ones (and the client's ONCE) are not advertised.
+USER_COMMANDS = [c for c in COMMANDS.values() if c.kind != INTERNAL and c.name != "ONCE"]
 # Data commands on one key (their first argument): routed to the key's owner.
 SINGLE_KEY_OPS = frozenset(c.name for c in COMMANDS.values()
                            if c.kind in (READ, WRITE) and c.args[:1] == ("key",))
-WRITE_OPS = frozenset(c.name for c in COMMANDS.values() if c.kind == WRITE)
-PIPE_OPS = SINGLE_KEY_OPS | {"PING"}
+WRITE_OPS = frozenset(c.name for c in COMMANDS.values() if c.kind == WRITE) - {"ONCE"}
+PIPE_OPS = SINGLE_KEY_OPS | {"PING", "ONCE"}
+MAX_CLIENT_ID = 80  # bytes (a router may add a few to tell apart the parts of one MSET)
 
 MAX_DEADLINE = 1 << 62
 _EXPIRY = ("ex", "px", "exat", "pxat")
@@ -402,6 +407,19 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         return _list(value, "pipeline", limits)
     if kind == "int":
         return _amount(value, "the number")
+    if kind == "client_id":
+        if type(value) is not bytes or not 0 < len(value) <= MAX_CLIENT_ID:
+            raise ProtocolError(f"a client id is 1 to {MAX_CLIENT_ID} bytes")
+        return value
+    if kind == "seq":
+        if not _is_int(value) or not 0 <= value < 1 << 63:
+            raise ProtocolError("a sequence number is an integer from 0 to 2**63 - 1")
+        return value
+    if kind == "request":  # the write ONCE tags: checked as a request of its own
+        op, args = check_request(value, limits)
+        if op not in WRITE_OPS:
+            raise ProtocolError(f"ONCE tags a write, not {op}")
+        return [op, args]
     if kind == "setopts":
         return _set_options(value, limits)
     if kind == "getexopts":

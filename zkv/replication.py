@@ -70,6 +70,7 @@ class Peer:
     broken: str = ""  # why the session cannot go on ("" while it can)
     copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream (see zkv.replicator)
     deadlines: dict[bytes, int] = field(default_factory=dict)  # theirs, as of the copy
+    outcomes: list[Any] = field(default_factory=list)  # zkv.once's table, as of the copy
     copying: float = 0.0  # when the copy's stream started (0: not yet)
     copied: float = 0.0  # when it was seen complete (0: not yet)
 

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("zkv.replication")
 
 # What a replica refuses and a primary without a lease serves not: the data ops.
-READ_OPS = frozenset({"GET", "EXISTS", "MGET", "SCAN", "KEYS", "XGET"})
-WRITE_OPS = frozenset({"SET", "DEL", "MSET", "PIPE", "XDEL", "XFLUSH"})
+READ_OPS = (P.SINGLE_KEY_OPS - P.WRITE_OPS) | {"MGET", "SCAN", "KEYS", "XGET", "XPEEK",
+                                               "DBSIZE"}
+WRITE_OPS = P.WRITE_OPS | {"PIPE", "XDEL", "XFLUSH", "XFILL", "ONCE"}
 # Replies a primary sends at once: they carry nothing its replicas must hold first, and
 # the config manager's heartbeats and configurations must never wait on a replica.
 FREE_OPS = frozenset({"PING", "INFO", "XHEALTH", "XCONFIG", "CONFIG", "XREPL"})
@@ -283,6 +284,7 @@ class Replicator:
         # only where it holds no newer state (so a dead replica costs no copies).
         peer.copy = list(self.node.storage.keyspace.data.items())
         peer.deadlines = dict(self.node.storage.keyspace.expires)
+        peer.outcomes = self.node.storage.keyspace.once.flat()
         host = addr.rsplit(":", 1)[0]
         try:
             self.node.open_stream((SYNC_MOVE, addr), f"tcp://{host}:{pull_port}")
@@ -291,8 +293,9 @@ class Replicator:
             return
         self.node.outgoing[(SYNC_MOVE, addr)] = SnapshotStream(
             SYNC_MOVE + session, self.shard or self.address, peer.copy, peer.deadlines,
-            last_progress=time.monotonic(), dest=addr, move_id=SYNC_MOVE + session)
-        peer.deadlines = {}
+            peer.outcomes, last_progress=time.monotonic(), dest=addr,
+            move_id=SYNC_MOVE + session)
+        peer.deadlines, peer.outcomes = {}, []
         log.info("shard %s: copying %d keys to replica %s", self.shard, len(peer.copy), addr)
         peer.copy = None
         peer.copying = time.monotonic()
@@ -434,6 +437,7 @@ class Replicator:
         keys = list(ks.data)
         for start in range(0, len(keys), DROP_RUN):
             node.log_record(ks.forget(keys[start:start + DROP_RUN]))
+        node.log_record(ks.forget_outcomes())  # the primary's come with the copy
 
     def streams_done(self) -> None:
         """After batches were applied: a sync whose copy is complete ends its move."""

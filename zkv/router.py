@@ -60,8 +60,8 @@ log = logging.getLogger("zkv.router")
 __all__ = ["CORE_OPS", "Ready", "Router"]
 
 # The commands a router serves by itself; anything else is the shell's (INFO, admin).
-CORE_OPS = frozenset(("MGET", "MSET", "MSETNX", "PIPE", "SCAN", "KEYS", "PING", "DBSIZE")) \
-    | P.SINGLE_KEY_OPS
+CORE_OPS = frozenset(("MGET", "MSET", "MSETNX", "PIPE", "SCAN", "KEYS", "PING", "DBSIZE",
+                      "ONCE")) | P.SINGLE_KEY_OPS
 MAX_REROUTES = 8  # times one request may be refused for a stale view before it fails
 BEHIND_RETRY = 0.05  # seconds before a request a node was behind for is sent again
 KEYS_PAGE = 10_000
@@ -91,13 +91,20 @@ class Ready:
 class Op:
     """One key's command within a job: what it is, and where its result goes."""
 
-    __slots__ = ("args", "body", "job", "kind", "slot", "state", "tries")
+    __slots__ = ("args", "body", "ident", "job", "kind", "slot", "state", "tries")
 
     def __init__(self, job: Job, slot: int, kind: str, args: list[Any],
-                 body: bytes | None = None) -> None:
+                 body: bytes | None = None, ident: tuple[bytes, int] | None = None) -> None:
         self.job, self.slot, self.kind, self.args, self.body = job, slot, kind, args, body
+        self.ident = ident  # (client id, seq) of a write tagged for safe retries
         self.state: Any = None  # the chain's memory (what the old owner said, ...)
         self.tries = 0
+
+    def item(self) -> list[Any]:
+        """The op as a request (tagged, if it was)."""
+        if self.ident is None:
+            return [self.kind, *self.args]
+        return ["ONCE", self.ident[0], self.ident[1], [self.kind, *self.args]]
 
     @property
     def key(self) -> bytes:
@@ -111,8 +118,8 @@ class Op:
 class Job:
     """One client request: its ops' results gather here, and it answers once."""
 
-    __slots__ = ("client", "deadline", "done", "encode", "kind", "left", "over", "raw",
-                 "results", "used", "value_budget")
+    __slots__ = ("client", "deadline", "done", "encode", "ident", "kind", "left", "over",
+                 "raw", "results", "used", "value_budget")
 
     def __init__(self, client: Any, kind: str, parts: int, deadline: float) -> None:
         self.client, self.kind, self.deadline = client, kind, deadline
@@ -123,6 +130,7 @@ class Job:
         self.value_budget: int | None = None
         self.used = 0
         self.over = False  # MGET: the budget ran out, the whole reply is TOO_LARGE
+        self.ident: tuple[bytes, int] | None = None  # a tagged MSET's (client id, seq)
 
 
 @dataclass
@@ -220,18 +228,22 @@ class Router:
         self.ops[op] = self.ops.get(op, 0) + 1
         self.now = now
         deadline = now + self.timeout
+        ident: tuple[bytes, int] | None = None
         try:
+            if op == "ONCE":  # a tagged write: routed as its request, sent tagged
+                ident, (op, args) = (args[0], args[1]), args[2]
+                self.ops[op] = self.ops.get(op, 0) + 1
             if op in P.SINGLE_KEY_OPS:
                 job = Job(client, "one", 1, deadline)
-                self._route(Op(job, 0, op, args, body))
+                self._route(Op(job, 0, op, args, body, ident))
             elif op == "MSETNX":
-                self._msetnx(client, args, body, deadline)
+                self._msetnx(client, args, body, deadline, ident)
             elif op == "DBSIZE":
                 self._dbsize(client, deadline)
             elif op == "MGET":
                 self._mget(client, args, deadline)
             elif op == "MSET":
-                self._mset(client, args, deadline)
+                self._mset(client, args, deadline, ident)
             elif op == "PIPE":
                 self._pipe(client, args[0], deadline)
             elif op == "PING":
@@ -358,8 +370,7 @@ class Router:
             if not len(p.ring):
                 raise Unavailable("the cluster has no nodes yet (ADD one)")
             node = p.owner(op.key)
-            body = op.body if op.body is not None else P.encode_request(op.kind, *op.args)
-            self._send(node, body, _PLAIN, [op], op.job.deadline)
+            self._send(node, self._body(op), _PLAIN, [op], op.job.deadline)
         except ZkvError as exc:
             self._result(op, exc)
 
@@ -399,7 +410,7 @@ class Router:
 
     @staticmethod
     def _body(op: Op) -> bytes:
-        return op.body if op.body is not None else P.encode_request(op.kind, *op.args)
+        return op.body if op.body is not None else P.encode_request(*op.item())
 
     def _written(self, key: bytes) -> None:
         if not self.dirty_known:
@@ -631,7 +642,8 @@ class Router:
         job.value_budget = self.limits.max_message_bytes - 256 * len(keys) - 1024
         self._dispatch(job, [Op(job, i, "GET", [k]) for i, k in enumerate(keys)])
 
-    def _mset(self, client: Any, args: list[Any], deadline: float) -> None:
+    def _mset(self, client: Any, args: list[Any], deadline: float,
+              ident: tuple[bytes, int] | None = None) -> None:
         pairs: list[bytes] = args[0]
         p = self.placement
         if p.phase == "revert" and p.moving is not None:
@@ -643,7 +655,11 @@ class Router:
                         "nothing changed")
         n = len(pairs) // 2
         job = Job(client, "mset", n, deadline)
-        self._dispatch(job, [Op(job, i, "SET", [pairs[2 * i], pairs[2 * i + 1]])
+        job.ident = ident
+        # (a key sent on its own, being moved, is tagged apart from the rest, which go
+        # to each node as one tagged MSET: an id names one write on each node)
+        self._dispatch(job, [Op(job, i, "SET", [pairs[2 * i], pairs[2 * i + 1]], None,
+                                None if ident is None else (ident[0] + b"/%d" % i, ident[1]))
                              for i in range(n)])
 
     def _pipe(self, client: Any, items: list[Any], deadline: float) -> None:
@@ -662,6 +678,9 @@ class Router:
             if op == "PING":
                 job.results[i] = _Done(_Item(P.reply_item("PONG")))
                 job.left -= 1
+                continue
+            if op == "ONCE":
+                ops.append(Op(job, i, args[2][0], args[2][1], None, (args[0], args[1])))
                 continue
             ops.append(Op(job, i, op, args))
         if job.left == 0:
@@ -706,9 +725,12 @@ class Router:
             if job.kind == "mget":
                 body = P.encode_request("MGET", [o.key for o in group], share)
             elif job.kind == "mset":
-                body = P.encode_request("MSET", [x for o in group for x in o.args])
+                request: list[Any] = ["MSET", [x for o in group for x in o.args]]
+                if job.ident is not None:
+                    request = ["ONCE", job.ident[0], job.ident[1], request]
+                body = P.encode_request(*request)
             else:
-                body = P.encode_request("PIPE", [[o.kind, *o.args] for o in group], share)
+                body = P.encode_request("PIPE", [o.item() for o in group], share)
             try:
                 self._send(node, body, _GROUP, group, job.deadline)
             except ZkvError as exc:
@@ -770,7 +792,7 @@ class Router:
         return ops[done:]
 
     def _msetnx(self, client: Any, args: list[Any], body: bytes | None,
-                deadline: float) -> None:
+                deadline: float, ident: tuple[bytes, int] | None = None) -> None:
         pairs: list[bytes] = args[0]
         keys = pairs[0::2]
         first = key_hash(keys[0])
@@ -779,8 +801,12 @@ class Router:
                 "MSETNX keys must live on one shard: give them one hash tag, as in "
                 "{user1}:name {user1}:mail (only the part in braces is hashed)")
         job = Job(client, "one", 1, deadline)
-        body = body if body is not None else P.encode_request("MSETNX", pairs)
-        self._route(Op(job, 0, "MSETNX", [keys[0], pairs], body))
+        op = Op(job, 0, "MSETNX", [keys[0], pairs], body, ident)
+        if body is None:
+            item = ["MSETNX", pairs]
+            op.body = P.encode_request(*(item if ident is None else
+                                         ["ONCE", ident[0], ident[1], item]))
+        self._route(op)
 
     def _dbsize(self, client: Any, deadline: float) -> None:
         """DBSIZE: every node's count of live keys, summed (not during a move, when keys

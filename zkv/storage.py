@@ -119,12 +119,15 @@ def write_manifest(data_dir: str, manifest: Manifest) -> None:
 
 def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, Any],
                    tombstones: list[bytes] | None = None,
-                   deadlines: list[tuple[bytes, int]] | None = None) -> int:
-    """Write ``items`` (then the deadlines of those that have one, and the tombstones
-    of open moves) as a snapshot at ``path`` atomically; returns its size."""
+                   deadlines: list[tuple[bytes, int]] | None = None,
+                   outcomes: list[Any] | None = None) -> int:
+    """Write ``items`` (then the deadlines of those that have one, the tombstones of
+    open moves, and the outcomes of recent tagged writes, flat: zkv.once) as a
+    snapshot at ``path`` atomically; returns its size."""
     tmp = path + ".tmp"
     try:
-        return _write_snapshot(path, tmp, items, meta, tombstones, deadlines or [])
+        return _write_snapshot(path, tmp, items, meta, tombstones, deadlines or [],
+                               outcomes or [])
     except BaseException:
         try:  # a full disk must not stay fuller because of a half snapshot
             os.unlink(tmp)
@@ -135,7 +138,7 @@ def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, 
 
 def _write_snapshot(path: str, tmp: str, items: list[tuple[bytes, bytes]],
                     meta: dict[str, Any], tombstones: list[bytes] | None,
-                    deadlines: list[tuple[bytes, int]]) -> int:
+                    deadlines: list[tuple[bytes, int]], outcomes: list[Any]) -> int:
     with open(tmp, "wb") as f:
         f.write(wal.encode((wal.META, {"snapshot": 1, **meta})))
         chunk: list[bytes] = []
@@ -152,6 +155,8 @@ def _write_snapshot(path: str, tmp: str, items: list[tuple[bytes, bytes]],
         for i in range(0, len(deadlines), CHUNK_KEYS):
             f.write(wal.encode((wal.PXAT, [x for kd in deadlines[i : i + CHUNK_KEYS]
                                            for x in kd])))
+        for i in range(0, len(outcomes), 3 * CHUNK_KEYS):
+            f.write(wal.encode((wal.ONCES, outcomes[i : i + 3 * CHUNK_KEYS])))
         for i in range(0, len(tombstones or ()), CHUNK_KEYS):
             f.write(wal.encode((wal.TOMBS, (tombstones or [])[i : i + CHUNK_KEYS])))
         f.write(wal.encode((wal.META, {"end": len(items)})))
@@ -549,11 +554,11 @@ class Storage:
         self.pending.clear()
         self.keyspace.rollback()
 
-    def mark(self) -> tuple[int, tuple[int, int, int]]:
+    def mark(self) -> tuple[int, tuple[int, int, int, int]]:
         """A point in this turn's uncommitted changes to :meth:`rollback_to`."""
         return len(self.pending), self.keyspace.mark()
 
-    def rollback_to(self, mark: tuple[int, tuple[int, int, int]]) -> None:
+    def rollback_to(self, mark: tuple[int, tuple[int, int, int, int]]) -> None:
         """Undo the changes (records and map) made since ``mark``; earlier ones stay."""
         del self.pending[mark[0]:]
         self.keyspace.rollback_to(mark[1])
@@ -618,12 +623,13 @@ class Storage:
         meta = {"seq": seq, **self.keyspace.snapshot_meta()}
         tombs = list(self.keyspace.tombstones)
         deadlines = list(self.keyspace.expires.items())
+        outcomes = self.keyspace.once.flat()
         snap_path = os.path.join(self.dir, snapshot_name(seq))
 
         def run() -> None:
             try:
                 self._snap_result = (seq, write_snapshot(snap_path, items, meta, tombs,
-                                                         deadlines))
+                                                         deadlines, outcomes))
             except BaseException as exc:  # reported by _finish_snapshot
                 self._snap_result = exc
 

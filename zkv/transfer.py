@@ -4,14 +4,17 @@ A source node turns the keys of the hash ranges it hands over into batches
 (:class:`Outgoing`), which its PUSH socket sends to the destination's PULL
 socket. A batch is one CBOR array::
 
-    [move_id, source, seq, pairs, final, total(, dels(, deadlines))]
+    [move_id, source, seq, pairs, final, total(, dels(, deadlines(, outcomes)))]
 
 ``seq`` counts from 0 for each stream; ``final`` marks the last batch and
 ``total`` says how many keys the stream carried (values and deletes). ``dels``,
 when present, lists keys the source deleted: a rollback streams a destination's
 tombstones back too, so that a delete made during the move is not undone.
 ``deadlines``, when present, is ``[key, deadline, ...]`` for the batch's keys that
-have one (absolute ms since the epoch); a key already due is not sent. The
+have one (absolute ms since the epoch); a key already due is not sent. The final
+batch may carry ``outcomes``, the source's table of recent tagged writes
+(zkv.once, ``[client, seq, outcome, ...]``), so that a write retried after its key
+moved is not applied again by the new owner. The
 destination tracks each stream with :class:`Incoming`: a batch out of order (a
 restarted source or a dropped connection) marks the stream broken so the proxy
 restarts it; applying a batch twice is harmless, because a transferred key is
@@ -29,11 +32,14 @@ import cbor2
 from . import cbor
 from .buckets import KeyBuckets
 from .errors import ProtocolError
+from .once import MAX_ENTRIES
 from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
 MAX_BATCH_KEYS = 100_000  # keys in one batch, the most a move may be asked to send
-_BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 16
+_OUTCOME_ITEMS = 3 * MAX_ENTRIES  # a whole table of outcomes (zkv.once), flat
+# (an outcome may be a small list or map: a few items more each)
+_BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 4 * _OUTCOME_ITEMS + 16
 MAX_DEADLINE = 1 << 62
 
 
@@ -70,16 +76,19 @@ class RangeScan:
 
 def encode_batch(move_id: str, source: str, seq: int, pairs: list[bytes], final: bool,
                  total: int, dels: list[bytes] | None = None,
-                 deadlines: list[Any] | None = None) -> bytes:
+                 deadlines: list[Any] | None = None,
+                 outcomes: list[Any] | None = None) -> bytes:
     item: list[Any] = [move_id, source, seq, pairs, final, total]
-    if dels or deadlines:
+    if dels or deadlines or outcomes:
         item.append(dels or [])
-    if deadlines:
-        item.append(deadlines)
+    if deadlines or outcomes:
+        item.append(deadlines or [])
+    if outcomes:
+        item.append(outcomes)
     return cbor2.dumps(item)
 
 
-Batch = tuple[str, str, int, list[Any], bool, int, list[Any], dict[bytes, int]]
+Batch = tuple[str, str, int, list[Any], bool, int, list[Any], dict[bytes, int], list[Any]]
 
 
 def decode_batch(body: bytes) -> Batch:
@@ -87,20 +96,24 @@ def decode_batch(body: bytes) -> Batch:
     within the bounds a batch can have, and every field checked. The deadlines come
     back as a map."""
     try:
-        item = cbor.decode(body, _BATCH_ITEMS, 2, 2 * MAX_BATCH_KEYS, 8)
+        item = cbor.decode(body, _BATCH_ITEMS, 3, max(2 * MAX_BATCH_KEYS, _OUTCOME_ITEMS), 9)
     except cbor.Malformed as exc:
         raise ProtocolError(f"transfer batch is not valid: {exc}") from None
-    if (not isinstance(item, list) or len(item) not in (6, 7, 8) or not isinstance(item[0], str)
+    if (not isinstance(item, list) or len(item) not in (6, 7, 8, 9)
+            or not isinstance(item[0], str)
             or not isinstance(item[1], str) or type(item[2]) is not int or item[2] < 0
             or not isinstance(item[3], list) or len(item[3]) % 2
             or type(item[4]) is not bool or type(item[5]) is not int or item[5] < 0
             or (len(item) >= 7 and not isinstance(item[6], list))):
         raise ProtocolError(
             "transfer batch must be [move_id, source, seq, pairs, final, total, (dels, "
-            "(deadlines))]")
+            "(deadlines, (outcomes)))]")
     dels = item[6] if len(item) >= 7 else []
     deadlines: dict[bytes, int] = {}
-    if len(item) == 8:
+    outcomes = item[8] if len(item) == 9 else []
+    if not isinstance(outcomes, list) or len(outcomes) % 3:
+        raise ProtocolError("transfer batch outcomes must be [client, seq, outcome, ...]")
+    if len(item) >= 8:
         flat = item[7]
         if (not isinstance(flat, list) or len(flat) % 2
                 or not all(type(k) is bytes for k in flat[0::2])
@@ -108,7 +121,7 @@ def decode_batch(body: bytes) -> Batch:
             raise ProtocolError("transfer batch deadlines must be [key, ms since the epoch, "
                                 "...]")
         deadlines = dict(zip(flat[0::2], flat[1::2]))
-    return item[0], item[1], item[2], item[3], item[4], item[5], dels, deadlines
+    return item[0], item[1], item[2], item[3], item[4], item[5], dels, deadlines, outcomes
 
 
 def _timed(pairs: list[bytes], expires: dict[bytes, int]) -> list[Any]:
@@ -139,6 +152,7 @@ class Outgoing:
     matched: int = 0
     dels: list[bytes] = field(default_factory=list)  # deleted keys to send (a rollback)
     dels_total: int = 0
+    outcomes: Any = None  # () -> the source's table of tagged writes, for the final batch
 
     def next_batch(self, data: dict[bytes, bytes], now: float,
                    expires: dict[bytes, int] | None = None, now_ms: int = 0) -> bytes | None:
@@ -188,7 +202,8 @@ class Outgoing:
         self.sent_keys += len(pairs) // 2 + len(dels)
         self.sent_bytes += size + sum(len(k) for k in dels)
         batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys,
-                             dels, _timed(pairs, expires) if expires else None)
+                             dels, _timed(pairs, expires) if expires else None,
+                             self.outcomes() if final and self.outcomes is not None else None)
         self.seq += 1
         self.done = final
         return batch
@@ -241,6 +256,7 @@ class SnapshotStream:
     source: str
     items: list[tuple[bytes, bytes]]
     deadlines: dict[bytes, int] = field(default_factory=dict)  # as of the copy
+    outcomes: list[Any] = field(default_factory=list)  # zkv.once's table, as of the copy
     batch_keys: int = 1000
     batch_bytes: int = 1 << 20
     pos: int = 0
@@ -279,7 +295,8 @@ class SnapshotStream:
         self.sent_bytes += size
         batch = encode_batch(self.backup_id, self.source, self.seq, pairs, final,
                              self.sent_keys, None,
-                             _timed(pairs, deadlines) if deadlines else None)
+                             _timed(pairs, deadlines) if deadlines else None,
+                             self.outcomes if final else None)
         self.seq += 1
         self.done = final
         if final:

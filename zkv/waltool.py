@@ -30,7 +30,7 @@ EXIT_DAMAGED = 4  # a node refuses to start (corruption, missing files); repair 
 
 KINDS = {wal.SET: "SET", wal.DEL: "DEL", wal.MSET: "MSET", wal.CHUNK: "CHUNK",
          wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP", wal.PXAT: "PXAT",
-         wal.DELS: "DELS"}
+         wal.DELS: "DELS", wal.ONCE: "ONCE", wal.ONCES: "ONCES"}
 
 
 def escape(data: Any) -> str:
@@ -132,6 +132,11 @@ def lines_of(item: Any) -> Iterator[str]:
         yield f"SET {escape(body[0])} {escape(body[1])}"
     elif kind == "SET" and len(body) == 3:
         yield f"SET {escape(body[0])} {escape(body[1])} PXAT {body[2]}"
+    elif kind == "ONCE" and len(body) == 4 and isinstance(body[3], bytes):
+        yield f"ONCE {escape(body[0])} {body[1]} -> {_json_value(body[2])}"
+        for _, inner in wal.LogScan(body[3]):
+            for line in lines_of(inner):
+                yield "  " + line
     elif kind == "PXAT" and body:
         for k, v in _pairs(body[0]):
             yield f"PXAT {escape(k)} {v}" if v else f"PERSIST {escape(k)}"

@@ -1,0 +1,265 @@
+"""Safe retries (zkv.once): a write tagged with a client id and a sequence number is
+applied once however often it is sent, across a restart, a snapshot, a failover
+(replicas apply the same records) and a move (the stream carries the outcomes);
+and, through real processes, a client whose replies are lost ends with the exact
+count."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+import zmq
+from conftest import Cluster, wait_until
+from test_storage import open_storage, reopen, wait_snapshot_done
+
+import zkv
+from zkv import once, wal
+from zkv import protocol as P
+from zkv.keyspace import Keyspace
+from zkv.node import Node
+from zkv.ring import RangeSet
+from zkv.transfer import Outgoing, RangeScan
+
+pytestmark = pytest.mark.timeout(120)
+CLIENT = b"c" * 16
+
+
+def tagged(seq: int, *request: Any) -> bytes:
+    return P.encode_request("ONCE", CLIENT, seq, list(request))
+
+
+def result(reply: bytes) -> Any:
+    return P.decode_reply(reply)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Any]:
+    made: list[Node] = []
+
+    def make(name: str) -> Node:
+        node = Node("127.0.0.1", 1, str(tmp_path / name), fsync="no")
+        node.recovery = node.storage.open()
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.storage.close()
+
+
+# -- the table ---------------------------------------------------------------------------
+def test_the_window_is_bounded_per_client_and_in_all(monkeypatch: Any) -> None:
+    table = once.Outcomes()
+    for seq in range(once.WINDOW + 10):
+        table.remember(b"a", seq, seq)
+    assert len(table) == once.WINDOW and not table.get(b"a", 9)[0]
+    assert table.get(b"a", once.WINDOW + 9) == (True, once.WINDOW + 9)
+    monkeypatch.setattr(once, "MAX_ENTRIES", 300)
+    for seq in range(100):
+        table.remember(b"b", seq, "OK")
+    assert len(table) <= 300 and b"a" not in table.clients  # the oldest client went
+    assert table.get(b"b", 99) == (True, "OK")
+
+
+def test_a_rolled_back_turn_remembers_nothing() -> None:
+    table = once.Outcomes()
+    table.remember(b"a", 1, "first")
+    table.commit()
+    mark = table.mark()
+    table.remember(b"a", 1, "second")
+    table.remember(b"a", 2, 2)
+    table.remember(b"z", 1, 1)
+    table.clear()
+    table.rollback_to(mark)
+    assert list(table.items()) == [(b"a", 1, "first")] and len(table) == 1
+
+
+def test_large_outcomes_are_kept_as_their_size() -> None:
+    assert once.kept(b"x" * (once.MAX_OUTCOME_BYTES + 1)) == {"big": once.MAX_OUTCOME_BYTES + 1}
+    assert once.kept(b"small") == b"small" and once.kept(7) == 7
+
+
+# -- on a node -----------------------------------------------------------------------------
+def test_a_retried_write_returns_its_first_outcome(nodes: Any) -> None:
+    node = nodes("n")
+    assert result(node.run_body(tagged(1, "INCR", b"k"), False)) == 1
+    assert result(node.run_body(tagged(1, "INCR", b"k"), False)) == 1  # a retry
+    assert result(node.run_body(tagged(2, "INCR", b"k"), False)) == 2  # the next write
+    assert result(node.run_body(tagged(3, "SET", b"l", b"v", {"nx": True}), False)) == "OK"
+    assert result(node.run_body(tagged(3, "SET", b"l", b"v", {"nx": True}), False)) == "OK"
+    assert result(node.run_body(tagged(4, "SET", b"l", b"w", {"nx": True}), False)) is None
+    node.storage.commit()
+    assert node.storage.keyspace.get(b"k", 0) == b"2" and node.counters["RETRIED"] == 2
+    with pytest.raises(zkv.ProtocolError, match="ONCE tags a write"):
+        result(node.run_body(tagged(5, "GET", b"k"), False))
+
+
+def test_a_failed_write_is_not_remembered(nodes: Any) -> None:
+    node = nodes("n")
+    node.run_body(P.encode_request("SET", b"k", b"text"), False)
+    with pytest.raises(zkv.CommandError, match="not an integer"):
+        result(node.run_body(tagged(1, "INCR", b"k"), False))
+    node.run_body(P.encode_request("SET", b"k", b"5"), False)
+    assert result(node.run_body(tagged(1, "INCR", b"k"), False)) == 6  # tried anew
+
+
+def test_outcomes_survive_a_restart_and_a_snapshot(tmp_path: Path, opened: list[Any]) -> None:
+    st, _ = open_storage(tmp_path / "d", opened, snapshot_min_bytes=1)
+    ks = st.keyspace
+    ks.once.remember(CLIENT, 1, 41)
+    st.pending += wal.encode((wal.ONCE, CLIENT, 1, 41, ks.set(b"k", b"41")))
+    st.commit()
+    st, _ = reopen(st, opened)  # from the log: both the write and its outcome
+    assert st.keyspace.once.get(CLIENT, 1) == (True, 41) and st.keyspace.data == {b"k": b"41"}
+    st.start_snapshot()
+    wait_snapshot_done(st)
+    st, rec = reopen(st, opened)
+    assert rec.snapshot is not None and st.keyspace.once.get(CLIENT, 1) == (True, 41)
+
+
+def test_a_torn_once_record_loses_both_the_write_and_its_outcome() -> None:
+    ks = Keyspace()
+    record = wal.encode((wal.ONCE, CLIENT, 1, 1, wal.encode((wal.SET, b"k", b"1"))))
+    ks.replay(wal.LogScan(record[:-3]))
+    assert not ks.data and not ks.once.get(CLIENT, 1)[0]
+
+
+def test_a_replica_remembers_what_its_primary_applied(nodes: Any) -> None:
+    primary = nodes("p")
+    primary.run_body(tagged(1, "INCRBY", b"k", 5), False)
+    shipped = primary.storage.commit()
+    replica = Keyspace()
+    for _, item in wal.LogScan(shipped):
+        replica.apply_live(item)
+    assert replica.once.get(CLIENT, 1) == (True, 5) and replica.data == {b"k": b"5"}
+
+
+def test_a_moved_key_keeps_its_outcomes(nodes: Any) -> None:
+    """The source applied the write; the key moves; the retry goes to the destination,
+    which answers the first outcome from the table the stream brought."""
+    source, dest = nodes("src"), nodes("dst")
+    assert result(source.run_body(tagged(1, "INCR", b"k"), False)) == 1
+    source.storage.commit()
+    dest.storage.keyspace.open_move("m", RangeSet.full())
+    ks = source.storage.keyspace
+    out = Outgoing("m", "src:1", "dst:1", RangeScan(ks.buckets, RangeSet.full()),
+                   outcomes=ks.once.flat)
+    batches = []
+    while not out.done:
+        batch = out.next_batch(ks.data, 0.0)
+        if batch is not None:
+            batches.append(batch)
+    dest.receive(batches)
+    assert result(dest.run_body(tagged(1, "INCR", b"k"), False)) == 1  # not applied again
+    assert dest.storage.keyspace.data == {b"k": b"1"}
+
+
+# -- through real processes -------------------------------------------------------------------
+class DroppingLink:
+    """A fake network between a client and the proxy: a ROUTER in front, a DEALER
+    behind, that forwards every request and drops every ``drop``-th reply."""
+
+    def __init__(self, ctx: zmq.Context[Any], upstream: str, drop: int = 2) -> None:
+        self.front = ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.back = ctx.socket(zmq.DEALER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back.connect(f"tcp://{upstream}")
+        self.drop, self.replies, self.dropped = drop, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(20))
+            if self.front in events:
+                self.back.send_multipart(self.front.recv_multipart())
+            if self.back in events:
+                reply = self.back.recv_multipart()
+                self.replies += 1
+                if self.replies % self.drop == 0:
+                    self.dropped += 1
+                    continue
+                self.front.send_multipart(reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.front.close(0)
+        self.back.close(0)
+
+
+def test_lost_replies_leave_the_exact_count(make_cluster: Any, zctx: zmq.Context[Any]) -> None:
+    cluster: Cluster = make_cluster(nodes=2)
+    link = DroppingLink(zctx, cluster.address, drop=3)
+    try:
+        c = zkv.Client(f"127.0.0.1:{link.port}", timeout=0.5, retries=5)
+        for _ in range(60):
+            c.incr("count")
+        c.close()
+    finally:
+        link.close()
+    assert link.dropped >= 15
+    direct = cluster.client()
+    assert direct.get("count") == b"60"
+    direct.close()
+
+
+def test_a_proxy_killed_between_apply_and_reply_leaves_the_exact_count(
+        make_cluster: Any) -> None:
+    cluster: Cluster = make_cluster(nodes=2)
+    stop = threading.Event()
+    done = [0] * 4
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        client = zkv.Client(cluster.address, timeout=1.0, retries=20)
+        try:
+            while not stop.is_set():
+                client.incr("hits")
+                done[i] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        time.sleep(0.7)
+        cluster.kill_proxy()  # SIGKILL: whatever it had applied and not answered is lost
+        cluster.restart_proxy()
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    c = cluster.client(timeout=5.0, retries=2)
+    wait_until(lambda: c.get("hits") is not None, 10)
+    assert int(c.get("hits") or 0) == sum(done)
+    retried = sum(int(n.get("ops", {}).get("RETRIED", 0)) for n in c.info()["nodes"].values())
+    print(f"increments={sum(done)} retried at the nodes={retried}")
+    c.close()
+
+
+def test_the_wire_form_is_what_other_clients_can_send(make_cluster: Any) -> None:
+    """ONCE is plain CBOR: any client can tag its writes the same way."""
+    cluster: Cluster = make_cluster(nodes=1)
+    c = cluster.client()
+    body = cbor2.dumps(["ONCE", b"other-client", 7, ["APPEND", b"log", b"x"]])
+    for _ in range(3):
+        assert P.decode_reply(c._exchange(body)) == 1
+    assert c.get("log") == b"x"
+    c.close()

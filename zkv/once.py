@@ -1,0 +1,153 @@
+"""Safe retries: the outcomes of recent writes, by client id and sequence number. No I/O.
+
+``zkv.Client`` tags every write with its client id (random, one per Client) and a
+sequence number, as ``["ONCE", client_id, seq, request]``. The node that applies
+it remembers the outcome here, and a retried write (same id and number) gets the
+first outcome instead of being applied again. What is remembered is state like
+any other: the write's records and its outcome are logged as one ONCE record (so
+a torn log keeps both or neither), snapshots list the table, replicas apply the
+same records, and a move's stream carries the table to the destination, so a
+retry finds its outcome after a restart, a failover or a move of the key.
+
+The window is bounded: the last WINDOW outcomes of each client, and the clients
+that wrote most recently, at most MAX_ENTRIES outcomes in all (the oldest client
+goes first). A client retries within its timeout, seconds after the first try, so
+a retry only misses its outcome after that many newer writes. An outcome larger
+than MAX_OUTCOME_BYTES is kept as its size only; its retry is told the write was
+applied and asked to read the key.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import Any
+
+WINDOW = 256  # outcomes kept per client
+MAX_ENTRIES = 100_000  # outcomes kept in all
+MAX_OUTCOME_BYTES = 64 * 1024
+MAX_CLIENT_ID = 80  # bytes (as zkv.protocol)
+BIG = "big"  # an outcome kept as its size: {"big": n}
+_SET, _DROP_SEQ, _DROP_CLIENT = range(3)
+
+
+def kept(result: Any) -> Any:
+    """What is remembered of a result: itself, or its size if it is large."""
+    if isinstance(result, bytes) and len(result) > MAX_OUTCOME_BYTES:
+        return {BIG: len(result)}
+    return result
+
+
+class Outcomes:
+    """Per client, the outcomes of its recent writes (seq -> result), oldest first."""
+
+    __slots__ = ("clients", "entries", "undo")
+
+    def __init__(self) -> None:
+        self.clients: collections.OrderedDict[bytes, collections.OrderedDict[int, Any]] = \
+            collections.OrderedDict()
+        self.entries = 0
+        # how to undo what this turn remembered, if its commit fails (newest last):
+        # (SET, client, seq, had, old), (DROP_SEQ, client, seq, result) or
+        # (DROP_CLIENT, client, window)
+        self.undo: list[tuple[Any, ...]] = []
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def get(self, client: bytes, seq: int) -> tuple[bool, Any]:
+        window = self.clients.get(client)
+        if window is None or seq not in window:
+            return False, None
+        return True, window[seq]
+
+    def remember(self, client: bytes, seq: int, result: Any, live: bool = True) -> None:
+        """Keep an outcome (``live``: undoable until :meth:`commit`)."""
+        undo = self.undo if live else None
+        window = self.clients.get(client)
+        if window is None:
+            window = self.clients[client] = collections.OrderedDict()
+        else:
+            self.clients.move_to_end(client)
+        had = seq in window
+        if undo is not None:
+            undo.append((_SET, client, seq, had, window.get(seq)))
+        if not had:
+            self.entries += 1
+        window[seq] = result
+        while len(window) > WINDOW:
+            old_seq, old = window.popitem(last=False)
+            self.entries -= 1
+            if undo is not None:
+                undo.append((_DROP_SEQ, client, old_seq, old))
+        while self.entries > MAX_ENTRIES and len(self.clients) > 1:
+            oldest, gone = self.clients.popitem(last=False)
+            self.entries -= len(gone)
+            if undo is not None:
+                undo.append((_DROP_CLIENT, oldest, gone))
+
+    def clear(self, live: bool = True) -> None:
+        """Forget every outcome (a replica about to copy its primary's state)."""
+        while self.clients:
+            client, window = self.clients.popitem(last=False)
+            self.entries -= len(window)
+            if live:
+                self.undo.append((_DROP_CLIENT, client, window))
+
+    def commit(self) -> None:
+        self.undo.clear()
+
+    def mark(self) -> int:
+        return len(self.undo)
+
+    def rollback_to(self, mark: int = 0) -> None:
+        """Undo what was remembered since ``mark``. (Which client is forgotten first
+        may differ afterwards: the order of recent use is not restored.)"""
+        clients = self.clients
+        while len(self.undo) > mark:
+            entry = self.undo.pop()
+            if entry[0] == _DROP_CLIENT:
+                clients[entry[1]] = entry[2]
+                clients.move_to_end(entry[1], last=False)
+                self.entries += len(entry[2])
+                continue
+            window = clients.setdefault(entry[1], collections.OrderedDict())
+            if entry[0] == _DROP_SEQ:
+                window[entry[2]] = entry[3]
+                window.move_to_end(entry[2], last=False)
+                self.entries += 1
+            else:
+                _, client, seq, had, old = entry
+                if had:
+                    window[seq] = old
+                else:
+                    window.pop(seq, None)
+                    self.entries -= 1
+                    if not window:
+                        del clients[client]
+
+    def items(self) -> Iterator[tuple[bytes, int, Any]]:
+        """Every outcome, oldest client first, each client's in order."""
+        for client, window in self.clients.items():
+            for seq, result in window.items():
+                yield client, seq, result
+
+    def flat(self) -> list[Any]:
+        """The table as ``[client, seq, result, ...]`` (snapshots, move streams)."""
+        return [x for entry in self.items() for x in entry]
+
+    def merge(self, flat: list[Any], live: bool = True) -> list[Any]:
+        """Take the outcomes of ``flat`` this table does not have; those taken, flat."""
+        taken: list[Any] = []
+        for i in range(0, len(flat) - 2, 3):
+            client, seq, result = flat[i], flat[i + 1], flat[i + 2]
+            if not valid_id(client, seq) or self.get(client, seq)[0]:
+                continue
+            self.remember(client, seq, result, live)
+            taken += (client, seq, result)
+        return taken
+
+
+def valid_id(client: Any, seq: Any) -> bool:
+    return (type(client) is bytes and 0 < len(client) <= MAX_CLIENT_ID
+            and type(seq) is int and 0 <= seq < 1 << 63)
