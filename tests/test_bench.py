@@ -91,6 +91,15 @@ def test_options_are_honoured(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_counters_and_sets_with_a_deadline(tmp_path: Path) -> None:
+    report = bench_json(tmp_path, "-t", "incr,setex", "-n", "200", "-c", "2", "-P", "10",
+                        "-r", "50", "--nodes", "2")
+    assert [r["test"] for r in report["results"]] == ["incr", "setex"]
+    for r in report["results"]:
+        assert r["requests"] == 200 and r["errors"] == 0 and r["ops_per_sec"] > 0
+
+
+@pytest.mark.timeout(60)
 def test_one_client_with_a_window_of_requests(tmp_path: Path) -> None:
     report = bench_json(tmp_path, "-t", "get", "-n", "100", "-P", "7", "--window",
                         "-r", "50", "--fsync", "no", "--nodes", "1")
@@ -141,7 +150,7 @@ def test_memory_and_recovery_on_a_small_scale(tmp_path: Path) -> None:
     assert report["results"] == []  # only the extras were asked for
     mem, rec = report["memory"], report["recovery"]
     assert mem["keys"] == mem["keys_stored"] == 2000 and mem["nodes"] == 2
-    assert mem["dict_bytes_per_key"] > 0
+    assert mem["dict_bytes_per_key"] > 0 and "zkv_ttl_bytes_per_key" in mem
     assert rec["records"] == 2000 and rec["ratio"] > 0 and rec["replay_records_per_s"] > 0
 
 

@@ -353,6 +353,14 @@ def test_a_replica_deletes_only_what_its_primary_expired(make_cluster: Any) -> N
     wait_until(lambda: keys_on(replica) == 1, 20, what="the replica's copies deleted")
     wait_in_sync(cluster)
     c.close()
+    direct = zkv.Client(replica, timeout=3.0, retries=0)  # and it serves no client
+    try:
+        for call in (lambda: direct.incr("kept"), lambda: direct.ttl("kept"),
+                     lambda: direct.expire("kept", 5)):
+            with pytest.raises(zkv.Unavailable, match="is a replica"):
+                call()
+    finally:
+        direct.close()
 
 
 def direct_info(address: str) -> dict[str, Any]:

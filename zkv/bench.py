@@ -1,6 +1,6 @@
 """``zkv bench``: zkv's throughput and latency beside its baselines, in one run.
 
-    zkv bench [-t set,get,mset,mget] [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--window]
+    zkv bench [-t set,get,mset,mget,incr,setex] [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--window]
               [-d VALUE_BYTES] [-r KEYSPACE] [--json] [--proxy HOST:PORT] [--compare]
               [--fsync everysec|always|no] [--nodes 3] [--workers W]
               [--memory [KEYS]] [--recovery [RECORDS]]
@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -84,7 +85,9 @@ from typing import Any
 from . import protocol as P
 from .errors import ConfigError, NotSent, Unavailable, ZkvError
 
-TESTS = ("set", "get", "mset", "mget")
+TESTS = ("set", "get", "mset", "mget", "incr", "setex")
+DEFAULT_TESTS = TESTS[:4]
+SETEX_SECONDS = 3600  # the deadline of the setex test's keys
 KEYS_PER_MULTI = 10
 TARGETS = ("zkv", "zkv-direct", "direct", "floor", "floor-1hop", "redis")
 BASELINES = TARGETS[2:]  # what the zkv rows are divided by
@@ -98,7 +101,7 @@ _TAG = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class Config:
-    tests: tuple[str, ...] = TESTS
+    tests: tuple[str, ...] = DEFAULT_TESTS
     requests: int = 100_000
     clients: int = 1
     pipeline: int = 1
@@ -160,6 +163,10 @@ def commands(test: str, keys: Iterator[bytes], value: bytes, count: int) -> list
             out.append(["SET", next(keys), value])
         elif test == "get":
             out.append(["GET", next(keys)])
+        elif test == "incr":
+            out.append(["INCR", next(keys)])
+        elif test == "setex":
+            out.append(["SET", next(keys), value, {"ex": SETEX_SECONDS}])
         elif test == "mset":
             out.append(["MSET", [x for _ in range(KEYS_PER_MULTI) for x in (next(keys), value)]])
         else:
@@ -169,20 +176,27 @@ def commands(test: str, keys: Iterator[bytes], value: bytes, count: int) -> list
 
 def uses_pipe(test: str, pipeline: int, window: bool) -> bool:
     """Whether a round is PIPE messages (else separate requests)."""
-    return pipeline > 1 and not window and test in ("set", "get")
+    return pipeline > 1 and not window and test in ("set", "get", "incr", "setex")
+
+
+_BENCH_CLIENT = b"zkv-bench-client"
+_bench_seq = itertools.count(1)
 
 
 def round_bodies(cmds: list[list[Any]], pipe: bool) -> list[bytes]:
-    """The request bodies of one round, as zkv.Client would encode them."""
+    """The request bodies of one round, as zkv.Client would encode them (a single
+    write tagged for safe retries, zkv.once)."""
     if pipe:
         return [P.encode_request("PIPE", cmds[i : i + PIPE_CHUNK])
                 for i in range(0, len(cmds), PIPE_CHUNK)]
-    return [P.encode_request(c[0], *c[1:]) for c in cmds]
+    return [P.encode_request("ONCE", _BENCH_CLIENT, next(_bench_seq), c)
+            if c[0] in P.WRITE_OPS else P.encode_request(c[0], *c[1:]) for c in cmds]
 
 
 def reply_body(test: str, pipeline: int, window: bool, value: bytes) -> bytes:
     """The reply body zkv sends for one message of a test (what the floor echoes)."""
-    single: Any = {"set": "OK", "get": value, "mset": "OK", "mget": [value] * KEYS_PER_MULTI}[test]
+    single: Any = {"set": "OK", "get": value, "mset": "OK", "mget": [value] * KEYS_PER_MULTI,
+                   "incr": 1, "setex": "OK"}[test]
     if uses_pipe(test, pipeline, window):
         return P.encode_ok([P.reply_item(single)] * min(pipeline, PIPE_CHUNK))
     return P.encode_ok(single)
@@ -299,6 +313,8 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
         call: Callable[[], Any] = {
             "set": lambda: client.set(next(keys), value),
             "get": lambda: client.get(next(keys)),
+            "incr": lambda: client.incr(next(keys)),
+            "setex": lambda: client.set(next(keys), value, ex=SETEX_SECONDS),
             "mset": lambda: client.mset({next(keys): value for _ in range(KEYS_PER_MULTI)}),
             "mget": lambda: client.mget([next(keys) for _ in range(KEYS_PER_MULTI)]),
         }[job.test]
@@ -315,6 +331,12 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
                 if job.test == "set":
                     for _ in range(job.pipeline):
                         p.set(next(keys), value)
+                elif job.test == "incr":
+                    for _ in range(job.pipeline):
+                        p.incr(next(keys))
+                elif job.test == "setex":
+                    for _ in range(job.pipeline):
+                        p.set(next(keys), value, ex=SETEX_SECONDS)
                 else:
                     for _ in range(job.pipeline):
                         p.get(next(keys))
@@ -485,6 +507,10 @@ def _prepare_redis(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally) -> 
                 r.set(next(it), value)
             elif job.test == "get":
                 r.get(next(it))
+            elif job.test == "incr":
+                r.incr(next(it))
+            elif job.test == "setex":
+                r.set(next(it), value, ex=SETEX_SECONDS)
             elif job.test == "mset":
                 r.mset({next(it): value for _ in range(KEYS_PER_MULTI)})
             else:
@@ -493,7 +519,9 @@ def _prepare_redis(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally) -> 
         p = r.pipeline(transaction=False)
         for c in commands(job.test, it, value, job.pipeline):
             if c[0] == "SET":
-                p.set(c[1], c[2])
+                p.set(c[1], c[2], ex=c[3]["ex"] if len(c) > 3 else None)
+            elif c[0] == "INCR":
+                p.incr(c[1])
             elif c[0] == "GET":
                 p.get(c[1])
             elif c[0] == "MSET":
@@ -1039,6 +1067,13 @@ def measure_memory(cfg: Config, children: Children) -> dict[str, Any]:
                     p.set(b"mem:%012d" % i, memory_value(i, size))
                 p.execute()
         info = c.info()
+        # as many keys again, each with a deadline: what a deadline costs on top
+        for start in range(0, keys, batch):
+            with c.pipeline() as p:
+                for i in range(start, min(keys, start + batch)):
+                    p.set(b"ttl:%012d" % i, memory_value(i, size), ex=86_400)
+                p.execute()
+        timed = c.info()["totals"].get("rss_bytes", 0)
     after = info["totals"].get("rss_bytes", 0)
     stored = info["totals"].get("keys", 0) - base_keys
     probe = subprocess.run([sys.executable, "-c", _DICT_PROBE, str(keys), str(size)],
@@ -1051,6 +1086,7 @@ def measure_memory(cfg: Config, children: Children) -> dict[str, Any]:
         "zkv_rss_delta_bytes": after - before, "dict_rss_delta_bytes": dict_delta,
         "zkv_bytes_per_key": round(zkv_per_key, 1), "dict_bytes_per_key": round(dict_per_key, 1),
         "ratio": round(zkv_per_key / dict_per_key, 3) if dict_per_key > 0 else None,
+        "zkv_ttl_bytes_per_key": round((timed - after) / max(1, keys), 1),
     }
 
 
@@ -1131,7 +1167,8 @@ def show(report: dict[str, Any], console: Any) -> None:
         console.print(
             f"memory: {mem['keys']:,} keys of {mem['value_bytes']} bytes on {mem['nodes']} "
             f"nodes: zkv {mem['zkv_bytes_per_key']:.0f} B/key (node RSS), a Python dict "
-            f"{mem['dict_bytes_per_key']:.0f} B/key: ratio {mem['ratio']}x")
+            f"{mem['dict_bytes_per_key']:.0f} B/key: ratio {mem['ratio']}x; a key with a "
+            f"deadline {mem['zkv_ttl_bytes_per_key']:.0f} B/key")
     rec = report.get("recovery")
     if rec:
         console.print(
@@ -1182,7 +1219,8 @@ def add_parser(sub: Any) -> None:
         description="Benchmark zkv in the manner of redis-benchmark; --compare runs the same "
                     "workload against a storage node directly, a raw pyzmq floor and redis.")
     p.add_argument("-t", dest="tests", type=_tests, default=None, metavar="TESTS",
-                   help=f"comma-separated tests (default {','.join(TESTS)})")
+                   help=f"comma-separated tests of {','.join(TESTS)} (default "
+                   f"{','.join(DEFAULT_TESTS)}; setex: SET with a {SETEX_SECONDS} s deadline)")
     p.add_argument("-n", dest="requests", type=_positive, default=100_000,
                    help="requests (commands) per test and target (default 100000)")
     p.add_argument("-c", dest="clients", type=_positive, default=1,
@@ -1229,7 +1267,7 @@ def add_parser(sub: Any) -> None:
 def config_from(args: argparse.Namespace) -> Config:
     tests = args.tests
     if tests is None:
-        tests = () if (args.memory or args.recovery) else TESTS
+        tests = () if (args.memory or args.recovery) else DEFAULT_TESTS
     workers = args.workers or (1 if args.clients == 1 else 2)
     if args.resp and args.proxy:
         raise ConfigError("--resp starts a cluster of its own (with a RESP port): leave out "

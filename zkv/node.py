@@ -78,7 +78,9 @@ CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
 # handful in practice; the bound keeps a stray or hostile request from piling up
 # sockets and state.
 MAX_MOVES = 64
-EXPIRE_PER_TURN = 2000  # keys active expiry looks at in one loop turn
+# Keys active expiry looks at in one loop turn: after a turn that served requests
+# (about a quarter of a busy turn's time), and after one that did not.
+EXPIRE_BUSY, EXPIRE_IDLE = 200, 5000
 # Room left in a reply for the framing of each item and for error items.
 ITEM_OVERHEAD = 16
 ERROR_ITEM_BYTES = 256
@@ -1077,18 +1079,20 @@ class Node:
                 repl.tick(now)
             busy = bool(self.outgoing) and self.pump(now)
             if storage.keyspace.expires and repl.replica is None:
-                busy = self.expire_due() or busy
+                # a little while requests come in, more while they do not
+                busy = self.expire_due(EXPIRE_BUSY if sock in events else EXPIRE_IDLE) \
+                    or busy
             storage.tick(now)
             if now >= next_tidy:
                 next_tidy = now + 1.0
                 out.tidy()
 
-    def expire_due(self) -> bool:
-        """Active expiry, a bounded amount a turn: delete keys whose deadline has passed
-        and log (and replicate) the deletes. Whether more may be due right away."""
+    def expire_due(self, limit: int) -> bool:
+        """Active expiry, at most ``limit`` keys a turn: delete keys whose deadline has
+        passed and log (and replicate) the deletes. Whether more may be due now."""
         ks = self.storage.keyspace
         now = _now()
-        gone, record = ks.expire(now, EXPIRE_PER_TURN)
+        gone, record = ks.expire(now, limit)
         if record is None:
             return False
         self.storage.pending += record

@@ -30,7 +30,7 @@ def free_port() -> int:
     return pick()
 
 MODES = (("c1", 1, 1), ("c50", 50, 1), ("c50-P16", 50, 16))
-TESTS = ("set", "get")
+TESTS = ("set", "get", "incr")  # what both redis-benchmark and zkv bench run
 
 
 def missing(program: str, package: str) -> str | None:
