@@ -263,3 +263,13 @@ def test_the_wire_form_is_what_other_clients_can_send(make_cluster: Any) -> None
         assert P.decode_reply(c._exchange(body)) == 1
     assert c.get("log") == b"x"
     c.close()
+
+
+def test_a_retry_whose_outcome_was_too_large_to_keep_says_it_was_applied(nodes: Any) -> None:
+    node = nodes("n")
+    big = b"x" * (once.MAX_OUTCOME_BYTES + 1)
+    node.run_body(P.encode_request("SET", b"k", big), False)
+    assert result(node.run_body(tagged(1, "GETSET", b"k", b"new"), False)) == big
+    with pytest.raises(zkv.CommandError, match="applied already.*read the key"):
+        result(node.run_body(tagged(1, "GETSET", b"k", b"new"), False))
+    assert node.storage.keyspace.get(b"k", 0) == b"new"

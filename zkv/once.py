@@ -25,7 +25,7 @@ from typing import Any
 
 WINDOW = 256  # outcomes kept per client
 MAX_ENTRIES = 100_000  # outcomes kept in all
-MAX_OUTCOME_BYTES = 64 * 1024
+MAX_OUTCOME_BYTES = 256  # (so the table holds at most ~25 MiB of them)
 MAX_CLIENT_ID = 80  # bytes (as zkv.protocol)
 BIG = "big"  # an outcome kept as its size: {"big": n}
 _SET, _DROP_SEQ, _DROP_CLIENT = range(3)
