@@ -776,7 +776,8 @@ class Node:
         handler = self._handlers.get(op)
         if handler is None:
             raise CommandError(f"{op} is not served by a storage node")
-        self.counters[op] = self.counters.get(op, 0) + 1
+        if op != "ONCE":  # (counted as the write it tags)
+            self.counters[op] = self.counters.get(op, 0) + 1
         return handler(args)
 
     def info(self) -> dict[str, Any]:

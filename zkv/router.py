@@ -225,14 +225,13 @@ class Router:
                        now: float) -> None:
         """A request already parsed (by a shell that serves other commands itself);
         ``body``: its encoding, when the shell has it (else made where needed)."""
+        ident: tuple[bytes, int] | None = None
+        if op == "ONCE":  # a tagged write: routed (and counted) as its request, sent tagged
+            ident, (op, args) = (args[0], args[1]), args[2]
         self.ops[op] = self.ops.get(op, 0) + 1
         self.now = now
         deadline = now + self.timeout
-        ident: tuple[bytes, int] | None = None
         try:
-            if op == "ONCE":  # a tagged write: routed as its request, sent tagged
-                ident, (op, args) = (args[0], args[1]), args[2]
-                self.ops[op] = self.ops.get(op, 0) + 1
             if op in P.SINGLE_KEY_OPS:
                 job = Job(client, "one", 1, deadline)
                 self._route(Op(job, 0, op, args, body, ident))
