@@ -5,6 +5,7 @@ per node, a prefix of its acknowledged writes; and the refusals are clear."""
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 import threading
@@ -34,6 +35,12 @@ def test_a_3_node_backup_restored_into_5_nodes_holds_every_key(make_cluster: Any
     items = list(expected.items())
     for i in range(0, len(items), 1000):
         c.mset(dict(items[i : i + 1000]))
+    timed = [f"b{i}".encode() for i in range(0, 6000, 7)]  # some with deadlines
+    deadline = int(time.time() * 1000) + 3_600_000
+    with c.pipeline() as p:
+        for i, k in enumerate(timed):
+            p.pexpireat(k, deadline + i)
+        p.execute()
     out = zkv_cmd("backup", "--proxy", source.address, str(tmp_path / "bk"))
     assert out.returncode == 0, out.stderr
     assert "backed up 6000 keys of 3 nodes" in out.stdout
@@ -49,6 +56,11 @@ def test_a_3_node_backup_restored_into_5_nodes_holds_every_key(make_cluster: Any
     keys = list(expected)
     for i in range(0, len(keys), 1000):
         assert t.mget(keys[i : i + 1000]) == [expected[k] for k in keys[i : i + 1000]]
+    with t.pipeline() as p:  # the same deadlines, as absolute times
+        for k in timed:
+            p.pexpiretime(k)
+        assert p.execute() == [deadline + i for i in range(len(timed))]
+    assert t.ttl(b"b1") == -1
     counts = {n["address"]: n["keys"] for n in t.nodes()}
     assert len(counts) == 5 and sum(counts.values()) == 6000  # placed by the new ring
     assert all(n > 0 for n in counts.values())
