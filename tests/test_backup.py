@@ -5,10 +5,10 @@ per node, a prefix of its acknowledged writes; and the refusals are clear."""
 from __future__ import annotations
 
 import json
-import time
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
