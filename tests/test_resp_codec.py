@@ -154,7 +154,9 @@ def test_data_commands_become_checked_zkv_requests() -> None:
     assert (p.op, p.args) == ("MSET", [[b"a", b"1", b"b", b"2"]])
     big = plan(b"SET", b"k" * (P.DEFAULT_LIMITS.max_key_bytes + 1), b"v")
     assert isinstance(big, resp.Reply) and b"over the limit" in big.data
-    assert b"not supported" in plan(b"SET", b"k", b"v", b"EX", b"10").data
+    p = plan(b"SET", b"k", b"v", b"EX", b"10", b"NX")
+    assert isinstance(p, resp.Forward) and p.args == [b"k", b"v", {"ex": 10, "nx": True}]
+    assert b"syntax error" in plan(b"SET", b"k", b"v", b"EX").data
 
 
 def test_shapes_turn_zkv_results_into_redis_replies() -> None:
