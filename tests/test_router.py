@@ -347,3 +347,48 @@ def test_writes_to_a_range_being_rolled_back_are_refused_unapplied(
     got = net.run(r, [["SET", moving, b"x"], ["DEL", moving], ["MSET", [moving, b"y"]]])
     assert all(g == ("ERR", "UNAVAILABLE") for g in got), got
     assert all(moving not in n.storage.keyspace.data for n in nodes.values())
+
+
+def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -> None:
+    """INCRs on keys whose move is under way are applied once, on the state the old
+    owner had; a tagged write applied before the move and retried during it gets its
+    first outcome (the old owner is asked); a read of a deadline not yet streamed
+    comes from the old owner."""
+    net = Net(nodes, seed=5)
+    s1 = state(1, [A, B])
+    net.config(s1)
+    live = router_for(s1)
+    keys = [b"c%03d" % i for i in range(60)]
+    first = net.run(live, [["ONCE", b"client-1", i, ["INCRBY", k, 10]]
+                           for i, k in enumerate(keys)])
+    assert first == [10] * len(keys)
+    assert net.run(live, [["SET", b"ttl", b"v", {"pxat": 1 << 45}]]) == ["OK"]
+    prepare = move_state(s1, [A, B, C], "prepare", 2)
+    copy = move_state(s1, [A, B, C], "copy", 3, members=[A, B, C])
+    configs = {2: prepare, 3: copy}
+    move_id = prepare.move["id"]  # type: ignore[index]
+    ranges = RangeSet()
+    for t in prepare.move["transfers"]:  # type: ignore[index]
+        ranges = ranges.union(RangeSet.from_list(t["ranges"]))
+    net.config(prepare)
+    net.call(C, "XBEGIN", {"id": move_id, "ranges": ranges.to_list(), "purge": True})
+    net.config(copy)
+    live.set_placement(Placement(copy))
+    moving = [k for k in keys if Placement(copy).moving_key(k)]
+    assert moving, "some counters must be moving"
+    # the retries of the writes applied before the move: their first outcome
+    again = net.run(live, [["ONCE", b"client-1", i, ["INCRBY", k, 10]]
+                           for i, k in enumerate(keys)], configs=configs)
+    assert again == first
+    # new increments, tagged and not, on the moving keys: once each, on the old state
+    assert net.run(live, [["ONCE", b"client-2", i, ["INCR", k]]
+                          for i, k in enumerate(moving)], configs=configs) == [11] * len(moving)
+    assert net.run(live, [["INCR", k] for k in moving], configs=configs) == [12] * len(moving)
+    assert net.run(live, [["SET", k, b"x", {"nx": True}] for k in moving],
+                   configs=configs) == [None] * len(moving)
+    if Placement(copy).moving_key(b"ttl"):
+        assert net.run(live, [["PEXPIRETIME", b"ttl"]], configs=configs) == [1 << 45]
+    for t in prepare.move["transfers"]:  # type: ignore[index]
+        stream(net, move_id, t["source"], C, RangeSet.from_list(t["ranges"]))
+    got = net.run(live, [["GET", k] for k in keys], configs=configs)
+    assert got == [b"12" if k in moving else b"10" for k in keys]

@@ -241,8 +241,8 @@ def test_deadlines_survive_replay_and_snapshots(tmp_path: Path, opened: list[Any
 def test_move_batches_carry_deadlines_and_skip_due_keys() -> None:
     batch = encode_batch("m", "a:1", 0, [b"k", b"v", b"j", b"w"], True, 2, None,
                          [b"k", T0 + 5])
-    *_, dels, deadlines = decode_batch(batch)
-    assert dels == [] and deadlines == {b"k": T0 + 5}
+    *_, dels, deadlines, outcomes = decode_batch(batch)
+    assert dels == [] and deadlines == {b"k": T0 + 5} and outcomes == []
     with pytest.raises(ProtocolError, match="deadlines"):
         decode_batch(encode_batch("m", "a:1", 0, [], True, 0, None, [b"k", "soon"]))
     dst = Keyspace()
@@ -395,3 +395,67 @@ def test_a_deadline_pushed_later_is_not_taken_at_the_old_one() -> None:
     ks.commit()
     assert ks.expire(T0 + 1000, 100) == (0, None) and ks.get(b"k", T0 + 1000) == b"v"
     assert ks.expire(T0 + 10_000 + SLOT_MS, 100)[0] == 1
+
+
+@pytest.mark.parametrize("change", ["persist", "extend"])
+def test_a_replica_copying_its_primary_keeps_a_later_deadline_change(change: str) -> None:
+    """The copy is taken, then the deadline changes, then the copy's batch arrives:
+    the replica holds the key as the primary does now."""
+    primary = Keyspace()
+    S.set_(primary, b"k", b"v", {"px": 1000}, T0)
+    primary.commit()
+    copy, copy_deadlines = list(primary.data.items()), dict(primary.expires)
+    if change == "persist":
+        _, record = S.persist(primary, b"k", T0)
+    else:
+        _, record = S.expire(primary, "EXPIRE", b"k", 3600, None, T0)
+    replica = Keyspace()
+    replica.open_move("sync:x", RangeSet.full())
+    for _, item in wal.LogScan(record):
+        replica.apply_live(item)
+    later = T0 + 2000  # the copy's deadline has passed when its batch is applied
+    replica.absorb("sync:x", [x for kv in copy for x in kv], (), copy_deadlines, later)
+    assert replica.get(b"k", later) == primary.get(b"k", later) == b"v"
+    assert replica.deadline(b"k") == primary.deadline(b"k")
+
+
+def test_a_pipeline_write_is_answered_whatever_the_reply_budget(tmp_path: Path) -> None:
+    """A GETDEL in a PIPE whose GETs used the budget up: applied, and answered."""
+    from zkv.node import Node
+
+    node = Node("127.0.0.1", 1, str(tmp_path / "n"), fsync="no")
+    node.recovery = node.storage.open()
+    try:
+        node.run_body(P.encode_request("SET", b"big", b"x" * 50_000), False)
+        node.run_body(P.encode_request("SET", b"k", b"y" * 20_000), False)
+        reply = P.decode_reply(node.run_body(P.encode_request(
+            "PIPE", [["GET", b"big"], ["GETDEL", b"k"]], 62_000), False))
+        assert reply[1] == [P.OK, b"y" * 20_000] and b"k" not in node.storage.keyspace.data
+        with pytest.raises(CommandError, match="cannot be used in a pipeline"):
+            P.check_pipe_item(["ONCE", b"c", 1, ["MSET", [b"a", b"1"]]])
+    finally:
+        node.storage.close()
+
+
+def test_a_rollback_stream_deletes_what_expired_at_the_new_owner() -> None:
+    """MOVE ABORT copies the new owner's keys back over the old owner's; one that
+    expired there meanwhile must not leave the old owner's older value standing."""
+    from zkv.transfer import Outgoing, RangeScan
+
+    new_owner, old_owner = Keyspace(), Keyspace()
+    S.set_(new_owner, b"k", b"v2", {"px": 100}, T0)  # written during the move
+    new_owner.set(b"j", b"w2")
+    old_owner.set(b"k", b"v1")  # from before the move
+    old_owner.set(b"j", b"w1")
+    old_owner.open_move("back", RangeSet.full(), "overwrite")
+    out = Outgoing("back", "new:1", "old:1", RangeScan(new_owner.buckets, RangeSet.full()),
+                   expired_deletes=True)
+    batches = []
+    while not out.done:
+        batch = out.next_batch(new_owner.data, 0.0, new_owner.expires, T0 + 500)
+        if batch is not None:
+            batches.append(batch)
+    for batch in batches:
+        *_, pairs, _, _, dels, deadlines, _ = decode_batch(batch)
+        old_owner.absorb("back", pairs, dels, deadlines, T0 + 500)
+    assert old_owner.data == {b"j": b"w2"}

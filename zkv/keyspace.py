@@ -102,12 +102,14 @@ class Keyspace:
         return self.expires.get(key) if self.expires else None
 
     def set_deadline(self, key: bytes, deadline: int | None) -> bytes:
-        """Give a present key a deadline (None: take its deadline away); the record."""
+        """Give a present key a deadline (None: take its deadline away); the record, a
+        SET of the key with its new deadline: a replica still copying its primary's
+        keys may not have this one yet, and a SET gives it the key as it is now."""
         if deadline is None:
             self._clear_deadline(key)
-        else:
-            self._set_deadline(key, deadline)
-        return wal.encode((wal.PXAT, [key, deadline or 0]))
+            return wal.encode((wal.SET, key, self.data[key]))
+        self._set_deadline(key, deadline)
+        return wal.encode((wal.SET, key, self.data[key], deadline))
 
     def expire(self, now: int, limit: int) -> tuple[int, bytes | None]:
         """Delete up to about ``limit`` keys whose deadline has passed (the due slots of
@@ -134,6 +136,8 @@ class Keyspace:
         self.undo_deadlines.append((key, self.expires.get(key)))
         self.expires[key] = deadline
         self.wheel.add(key, deadline)
+        if self.wheel.needs_compaction(len(self.expires)):  # (a replica never expires)
+            self.wheel.rebuild(self.expires)
 
     def _clear_deadline(self, key: bytes) -> None:
         old = self.expires.pop(key, None)
@@ -218,6 +222,7 @@ class Keyspace:
         if ranges is None:
             return 0, None
         taken: list[bytes] = []
+        due: list[bytes] = []  # (in OVERWRITE mode: expired on the way, so deleted here)
         data, tombs = self.data, self.tombstones
         overwrite = self.modes.get(move_id) == OVERWRITE
         for i in range(0, len(pairs) - 1, 2):
@@ -226,6 +231,7 @@ class Keyspace:
                     and (overwrite or (key not in data and key not in tombs))
                     and ranges.contains(key_hash(key))):
                 if deadlines and key in deadlines and deadlines[key] <= now:
+                    due.append(key)
                     continue
                 taken.append(key)
                 taken.append(value)
@@ -240,9 +246,9 @@ class Keyspace:
                         timed += (key, deadlines[key])
                 if timed:
                     records += wal.encode((wal.PXAT, timed))
-        if overwrite and dels:
+        if overwrite and (dels or due):
             gone = [k for k in dels if type(k) is bytes and ranges.contains(key_hash(k))]
-            records += self.forget(gone) or b""
+            records += self.forget(gone + due) or b""
         return len(taken) // 2, (records or None)
 
     def apply_live(self, item: Any) -> None:

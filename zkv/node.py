@@ -175,6 +175,7 @@ class Node:
             "XGET": lambda a: list(self._ks.state(a[0], _now())),
             "XPEEK": self._xpeek,
             "XFILL": self._xfill,
+            "XSEEN": self._xseen,
             "XDEL": self._xdel,
             "XCONFIG": self._xconfig,
             "XBACKUP": self._xbackup,
@@ -252,6 +253,16 @@ class Node:
         state, value = ks.state(a[0], _now())
         return [state, value, ks.deadline(a[0]) if value is not None else None]
 
+    def _xseen(self, a: list[Any]) -> Any:
+        """Whether this node applied a tagged write, and its outcome (for a retry of it
+        routed elsewhere by a move): [True, outcome] or [False]."""
+        spec = a[0] if a else None
+        if not isinstance(spec, dict) or not once.valid_id(spec.get("client"),
+                                                           spec.get("seq")):
+            raise ProtocolError("XSEEN takes {client, seq}")
+        seen, outcome = self._ks.once.get(spec["client"], spec["seq"])
+        return [True, outcome] if seen else [False]
+
     def _xfill(self, a: list[Any]) -> Any:
         """Take a moving key's state from its old owner where this node knows none yet
         (a value, with its deadline, or absence as a tombstone); whether it was taken."""
@@ -259,7 +270,8 @@ class Node:
         spec = a[0] if a else None
         if (not isinstance(spec, dict) or type(spec.get("key")) is not bytes
                 or not (spec.get("value") is None or type(spec["value"]) is bytes)
-                or not (spec.get("deadline") is None or type(spec["deadline"]) is int)):
+                or not (spec.get("deadline") is None or type(spec["deadline"]) is int
+                        and 0 < spec["deadline"] <= MAX_DEADLINE)):
             raise ProtocolError("XFILL takes {key, value (or null), deadline (or null)}")
         key = spec["key"]
         if ks.state(key, _now())[0] != UNKNOWN:
@@ -436,14 +448,14 @@ class Node:
                 self._log_run(run, timed)
                 run, timed = [], {}
             try:
-                op, args = P.check_request(item, self.limits)
-                if op not in P.PIPE_OPS:
-                    raise CommandError(f"{op} cannot be used in a pipeline")
+                op, args = P.check_pipe_item(item, self.limits)
                 if check:
                     self._check_keys(op, args)
                 result = self.execute(op, args)
                 if type(result) is bytes:
-                    if used + len(result) + ITEM_OVERHEAD > budget:
+                    # (a write's old value is answered whatever the budget: it is applied;
+                    # a reply over max_message_bytes fails, and undoes, the whole PIPE)
+                    if used + len(result) + ITEM_OVERHEAD > budget and op in P.READ_OPS:
                         raise self._over_budget(budget)
                     used += len(result) + ITEM_OVERHEAD
                 out.append(P.reply_item(result))
@@ -629,6 +641,7 @@ class Node:
         if tombs:  # a rollback: this node's deletes during the move go back too
             out.dels = [k for k in ks.tombstones if ranges.contains(key_hash(k))]
             out.dels_total = len(out.dels)
+            out.expired_deletes = True
         self.outgoing[key] = out
         return "OK"
 
@@ -1190,7 +1203,7 @@ def _simple_deadline(opts: dict[Any, Any], now: int) -> int | None:
     if unit is None or type(amount) is not int or not 0 < amount <= MAX_DEADLINE // 1000:
         return None
     deadline = amount * unit[0] + (now if unit[1] else 0)
-    return deadline if deadline > now else None
+    return deadline if now < deadline <= MAX_DEADLINE else None
 
 
 def _now() -> int:

@@ -61,13 +61,17 @@ class Outcomes:
             return False, None
         return True, window[seq]
 
-    def remember(self, client: bytes, seq: int, result: Any, live: bool = True) -> None:
-        """Keep an outcome (``live``: undoable until :meth:`commit`)."""
+    def remember(self, client: bytes, seq: int, result: Any, live: bool = True,
+                 recent: bool = True) -> None:
+        """Keep an outcome (``live``: undoable until :meth:`commit`; not ``recent``: an
+        outcome from elsewhere, whose client is the first to be forgotten)."""
         undo = self.undo if live else None
         window = self.clients.get(client)
         if window is None:
             window = self.clients[client] = collections.OrderedDict()
-        else:
+            if not recent:
+                self.clients.move_to_end(client, last=False)
+        elif recent:
             self.clients.move_to_end(client)
         had = seq in window
         if undo is not None:
@@ -143,7 +147,7 @@ class Outcomes:
             client, seq, result = flat[i], flat[i + 1], flat[i + 2]
             if not valid_id(client, seq) or self.get(client, seq)[0]:
                 continue
-            self.remember(client, seq, result, live)
+            self.remember(client, seq, result, live, recent=False)
             taken += (client, seq, result)
         return taken
 

@@ -209,6 +209,7 @@ COMMANDS: dict[str, Command] = {
         Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
         Command("XPEEK", INTERNAL, ("key",), "internal: a key's state with its deadline"),
         Command("XFILL", INTERNAL, ("any",), "internal: a moving key's state from its old owner"),
+        Command("XSEEN", INTERNAL, ("any",), "internal: a tagged write's outcome, if applied"),
         Command("XCONFIG", INTERNAL, ("any",), "internal: the config manager's configuration"),
         Command("XFLUSH", INTERNAL, (), "internal: drop every key (FLUSHALL)"),
         Command("XBACKUP", INTERNAL, ("any",), "internal: stream a copy of every key"),
@@ -226,6 +227,7 @@ SINGLE_KEY_OPS = frozenset(c.name for c in COMMANDS.values()
                            if c.kind in (READ, WRITE) and c.args[:1] == ("key",))
 WRITE_OPS = frozenset(c.name for c in COMMANDS.values() if c.kind == WRITE) - {"ONCE"}
 PIPE_OPS = SINGLE_KEY_OPS | {"PING", "ONCE"}
+READ_OPS = SINGLE_KEY_OPS - WRITE_OPS  # (on one key)
 MAX_CLIENT_ID = 80  # bytes (a router may add a few to tell apart the parts of one MSET)
 
 MAX_DEADLINE = 1 << 62
@@ -573,6 +575,15 @@ def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list
     if not cmd.required <= len(args) <= len(cmd.args):
         raise ProtocolError(f"wrong number of arguments for {op}; usage: {cmd.usage}")
     return op, [_check_arg(kind, a, limits) for kind, a in zip(cmd.args, args)]
+
+
+def check_pipe_item(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
+    """One command of a PIPE, checked: a command on one key (tagged or not) or PING."""
+    op, args = check_request(item, limits)
+    if op not in PIPE_OPS or op == "ONCE" and args[2][0] not in SINGLE_KEY_OPS:
+        inner = args[2][0] if op == "ONCE" else op
+        raise CommandError(f"{inner} cannot be used in a pipeline")
+    return op, args
 
 
 def encode_request(op: str, *args: Any) -> bytes:

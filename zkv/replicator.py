@@ -35,7 +35,7 @@ log = logging.getLogger("zkv.replication")
 
 # What a replica refuses and a primary without a lease serves not: the data ops.
 READ_OPS = (P.SINGLE_KEY_OPS - P.WRITE_OPS) | {"MGET", "SCAN", "KEYS", "XGET", "XPEEK",
-                                               "DBSIZE"}
+                                               "XSEEN", "DBSIZE"}
 WRITE_OPS = P.WRITE_OPS | {"PIPE", "XDEL", "XFLUSH", "XFILL", "ONCE"}
 # Replies a primary sends at once: they carry nothing its replicas must hold first, and
 # the config manager's heartbeats and configurations must never wait on a replica.

@@ -70,7 +70,7 @@ KEYS_PAGE = 10_000
 MAX_DIRTY = 1_000_000
 
 (_GET_NEW, _GET_OLD, _DEL_STATE, _DEL_EXISTS, _DEL_WRITE, _PLAIN, _GROUP, _SCAN, _ANY_NEW,
- _PEEK_OLD, _FILL_NEW) = range(11)
+ _PEEK_OLD, _FILL_NEW, _SEEN_OLD) = range(12)
 # SET options that make it read the key's state first (during a move, that state may
 # still be at the old owner)
 _STATEFUL_SET = ("keepttl", "nx", "xx", "get", "ifeq")
@@ -383,6 +383,21 @@ class Router:
                 f"key {key[:64]!r} is in a range whose move is being rolled back (MOVE "
                 "ABORT): writes to it wait until the rollback is done; nothing changed"))
             return
+        if op.ident is not None and op.write and op.state is None:
+            # a tagged write may be the retry of one the old owner applied before the
+            # move: ask it first (it takes no writes of these keys any more)
+            op.state = "asked"
+            try:
+                self._send(old, P.encode_request("XSEEN", {"client": op.ident[0],
+                                                           "seq": op.ident[1]}),
+                           _SEEN_OLD, [op], op.job.deadline, (new, old))
+                return
+            except NodeUnavailable:
+                pass  # the old owner is down: it cannot say (and applies nothing now)
+        self._moving_steps(op, new, old)
+
+    def _moving_steps(self, op: Op, new: str, old: str) -> None:
+        key = op.key
         if op.kind == "SET" and not (len(op.args) > 2 and op.args[2]
                                      and any(o in op.args[2] for o in _STATEFUL_SET)):
             self._written(key)
@@ -501,6 +516,19 @@ class Router:
         """The next step of a moving key's chain (see the module)."""
         op = sent.ops[0]
         new, old = sent.extra
+        if sent.kind == _SEEN_OLD:
+            if isinstance(result, list) and result and result[0] is True:
+                outcome = result[1] if len(result) > 1 else None
+                if isinstance(outcome, dict):
+                    outcome = CommandError(f"this {op.kind} was applied already (a retry); "
+                                           "its reply was too large to keep: read the key")
+                self._result(op, outcome)  # the first outcome: not applied again
+            else:  # not applied there (or the old owner cannot say): go on
+                try:
+                    self._moving_steps(op, new, old)
+                except ZkvError as exc:
+                    self._result(op, exc)
+            return
         if sent.kind == _GET_NEW:
             if isinstance(result, ZkvError):
                 if (isinstance(result, Unavailable) and self.dirty_known
@@ -580,7 +608,7 @@ class Router:
             else:
                 self._answer_body(job.client, P.encode_ok(result))
             return
-        if job.value_budget is not None and type(result) is bytes:
+        if job.value_budget is not None and type(result) is bytes and not op.write:
             if job.used + len(result) + 16 > job.value_budget:
                 if job.kind == "mget":
                     job.done = True
@@ -655,10 +683,10 @@ class Router:
         n = len(pairs) // 2
         job = Job(client, "mset", n, deadline)
         job.ident = ident
-        # (a key sent on its own, being moved, is tagged apart from the rest, which go
-        # to each node as one tagged MSET: an id names one write on each node)
+        # (tagged, each key's SET has an id of its own, however it is routed: a retry
+        # routed otherwise, or a table of outcomes moved to another node, finds it)
         self._dispatch(job, [Op(job, i, "SET", [pairs[2 * i], pairs[2 * i + 1]], None,
-                                None if ident is None else (ident[0] + b"/%d" % i, ident[1]))
+                                None if ident is None else _part_id(ident, i))
                              for i in range(n)])
 
     def _pipe(self, client: Any, items: list[Any], deadline: float) -> None:
@@ -667,9 +695,7 @@ class Router:
         ops: list[Op] = []
         for i, item in enumerate(items):
             try:
-                op, args = P.check_request(item, self.limits)
-                if op not in P.PIPE_OPS:
-                    raise CommandError(f"{op} cannot be used in a pipeline")
+                op, args = P.check_pipe_item(item, self.limits)
             except ZkvError as exc:
                 job.results[i] = _Done(exc)
                 job.left -= 1
@@ -723,12 +749,9 @@ class Router:
         for node, group in groups.items():
             if job.kind == "mget":
                 body = P.encode_request("MGET", [o.key for o in group], share)
-            elif job.kind == "mset":
-                request: list[Any] = ["MSET", [x for o in group for x in o.args]]
-                if job.ident is not None:
-                    request = ["ONCE", job.ident[0], job.ident[1], request]
-                body = P.encode_request(*request)
-            else:
+            elif job.kind == "mset" and job.ident is None:
+                body = P.encode_request("MSET", [x for o in group for x in o.args])
+            else:  # a PIPE (or a tagged MSET: a PIPE of its keys' tagged SETs)
                 body = P.encode_request("PIPE", [o.item() for o in group], share)
             try:
                 self._send(node, body, _GROUP, group, job.deadline)
@@ -746,7 +769,7 @@ class Router:
         if job.kind == "mget":
             for op, value in zip(ops, result):
                 self._result(op, value)
-        elif job.kind == "mset":
+        elif job.kind == "mset" and job.ident is None:
             for op in ops:
                 self._result(op, "OK")
         else:
@@ -955,6 +978,16 @@ class _Item:
 
     def __init__(self, item: list[Any]) -> None:
         self.item = item
+
+
+def _part_id(ident: tuple[bytes, int], i: int) -> tuple[bytes, int]:
+    """The id of the ``i``-th key's SET of a tagged MSET (within the id length limit)."""
+    client = ident[0]
+    if len(client) > P.MAX_CLIENT_ID - 8:
+        import hashlib
+
+        client = hashlib.blake2b(client, digest_size=16).digest()
+    return client + b"/%d" % i, ident[1]
 
 
 def _is_error(body: bytes) -> bool:

@@ -32,12 +32,12 @@ import cbor2
 from . import cbor
 from .buckets import KeyBuckets
 from .errors import ProtocolError
-from .once import MAX_ENTRIES
 from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
 MAX_BATCH_KEYS = 100_000  # keys in one batch, the most a move may be asked to send
-_OUTCOME_ITEMS = 3 * MAX_ENTRIES  # a whole table of outcomes (zkv.once), flat
+OUTCOMES_PER_BATCH = 4000  # of at most 256 bytes each (zkv.once): about 1 MiB a batch
+_OUTCOME_ITEMS = 3 * OUTCOMES_PER_BATCH  # a batch's share of a table of outcomes, flat
 # (an outcome may be a small list or map: a few items more each)
 _BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 4 * _OUTCOME_ITEMS + 16
 MAX_DEADLINE = 1 << 62
@@ -124,6 +124,14 @@ def decode_batch(body: bytes) -> Batch:
     return item[0], item[1], item[2], item[3], item[4], item[5], dels, deadlines, outcomes
 
 
+def _next_outcomes(unsent: list[Any]) -> tuple[list[Any], bool]:
+    """The next batch's share of a table of outcomes (taken off ``unsent``), and
+    whether it is the last."""
+    chunk = unsent[: 3 * OUTCOMES_PER_BATCH]
+    del unsent[: 3 * OUTCOMES_PER_BATCH]
+    return chunk, not unsent
+
+
 def _timed(pairs: list[bytes], expires: dict[bytes, int]) -> list[Any]:
     """The deadlines of a batch's keys, flat, for encode_batch."""
     return [x for key in pairs[0::2] if key in expires for x in (key, expires[key])]
@@ -152,7 +160,9 @@ class Outgoing:
     matched: int = 0
     dels: list[bytes] = field(default_factory=list)  # deleted keys to send (a rollback)
     dels_total: int = 0
-    outcomes: Any = None  # () -> the source's table of tagged writes, for the final batch
+    outcomes: Any = None  # () -> the source's table of tagged writes, for the last batches
+    expired_deletes: bool = False  # send expired keys as deletes (a rollback's stream)
+    unsent_outcomes: list[Any] | None = None
 
     def next_batch(self, data: dict[bytes, bytes], now: float,
                    expires: dict[bytes, int] | None = None, now_ms: int = 0) -> bytes | None:
@@ -179,6 +189,7 @@ class Outgoing:
             if len(self.found) < limit and not self.scan.done:
                 return None  # one scan step a call: let the node serve in between
         pairs: list[bytes] = []
+        expired: list[bytes] = []
         size = 0
         taken = 0
         for key in self.found:
@@ -189,6 +200,8 @@ class Outgoing:
             if value is None:
                 continue  # dropped or deleted since the scan found it
             if expires and expires.get(key, now_ms + 1) <= now_ms:
+                if self.expired_deletes:  # the receiver's older copy must go too
+                    expired.append(key)
                 continue  # expired: never moved
             pairs.append(key)
             pairs.append(value)
@@ -199,11 +212,16 @@ class Outgoing:
         if self.scan.done and not self.found and self.dels and room > 0:
             dels, self.dels = self.dels[:room], self.dels[room:]
         final = self.scan.done and not self.found and not self.dels
+        outcomes = None
+        if final and self.outcomes is not None:  # the keys are out: now the outcomes
+            if self.unsent_outcomes is None:
+                self.unsent_outcomes = self.outcomes()
+            outcomes, final = _next_outcomes(self.unsent_outcomes)
+        dels += expired
         self.sent_keys += len(pairs) // 2 + len(dels)
         self.sent_bytes += size + sum(len(k) for k in dels)
         batch = encode_batch(self.move_id, self.source, self.seq, pairs, final, self.sent_keys,
-                             dels, _timed(pairs, expires) if expires else None,
-                             self.outcomes() if final and self.outcomes is not None else None)
+                             dels, _timed(pairs, expires) if expires else None, outcomes)
         self.seq += 1
         self.done = final
         return batch
@@ -291,12 +309,14 @@ class SnapshotStream:
             pairs.append(value)
             size += len(key) + len(value)
         final = self.pos >= len(items)
+        outcomes = None
+        if final and self.outcomes:
+            outcomes, final = _next_outcomes(self.outcomes)
         self.sent_keys += len(pairs) // 2
         self.sent_bytes += size
         batch = encode_batch(self.backup_id, self.source, self.seq, pairs, final,
                              self.sent_keys, None,
-                             _timed(pairs, deadlines) if deadlines else None,
-                             self.outcomes if final else None)
+                             _timed(pairs, deadlines) if deadlines else None, outcomes)
         self.seq += 1
         self.done = final
         if final:
