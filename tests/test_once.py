@@ -273,3 +273,18 @@ def test_a_retry_whose_outcome_was_too_large_to_keep_says_it_was_applied(nodes: 
     with pytest.raises(zkv.CommandError, match="applied already.*read the key"):
         result(node.run_body(tagged(1, "GETSET", b"k", b"new"), False))
     assert node.storage.keyspace.get(b"k", 0) == b"new"
+
+
+@pytest.mark.parametrize("seq", [0, 23, 24, 255, 256, 65536, 2**32, 2**63 - 1])
+def test_the_short_path_reads_a_tagged_write_as_the_general_path_does(seq: int) -> None:
+    for inner in (["SET", b"key", b"x" * 300], ["DEL", b"k"], ["SET", b"", b""]):
+        body = P.encode_request("ONCE", CLIENT, seq, inner)
+        assert P._fast_once(body, P.DEFAULT_LIMITS) == P.check_request(cbor2.loads(body))
+        for cut in range(len(body)):  # a torn body is refused, never misread
+            try:
+                P.parse_request(body[:cut])
+            except zkv.ProtocolError:
+                pass
+    for refused in (["GET", b"k"], ["SET", b"k", b"v", b"extra"]):
+        assert P._fast_once(P.encode_request("ONCE", CLIENT, seq, refused),
+                            P.DEFAULT_LIMITS) is None

@@ -479,6 +479,7 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
 
 _U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
 
 
 def _bytes_at(body: bytes, pos: int) -> tuple[bytes | None, int]:
@@ -525,6 +526,40 @@ def _fast_single(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
     return None
 
 
+_ONCE_HEAD = b"\x84\x64ONCE"
+
+
+def _fast_once(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
+    """[ONCE, client_id, seq, [SET key value] or [DEL key]] as our client encodes it,
+    read straight from the bytes (every single write it sends); None for anything
+    else, which takes the general path."""
+    try:
+        client, pos = _bytes_at(body, 6)
+        if client is None or not 0 < len(client) <= MAX_CLIENT_ID:
+            return None
+        ib = body[pos]
+        if ib < 24:
+            seq, pos = ib, pos + 1
+        elif ib == 24:
+            seq, pos = body[pos + 1], pos + 2
+        elif ib == 25:
+            seq, pos = _U16(body, pos + 1)[0], pos + 3
+        elif ib == 26:
+            seq, pos = _U32(body, pos + 1)[0], pos + 5
+        elif ib == 27:
+            seq, pos = _U64(body, pos + 1)[0], pos + 9
+            if seq >= 1 << 63:
+                return None
+        else:
+            return None
+        inner = _fast_single(body[pos:], limits)
+    except (IndexError, struct.error):
+        return None
+    if inner is None or inner[0] == "GET":
+        return None
+    return "ONCE", [client, seq, [inner[0], inner[1]]]
+
+
 def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list[Any]]:
     """Decode and check one request body. Returns ``(op, args)``.
 
@@ -533,6 +568,10 @@ def parse_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, li
     fast = _fast_single(body, limits)
     if fast is not None:
         return fast
+    if body[:6] == _ONCE_HEAD:
+        fast = _fast_once(body, limits)
+        if fast is not None:
+            return fast
     return check_request(decode_request(body, limits), limits)
 
 
