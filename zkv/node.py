@@ -78,9 +78,10 @@ CLUSTER_FILE = "CLUSTER"  # the cluster configuration the node was last given
 # handful in practice; the bound keeps a stray or hostile request from piling up
 # sockets and state.
 MAX_MOVES = 64
-# Keys active expiry looks at in one loop turn: after a turn that served requests
-# (about a quarter of a busy turn's time), and after one that did not.
-EXPIRE_BUSY, EXPIRE_IDLE = 200, 5000
+# Active expiry takes keys a slice at a time (about a millisecond), and while requests
+# come in, one slice in EXPIRE_SHARE of the node's time at most (Redis gives it 25%).
+EXPIRE_SLICE = 200
+EXPIRE_SHARE = 4
 # Room left in a reply for the framing of each item and for error items.
 ITEM_OVERHEAD = 16
 ERROR_ITEM_BYTES = 256
@@ -1045,6 +1046,7 @@ class Node:
         storage = self.storage
         busy = False
         next_tidy = 0.0
+        served, expire_next = False, 0.0  # (requests since active expiry's last slice)
         while not self._stop:
             events = dict(poller.poll(0 if busy else 100))
             for guard in self.guards:
@@ -1092,10 +1094,15 @@ class Node:
             if repl.primary is not None:
                 repl.tick(now)
             busy = bool(self.outgoing) and self.pump(now)
-            if storage.keyspace.expires and repl.replica is None:
-                # a little while requests come in, more while they do not
-                busy = self.expire_due(EXPIRE_BUSY if sock in events else EXPIRE_IDLE) \
-                    or busy
+            if sock in events:
+                served = True
+            if storage.keyspace.expires and repl.replica is None and (
+                    not served or now >= expire_next):
+                # a slice at a time; while requests come in, at most a quarter of the time
+                began = time.perf_counter()
+                busy = self.expire_due(EXPIRE_SLICE) or busy
+                expire_next = now + (EXPIRE_SHARE - 1) * (time.perf_counter() - began)
+                served = False
             storage.tick(now)
             if now >= next_tidy:
                 next_tidy = now + 1.0
