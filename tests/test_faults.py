@@ -191,7 +191,7 @@ def keys_owned(ring: Ring, owner: str, prefix: str, n: int) -> list[bytes]:
 # -- 1. kill -9 again and again under a mixed load ------------------------------------------
 
 
-STORM_KILLS = 12
+STORM_KILLS = 8  # each node killed twice, the proxy three times
 
 
 @pytest.mark.timeout(150)

@@ -237,7 +237,7 @@ def test_a_proxy_killed_between_apply_and_reply_leaves_the_exact_count(
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    for _ in range(3):
+    for _ in range(2):
         time.sleep(0.7)
         cluster.kill_proxy()  # SIGKILL: whatever it had applied and not answered is lost
         cluster.restart_proxy()

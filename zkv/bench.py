@@ -117,6 +117,7 @@ class Config:
     resp: bool = False
     metrics: bool = False
     replicas: int = 0  # also a cluster with this many replicas per shard (zkv-replicas)
+    failovers: int = 3  # with replicas: how many failovers to time
     memory: int | None = None
     recovery: int | None = None
     seed: int = 1
@@ -995,7 +996,7 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
 
         say("replication: catch-up, move and failover")
         report["replication"] = replication.measure(children, min(cfg.keyspace, 50_000),
-                                                    say=lambda line: None)
+                                                    cfg.failovers, say=lambda line: None)
     if cfg.resp:
         from .benchmarks import resp as resp_bench
 
@@ -1252,6 +1253,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replicas", type=_non_negative, default=0, metavar="N",
                    help="also run against a cluster whose shards have N replicas each "
                         "(row zkv-replicas; ratios_replicas: it against zkv)")
+    p.add_argument("--failovers", type=_positive, default=3, metavar="N",
+                   help="with --replicas: time N failovers (default 3)")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
                    help="fsync policy of the nodes started (and of redis) (default everysec)")
     p.add_argument("--nodes", type=_positive, default=3, help="nodes to start (default 3)")
@@ -1276,7 +1279,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   pipeline=args.pipeline, window=args.window, value_bytes=args.value_bytes,
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
                   proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
-                  metrics=args.metrics, replicas=args.replicas,
+                  metrics=args.metrics, replicas=args.replicas, failovers=args.failovers,
                   memory=args.memory,
                   recovery=args.recovery)
 

@@ -435,6 +435,14 @@ class MoveDriver:
         """Mark finished streams; restart the ones that broke or went missing."""
         restart: list[Transfer] = []
         sid = self.stream_id
+        # a destination that restarted has a new PULL endpoint: every stream to it starts
+        # again (what its sources still send goes to the old one, and is lost)
+        moved: dict[str, str] = {}
+        for t in pending:
+            endpoint = pull_endpoint(t.dest, stats.get(t.dest, {}))
+            if endpoint and endpoint != self.pulls.get(t.dest):
+                moved[t.dest] = endpoint
+        self.pulls.update(moved)
         for t in pending:
             pair = (t.source, t.dest)
             dest, source = stats.get(t.dest, {}), stats.get(t.source, {})
@@ -442,9 +450,7 @@ class MoveDriver:
                         if s.get("id") == sid and s.get("source") == t.source), None)
             out = next((s for s in source.get("outgoing", [])
                         if s.get("id") == sid and s.get("dest") == t.dest), None)
-            endpoint = pull_endpoint(t.dest, dest)
-            if endpoint and endpoint != self.pulls.get(t.dest):
-                self.pulls[t.dest] = endpoint  # the destination restarted
+            if t.dest in moved:
                 restart.append(t)
                 continue
             if sid not in dest.get("open", [sid]):
