@@ -51,7 +51,7 @@ CONNECT_WAIT = 1.0  # longest wait for a node's connection before going through 
 REFRESH_EVERY = 0.02  # seconds between two asks for a configuration the core is waiting for
 # A node's requests that the proxy can serve as they are, if the node cannot be reached.
 # (The move protocol's own steps, XGET and XDEL, and a node's SCAN cursor, are not.)
-VIA_PROXY = frozenset(("MGET", "MSET", "MSETNX", "PIPE")) | P.SINGLE_KEY_OPS
+VIA_PROXY = frozenset(("MGET", "MSET", "MSETNX", "PIPE", "ONCE")) | P.SINGLE_KEY_OPS
 SINGLE = P.SINGLE_KEY_OPS
 # what a node answers, applying nothing, to a request routed by a view not its own
 REFUSALS = frozenset((b"STALE_EPOCH", b"MOVED", b"BEHIND"))

@@ -241,10 +241,12 @@ def _amount(value: Any, what: str) -> int:
     if isinstance(value, (bytes, str)):
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
         if not re.fullmatch(r"-?[0-9]{1,19}", text):
-            raise ProtocolError(f"{what} must be an integer, not {text[:32]!r}")
+            raise ProtocolError(f"value is not an integer or out of range ({what}: "
+                                f"{text[:32]!r})")
         value = int(text)
     if not _is_int(value) or not -(1 << 63) <= value < (1 << 63):
-        raise ProtocolError(f"{what} must be an integer within 64 bits")
+        raise ProtocolError(f"value is not an integer or out of range ({what} must fit "
+                            "in 64 bits)")
     return value  # type: ignore[no-any-return]
 
 
