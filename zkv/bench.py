@@ -689,6 +689,17 @@ class Children:
                 popen.wait(5)
 
 
+def in_children(prefix: str, measure: Callable[[Children], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``measure`` with a Children of a temporary directory, killing whatever it
+    started afterwards (the benchmark modules' mains)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        children = Children(workdir)
+        try:
+            return measure(children)
+        finally:
+            children.close()
+
+
 def zkv_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "zkv", *args]
 

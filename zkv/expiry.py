@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 
 SLOT_MS = 100
+MAX_DEADLINE = 1 << 62  # ms since the epoch: far past any real date, still an int64
 COMPACT_FACTOR = 2
 COMPACT_MIN = 4096
 

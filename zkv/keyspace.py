@@ -29,7 +29,7 @@ from typing import Any
 
 from . import wal
 from .buckets import KeyBuckets
-from .expiry import ExpiryWheel
+from .expiry import MAX_DEADLINE, ExpiryWheel
 from .once import Outcomes, valid_id
 from .ring import RangeSet, key_hash
 
@@ -551,9 +551,6 @@ class Keyspace:
     def snapshot_meta(self) -> dict[str, Any]:
         return {"incoming": {k: v.to_list() for k, v in self.incoming.items()},
                 "modes": dict(self.modes)}
-
-
-MAX_DEADLINE = 1 << 62  # ms since the epoch: far past any real date, still an int64
 
 
 def _deadline(value: Any, zero: bool = False) -> int:

@@ -37,6 +37,7 @@ from .errors import (
     Unavailable,
     ZkvError,
 )
+from .expiry import MAX_DEADLINE
 from .guard import (
     FD_RESERVE,
     FRONT_HWM,
@@ -47,7 +48,7 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .keyspace import FILL, MAX_DEADLINE, OVERWRITE, UNKNOWN, Keyspace
+from .keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
 from .metrics import Timings
 from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
@@ -1198,18 +1199,15 @@ class Node:
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
 
 
-_TTL_UNITS = {"ex": (1000, True), "px": (1, True), "exat": (1000, False), "pxat": (1, False)}
-
-
 def _simple_deadline(opts: dict[Any, Any], now: int) -> int | None:
     """The deadline of SET's options when they are one EX, PX, EXAT or PXAT still ahead
     (what caches send, on the short path); None for anything else (the general path
     checks and does it)."""
     (name, amount), = opts.items()
-    unit = _TTL_UNITS.get(name)
-    if unit is None or type(amount) is not int or not 0 < amount <= MAX_DEADLINE // 1000:
+    if (name not in strings.EXPIRY_OPTIONS or type(amount) is not int
+            or not 0 < amount <= MAX_DEADLINE):
         return None
-    deadline = amount * unit[0] + (now if unit[1] else 0)
+    deadline = strings.absolute(name, amount, now)
     return deadline if now < deadline <= MAX_DEADLINE else None
 
 

@@ -26,7 +26,7 @@ from typing import Any
 WINDOW = 256  # outcomes kept per client
 MAX_ENTRIES = 100_000  # outcomes kept in all
 MAX_OUTCOME_BYTES = 256  # (so the table holds at most ~25 MiB of them)
-MAX_CLIENT_ID = 80  # bytes (as zkv.protocol)
+MAX_CLIENT_ID = 80  # bytes (a router adds a few to tell apart the parts of one MSET)
 BIG = "big"  # an outcome kept as its size: {"big": n}
 _SET, _DROP_SEQ, _DROP_CLIENT = range(3)
 

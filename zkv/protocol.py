@@ -34,7 +34,9 @@ from .errors import (
     ZkvError,
     error_from_wire,
 )
+from .expiry import MAX_DEADLINE
 from .glob import check_pattern
+from .once import MAX_CLIENT_ID
 
 OK = 0
 ERR = 1
@@ -228,9 +230,7 @@ SINGLE_KEY_OPS = frozenset(c.name for c in COMMANDS.values()
 WRITE_OPS = frozenset(c.name for c in COMMANDS.values() if c.kind == WRITE) - {"ONCE"}
 PIPE_OPS = SINGLE_KEY_OPS | {"PING", "ONCE"}
 READ_OPS = SINGLE_KEY_OPS - WRITE_OPS  # (on one key)
-MAX_CLIENT_ID = 80  # bytes (a router may add a few to tell apart the parts of one MSET)
 
-MAX_DEADLINE = 1 << 62
 _EXPIRY = ("ex", "px", "exat", "pxat")
 _SET_FLAGS = ("keepttl", "nx", "xx", "get")
 EXPIRE_FLAGS = ("NX", "XX", "GT", "LT")
@@ -484,22 +484,32 @@ _U32 = struct.Struct(">I").unpack_from
 _U64 = struct.Struct(">Q").unpack_from
 
 
-def _bytes_at(body: bytes, pos: int) -> tuple[bytes | None, int]:
-    """The byte string whose head is at ``pos`` and where it ends; (None, 0) if none is."""
+def _head_at(body: bytes, pos: int, major: int) -> tuple[int, int] | None:
+    """The number a CBOR head of ``major`` type at ``pos`` carries (a length, or an
+    unsigned integer) and where the head ends; None if no such head is there."""
     ib = body[pos]
-    if ib >> 5 != 2:
-        return None, 0
+    if ib >> 5 != major:
+        return None
     info = ib & 31
     if info < 24:
-        n, pos = info, pos + 1
-    elif info == 24:
-        n, pos = body[pos + 1], pos + 2
-    elif info == 25:
-        n, pos = _U16(body, pos + 1)[0], pos + 3
-    elif info == 26:
-        n, pos = _U32(body, pos + 1)[0], pos + 5
-    else:
+        return info, pos + 1
+    if info == 24:
+        return body[pos + 1], pos + 2
+    if info == 25:
+        return _U16(body, pos + 1)[0], pos + 3
+    if info == 26:
+        return _U32(body, pos + 1)[0], pos + 5
+    if info == 27:
+        return _U64(body, pos + 1)[0], pos + 9
+    return None
+
+
+def _bytes_at(body: bytes, pos: int) -> tuple[bytes | None, int]:
+    """The byte string whose head is at ``pos`` and where it ends; (None, 0) if none is."""
+    head = _head_at(body, pos, 2)
+    if head is None or head[0] >= 1 << 32:
         return None, 0
+    n, pos = head
     return body[pos : pos + n], pos + n
 
 
@@ -539,21 +549,10 @@ def _fast_once(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
         client, pos = _bytes_at(body, 6)
         if client is None or not 0 < len(client) <= MAX_CLIENT_ID:
             return None
-        ib = body[pos]
-        if ib < 24:
-            seq, pos = ib, pos + 1
-        elif ib == 24:
-            seq, pos = body[pos + 1], pos + 2
-        elif ib == 25:
-            seq, pos = _U16(body, pos + 1)[0], pos + 3
-        elif ib == 26:
-            seq, pos = _U32(body, pos + 1)[0], pos + 5
-        elif ib == 27:
-            seq, pos = _U64(body, pos + 1)[0], pos + 9
-            if seq >= 1 << 63:
-                return None
-        else:
+        head = _head_at(body, pos, 0)
+        if head is None or head[0] >= 1 << 63:
             return None
+        seq, pos = head
         inner = _fast_single(body[pos:], limits)
     except (IndexError, struct.error):
         return None

@@ -52,6 +52,7 @@ from .errors import (
 )
 from .keyspace import PRESENT, UNKNOWN
 from .metrics import Timings
+from .once import MAX_CLIENT_ID
 from .placement import Placement
 from .ring import key_hash
 
@@ -983,7 +984,7 @@ class _Item:
 def _part_id(ident: tuple[bytes, int], i: int) -> tuple[bytes, int]:
     """The id of the ``i``-th key's SET of a tagged MSET (within the id length limit)."""
     client = ident[0]
-    if len(client) > P.MAX_CLIENT_ID - 8:
+    if len(client) > MAX_CLIENT_ID - 8:
         import hashlib
 
         client = hashlib.blake2b(client, digest_size=16).digest()

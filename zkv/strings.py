@@ -20,7 +20,8 @@ import re
 from typing import Any
 
 from .errors import CommandError, LimitExceeded
-from .keyspace import MAX_DEADLINE, Keyspace
+from .expiry import MAX_DEADLINE
+from .keyspace import Keyspace
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INTEGER = re.compile(rb"-?(0|[1-9][0-9]{0,18})")
@@ -40,16 +41,20 @@ def parse_int(value: bytes) -> int | None:
     return n if INT64_MIN <= n <= INT64_MAX else None
 
 
-def _at(option: str, amount: int, now: int, command: str) -> int:
-    """The absolute deadline an expiry option names."""
+def absolute(option: str, amount: int, now: int) -> int:
+    """The absolute deadline (ms) an expiry option (ex, px, exat, pxat) names."""
     if option == "ex":
-        when = now + amount * 1000
-    elif option == "px":
-        when = now + amount
-    elif option == "exat":
-        when = amount * 1000
-    else:
-        when = amount
+        return now + amount * 1000
+    if option == "px":
+        return now + amount
+    if option == "exat":
+        return amount * 1000
+    return amount
+
+
+def _at(option: str, amount: int, now: int, command: str) -> int:
+    """The absolute deadline an expiry option names; an error past what a log holds."""
+    when = absolute(option, amount, now)
     if not -MAX_DEADLINE <= when <= MAX_DEADLINE:
         raise CommandError(f"invalid expire time in '{command}' command")
     return when

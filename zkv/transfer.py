@@ -32,6 +32,7 @@ import cbor2
 from . import cbor
 from .buckets import KeyBuckets
 from .errors import ProtocolError
+from .expiry import MAX_DEADLINE
 from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
@@ -40,7 +41,6 @@ OUTCOMES_PER_BATCH = 4000  # of at most 256 bytes each (zkv.once): about 1 MiB a
 _OUTCOME_ITEMS = 3 * OUTCOMES_PER_BATCH  # a batch's share of a table of outcomes, flat
 # (an outcome may be a small list or map: a few items more each)
 _BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 4 * _OUTCOME_ITEMS + 16
-MAX_DEADLINE = 1 << 62
 
 
 class RangeScan:

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import tracemalloc
 from typing import Any
 
-from ..bench import Children, start_cluster
+from ..bench import Children, in_children, start_cluster
 from ..client import Client
 from ..keyspace import Keyspace
 
@@ -146,13 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.keys < 1 or args.nodes < 1 or args.seconds <= 0:
         p.error("--keys, --nodes and --seconds must be positive")
-    with tempfile.TemporaryDirectory(prefix="zkv-expiry-") as workdir:
-        children = Children(workdir)
-        try:
-            result = measure(children, args.keys, args.nodes, args.seconds,
-                             say=(lambda s: None) if args.json else print)
-        finally:
-            children.close()
+    say = (lambda s: None) if args.json else print
+    result = in_children("zkv-expiry-", lambda children: measure(
+        children, args.keys, args.nodes, args.seconds, say=say))
     print(json.dumps(result))
     return 0
 

@@ -24,11 +24,10 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
-from ..bench import Children, free_port, start_node, zkv_argv
+from ..bench import Children, free_port, in_children, start_node, zkv_argv
 from ..client import Client, wait_in_sync
 from ..errors import ZkvError
 
@@ -121,13 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.keys < 1 or args.rounds < 1:
         p.error("--keys and --rounds must be positive")
-    with tempfile.TemporaryDirectory(prefix="zkv-repl-") as workdir:
-        children = Children(workdir)
-        try:
-            result = measure(children, args.keys, args.rounds,
-                             say=(lambda s: None) if args.json else print)
-        finally:
-            children.close()
+    say = (lambda s: None) if args.json else print
+    result = in_children("zkv-repl-", lambda children: measure(
+        children, args.keys, args.rounds, say=say))
     print(json.dumps(result))
     return 0
 
