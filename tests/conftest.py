@@ -34,6 +34,51 @@ settings.load_profile("zkv")
 REPO = Path(__file__).resolve().parent.parent
 
 
+class Keys:
+    """CURVE keys for a secure cluster (zkv keygen's files): the cluster key, an admin
+    key, a data client key and a stranger's key, under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        from zkv.security import keygen
+
+        self.root = root
+        for name in ("cluster", "admins/ops", "clients/app", "rogue"):
+            if not (root / f"{name}.key_secret").exists():
+                keygen(str(root / name))
+        self.cluster = str(root / "cluster.key")
+        self.cluster_secret = str(root / "cluster.key_secret")
+        self.admin = str(root / "admins" / "ops.key_secret")
+        self.client = str(root / "clients" / "app.key_secret")
+        self.rogue = str(root / "rogue.key_secret")
+        self.clients = str(root / "clients")
+        self.admins = str(root / "admins")
+
+    def section(self) -> dict[str, Any]:
+        """A topology's security section for these keys."""
+        return {"key": self.cluster_secret, "clients": self.clients, "admins": self.admins}
+
+
+_SESSION_KEYS: list[Keys] = []
+
+
+def curve_by_default() -> Keys | None:
+    """With ZKV_TEST_CURVE=1, every topology a test writes turns CURVE on (with one key
+    set for the session), and every zkv.Client uses the admin key (ZKV_CURVE_KEY):
+    the same tests, run over encrypted, authenticated links."""
+    if os.environ.get("ZKV_TEST_CURVE") != "1":
+        return None
+    if not _SESSION_KEYS:
+        import tempfile
+
+        keys = Keys(Path(tempfile.mkdtemp(prefix="zkv-test-keys-")))
+        os.environ["ZKV_CURVE_KEY"], os.environ["ZKV_SERVER_KEY"] = keys.admin, keys.cluster
+        _SESSION_KEYS.append(keys)
+    return _SESSION_KEYS[0]
+
+
+curve_by_default()
+
+
 def free_port() -> int:
     """A free TCP port for a test's process to bind, below the kernel's range of ephemeral
     ports: the kernel hands those out meanwhile (to outgoing connections, to a node's
@@ -160,6 +205,10 @@ class Procs:
         return proc
 
     def node(self, port: int, data_dir: str, *extra: str, ready: bool = True) -> Proc:
+        keys = curve_by_default()
+        if keys is not None:
+            extra = ("--curve-key", keys.cluster_secret, "--clients", keys.clients,
+                     "--admins", keys.admins, *extra)
         return self.start(
             "node", "--port", str(port), "--data-dir", data_dir, *extra,
             ready="zkv node" if ready else None,
@@ -281,9 +330,10 @@ class Topo:
                  limits: dict[str, int] | None = None,
                  proxy: dict[str, Any] | None = None,
                  defaults: dict[str, Any] | None = None, host: str = "127.0.0.1",
-                 replicas: int = 0) -> None:
+                 replicas: int = 0, security: Keys | None = None) -> None:
         import yaml
 
+        self.keys = security or curve_by_default()
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         self.path = directory / name
@@ -323,6 +373,8 @@ class Topo:
                 entry["replicas"] = copies
             entries.append(entry)
         doc["nodes"] = entries
+        if self.keys is not None:
+            doc["security"] = self.keys.section()
         self.path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     @property
@@ -408,7 +460,10 @@ class Cluster:
         """A zkv.Client of the proxy, closed when the cluster is."""
         import zkv
 
-        c = zkv.Client(address or self.address, timeout=timeout, retries=retries, direct=direct)
+        keys = self.topo.keys
+        c = zkv.Client(address or self.address, timeout=timeout, retries=retries, direct=direct,
+                       curve_key=keys.admin if keys else None,
+                       server_key=keys.cluster if keys else None)
         self._clients.append(c)
         return c
 
@@ -464,6 +519,12 @@ def make_cluster(tmp_path: Path, procs: Procs) -> Iterator[Any]:
     finally:
         for cluster in made:
             cluster.close()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: Any) -> Keys:
+    """One set of CURVE keys for the session's secure clusters."""
+    return Keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture

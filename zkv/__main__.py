@@ -37,10 +37,68 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _add_security_flags(p: argparse.ArgumentParser, resp: bool = False) -> None:
+    g = p.add_argument_group("security (CURVE; see the README's Security section)")
+    g.add_argument("--curve-key", default=None, metavar="FILE",
+                   help="this process's secret key (the cluster key, from zkv keygen)")
+    g.add_argument("--server-key", default=None, metavar="FILE",
+                   help="the public key other cluster processes present (default: the "
+                        "public half of --curve-key)")
+    g.add_argument("--cluster-keys", default=None, metavar="DIR",
+                   help="directory of further public keys with cluster rights")
+    g.add_argument("--clients", default=None, metavar="DIR",
+                   help="directory of public keys allowed data commands")
+    g.add_argument("--admins", default=None, metavar="DIR",
+                   help="directory of public keys allowed data and admin commands")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow listening on an address other than loopback without CURVE")
+    if resp:
+        g.add_argument("--resp-password-file", default=None, metavar="FILE",
+                       help="require AUTH on the RESP front with the password in FILE")
+
+
+def _security(args: argparse.Namespace, topo: Any, what: str) -> Any:
+    """(settings, Curve or None) from a topology's security section and the flags."""
+    from .config import SecurityConfig
+    from .security import curve_for
+
+    base = topo.security if topo is not None else SecurityConfig()
+    settings = base.merged(key=args.curve_key, server_key=args.server_key,
+                           cluster_keys=args.cluster_keys, clients=args.clients,
+                           admins=args.admins, insecure=args.insecure,
+                           resp_password_file=getattr(args, "resp_password_file", None))
+    return settings, curve_for(settings, what)
+
+
+def _secure(server: Any, args: argparse.Namespace, topo: Any, what: str) -> None:
+    """Give a node or proxy its CURVE identity (and the RESP front its password)."""
+    from .security import read_password
+
+    settings, server.curve = _security(args, topo, what)
+    server.insecure = settings.insecure
+    if settings.resp_password_file and hasattr(server, "resp_password"):
+        server.resp_password = read_password(settings.resp_password_file)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .security import keygen
+
+    public, secret = keygen(args.path)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it on this machine)")
+    return 0
+
+
+def _add_keygen_parser(sub: Any) -> None:
+    p = sub.add_parser("keygen", help="write a CURVE key pair (PATH.key, PATH.key_secret)")
+    p.add_argument("path", metavar="PATH/NAME", help="e.g. keys/cluster or keys/clients/app")
+    p.set_defaults(func=_keygen)
+
+
 def _node(args: argparse.Namespace) -> int:
     from .config import NodeConfig, format_address, load_topology
     from .node import Node
 
+    topo = None
     if args.config:
         topo = load_topology(args.config)
         key = format_address(args.host, args.port) if args.host and args.port else args.port
@@ -67,6 +125,7 @@ def _node(args: argparse.Namespace) -> int:
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
     node.metrics_port = args.metrics_port or cfg.metrics_port
+    _secure(node, args, topo, f"node {node.address}")
     node.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -86,6 +145,7 @@ def _add_node_parser(sub: Any) -> None:
                    help="connections served at once; newer ones are shed (default 10000)")
     p.add_argument("--metrics-port", type=_port_number, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    _add_security_flags(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_node)
 
@@ -96,6 +156,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
     members: dict[str, float] = {}
     replicas: dict[str, list[str]] = {}
+    topo = None
     if args.config:
         topo = load_topology(args.config)
         cfg = topo.proxy
@@ -141,6 +202,7 @@ def _proxy(args: argparse.Namespace) -> int:
         follower.enable_resp(args.resp_port or (entry.resp_port if entry else None),
                              args.resp_admin or cfg.resp_admin)
         follower.metrics_port = args.metrics_port or (entry.metrics_port if entry else None)
+        _secure(follower, args, topo, f"proxy {follower.address}")
         follower.run(on_ready=lambda line: print(line, flush=True))
         return 0
     proxy = Proxy(
@@ -163,6 +225,7 @@ def _proxy(args: argparse.Namespace) -> int:
     )
     proxy.enable_resp(args.resp_port or cfg.resp_port, args.resp_admin or cfg.resp_admin)
     proxy.metrics_port = args.metrics_port or cfg.metrics_port
+    _secure(proxy, args, topo, f"proxy {proxy.address}")
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -223,6 +286,7 @@ def _add_proxy_parser(sub: Any) -> None:
     p.add_argument("--follow", default=None, metavar="HOST:PORT",
                    help="run a follower proxy: learn the configuration from the config "
                         "manager at HOST:PORT (keeps no state of its own)")
+    _add_security_flags(p, resp=True)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_proxy)
 
@@ -230,8 +294,9 @@ def _add_proxy_parser(sub: Any) -> None:
 def _parsers() -> list[Callable[[Any], None]]:
     from . import backup, bench, cli, launch, top, waltool
 
-    return [_add_node_parser, _add_proxy_parser, cli.add_parser, launch.add_parser,
-            bench.add_parser, waltool.add_parser, top.add_parser, backup.add_parsers]
+    return [_add_node_parser, _add_proxy_parser, _add_keygen_parser, cli.add_parser,
+            launch.add_parser, bench.add_parser, waltool.add_parser, top.add_parser,
+            backup.add_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -462,9 +462,11 @@ def shell(client: Client, printer: Printer) -> int:
 def main(args: argparse.Namespace) -> int:
     printer = Printer(args.raw)
     try:
-        client = Client(args.proxy, timeout=args.timeout, direct=args.direct)
-    except ConfigError as exc:  # a bad --proxy: a usage mistake
-        printer.error(UsageError(f"--proxy: {exc}"))
+        client = Client(args.proxy, timeout=args.timeout, direct=args.direct,
+                        curve_key=args.curve_key, server_key=args.server_key)
+    except ConfigError as exc:  # a bad --proxy or key file: a usage mistake
+        printer.error(UsageError(str(exc) if args.curve_key or args.server_key
+                                 else f"--proxy: {exc}"))
         return EXIT_USAGE
     with client:
         if args.stat or args.latency:
@@ -510,6 +512,10 @@ def add_parser(sub: Any) -> None:
                         "owns the key (the proxy gives the configuration)")
     p.add_argument("--raw", action="store_true", help="plain output without styling, for scripts")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--curve-key", default=None, metavar="FILE",
+                   help="CURVE: this client's secret key file (from zkv keygen)")
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="CURVE: the cluster's public key file")
     watching = p.add_mutually_exclusive_group()
     watching.add_argument("--stat", action="store_true",
                           help="a line a second of cluster statistics (as redis-cli --stat)")

@@ -25,6 +25,7 @@ A Client is not thread-safe: give each thread its own.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ from .link import Link
 
 if TYPE_CHECKING:
     from .direct import DirectRouting
+    from .security import Curve
 
 Key = str | bytes
 Value = str | bytes | int | float
@@ -83,8 +85,16 @@ def _unavailable(reply: bytes) -> bool:
 
 class Client(StringCommands):
     def __init__(self, address: str = "127.0.0.1:8000", timeout: float = 5.0,
-                 retries: int = 2, direct: bool = False) -> None:
+                 retries: int = 2, direct: bool = False, curve_key: str | None = None,
+                 server_key: str | None = None) -> None:
+        """``curve_key``/``server_key``: CURVE (see the README's Security section): this
+        client's secret key file and the cluster's public key file; by default those
+        the environment names in ZKV_CURVE_KEY and ZKV_SERVER_KEY, if any (give
+        ``curve_key=""`` for none)."""
         self.address = _checked_address(address)
+        if curve_key is None and server_key is None:
+            curve_key = os.environ.get("ZKV_CURVE_KEY") or None
+            server_key = os.environ.get("ZKV_SERVER_KEY") or None
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
@@ -96,13 +106,21 @@ class Client(StringCommands):
         self.client_id = secrets.token_bytes(16)
         self._seq = 0
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._link = Link(self._ctx, self.address)
+        self.curve: Curve | None = None
+        if curve_key:
+            from .security import Curve
+
+            self.curve = Curve.client(curve_key, server_key)
+        elif server_key:
+            raise ConfigError("server_key needs curve_key: CURVE needs this client's own "
+                              "secret key too (make one with zkv keygen)")
+        self._link = Link(self._ctx, self.address, curve=self.curve)
         self.direct = bool(direct)
         self._direct: DirectRouting | None = None
         if direct:
             from .direct import DirectRouting
 
-            self._direct = DirectRouting(self._ctx, self._link, self.timeout)
+            self._direct = DirectRouting(self._ctx, self._link, self.timeout, self.curve)
 
     # -- plumbing --------------------------------------------------------------
     def _socket(self) -> zmq.Socket[bytes]:

@@ -365,6 +365,26 @@ class FollowerConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """A process's CURVE settings (a topology's ``security:`` section, or flags; see
+    zkv.security). Paths as given, relative to the working directory; the files are
+    read when a process starts."""
+
+    key: str | None = None  # this process's secret key file (--curve-key)
+    server_key: str | None = None  # the servers' public key file (default: key's own)
+    cluster_keys: str | None = None  # directory of further cluster public keys
+    clients: str | None = None  # directory of data clients' public keys
+    admins: str | None = None  # directory of admin clients' public keys
+    insecure: bool = False  # listen off loopback without CURVE, knowingly
+    resp_password_file: str | None = None  # the RESP front's AUTH password
+
+    def merged(self, **flags: Any) -> SecurityConfig:
+        """These settings with every flag that was given (not None/False) taking over."""
+        values = {k: v for k, v in flags.items() if v is not None and v is not False}
+        return SecurityConfig(**{**self.__dict__, **values})
+
+
+@dataclass(frozen=True)
 class Topology:
     """The proxy and the nodes, as read from ``source`` (a file name or ``<flags>``)."""
 
@@ -374,6 +394,7 @@ class Topology:
     followers: tuple[FollowerConfig, ...] = ()
     # each shard's replicas (zkv.replication), by the address of the node they copy
     replicas: dict[str, tuple[NodeConfig, ...]] = field(default_factory=dict)
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # CURVE keys (zkv.security)
 
     def all_nodes(self) -> list[NodeConfig]:
         """Every storage node to run: the members, each followed by its replicas."""
@@ -459,7 +480,16 @@ _PROXY_FIELDS: dict[str, Check] = {
     "min_in_sync": _integer(1, 64),
 }
 _LIMIT_FIELDS: dict[str, Check] = {f.name: _integer(1) for f in fields(Limits)}
-_TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers")
+_SECURITY_FIELDS: dict[str, Check] = {
+    "key": _optional(_path),
+    "server_key": _optional(_path),
+    "cluster_keys": _optional(_path),
+    "clients": _optional(_path),
+    "admins": _optional(_path),
+    "insecure": _boolean,
+    "resp_password_file": _optional(_path),
+}
+_TOP_KEYS = ("limits", "proxy", "defaults", "nodes", "followers", "security")
 
 
 # --- parsing a decoded YAML document ------------------------------------------------
@@ -651,8 +681,9 @@ def _topology(data: object, source: str) -> Topology:
     except ValueError as exc:
         raise ConfigError(f"nodes: {exc}") from None
     followers = _followers(data.get("followers"), proxy, everyone)
+    security = SecurityConfig(**_section(data.get("security"), _SECURITY_FIELDS, "security"))
     return Topology(proxy=proxy, nodes=tuple(nodes), source=source, followers=followers,
-                    replicas=replicas)
+                    replicas=replicas, security=security)
 
 
 def _followers(data: object, proxy: ProxyConfig,

@@ -27,7 +27,7 @@ import itertools
 import logging
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -38,6 +38,9 @@ from .errors import LimitExceeded, NodeUnavailable, NotSent, Timeout, ZkvError
 from .link import Link
 from .placement import Placement
 from .router import CORE_OPS, Router, _is_error
+
+if TYPE_CHECKING:
+    from .security import Curve
 
 log = logging.getLogger("zkv.direct")
 
@@ -61,8 +64,9 @@ class DirectRouting:
     """The transport of ``Client(direct=True)``: bodies in, the proxy's reply bodies out."""
 
     def __init__(self, ctx: zmq.Context[Any], proxy: Link, timeout: float,
-                 limits: P.Limits = P.DEFAULT_LIMITS) -> None:
+                 curve: Curve | None = None, limits: P.Limits = P.DEFAULT_LIMITS) -> None:
         self.ctx = ctx
+        self.curve = curve  # the client's CURVE keys: nodes present the cluster key too
         self.proxy = proxy
         self.timeout = timeout
         self.limits = limits
@@ -152,7 +156,7 @@ class DirectRouting:
     def _config_link(self, addr: str) -> Link:
         link = self.config_links.get(addr)
         if link is None:
-            link = self.config_links[addr] = Link(self.ctx, addr, hwm=16)
+            link = self.config_links[addr] = Link(self.ctx, addr, hwm=16, curve=self.curve)
         return link
 
     def _known_nodes(self) -> list[str]:
@@ -330,7 +334,7 @@ class DirectRouting:
         link = self.links.get(node)
         if link is None:
             assert self.state is not None
-            link = self.links[node] = Link(self.ctx, self.state.primary(node))
+            link = self.links[node] = Link(self.ctx, self.state.primary(node), curve=self.curve)
         frame = ENVELOPE_FRAME + _TAG.pack(next(self._envelopes))
         body = P.encode_envelope(epoch, items)
         try:

@@ -106,6 +106,18 @@ class NotSent(Unavailable):
     local = True
 
 
+class NoAuth(ZkvError):
+    """The sender's key is not (or no longer) allowed: Redis's NOAUTH."""
+
+    code = "NOAUTH"
+
+
+class NoPerm(ZkvError):
+    """The sender's key may not run this command (a data key doing ADD): Redis's NOPERM."""
+
+    code = "NOPERM"
+
+
 class StorageError(ZkvError):
     code = "STORAGE"
 

@@ -170,6 +170,8 @@ class Follower(ProxyShell):
     # -- what a follower adds to the shell -----------------------------------------------
     def _before_serve(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve.connect(sock)  # the config manager presents the cluster key too
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.IMMEDIATE, 1)

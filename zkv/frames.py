@@ -50,6 +50,18 @@ def recv(sock: zmq.Socket[Any]) -> list[bytes]:
     return parts
 
 
+def recv_user(sock: zmq.Socket[Any]) -> tuple[list[bytes], str]:
+    """One whole message and the User-Id its connection was authenticated as (a CURVE
+    socket's peer: its public key in Z85, set by the ZAP handler)."""
+    frame = sock.recv(0, False, False) if not FAST else _recv(sock, 0, False, False)
+    user = str(frame.get("User-Id"))
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(0, False, False) if not FAST else _recv(sock, 0, False, False)
+        parts.append(frame.bytes)
+    return parts, user
+
+
 def waiting(sock: zmq.Socket[Any]) -> bool:
     """Whether a message is ready to be received without blocking."""
     if not FAST:

@@ -47,7 +47,12 @@ def _shards(topology: Topology) -> str:
 def up(args: argparse.Namespace) -> int:
     from honcho.manager import Manager
 
+    from .security import curve_for, read_password
+
     topology = load_topology(args.config)  # validate before starting anything
+    secure = curve_for(topology.security, f"{args.config}: security") is not None
+    if topology.security.resp_password_file:
+        read_password(topology.security.resp_password_file)
     manager = Manager()
     for name, cmd in commands(topology, args.config):
         manager.add_process(name, cmd)
@@ -62,8 +67,17 @@ def up(args: argparse.Namespace) -> int:
         f"{followers} from {args.config}; Ctrl-C stops them all",
         flush=True,
     )
+    if secure:
+        print(f"zkv up: CURVE is on; connect with zkv cli --curve-key YOUR.key_secret "
+              f"--server-key {topology.security.server_key or _public(topology.security.key)}",
+              flush=True)
     manager.loop()
     return int(manager.returncode or 0)
+
+
+def _public(secret: str | None) -> str:
+    """The public key file beside a secret one (PATH.key beside PATH.key_secret)."""
+    return (secret or "").removesuffix("_secret")
 
 
 def add_parser(sub: Any) -> None:

@@ -26,12 +26,15 @@ import itertools
 import socket
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import frames as wire
 from .errors import NotSent, Timeout
+
+if TYPE_CHECKING:
+    from .security import Curve
 
 _TAG = struct.Struct("<Q")
 _EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED
@@ -51,11 +54,36 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
         "refused the handshake: the keys do not match (check the server key)"),
 }
+# the same, when this side speaks CURVE (a wrong server key looks like a shed connection)
+_CURVE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "did not accept the CURVE handshake: the server key is most likely wrong (it must "
+        "be the public key of the cluster: server_key / --server-key), or the server is "
+        "at its connection limit"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "did not accept the CURVE handshake: it may not use CURVE (or not be a zkv server)"),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "refused this client's key: it is not in the server's allowed keys (ask for your "
+        "public key to be added to its clients or admins directory)"),
+}
+_PLAIN_FAILURES = {
+    **_HANDSHAKE_FAILURES,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "closed the connection before the handshake finished: it may be at its connection "
+        "limit (max_clients), require CURVE (give curve_key and server_key / --curve-key "
+        "and --server-key), or not be a zkv server"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "refused the handshake: it is not a zkv server, or it requires CURVE (give "
+        "curve_key and server_key / --curve-key and --server-key)"),
+}
 
 
 class Link:
-    def __init__(self, ctx: zmq.Context[Any], address: str, hwm: int = 100_000) -> None:
+    def __init__(self, ctx: zmq.Context[Any], address: str, hwm: int = 100_000,
+                 curve: Curve | None = None) -> None:
         self.ctx = ctx
+        self.curve = curve  # CURVE: this client's keys and the server key it expects
+        self._failures = _CURVE_FAILURES if curve is not None else _PLAIN_FAILURES
         self.address = address
         self.hwm = hwm
         self.sock: zmq.Socket[bytes] | None = None
@@ -74,6 +102,8 @@ class Link:
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection
             sock.setsockopt(zmq.SNDHWM, self.hwm)
             sock.setsockopt(zmq.RCVHWM, self.hwm)
+            if self.curve is not None:
+                self.curve.connect(sock)
             self.monitor = sock.get_monitor_socket(_EVENTS)
             sock.connect(f"tcp://{self.address}")
             self.sock, self.ready, self.lost, self.answered = sock, False, False, False
@@ -121,6 +151,8 @@ class Link:
                 self.close()
                 what = ("the handshake did not finish" if connected
                         else "no answer: is the host reachable?")
+                if connected and self.curve is not None:
+                    what += "; with CURVE, check the server key"
                 raise NotSent(f"could not connect to {self.address} in time ({what}); "
                               "nothing was sent")
             events = self._events(max(1, int(left * 1000)))
@@ -131,11 +163,11 @@ class Link:
                     connected = True
                 elif event & _FAILED_HANDSHAKE:
                     self.close()
-                    raise NotSent(f"{self.address} {_HANDSHAKE_FAILURES[event]}; nothing was sent")
+                    raise NotSent(f"{self.address} {self._failures[event]}; nothing was sent")
                 elif event == zmq.EVENT_DISCONNECTED and connected and not self.ready:
                     self.close()
                     raise NotSent(f"{self.address} "
-                                  f"{_HANDSHAKE_FAILURES[zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]}"
+                                  f"{self._failures[zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL]}"
                                   "; nothing was sent")
                 elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED) and not connected:
                     reason = self._probe()

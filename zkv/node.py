@@ -54,6 +54,7 @@ from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
 from .replicator import FREE_OPS, Replicator
 from .ring import RangeSet, key_hash
+from .security import CLUSTER_DOMAIN, Curve, check_exposure, require
 from .storage import Recovery, Storage
 from .transfer import (
     MAX_BATCH_KEYS,
@@ -121,6 +122,11 @@ class Node:
         self.timed = False
         self._seen = 0
         self.metrics_port: int | None = None
+        # CURVE (zkv.security): set before run; None serves without it (loopback only,
+        # unless ``insecure``)
+        self.curve: Curve | None = None
+        self.insecure = False
+        self.peer_role: str | None = None  # the role of the key whose message is handled
         self.started = time.monotonic()
         self.recovery: Recovery | None = None
         self._stop = False
@@ -681,6 +687,8 @@ class Node:
                                f"at most {MAX_MOVES}")
         assert self.ctx is not None
         push = self.ctx.socket(zmq.PUSH)
+        if self.curve is not None:
+            self.curve.connect(push)  # every PULL presents the cluster key
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IPV6, 1)
         push.setsockopt(zmq.SNDHWM, 4)
@@ -865,6 +873,8 @@ class Node:
         began = time.perf_counter() if self.timed or not self._seen & 31 else 0.0
         try:
             op, args = P.parse_request(body, self.limits)
+            if self.curve is not None:
+                require(self.peer_role, op, P.COMMANDS[op].kind, f"node {self.address}")
             if self.repl.gated:
                 self.repl.gate(op)
             self._checking = check
@@ -1058,10 +1068,16 @@ class Node:
                 replies: list[list[bytes]] = []
                 free: list[list[bytes]] = []
                 handle = self.handle
+                keyring = self.curve.keyring if self.curve is not None else None
                 turn_bytes = 0  # the replies of one turn wait for its commit: bound them
                 for _ in range(MAX_BATCH_PER_TURN):
                     self.touched = False
-                    for reply in handle(wire.recv(sock)):
+                    if keyring is not None:
+                        frames, user = wire.recv_user(sock)
+                        self.peer_role = keyring.role(user)
+                    else:
+                        frames = wire.recv(sock)
+                    for reply in handle(frames):
                         (replies if self.touched or not repl.gated else free).append(reply)
                         turn_bytes += len(reply[-1])
                     if turn_bytes > self.limits.max_message_bytes or not wire.waiting(sock):
@@ -1108,6 +1124,8 @@ class Node:
             if now >= next_tidy:
                 next_tidy = now + 1.0
                 out.tidy()
+                if self.curve is not None and self.curve.keyring is not None:
+                    self.curve.keyring.refresh(now)
 
     def expire_due(self, limit: int) -> bool:
         """Active expiry, at most ``limit`` keys a turn: delete keys whose deadline has
@@ -1141,9 +1159,12 @@ class Node:
 
     def run(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Open the data directory and serve until stopped (SIGTERM, SIGINT)."""
+        check_exposure(self.host, self.curve, self.insecure, f"node {self.address}")
         self.recovery = self.storage.open()
         self.load_config()
         ctx = zmq.Context()
+        if self.curve is not None:
+            self.curve.start(ctx, f"node {self.address}")
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         # (an envelope around a request of the largest size is a little larger)
@@ -1158,6 +1179,9 @@ class Node:
         host = f"[{self.host}]" if ":" in self.host else self.host
         for s in (sock, pull):
             s.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            self.curve.serve(sock)
+            self.curve.serve(pull, CLUSTER_DOMAIN)  # moves, catch-up: cluster keys only
         try:
             sock.bind(f"tcp://{host}:{self.port}")
             pull.bind(f"tcp://{host}:*")
@@ -1195,6 +1219,8 @@ class Node:
             self.serve(sock, pull)
         finally:
             self.storage.close()
+            if self.curve is not None:
+                self.curve.stop()
             ctx.destroy(0)
             log.info("node %s stopped; all acknowledged writes are on disk", self.address)
 

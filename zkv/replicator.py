@@ -222,6 +222,8 @@ class Replicator:
     def _open(self, addr: str) -> zmq.Socket[bytes]:
         assert self.node.ctx is not None
         sock: zmq.Socket[bytes] = self.node.ctx.socket(zmq.DEALER)
+        if self.node.curve is not None:
+            self.node.curve.connect(sock)
         sock.setsockopt(zmq.ROUTING_ID, ROUTER_ID_PREFIX + b"repl/" + self.address.encode()
                         + b"/" + self.node.incarnation.encode())
         sock.setsockopt(zmq.LINGER, 0)

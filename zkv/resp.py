@@ -24,6 +24,7 @@ admin step (FLUSHALL). zkv errors map to Redis's conventions (:func:`error_reply
 from __future__ import annotations
 
 import collections
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -347,6 +348,8 @@ _PREFIX = {
     "NODE_DOWN": "CLUSTERDOWN",  # as Redis Cluster says of a slot nobody serves
     "TIMEOUT": "TIMEOUT",
     "STORAGE": "MISCONF",  # Redis's word for "cannot persist"
+    "NOAUTH": "NOAUTH",
+    "NOPERM": "NOPERM",
 }
 
 
@@ -364,6 +367,7 @@ class Session:
     name: bytes | None = None
     lib_name: bytes = b""
     lib_ver: bytes = b""
+    authed: bool = False  # AUTH (or HELLO ... AUTH) succeeded: only asked with a password
 
 
 class Cursors:
@@ -441,6 +445,7 @@ class Context:
     limits: P.Limits
     cursors: Cursors
     admin: bool = False  # admin commands (FLUSHALL) allowed on this front
+    password: str | None = None  # AUTH needed before anything else (Redis's requirepass)
     now: float = 0.0  # wall-clock seconds (TIME)
     port: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -590,6 +595,9 @@ def plan_command(session: Session, args: list[bytes], ctx: Context) -> Plan:
     if spec is None:
         return Reply(error(_unknown(args)))
     n = len(args)
+    if (ctx.password is not None and not session.authed
+            and name not in (b"auth", b"hello", b"quit")):
+        return Reply(error("NOAUTH Authentication required."))
     if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
         return Reply(error(f"ERR wrong number of arguments for '{spec.name}' command"))
     try:
@@ -811,7 +819,7 @@ def _plan_quit(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 
 def _plan_reset(s: Session, a: list[bytes], ctx: Context) -> Plan:
-    s.proto, s.name = 2, None
+    s.proto, s.name, s.authed = 2, None, False
     return Reply(b"+RESET\r\n")
 
 
@@ -821,9 +829,28 @@ def _plan_select(s: Session, a: list[bytes], ctx: Context) -> Plan:
     return Reply(OK)
 
 
+_WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."
+
+
+def _password_ok(ctx: Context, user: bytes, password: bytes) -> bool:
+    """Whether ``user``/``password`` are the front's (one user, "default", as Redis's
+    requirepass), compared in constant time."""
+    assert ctx.password is not None
+    return user == b"default" and hmac.compare_digest(password, ctx.password.encode())
+
+
 def _plan_auth(s: Session, a: list[bytes], ctx: Context) -> Plan:
-    raise CommandError("AUTH <password> called without any password configured for the "
-                       "default user. Are you sure your configuration is correct?")
+    if ctx.password is None:
+        raise CommandError("AUTH <password> called without any password configured for the "
+                           "default user. Are you sure your configuration is correct?")
+    if len(a) > 3:
+        raise CommandError("syntax error")
+    user, password = (b"default", a[1]) if len(a) == 2 else (a[1], a[2])
+    if not _password_ok(ctx, user, password):
+        s.authed = False
+        return Reply(error(_WRONGPASS))
+    s.authed = True
+    return Reply(OK)
 
 
 def _plan_hello(s: Session, a: list[bytes], ctx: Context) -> Plan:
@@ -834,16 +861,26 @@ def _plan_hello(s: Session, a: list[bytes], ctx: Context) -> Plan:
             return Reply(error("NOPROTO unsupported protocol version"))
     i = 2
     name = s.name
+    authed = s.authed
     while i < len(a):
         opt = a[i].upper()
         if opt == b"AUTH" and i + 2 < len(a):
-            i += 3  # no passwords configured: the default user takes any (as Redis's nopass)
+            # without a password, the default user takes any (as Redis's nopass)
+            if ctx.password is not None and not _password_ok(ctx, a[i + 1], a[i + 2]):
+                return Reply(error(_WRONGPASS))
+            authed = True
+            i += 3
         elif opt == b"SETNAME" and i + 1 < len(a):
             name = _client_name(a[i + 1])
             i += 2
         else:
             raise CommandError(f"Syntax error in HELLO option '{_text(a[i])[:64]}'")
-    s.proto, s.name = proto, name
+    if ctx.password is not None and not authed:
+        return Reply(error("NOAUTH HELLO must be called with the client already "
+                           "authenticated, otherwise the HELLO <proto> AUTH <user> <pass> "
+                           "option can be used to authenticate the client and select the "
+                           "RESP protocol version at the same time"))
+    s.proto, s.name, s.authed = proto, name, authed
     return Reply(mapping([
         (bulk(b"server"), bulk(b"redis")),
         (bulk(b"version"), bulk(REDIS_VERSION.encode())),

@@ -122,7 +122,7 @@ class RespFront:
         self.max_args = 2 * lim.max_batch + 2
         self.max_bulk = max(lim.max_key_bytes, lim.max_value_bytes)
         self.max_request = lim.max_message_bytes
-        self.ctx = resp.Context(lim, self.cursors, admin, port=port,
+        self.ctx = resp.Context(lim, self.cursors, admin, shell.resp_password, port=port,
                                 extra={"os": f"{platform.system()} {platform.release()}"})
 
     # -- input --------------------------------------------------------------------------

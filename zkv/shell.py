@@ -34,6 +34,7 @@ from .config import format_address
 from .errors import (
     ClusterError,
     CommandError,
+    ConfigError,
     InternalError,
     NodeUnavailable,
     ProtocolError,
@@ -54,6 +55,7 @@ from .placement import Placement
 from .respfront import RespFront
 from .ring import Ring
 from .router import CORE_OPS, Router
+from .security import Curve, check_exposure, require
 
 log = logging.getLogger("zkv.proxy")
 
@@ -189,6 +191,12 @@ class ProxyShell:
         self.error_codes: dict[tuple[str, str], int] = {}  # its error replies, (op, code)
         self.resp_port: int | None = None
         self.resp_admin = False
+        self.resp_password: str | None = None  # AUTH on the RESP front (requirepass)
+        # CURVE (zkv.security): set before run; None serves without it (loopback only,
+        # unless ``insecure``)
+        self.curve: Curve | None = None
+        self.insecure = False
+        self._role: str | None = None  # the role of the key whose request is handled
         self._ops: dict[str, Callable[[list[bytes], list[Any]], None]] = {
             "INFO": self._info,
             "CONFIG": lambda r, a: self._answer(r, self.config_doc(*a[:1])),
@@ -222,6 +230,8 @@ class ProxyShell:
 
     def _connect(self, addr: str) -> None:
         sock = self.ctx.socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve.connect(sock)
         # one routing id per link: a node's ROUTER refuses a second connection under an
         # id it already has, and a failover can briefly leave two links to one node
         self._links_made += 1
@@ -323,6 +333,8 @@ class ProxyShell:
                 )
             body = frames[-1]
             op, args = P.parse_request(body, self.limits)
+            if self.curve is not None:
+                require(self._role, op, P.COMMANDS[op].kind, f"proxy {self.address}")
             if op in CORE_OPS:
                 self.router.request_parsed(routing, op, args, body, now)
                 return
@@ -703,6 +715,7 @@ class ProxyShell:
         front, poller = self.front, self.poller
         by_socket = self.by_socket
         recv, waiting = wire.recv, wire.waiting
+        keyring = self.curve.keyring if self.curve is not None else None
         next_housekeeping = next_tidy = 0.0
         while not self._stop:
             for sock, _ in poller.poll(10):
@@ -710,7 +723,12 @@ class ProxyShell:
                     handle = self.handle_front
                     now = time.monotonic()
                     for _ in range(MAX_PER_TURN):
-                        handle(recv(front), now)
+                        if keyring is not None:
+                            frames, user = wire.recv_user(front)
+                            self._role = keyring.role(user)
+                            handle(frames, now)
+                        else:
+                            handle(recv(front), now)
                         if not waiting(front):
                             break
                 else:
@@ -749,6 +767,8 @@ class ProxyShell:
                 if now >= next_tidy:
                     next_tidy = now + 1.0
                     self.out.tidy()
+                    if keyring is not None:
+                        keyring.refresh(now)
                 self._heartbeat(now)
                 if self.timers:
                     self._run_timers(now)
@@ -785,6 +805,17 @@ class ProxyShell:
         front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         front.setsockopt(zmq.RCVHWM, 100_000)
         front.setsockopt(zmq.IPV6, 1)
+        try:
+            check_exposure(self.host, self.curve, self.insecure, f"proxy {self.address}")
+            if self.resp_port and self.resp_password is None:
+                check_exposure(self.host, None, self.insecure,
+                               f"the RESP front {format_address(self.host, self.resp_port)}")
+        except ConfigError:
+            self.ctx.destroy(0)
+            raise
+        if self.curve is not None:
+            self.curve.start(self.ctx, f"proxy {self.address}")
+            self.curve.serve(front)
         fds = raise_fd_limit()
         self.max_clients = client_limit(self.max_clients, fds,
                                         FD_RESERVE + 2 * len(self.state.members))
@@ -823,6 +854,8 @@ class ProxyShell:
         try:
             self.serve()
         finally:
+            if self.curve is not None:
+                self.curve.stop()
             self.ctx.destroy(0)
 
     # -- what a kind of proxy adds -------------------------------------------------------
