@@ -269,6 +269,19 @@ def test_a_node_takes_internal_operations_only_from_cluster_keys(secure: Any) ->
     assert "outgoing" in cluster_key.call("XSTAT")
 
 
+def test_a_backup_with_curve_streams_to_the_cluster_key_only(secure: Any,
+                                                             tmp_path: Path) -> None:
+    from zkv.backup import backup, read_manifest
+
+    keys = secure.topo.keys
+    client(secure, keys.admin).mset({f"b{i}": str(i) for i in range(50)})
+    with pytest.raises(zkv.ClusterError, match="runs with the cluster key"):
+        backup(secure.address, str(tmp_path / "no"), curve_key=keys.admin,
+               server_key=keys.cluster)
+    manifest = backup(secure.address, str(tmp_path / "yes"), curve_key=keys.cluster_secret)
+    assert manifest["keys"] >= 50 and read_manifest(str(tmp_path / "yes"))["keys"] >= 50
+
+
 def _push_handshake(ctx: zmq.Context[Any], endpoint: str, curve: Curve | None) -> str:
     """The first handshake outcome a PUSH to ``endpoint`` sees (monitor events)."""
     push = ctx.socket(zmq.PUSH)
@@ -392,6 +405,36 @@ def test_the_resp_front_asks_for_the_password_in_its_file(make_cluster: Any,
     anonymous.close()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port, password="wrong", socket_timeout=10).ping()
+
+
+@pytest.mark.timeout(90)
+def test_configs_secure_yaml_starts_after_keygen_as_the_readme_says(procs: Any,
+                                                                    tmp_path: Path) -> None:
+    """From a directory of its own: the keygen commands in configs/secure.yaml, zkv up,
+    then zkv cli with an admin key (and a data key refused ADD)."""
+    def zkv_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "zkv", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+
+    for name in ("keys/cluster", "keys/admins/ops", "keys/clients/app"):
+        assert zkv_cmd("keygen", name).returncode == 0
+    up = procs.start("up", str(REPO / "configs" / "secure.yaml"))
+    up.wait_for("CURVE is on; connect with zkv cli --curve-key", 30)
+    admin = ("cli", "--proxy", "127.0.0.1:8100", "--curve-key", "keys/admins/ops.key_secret",
+             "--server-key", "keys/cluster.key")
+    wait_until(lambda: zkv_cmd(*admin, "SET", "k", "v").stdout.strip() == "OK", 30,
+               what="a SET through the secure proxy")
+    assert zkv_cmd(*admin, "GET", "k").stdout.strip() == '"v"'
+    follower = ("cli", "--proxy", "127.0.0.1:8101", "--curve-key",
+                "keys/clients/app.key_secret", "--server-key", "keys/cluster.key")
+    wait_until(lambda: zkv_cmd(*follower, "GET", "k").stdout.strip() == '"v"', 30,
+               what="a GET through the secure follower")
+    refused = zkv_cmd(*follower, "ADD", "127.0.0.1:8184")
+    assert "NOPERM" in refused.stdout + refused.stderr
+    plain = zkv_cmd("cli", "--proxy", "127.0.0.1:8100", "--timeout", "2", "GET", "k")
+    assert plain.returncode != 0 and "CURVE" in plain.stdout + plain.stderr
+    up.signal(2)
+    assert up.wait_exit(30) in (0, 130)
 
 
 # -- the replication suite's scenarios with CURVE on ------------------------------------------

@@ -28,6 +28,7 @@ import zmq
 from . import durable, wal
 from .client import Client
 from .errors import ClusterError, ProtocolError, Unavailable, ZkvError
+from .security import CLUSTER_DOMAIN, Curve, Keyring
 from .transfer import decode_batch
 
 MANIFEST = "MANIFEST.json"
@@ -42,14 +43,22 @@ def _file_name(i: int) -> str:
 
 
 def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float = 10.0,
-           progress: Progress | None = None) -> dict[str, Any]:
+           progress: Progress | None = None, curve_key: str | None = None,
+           server_key: str | None = None) -> dict[str, Any]:
     """Back the cluster behind ``proxy`` up into ``directory`` (new or empty); the
-    manifest written. ``listen``: the address nodes can reach this process at."""
+    manifest written. ``listen``: the address nodes can reach this process at.
+    ``curve_key``/``server_key`` as zkv.Client's (with CURVE: the cluster key)."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ClusterError(f"{directory} is not a directory; back up into a new directory")
     if os.path.exists(directory) and os.listdir(directory):
         raise ClusterError(f"{directory} is not empty; back up into a new directory")
-    with Client(proxy, timeout=timeout) as c:
+    with Client(proxy, timeout=timeout, curve_key=curve_key, server_key=server_key) as c:
+        curve = c.curve
+        if curve is not None and curve.public != curve.server_public:
+            raise ClusterError(
+                "with CURVE, zkv backup runs with the cluster key (ZKV_CURVE_KEY="
+                ".../cluster.key_secret): the nodes stream only to it, and only cluster "
+                "keys may ask them to")
         if c.status().get("move") is not None:
             raise ClusterError("a move is under way; back up once STATUS shows none")
         doc = c.call("CONFIG")
@@ -65,7 +74,13 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
         raise ClusterError(f"cannot make {directory}: {exc.strerror or exc}") from None
     backup_id = "backup-" + secrets.token_hex(6)
     ctx: zmq.Context[Any] = zmq.Context()
+    server = None
+    if curve is not None:  # a CURVE server taking pushes from cluster keys only
+        server = Curve(curve.public, curve.secret, curve.public, Keyring({}, curve.public))
+        server.start(ctx, "zkv backup")
     pull = ctx.socket(zmq.PULL)
+    if server is not None:
+        server.serve(pull, CLUSTER_DOMAIN)
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.RCVHWM, 16)
     pull.setsockopt(zmq.IPV6, 1)
@@ -76,7 +91,8 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
         endpoint = f"tcp://{host}:{port}"
         expected: dict[str, int] = {}
         for member in members:
-            with Client(member, timeout=timeout) as node:
+            with Client(member, timeout=timeout, curve_key=curve_key,
+                        server_key=server_key) as node:
                 answer = node.call("XBACKUP", {"id": backup_id, "pull": endpoint})
             expected[member] = int(answer["keys"])
         total = sum(expected.values())
@@ -92,12 +108,15 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     finally:
         for member in members:
             try:
-                with Client(member, timeout=2.0) as node:
+                with Client(member, timeout=2.0, curve_key=curve_key,
+                            server_key=server_key) as node:
                     node.call("XBACKUP", {"id": backup_id, "close": True})
             except ZkvError:
                 pass  # the node closes an unread stream itself after a while
         for f in files.values():
             f.close()
+        if server is not None:
+            server.stop()
         ctx.destroy(0)
     durable.fsync_dir(directory)
     manifest = {
