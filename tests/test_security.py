@@ -132,6 +132,14 @@ def test_roles_permit_kinds_of_command(role: str | None, kind: str, allowed: boo
     assert permits(role, kind) is allowed
 
 
+def test_data_keys_may_send_what_the_routing_core_sends_during_a_move() -> None:
+    """The direct client runs the routing core, which reads and fills moving keys."""
+    for op in ("XGET", "XPEEK", "XFILL", "XSEEN", "XDEL"):
+        assert permits(CLIENT, "internal", op) and not permits(None, "internal", op)
+    for op in ("XSEND", "XBEGIN", "XREPL", "XCONFIG", "XFLUSH", "XBACKUP", "XHEALTH"):
+        assert not permits(CLIENT, "internal", op) and not permits(ADMIN, "internal", op)
+
+
 def test_listening_off_loopback_needs_curve_or_insecure() -> None:
     for host in ("127.0.0.1", "::1", "localhost", "127.8.9.1"):
         check_exposure(host, None, False, "node x")
@@ -267,6 +275,20 @@ def test_a_node_takes_internal_operations_only_from_cluster_keys(secure: Any) ->
             client(secure, keys.admin, address=node).call(op, *args)
     cluster_key = client(secure, keys.cluster_secret, address=node)
     assert "outgoing" in cluster_key.call("XSTAT")
+    # a data key under a cluster link's routing id (whose replies a node never holds
+    # back) is refused everything
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"zkv-router/impostor")
+    Curve.client(keys.client, keys.cluster).connect(sock)
+    sock.connect(f"tcp://{node}")
+    try:
+        sock.send_multipart([b"t", P.encode_request("GET", b"k")])
+        assert sock.poll(5000), "no reply"
+        with pytest.raises(NoPerm, match="kept for the cluster's own links"):
+            P.decode_reply(sock.recv_multipart()[-1])
+    finally:
+        sock.close(0)
 
 
 def test_a_backup_with_curve_streams_to_the_cluster_key_only(secure: Any,

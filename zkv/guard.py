@@ -47,8 +47,8 @@ TRACK_EVERY = 256 * 1024  # bytes to a peer between two tracked messages
 FRONT_HWM = 20_000  # messages queued per peer (so small replies are bounded too)
 # A proxy names its connections to nodes with this prefix. A node does not hold back
 # replies to them: a proxy carries many clients' replies and bounds each client itself.
-# (Anyone could take the name; until links are authenticated, a node trusts it as it
-# trusts every request.)
+# (Without CURVE anyone could take the name, as anyone could send anything; with it,
+# a node refuses the name from any but a cluster key: zkv.security.IMPOSTOR.)
 ROUTER_ID_PREFIX = b"zkv-router/"
 
 

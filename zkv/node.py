@@ -54,7 +54,7 @@ from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
 from .replicator import FREE_OPS, Replicator
 from .ring import RangeSet, key_hash
-from .security import CLUSTER_DOMAIN, Curve, check_exposure, require
+from .security import CLUSTER, CLUSTER_DOMAIN, IMPOSTOR, Curve, check_exposure, require
 from .storage import Recovery, Storage
 from .transfer import (
     MAX_BATCH_KEYS,
@@ -1074,7 +1074,10 @@ class Node:
                     self.touched = False
                     if keyring is not None:
                         frames, user = wire.recv_user(sock)
-                        self.peer_role = keyring.role(user)
+                        role = keyring.role(user)
+                        if role != CLUSTER and frames[0].startswith(ROUTER_ID_PREFIX):
+                            role = IMPOSTOR  # (its replies would skip the client budget)
+                        self.peer_role = role
                     else:
                         frames = wire.recv(sock)
                     for reply in handle(frames):

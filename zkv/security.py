@@ -40,6 +40,9 @@ from .errors import ConfigError, NoAuth, NoPerm
 log = logging.getLogger("zkv.security")
 
 CLUSTER, ADMIN, CLIENT = "cluster", "admin", "client"
+# a non-cluster key that took a cluster link's routing id (whose replies a node never
+# holds back): refused everything
+IMPOSTOR = "impostor"
 _RANK = {CLIENT: 1, ADMIN: 2, CLUSTER: 3}
 DATA_DOMAIN = "zkv"  # proxy fronts and node ROUTERs: any known key may connect
 CLUSTER_DOMAIN = "zkv-cluster"  # PULL sockets (moves, catch-up, backups): cluster keys only
@@ -180,10 +183,19 @@ class Keyring:
         return role is not None and (domain != CLUSTER_DOMAIN or role == CLUSTER)
 
 
-def permits(role: str | None, kind: str) -> bool:
-    """Whether a key of ``role`` may run a command of ``kind`` (zkv.protocol's kinds)."""
+# The internal operations the routing core itself sends while a key moves (zkv.router):
+# it runs in the direct client too, so a data key may send them. Each reads or writes
+# one key, as GET/SET/DEL by that key could.
+ROUTING_OPS = frozenset(("XGET", "XPEEK", "XFILL", "XSEEN", "XDEL"))
+
+
+def permits(role: str | None, kind: str, op: str = "") -> bool:
+    """Whether a key of ``role`` may run ``op``, a command of ``kind`` (zkv.protocol's
+    kinds)."""
+    if role == IMPOSTOR:
+        return False
     if kind == "internal":
-        return role == CLUSTER
+        return role == CLUSTER or (role is not None and op in ROUTING_OPS)
     if kind == "admin":
         return role in (ADMIN, CLUSTER)
     return role is not None
@@ -192,10 +204,13 @@ def permits(role: str | None, kind: str) -> bool:
 def require(role: str | None, op: str, kind: str, where: str) -> None:
     """Raise NoAuth (no allowed key) or NoPerm (a key without the role) unless a key of
     ``role`` may run ``op``, a command of ``kind``, at ``where``."""
-    if permits(role, kind):
+    if permits(role, kind, op):
         return
     if role is None:
         raise NoAuth(f"{where}: this connection's key is not (or no longer) allowed")
+    if role == IMPOSTOR:
+        raise NoPerm(f"{where}: routing ids starting with zkv-router/ are kept for the "
+                     "cluster's own links; this connection's key is not a cluster key")
     need = "a cluster key" if kind == "internal" else "an admin key"
     article = "an" if role == ADMIN else "a"
     raise NoPerm(f"{where}: {op} needs {need}; this connection's key is {article} {role} key")
