@@ -198,6 +198,14 @@ class Procs:
 
     def start(self, *args: str, ready: str | None = None, timeout: float = 20.0,
               env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Proc:
+        keys = curve_by_default()
+        host = args[args.index("--host") + 1] if "--host" in args[:-1] else "127.0.0.1"
+        if (keys is not None and args and args[0] in ("node", "proxy") and host == "127.0.0.1"
+                and "--config" not in args and "--curve-key" not in args):
+            # (a topology carries its security section; flags need the same keys; the
+            # tests of what starts off loopback choose for themselves)
+            args = (args[0], "--curve-key", keys.cluster_secret, "--clients", keys.clients,
+                    "--admins", keys.admins, *args[1:])
         proc = Proc(list(args), self.cwd, env, prefix)
         self.all.append(proc)
         if ready is not None:
@@ -205,10 +213,6 @@ class Procs:
         return proc
 
     def node(self, port: int, data_dir: str, *extra: str, ready: bool = True) -> Proc:
-        keys = curve_by_default()
-        if keys is not None:
-            extra = ("--curve-key", keys.cluster_secret, "--clients", keys.clients,
-                     "--admins", keys.admins, *extra)
         return self.start(
             "node", "--port", str(port), "--data-dir", data_dir, *extra,
             ready="zkv node" if ready else None,

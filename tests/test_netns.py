@@ -4,7 +4,9 @@ of their own, joined by veth pairs to a bridge (DESIGN.md sections 3-4, issue 6)
 Runs only as root with ``ip netns`` available; skipped with the reason otherwise.
 Every address lives inside namespaces this test creates (198.18.0.0/15, the range
 reserved for network tests), and every namespace and link is removed afterwards,
-even when the test fails.
+even when the test fails. Off loopback, every process runs with CURVE on (a process
+without it refuses to start there): the nodes and the proxy with the cluster key and
+the key directories, the clients with an admin key.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc, Procs, wait_until
+from conftest import NODE_READY, PROXY_READY, Keys, Proc, Procs, wait_until
 
 PORT = 7000
 
@@ -112,12 +114,24 @@ def hosts() -> Iterator[Hosts]:
     yield from namespaces(Hosts)
 
 
+def secure(keys: Keys) -> list[str]:
+    """A node's or proxy's CURVE flags: the cluster key and the key directories."""
+    return ["--curve-key", keys.cluster_secret, "--clients", keys.clients,
+            "--admins", keys.admins]
+
+
+def client_env(keys: Keys) -> dict[str, str]:
+    """The environment of a client in a namespace: CURVE with the admin key."""
+    return {**os.environ, "ZKV_CURVE_KEY": keys.admin, "ZKV_SERVER_KEY": keys.cluster}
+
+
 class NetProcs(Procs):
-    def spawn(self, hosts: Hosts, host: str, *args: str, ready: str) -> Proc:
-        """Start ``zkv ARGS`` inside ``host``'s namespace."""
+    def spawn(self, hosts: Hosts, host: str, *args: str, ready: str | None) -> Proc:
+        """Start ``zkv ARGS`` inside ``host``'s namespace (and wait for ``ready``)."""
         proc = Proc(list(args), self.cwd, prefix=hosts.exec_args(host))
         self.all.append(proc)
-        proc.wait_for(ready, 20)
+        if ready is not None:
+            proc.wait_for(ready, 20)
         return proc
 
 
@@ -158,27 +172,54 @@ CLIENT = textwrap.dedent("""
 
 @pytest.mark.timeout(240)
 def test_cluster_across_hosts_survives_a_cut_link_and_moves_keys(
-    hosts: Hosts, tmp_path: Path
+    hosts: Hosts, tmp_path: Path, keys: Keys
 ) -> None:
     procs = NetProcs(str(tmp_path))
     try:
-        _run_cluster(hosts, procs, tmp_path)
+        _run_cluster(hosts, procs, tmp_path, keys)
     finally:
         procs.close()
 
 
-def _run_cluster(hosts: Hosts, procs: NetProcs, tmp_path: Path) -> None:
+def _listening(hosts: Hosts, host: str) -> str:
+    """The TCP sockets listening in ``host``'s namespace (``ss``'s lines)."""
+    done = subprocess.run([*hosts.exec_args(host), "ss", "-Htln"], capture_output=True,
+                          text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _run_cluster(hosts: Hosts, procs: NetProcs, tmp_path: Path, keys: Keys) -> None:
     proxy_ip = hosts.add("proxy")
     node_ips = {h: hosts.add(h) for h in ("n1", "n2", "n3", "n4")}
-    hosts.add("client")
+    client_ip = hosts.add("client")
     addr = {h: f"{ip}:{PORT}" for h, ip in node_ips.items()}
-    for h in ("n1", "n2", "n3", "n4"):
-        procs.spawn(hosts, h, "node", "--host", node_ips[h], "--port", str(PORT),
-                    "--data-dir", str(tmp_path / h), "--fsync", "always", ready="zkv node")
+    # Without CURVE, a node or proxy on a host's address refuses to start (the client's
+    # host: nothing else listens there), while the secure cluster starts meanwhile.
+    bare = {"node": procs.spawn(hosts, "client", "node", "--host", client_ip, "--port",
+                                str(PORT), "--data-dir", str(tmp_path / "bare-node"),
+                                ready=None),
+            "proxy": procs.spawn(hosts, "client", "proxy", "--host", client_ip, "--port",
+                                 str(PORT + 1), "--state-dir", str(tmp_path / "bare-proxy"),
+                                 "--node", addr["n1"], ready=None)}
+    nodes = [procs.spawn(hosts, h, "node", "--host", node_ips[h], "--port", str(PORT),
+                         "--data-dir", str(tmp_path / h), "--fsync", "always", *secure(keys),
+                         ready=None)
+             for h in ("n1", "n2", "n3", "n4")]
+    for proc in nodes:
+        proc.wait_for(NODE_READY, 20)
     procs.spawn(hosts, "proxy", "proxy", "--host", proxy_ip, "--port", str(PORT),
                 "--state-dir", str(tmp_path / "state"), "--timeout-ms", "1000",
                 *[x for h in ("n1", "n2", "n3") for x in ("--node", addr[h])],
-                ready="zkv proxy")
+                *secure(keys), ready=PROXY_READY)
+    for what, proc in bare.items():
+        assert proc.wait_exit(20) == 1, proc.output
+        assert f"zkv {what}: error: {what} {client_ip}:" in proc.output, proc.output
+        assert f"would listen on {client_ip} without CURVE" in proc.output, proc.output
+        assert "pass --insecure" in proc.output and "Traceback" not in proc.output, proc.output
+    # (refused before anything is opened: no data directory, no state directory)
+    assert not (tmp_path / "bare-node").exists() and not (tmp_path / "bare-proxy").exists()
+    assert _listening(hosts, "client") == ""
     proxy = f"{proxy_ip}:{PORT}"
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
@@ -187,7 +228,8 @@ def _run_cluster(hosts: Hosts, procs: NetProcs, tmp_path: Path) -> None:
         cmd = [*hosts.exec_args("client"), sys.executable, str(script), proxy, action]
         if arg is not None:
             cmd.append(json.dumps(arg))
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=90,
+                              env=client_env(keys))
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 

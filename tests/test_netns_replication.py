@@ -6,7 +6,8 @@ bridges by routes, so that one host's cable to one bridge can be cut while its
 other paths stay: the proxy and the nodes talk over bridge M, the primary ships to
 its replica over bridge N, and the client reaches the nodes over bridge K (and the
 proxy over M). Runs only as root with ``ip netns``; skipped with the reason
-otherwise. Every namespace is removed afterwards, even when the test fails.
+otherwise. Every namespace is removed afterwards, even when the test fails. CURVE is
+on everywhere: the nodes and the proxy hold the cluster key, the client an admin key.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc, Procs, wait_until
-from test_netns import _ip, namespaces
+from conftest import NODE_READY, PROXY_READY, Keys, Proc, Procs, wait_until
+from test_netns import _ip, namespaces, secure
 
 PORT = 7000
 
@@ -94,12 +95,13 @@ def net() -> Iterator[Net]:
 
 CLIENT = textwrap.dedent("""
     import json, sys, time, zkv
-    action, target = sys.argv[1], sys.argv[2]
-    arg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+    action, target, curve_key, server_key = sys.argv[1:5]
+    arg = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    keys = {"curve_key": curve_key, "server_key": server_key}  # CURVE, with an admin key
     out = {}
     if action == "hammer":  # writes straight to one node for a while: every outcome
         seconds, prefix = arg
-        c = zkv.Client(target, timeout=0.3, retries=0)
+        c = zkv.Client(target, timeout=0.3, retries=0, **keys)
         began, i, seen = time.monotonic(), 0, []
         while time.monotonic() - began < seconds:
             at = round(time.monotonic() - began, 3)
@@ -112,7 +114,7 @@ CLIENT = textwrap.dedent("""
             time.sleep(0.05)
         out = {"seen": seen}
     else:
-        c = zkv.Client(target, timeout=3.0, retries=1)
+        c = zkv.Client(target, timeout=3.0, retries=1, **keys)
         try:
             if action == "write":
                 c.mset(arg)
@@ -130,15 +132,15 @@ CLIENT = textwrap.dedent("""
 
 @pytest.mark.timeout(240)
 def test_a_cut_off_primary_stops_at_its_lease_and_no_replica_is_promoted_early(
-        net: Net, tmp_path: Path) -> None:
+        net: Net, tmp_path: Path, keys: Keys) -> None:
     procs = Procs(str(tmp_path))
     try:
-        _run(net, procs, tmp_path)
+        _run(net, procs, tmp_path, keys)
     finally:
         procs.close()
 
 
-def _run(net: Net, procs: Procs, tmp_path: Path) -> None:
+def _run(net: Net, procs: Procs, tmp_path: Path, keys: Keys) -> None:
     t = net.octet
     for name, subnet in (("M", f"198.18.{t}"), ("N", f"198.19.{t}"),
                          ("K", f"198.18.{t ^ 128}")):
@@ -157,24 +159,27 @@ def _run(net: Net, procs: Procs, tmp_path: Path) -> None:
     net.route("r", svc["p"], n["p"])
     primary, replica = f"{svc['p']}:{PORT}", f"{svc['r']}:{PORT}"
 
-    def spawn(host: str, *args: str, ready: str) -> Proc:
-        proc = Proc(list(args), procs.cwd, prefix=net.exec_args(host))
+    def spawn(host: str, *args: str, ready: str | None) -> Proc:
+        proc = Proc([*args, *secure(keys)], procs.cwd, prefix=net.exec_args(host))
         procs.all.append(proc)
-        proc.wait_for(ready, 20)
+        if ready is not None:
+            proc.wait_for(ready, 20)
         return proc
 
-    for h in ("p", "r"):
-        spawn(h, "node", "--host", svc[h], "--port", str(PORT), "--data-dir",
-              str(tmp_path / h), "--fsync", "always", ready="zkv node")
+    nodes = [spawn(h, "node", "--host", svc[h], "--port", str(PORT), "--data-dir",
+                   str(tmp_path / h), "--fsync", "always", ready=None) for h in ("p", "r")]
+    for proc in nodes:
+        proc.wait_for(NODE_READY, 20)
     spawn("proxy", "proxy", "--host", m["proxy"], "--port", str(PORT), "--state-dir",
           str(tmp_path / "state"), "--node", primary, "--replica", f"{primary}={replica}",
-          ready="zkv proxy")
+          ready=PROXY_READY)
     proxy = f"{m['proxy']}:{PORT}"
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
 
     def client(action: str, target: str, arg: Any = None) -> dict[str, Any]:
-        cmd = [*net.exec_args("client"), sys.executable, str(script), action, target]
+        cmd = [*net.exec_args("client"), sys.executable, str(script), action, target,
+               keys.admin, keys.cluster]
         if arg is not None:
             cmd.append(json.dumps(arg))
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)

@@ -388,6 +388,7 @@ def test_insecure_setups_off_loopback_refuse_to_start(procs: Any, tmp_path: Path
     proxy = procs.start("proxy", "--host", "0.0.0.0", "--port", str(free_port()), "--node",
                         f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s"))
     assert proxy.wait_exit(20) == 1 and "without CURVE" in proxy.output
+    assert not (tmp_path / "s").exists()  # refused before its state directory was made
     # with CURVE, the RESP front (which cannot have it) still needs a password there
     resp_only = procs.start("proxy", "--host", "0.0.0.0", "--port", str(free_port()),
                             "--node", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s2"),

@@ -70,14 +70,28 @@ def _security(args: argparse.Namespace, topo: Any, what: str) -> Any:
     return settings, curve_for(settings, what)
 
 
-def _secure(server: Any, args: argparse.Namespace, topo: Any, what: str) -> None:
-    """Give a node or proxy its CURVE identity (and the RESP front its password)."""
-    from .security import read_password
+def _secure(args: argparse.Namespace, topo: Any, host: str, what: str,
+            resp_port: int | None = None) -> Callable[[Any], None]:
+    """Check a node's or proxy's security settings before anything is opened or written
+    (off loopback without CURVE, it must not start: not even lock a state directory);
+    returns what gives the server its CURVE identity (and the RESP front its password)."""
+    from .config import format_address
+    from .security import check_exposure, read_password
 
-    settings, server.curve = _security(args, topo, what)
-    server.insecure = settings.insecure
-    if settings.resp_password_file and hasattr(server, "resp_password"):
-        server.resp_password = read_password(settings.resp_password_file)
+    settings, curve = _security(args, topo, what)
+    check_exposure(host, curve, settings.insecure, what)
+    password = (read_password(settings.resp_password_file)
+                if settings.resp_password_file and resp_port else None)
+    if resp_port and password is None:
+        check_exposure(host, None, settings.insecure,
+                       f"the RESP front {format_address(host, resp_port)}")
+
+    def give(server: Any) -> None:
+        server.curve, server.insecure = curve, settings.insecure
+        if password is not None:
+            server.resp_password = password
+
+    return give
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -125,7 +139,7 @@ def _node(args: argparse.Namespace) -> int:
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
     node.metrics_port = args.metrics_port or cfg.metrics_port
-    _secure(node, args, topo, f"node {node.address}")
+    _secure(args, topo, cfg.host, f"node {node.address}")(node)
     node.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
@@ -202,9 +216,13 @@ def _proxy(args: argparse.Namespace) -> int:
         follower.enable_resp(args.resp_port or (entry.resp_port if entry else None),
                              args.resp_admin or cfg.resp_admin)
         follower.metrics_port = args.metrics_port or (entry.metrics_port if entry else None)
-        _secure(follower, args, topo, f"proxy {follower.address}")
+        _secure(args, topo, follower.host, f"proxy {follower.address}",
+                follower.resp_port)(follower)
         follower.run(on_ready=lambda line: print(line, flush=True))
         return 0
+    give = _secure(args, topo, args.host or cfg.host,
+                   f"proxy {format_address(args.host or cfg.host, args.port or cfg.port)}",
+                   args.resp_port or cfg.resp_port)
     proxy = Proxy(
         host=args.host or cfg.host,
         port=args.port or cfg.port,
@@ -225,7 +243,7 @@ def _proxy(args: argparse.Namespace) -> int:
     )
     proxy.enable_resp(args.resp_port or cfg.resp_port, args.resp_admin or cfg.resp_admin)
     proxy.metrics_port = args.metrics_port or cfg.metrics_port
-    _secure(proxy, args, topo, f"proxy {proxy.address}")
+    give(proxy)
     proxy.run(on_ready=lambda line: print(line, flush=True))
     return 0
 
