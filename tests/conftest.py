@@ -200,10 +200,11 @@ class Procs:
               env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Proc:
         keys = curve_by_default()
         host = args[args.index("--host") + 1] if "--host" in args[:-1] else "127.0.0.1"
-        if (keys is not None and args and args[0] in ("node", "proxy") and host == "127.0.0.1"
+        refusal = host not in ("127.0.0.1", "::1") and "--insecure" not in args
+        if (keys is not None and args and args[0] in ("node", "proxy") and not refusal
                 and "--config" not in args and "--curve-key" not in args):
             # (a topology carries its security section; flags need the same keys; the
-            # tests of what starts off loopback choose for themselves)
+            # tests of what refuses to start off loopback choose for themselves)
             args = (args[0], "--curve-key", keys.cluster_secret, "--clients", keys.clients,
                     "--admins", keys.admins, *args[1:])
         proc = Proc(list(args), self.cwd, env, prefix)

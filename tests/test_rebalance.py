@@ -52,7 +52,8 @@ class Rig:
         (its host, unless given: 0.0.0.0, say)."""
         addr = addr or f"127.0.0.1:{free_port()}"
         port = int(addr.rsplit(":", 1)[1])
-        extra = ("--host", bind) if bind else ()
+        # (off loopback a node needs CURVE or, as here, --insecure: a test of binding)
+        extra = ("--host", bind, "--insecure") if bind else ()
         self.nodes[addr] = self.procs.node(port, self.data_dir(addr), "--fsync", "no", *extra)
         return addr
 

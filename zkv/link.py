@@ -58,8 +58,8 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
 _CURVE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "did not accept the CURVE handshake: the server key is most likely wrong (it must "
-        "be the public key of the cluster: server_key / --server-key), or the server is "
-        "at its connection limit"),
+        "be the public key of the cluster: server_key / --server-key), or the server does "
+        "not use CURVE, or it is at its connection limit"),
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
         "did not accept the CURVE handshake: it may not use CURVE (or not be a zkv server)"),
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
