@@ -253,6 +253,8 @@ def test_peers_without_an_allowed_key_are_refused_at_once_and_say_why(secure: An
     for node in secure.node_addrs:  # the nodes' own sockets, likewise
         with pytest.raises(NotSent, match="refused this client's key"):
             client(secure, keys.rogue, address=node).info()
+        with pytest.raises(NotSent, match="requires? CURVE"):
+            client(secure, None, address=node).info()
     rogue = public_of(keys.rogue)
     wait_until(lambda: rogue in secure.proxy.output, 5, what="the refusal logged")
     assert f"key {rogue} is not an allowed key" in secure.proxy.output
@@ -454,8 +456,9 @@ def test_configs_secure_yaml_starts_after_keygen_as_the_readme_says(procs: Any,
                what="a GET through the secure follower")
     refused = zkv_cmd(*follower, "ADD", "127.0.0.1:8184")
     assert "NOPERM" in refused.stdout + refused.stderr
-    plain = zkv_cmd("cli", "--proxy", "127.0.0.1:8100", "--timeout", "2", "GET", "k")
-    assert plain.returncode != 0 and "CURVE" in plain.stdout + plain.stderr
+    for port in ("8100", "8101"):  # the config manager and the follower
+        plain = zkv_cmd("cli", "--proxy", f"127.0.0.1:{port}", "--timeout", "2", "GET", "k")
+        assert plain.returncode != 0 and "CURVE" in plain.stdout + plain.stderr
     up.signal(2)
     assert up.wait_exit(30) in (0, 130)
 
