@@ -200,6 +200,20 @@ def test_metrics_on_and_off_in_one_run(tmp_path: Path) -> None:
     assert all(x > 0 for x in report["ratios_metrics"].values())
 
 
+@pytest.mark.timeout(60)
+def test_curve_on_and_off_in_one_run(tmp_path: Path) -> None:
+    """zkv bench --curve: every test on the plain cluster and on one with CURVE on (keys
+    made for the run), and each one's ratio."""
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "100", "-r", "100", "--nodes", "1",
+                        "--curve")
+    assert report["config"]["curve"] is True
+    assert [(r["target"], r["test"]) for r in report["results"]] == [
+        ("zkv", "set"), ("zkv-curve", "set"), ("zkv", "get"), ("zkv-curve", "get")]
+    assert all(r["errors"] == 0 and r["requests"] == 100 for r in report["results"])
+    assert set(report["ratios_curve"]) == {"set", "get"}
+    assert all(set(r) == {"zkv"} and r["zkv"] > 0 for r in report["ratios_curve"].values())
+
+
 @pytest.mark.timeout(180)
 def test_replicas_beside_none_in_one_run(tmp_path: Path) -> None:
     """zkv bench --replicas 1: the same load on a replicated cluster, its ratio to the

@@ -3,7 +3,7 @@
     zkv bench [-t set,get,mset,mget,incr,setex] [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--window]
               [-d VALUE_BYTES] [-r KEYSPACE] [--json] [--proxy HOST:PORT] [--compare]
               [--fsync everysec|always|no] [--nodes 3] [--workers W]
-              [--memory [KEYS]] [--recovery [RECORDS]]
+              [--curve] [--memory [KEYS]] [--recovery [RECORDS]]
 
 Without ``--proxy`` the bench starts its own cluster (``--nodes`` nodes and a proxy,
 ``python -m zkv node/proxy`` on free loopback ports, data in a temporary directory)
@@ -19,6 +19,14 @@ workload against each target in turn and prints zkv's ratio to each:
                  (its own process) that answers with a body of the size zkv answers
     floor-1hop   the same without the device
     redis        redis-server (appendonly, appendfsync = --fsync) through redis-py
+
+``--curve`` makes CURVE keys in the bench's directory (zkv.security.keygen: a cluster
+key, and a client key in a clients directory) and starts a second cluster with CURVE on
+every link, beside the plain one: the row ``zkv-curve`` runs each test through its
+proxy, every load client with the client key; ``ratios_curve`` is its throughput over
+the plain ``zkv`` row's. With ``--compare`` it also runs ``floor-curve`` and
+``floor-1hop-curve``, the floors with CURVE on each link (libzmq's encryption alone,
+no Python on the path beyond the echo), and their ratios to the plain floors.
 
 How the load is generated, so that the figures describe the servers:
 
@@ -80,10 +88,13 @@ import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
 from .errors import ConfigError, NotSent, Unavailable, ZkvError
+
+if TYPE_CHECKING:
+    from .security import Curve
 
 TESTS = ("set", "get", "mset", "mget", "incr", "setex")
 DEFAULT_TESTS = TESTS[:4]
@@ -91,6 +102,7 @@ SETEX_SECONDS = 3600  # the deadline of the setex test's keys
 KEYS_PER_MULTI = 10
 TARGETS = ("zkv", "zkv-direct", "direct", "floor", "floor-1hop", "redis")
 BASELINES = TARGETS[2:]  # what the zkv rows are divided by
+CURVE_SUFFIX = "-curve"  # zkv bench --curve: a row with CURVE beside each plain one
 PIPE_CHUNK = 1000  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
 REPLY_TIMEOUT = 10.0
 _TAG = struct.Struct("<Q")
@@ -117,6 +129,7 @@ class Config:
     resp: bool = False
     metrics: bool = False
     replicas: int = 0  # also a cluster with this many replicas per shard (zkv-replicas)
+    curve: bool = False  # also a cluster with CURVE on (zkv-curve)
     failovers: int = 3  # with replicas: how many failovers to time
     memory: int | None = None
     recovery: int | None = None
@@ -147,6 +160,47 @@ class Result:
     p999_ms: float
     requests: int
     errors: int
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """The key files of ``zkv bench --curve``, made in the bench's own directory."""
+
+    cluster: str  # the cluster's public key file: the clients' server_key
+    cluster_secret: str  # its secret half: the nodes' and proxy's --curve-key
+    client: str  # the load clients' secret key file (a data key)
+    clients: str  # the directory of the data keys (--clients)
+
+    @classmethod
+    def make(cls, root: str) -> CurveKeys:
+        from .security import keygen
+
+        cluster, cluster_secret = keygen(os.path.join(root, "cluster"))
+        clients = os.path.join(root, "clients")
+        _, client = keygen(os.path.join(clients, "bench"))
+        return cls(cluster, cluster_secret, client, clients)
+
+    def flags(self) -> list[str]:
+        """A node's or proxy's command-line flags for this cluster."""
+        return ["--curve-key", self.cluster_secret, "--clients", self.clients]
+
+    def for_client(self) -> Curve:
+        """A load client's CURVE identity (the client key, expecting the cluster's)."""
+        from .security import Curve
+
+        return Curve.client(self.client, self.cluster)
+
+    def serve(self, sock: Any) -> None:
+        """Make a raw socket (the floor's) a CURVE server with the cluster key (before
+        bind). No ZAP handler: libzmq then takes any client key."""
+        import zmq
+
+        from .security import load_secret
+
+        public, secret = load_secret(self.cluster_secret)
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
 
 
 # -- the workload -------------------------------------------------------------------
@@ -234,6 +288,7 @@ class Job:
     seed: int
     echo_bodies: tuple[bytes, ...] = ()
     direct: bool = False  # zkv.Client(direct=True): routed on the client
+    curve: CurveKeys | None = None  # CURVE on: every client's socket uses the client key
 
 
 @dataclass
@@ -286,7 +341,10 @@ def _prepare_client(job: Job, keys: Iterator[bytes], tally: Tally) -> Callable[.
     """One synchronous zkv.Client (or, for the floor, its bare socket exchange)."""
     from .client import Client
 
-    client = Client(job.address, timeout=REPLY_TIMEOUT, retries=0, direct=job.direct)
+    curve = job.curve
+    client = Client(job.address, timeout=REPLY_TIMEOUT, retries=0, direct=job.direct,
+                    curve_key=curve.client if curve else None,
+                    server_key=curve.cluster if curve else None)
     deadline = time.monotonic() + 10.0
     while True:  # the target may still be starting: a refused connection is tried again
         try:
@@ -414,12 +472,15 @@ def _prepare_poll(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally) -> C
     value = b"x" * job.value_bytes
     pipe = uses_pipe(job.test, job.pipeline, job.window)
     decode = job.kind == "zkv"
+    curve = job.curve.for_client() if job.curve else None
     socks: list[Any] = []
     for _ in job.clients:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            curve.connect(s)
         s.connect(f"tcp://{job.address}")
         socks.append(s)
     for s in socks:  # connected and answering before the clock starts
@@ -565,7 +626,9 @@ def _prepare_redis(job: Job, keys: dict[int, Iterator[bytes]], tally: Tally) -> 
 # -- the floor: a C-level device and a Python echo worker ----------------------------
 
 
-def device_main(front: str, back: str) -> None:
+def device_main(front: str, back: str, curve: CurveKeys | None = None) -> None:
+    """The floor's device; with ``curve``, a CURVE server on both sides (as a proxy is
+    to its clients and, through its links, a node to the proxy)."""
     import zmq
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -574,13 +637,17 @@ def device_main(front: str, back: str) -> None:
     for s in (f, b):
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            curve.serve(s)
     f.bind(f"tcp://{front}")
     b.bind(f"tcp://{back}")
     zmq.proxy(f, b)
 
 
-def echo_main(endpoint: str, bind: bool, reply: bytes) -> None:
-    """Answer every message with the same envelope and a reply body of zkv's size."""
+def echo_main(endpoint: str, bind: bool, reply: bytes, curve: CurveKeys | None = None
+              ) -> None:
+    """Answer every message with the same envelope and a reply body of zkv's size; with
+    ``curve``, over CURVE (a server when it binds, else a client with the cluster key)."""
     import zmq
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -588,6 +655,13 @@ def echo_main(endpoint: str, bind: bool, reply: bytes) -> None:
     s = ctx.socket(zmq.ROUTER if bind else zmq.DEALER)
     s.setsockopt(zmq.SNDHWM, 100_000)
     s.setsockopt(zmq.RCVHWM, 100_000)
+    if curve is not None:
+        if bind:
+            curve.serve(s)
+        else:
+            from .security import Curve
+
+            Curve.client(curve.cluster_secret).connect(s)
     if bind:
         s.bind(f"tcp://{endpoint}")
     else:
@@ -704,10 +778,13 @@ def zkv_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "zkv", *args]
 
 
-def start_node(children: Children, fsync: str, name: str, metrics: bool = False) -> str:
+def start_node(children: Children, fsync: str, name: str, metrics: bool = False,
+               curve: CurveKeys | None = None) -> str:
     port = free_port()
     data = os.path.join(children.workdir, name)
     extra = ["--metrics-port", str(free_port())] if metrics else []
+    if curve is not None:
+        extra += curve.flags()
     children.spawn(name, zkv_argv("node", "--port", str(port), "--data-dir", data,
                                   "--fsync", fsync, *extra), ready="zkv node")
     return f"127.0.0.1:{port}"
@@ -715,14 +792,16 @@ def start_node(children: Children, fsync: str, name: str, metrics: bool = False)
 
 def start_cluster(children: Children, nodes: int, fsync: str,
                   resp_port: int | None = None, metrics: bool = False,
-                  name: str = "", replicas: int = 0) -> tuple[str, list[str]]:
+                  name: str = "", replicas: int = 0, curve: CurveKeys | None = None
+                  ) -> tuple[str, list[str]]:
     """``nodes`` storage nodes and a proxy in front of them: (proxy, node addresses);
     ``metrics``: every process serves Prometheus metrics (zkv bench --metrics);
     ``replicas``: each node is a shard's primary with this many replicas, and this
-    returns once they are all in sync."""
-    addrs = [start_node(children, fsync, f"{name}node{i}", metrics)
+    returns once they are all in sync; ``curve``: CURVE on every link, with these keys
+    (zkv bench --curve)."""
+    addrs = [start_node(children, fsync, f"{name}node{i}", metrics, curve)
              for i in range(1, nodes + 1)]
-    copies = [(a, start_node(children, fsync, f"{name}node{i}r{j}", metrics))
+    copies = [(a, start_node(children, fsync, f"{name}node{i}r{j}", metrics, curve))
               for i, a in enumerate(addrs, 1) for j in range(1, replicas + 1)]
     port = free_port()
     argv = ["proxy", "--port", str(port), "--timeout-ms", str(int(REPLY_TIMEOUT * 1000)),
@@ -731,6 +810,8 @@ def start_cluster(children: Children, nodes: int, fsync: str,
         argv += ["--metrics-port", str(free_port())]
     if resp_port is not None:
         argv += ["--resp-port", str(resp_port)]
+    if curve is not None:
+        argv += curve.flags()
     for a in addrs:
         argv += ["--node", a]
     for a, r in copies:
@@ -739,7 +820,9 @@ def start_cluster(children: Children, nodes: int, fsync: str,
     if copies:
         from .client import Client, wait_in_sync
 
-        with Client(f"127.0.0.1:{port}", timeout=2.0) as c:
+        with Client(f"127.0.0.1:{port}", timeout=2.0,
+                    curve_key=curve.client if curve else None,
+                    server_key=curve.cluster if curve else None) as c:
             for _, replica in copies:
                 wait_in_sync(c, replica, 30.0)
     return f"127.0.0.1:{port}", addrs
@@ -794,7 +877,8 @@ class Runner:
         self.filled: set[str] = set()
 
     def run(self, target: str, address: str, kind: str, test: str,
-            echo_bodies: tuple[bytes, ...] = (), direct: bool = False) -> Result:
+            echo_bodies: tuple[bytes, ...] = (), direct: bool = False,
+            curve: CurveKeys | None = None) -> Result:
         cfg = self.cfg
         rounds_total = max(1, math.ceil(cfg.requests / cfg.pipeline))
         clients = min(cfg.clients, rounds_total)
@@ -811,7 +895,7 @@ class Runner:
                       window=cfg.window, value_bytes=cfg.value_bytes, keyspace=cfg.keyspace,
                       clients=tuple(group), rounds=tuple(per_client[c] for c in group),
                       use_client=clients == 1 and kind != "redis", seed=cfg.seed,
-                      echo_bodies=echo_bodies, direct=direct)
+                      echo_bodies=echo_bodies, direct=direct, curve=curve)
             procs.append(self.children.process(worker_main, job, w, progress, barrier, out))
         total = rounds_total * cfg.pipeline
         tallies: dict[int, Tally] = {}
@@ -878,13 +962,14 @@ class Runner:
         return bar()
 
     # -- filling the key space before reads (untimed) --------------------------------
-    def fill_zkv(self, address: str) -> None:
+    def fill_zkv(self, address: str, curve: CurveKeys | None = None) -> None:
         if address in self.filled:
             return
         from .client import Client
 
         value = b"x" * self.cfg.value_bytes
-        with Client(address, timeout=30.0) as c:
+        with Client(address, timeout=30.0, curve_key=curve.client if curve else None,
+                    server_key=curve.cluster if curve else None) as c:
             pool = key_pool(self.cfg.keyspace)
             for i in range(0, len(pool), 20_000):
                 with c.pipeline() as p:
@@ -951,8 +1036,13 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
     # "direct": a node of its own (a node of the cluster serves only its share of keys)
     node = start_node(children, cfg.fsync, "direct-node") if cfg.compare else None
     targets: list[tuple[str, str]] = []
-    if cfg.compare or not cfg.direct:
+    keys = CurveKeys.make(os.path.join(children.workdir, "keys")) if cfg.curve else None
+    if cfg.compare or not cfg.direct or cfg.curve:
         targets.append(("zkv", proxy))
+    if keys is not None:  # a cluster of its own with CURVE on every link: what it costs
+        targets.append(("zkv" + CURVE_SUFFIX,
+                        start_cluster(children, cfg.nodes, cfg.fsync, name="curve-",
+                                      curve=keys)[0]))
     if cfg.metrics:  # the same cluster again, serving metrics: what they cost
         targets.append(("zkv-metrics",
                         start_cluster(children, cfg.nodes, cfg.fsync, metrics=True,
@@ -967,6 +1057,8 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
         assert node is not None
         targets.append(("direct", node))
         targets += [("floor", ""), ("floor-1hop", "")]
+        if keys is not None:
+            targets += [("floor" + CURVE_SUFFIX, ""), ("floor-1hop" + CURVE_SUFFIX, "")]
         why = redis_available()
         if why is None:
             targets.append(("redis", start_redis(children, cfg.fsync)))
@@ -976,19 +1068,28 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
     value = b"x" * cfg.value_bytes
     for test in cfg.tests:
         for target, address in targets:
+            curve = keys if target.endswith(CURVE_SUFFIX) else None
             if target.startswith("floor"):
-                result = _run_floor(cfg, children, runner, target, test, value)
+                result = _run_floor(cfg, children, runner, target, test, value, curve)
             elif target == "redis":
                 if test in ("get", "mget"):
                     runner.fill_redis(address)
                 result = runner.run(target, address, "redis", test)
             else:
                 if test in ("get", "mget"):
-                    runner.fill_zkv(address)
+                    runner.fill_zkv(address, curve)
                 result = runner.run(target, address, "zkv", test,
-                                    direct=target == "zkv-direct")
+                                    direct=target == "zkv-direct", curve=curve)
             report["results"].append(asdict(result))
     by = {(r["target"], r["test"]): r["ops_per_sec"] for r in report["results"]}
+    if keys is not None:  # each row with CURVE over the same row without
+        for test in cfg.tests:
+            ratios = {plain: round(by[(target, test)] / by[(plain, test)], 3)
+                      for target, _ in targets if target.endswith(CURVE_SUFFIX)
+                      for plain in [target.removesuffix(CURVE_SUFFIX)]
+                      if by.get((plain, test)) and (target, test) in by}
+            if ratios:
+                report.setdefault("ratios_curve", {})[test] = ratios
     for test in cfg.tests:
         for row, key in (("zkv-metrics", "ratios_metrics"), ("zkv-replicas", "ratios_replicas")):
             on, off = by.get((row, test)), by.get(("zkv", test))
@@ -1018,7 +1119,7 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
 
 
 def _run_floor(cfg: Config, children: Children, runner: Runner, target: str, test: str,
-               value: bytes) -> Result:
+               value: bytes, curve: CurveKeys | None = None) -> Result:
     pool = key_pool(min(cfg.keyspace, 1000))
     rng = random.Random(cfg.seed)
     cmds = commands(test, iter(rng.choices(pool, k=cfg.pipeline * KEYS_PER_MULTI)),
@@ -1028,13 +1129,13 @@ def _run_floor(cfg: Config, children: Children, runner: Runner, target: str, tes
     front = f"127.0.0.1:{free_port()}"
     started = []
     try:
-        if target == "floor":
+        if target.removesuffix(CURVE_SUFFIX) == "floor":
             back = f"127.0.0.1:{free_port()}"
-            started.append(children.process(device_main, front, back))
-            started.append(children.process(echo_main, back, False, reply))
+            started.append(children.process(device_main, front, back, curve))
+            started.append(children.process(echo_main, back, False, reply, curve))
         else:
-            started.append(children.process(echo_main, front, True, reply))
-        return runner.run(target, front, "echo", test, bodies)
+            started.append(children.process(echo_main, front, True, reply, curve))
+        return runner.run(target, front, "echo", test, bodies, curve=curve)
     finally:
         for p in started:
             children.end(p)
@@ -1136,7 +1237,7 @@ def show(report: dict[str, Any], console: Any) -> None:
                                 else "")
                              + f"; latency per {Config(pipeline=cfg['pipeline']).latency_unit}"),
                       title_justify="left")
-        table.add_column("target")
+        table.add_column("target", no_wrap=True, min_width=max(len(r["target"]) for r in rows))
         table.add_column("ops/s", justify="right")
         for q in ("p50", "p99", "p99.9"):
             table.add_column(f"{q} ms", justify="right")
@@ -1147,6 +1248,10 @@ def show(report: dict[str, Any], console: Any) -> None:
         columns = [(name, ratios) for name, ratios in columns if ratios]
         for name, _ in columns:
             table.add_column(f"{name} ÷ this", justify="right")
+        curve = report.get("ratios_curve", {}).get(test, {})
+        if curve:  # a row with CURVE over the same row without
+            columns.append(("curve", {p + CURVE_SUFFIX: x for p, x in curve.items()}))
+            table.add_column("this ÷ plain", justify="right")
         for r in rows:
             cells = [ratios.get(r["target"]) for _, ratios in columns]
             table.add_row(r["target"], f"{r['ops_per_sec']:,.0f}", f"{r['p50_ms']:.3f}",
@@ -1157,6 +1262,10 @@ def show(report: dict[str, Any], console: Any) -> None:
     for test, ratio in report.get("ratios_metrics", {}).items():
         console.print(f"{test.upper()}: with metrics on, {ratio:.2f}x the throughput with "
                       "them off")
+    for test, ratios in report.get("ratios_curve", {}).items():
+        console.print(f"{test.upper()}: with CURVE, "
+                      + ", ".join(f"{p} {x:.2f}x" for p, x in ratios.items())
+                      + " the throughput without")
     for test, ratio in report.get("ratios_replicas", {}).items():
         console.print(f"{test.upper()}: with {report['config'].get('replicas', 1)} "
                       f"replica(s) per shard, {ratio:.2f}x the throughput without")
@@ -1264,6 +1373,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replicas", type=_non_negative, default=0, metavar="N",
                    help="also run against a cluster whose shards have N replicas each "
                         "(row zkv-replicas; ratios_replicas: it against zkv)")
+    p.add_argument("--curve", action="store_true",
+                   help="also run a second cluster with CURVE on every link (keys made for "
+                        "the run; row zkv-curve, and with --compare floor-curve and "
+                        "floor-1hop-curve; ratios_curve: each against its plain row)")
     p.add_argument("--failovers", type=_positive, default=3, metavar="N",
                    help="with --replicas: time N failovers (default 3)")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
@@ -1291,6 +1404,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
                   proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
                   metrics=args.metrics, replicas=args.replicas, failovers=args.failovers,
+                  curve=args.curve,
                   memory=args.memory,
                   recovery=args.recovery)
 
