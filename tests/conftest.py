@@ -63,15 +63,18 @@ _SESSION_KEYS: list[Keys] = []
 
 def curve_by_default() -> Keys | None:
     """With ZKV_TEST_CURVE=1, every topology a test writes turns CURVE on (with one key
-    set for the session), and every zkv.Client uses the admin key (ZKV_CURVE_KEY):
-    the same tests, run over encrypted, authenticated links."""
+    set for the session), every process started by flags gets the keys, a Cluster's
+    clients use the admin key and every other zkv.Client (ZKV_CURVE_KEY) and raw
+    socket the cluster key (tests send internal operations by hand): the same tests,
+    run over encrypted, authenticated links."""
     if os.environ.get("ZKV_TEST_CURVE") != "1":
         return None
     if not _SESSION_KEYS:
         import tempfile
 
         keys = Keys(Path(tempfile.mkdtemp(prefix="zkv-test-keys-")))
-        os.environ["ZKV_CURVE_KEY"], os.environ["ZKV_SERVER_KEY"] = keys.admin, keys.cluster
+        os.environ["ZKV_CURVE_KEY"] = keys.cluster_secret
+        os.environ["ZKV_SERVER_KEY"] = keys.cluster
         _SESSION_KEYS.append(keys)
     return _SESSION_KEYS[0]
 
@@ -262,6 +265,11 @@ class Raw:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        keys = curve_by_default()
+        if keys is not None:  # hand-made frames, over CURVE with the cluster key
+            from zkv.security import Curve
+
+            Curve.client(keys.cluster_secret).connect(self.sock)
         self.sock.connect(f"tcp://{addr}")
 
     def send(self, *frames: bytes) -> None:
