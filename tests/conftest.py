@@ -82,6 +82,16 @@ def curve_by_default() -> Keys | None:
 curve_by_default()
 
 
+def speak_curve_if_on(sock: zmq.Socket[Any]) -> None:
+    """A hand-made client socket, made a CURVE client with the cluster key when the run
+    has CURVE on (ZKV_TEST_CURVE=1)."""
+    keys = curve_by_default()
+    if keys is not None:
+        from zkv.security import Curve
+
+        Curve.client(keys.cluster_secret).connect(sock)
+
+
 def free_port() -> int:
     """A free TCP port for a test's process to bind, below the kernel's range of ephemeral
     ports: the kernel hands those out meanwhile (to outgoing connections, to a node's
@@ -265,11 +275,7 @@ class Raw:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        keys = curve_by_default()
-        if keys is not None:  # hand-made frames, over CURVE with the cluster key
-            from zkv.security import Curve
-
-            Curve.client(keys.cluster_secret).connect(self.sock)
+        speak_curve_if_on(self.sock)  # hand-made frames, over CURVE when the run has it
         self.sock.connect(f"tcp://{addr}")
 
     def send(self, *frames: bytes) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 import zmq
-from conftest import REPO, Cluster, free_port, module_cluster, wait_until
+from conftest import REPO, Cluster, free_port, module_cluster, speak_curve_if_on, wait_until
 
 import zkv
 from zkv import protocol as P
@@ -189,6 +189,7 @@ def test_req_and_pipelining_dealer_clients(shared: Cluster, zctx: zmq.Context[An
     req = zctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.setsockopt(zmq.RCVTIMEO, 5000)
+    speak_curve_if_on(req)
     req.connect(f"tcp://{shared.address}")
     req.send(P.encode_request("SET", b"req:k", b"from REQ"))
     assert P.decode_reply(req.recv()) == "OK"
@@ -199,6 +200,7 @@ def test_req_and_pipelining_dealer_clients(shared: Cluster, zctx: zmq.Context[An
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    speak_curve_if_on(dealer)
     dealer.connect(f"tcp://{shared.address}")
     n = 200
     for i in range(n):
