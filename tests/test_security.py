@@ -77,8 +77,7 @@ def test_secret_keys_with_loose_permissions_or_the_wrong_half_are_refused(
     os.chmod(secret, 0o600)
     assert load_secret(secret)[0] == zmq.auth.load_certificate(public)[0]
     with pytest.raises(ConfigError, match="holds no secret key"):
-        os.chmod(public, 0o600)
-        load_secret(public)
+        load_secret(public)  # (mode 0644: the public half is named as such first)
     (tmp_path / "junk").write_text("hello")
     os.chmod(tmp_path / "junk", 0o600)
     with pytest.raises(ConfigError, match="not a key file"):
@@ -120,6 +119,34 @@ def test_the_keyring_gives_each_key_its_highest_role_and_follows_its_directories
     assert ring.role(public_of(keys.client)) is None
     assert ring.refresh(101.5) and ring.role(public_of(keys.client)) == CLIENT
     assert not ring.refresh(103.0)  # nothing changed since
+    # a file that is not a key (empty, junk, a directory, a dangling link) is skipped,
+    # never the other keys of its directory
+    (clients / "empty.key").write_text("")
+    (clients / "junk.key").write_bytes(os.urandom(64))
+    (clients / "dir.key").mkdir()
+    (clients / "dangling.key").symlink_to(tmp_path / "nowhere")
+    assert ring.refresh(105.0)
+    assert ring.role(public_of(keys.client)) == CLIENT
+    assert ring.role(public_of(keys.rogue)) == CLIENT
+
+
+def test_refusals_are_logged_within_a_budget_whatever_keys_an_attacker_mints(
+        keys: Keys, caplog: Any) -> None:
+    """One line per refused key at most every ten seconds, and at most twenty lines in
+    all in that time: a fresh key per connection costs an attacker nothing."""
+    from zkv.security import _LOG_LINES, _Authenticator
+
+    ring = Keyring({}, zmq.auth.load_certificate(keys.cluster)[0])
+    auth = _Authenticator(zmq.Context.instance(), ring, "proxy test")
+    with caplog.at_level("WARNING", logger="zkv.security"):
+        for _ in range(3):
+            assert not auth.callback("zkv", public_of(keys.rogue).encode())
+        for _ in range(100):
+            assert not auth.callback("zkv", zmq.curve_keypair()[0])
+    lines = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(lines) == _LOG_LINES
+    assert sum(public_of(keys.rogue) in r.getMessage() for r in lines) == 1
+    assert auth.callback("zkv", zmq.auth.load_certificate(keys.cluster)[0])
 
 
 @pytest.mark.parametrize("role,kind,allowed", [
@@ -277,6 +304,21 @@ def test_a_node_takes_internal_operations_only_from_cluster_keys(secure: Any) ->
             client(secure, keys.admin, address=node).call(op, *args)
     cluster_key = client(secure, keys.cluster_secret, address=node)
     assert "outgoing" in cluster_key.call("XSTAT")
+    # what a data key may send of the routing core's steps is held to SET's limits
+    from zkv.ring import Ring
+
+    status = client(secure, keys.admin).status()
+    ring = Ring(status["members"], status["vnodes"])
+
+    def mine(make: Any) -> bytes:
+        return next(k for k in map(make, range(1000)) if ring.owner(k) == node)
+
+    long_key = mine(lambda i: b"%d-" % i + b"k" * 70000)
+    with pytest.raises(zkv.LimitExceeded, match="key of 700.. bytes is over the limit"):
+        data.call("XFILL", {"key": long_key, "value": b"v", "deadline": None})
+    with pytest.raises(zkv.LimitExceeded, match="value of 16777217 bytes is over the limit"):
+        data.call("XFILL", {"key": mine(lambda i: b"big-%d" % i),
+                            "value": b"v" * (16 * 1024 * 1024 + 1), "deadline": None})
     # a data key under a cluster link's routing id (whose replies a node never holds
     # back) is refused everything
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -304,6 +346,37 @@ def test_a_backup_with_curve_streams_to_the_cluster_key_only(secure: Any,
                server_key=keys.cluster)
     manifest = backup(secure.address, str(tmp_path / "yes"), curve_key=keys.cluster_secret)
     assert manifest["keys"] >= 50 and read_manifest(str(tmp_path / "yes"))["keys"] >= 50
+    for f in (tmp_path / "yes").glob("node-*.zkv"):  # every key: for the owner's eyes
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+
+
+def test_a_data_keys_envelope_is_checked_key_by_key(secure: Any, zctx: Any) -> None:
+    """A router's envelope is placed by the node's own configuration and not checked
+    key by key; a data key's (the direct client's) is, so it cannot plant a key on a
+    node that does not own it."""
+    from zkv.ring import Ring
+
+    keys = secure.topo.keys
+    admin = client(secure, keys.admin)
+    status = admin.status()
+    ring = Ring(status["members"], status["vnodes"])
+    node = secure.node_addrs[0]
+    stray = next(b"stray-%d" % i for i in range(1000)
+                 if ring.owner(b"stray-%d" % i) != node)
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    Curve.client(keys.client, keys.cluster).connect(sock)
+    sock.connect(f"tcp://{node}")
+    sock.send_multipart([b"\x00env1", P.encode_envelope(
+        status["epoch"], [(7, P.encode_request("SET", stray, b"planted"))])])
+    assert sock.poll(5000), "no reply"
+    [(tag, body)] = P.decode_reply_envelope(sock.recv_multipart()[-1])
+    assert tag == 7
+    with pytest.raises(zkv.Moved):
+        P.decode_reply(body)
+    assert admin.get(stray) is None
+    assert int(client(secure, keys.cluster_secret, address=node).info()["keys"]) == \
+        admin.info()["nodes"][node]["keys"]
 
 
 def _push_handshake(ctx: zmq.Context[Any], endpoint: str, curve: Curve | None) -> str:
@@ -397,6 +470,7 @@ def test_insecure_setups_off_loopback_refuse_to_start(procs: Any, tmp_path: Path
                             "--resp-port", str(free_port()), "--curve-key",
                             keys.cluster_secret, "--clients", keys.clients)
     assert resp_only.wait_exit(20) == 1 and "the RESP front" in resp_only.output
+    assert "with no password" in resp_only.output and "--resp-password-file" in resp_only.output
     loose = tmp_path / "loose.key_secret"
     shutil.copy(keys.cluster_secret, loose)
     os.chmod(loose, 0o644)
@@ -484,6 +558,21 @@ def test_add_and_remove_between_replicated_shards_with_curve(
 
     run(make_cluster, procs, tmp_path)
     assert "security:" in next(tmp_path.glob("cluster*/cluster.yaml")).read_text()
+
+
+@pytest.mark.timeout(180)
+def test_direct_clients_with_data_keys_through_an_add_and_a_remove(
+        curve_on: Keys, monkeypatch: Any, make_cluster: Any, procs: Any,
+        tmp_path: Path) -> None:
+    """The direct client runs the routing core with a data key: through a move it sends
+    the core's per-key steps, and a node checks every key of its envelopes (a data
+    key's envelope could name a key the node does not own)."""
+    from test_direct import (
+        test_direct_clients_through_an_add_and_a_remove_under_load_lose_nothing as run,
+    )
+
+    monkeypatch.setenv("ZKV_CURVE_KEY", curve_on.client)
+    run(make_cluster, procs, tmp_path)
 
 
 @pytest.mark.timeout(180)

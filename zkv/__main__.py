@@ -76,15 +76,15 @@ def _secure(args: argparse.Namespace, topo: Any, host: str, what: str,
     (off loopback without CURVE, it must not start: not even lock a state directory);
     returns what gives the server its CURVE identity (and the RESP front its password)."""
     from .config import format_address
-    from .security import check_exposure, read_password
+    from .security import check_exposure, check_resp_exposure, read_password
 
     settings, curve = _security(args, topo, what)
     check_exposure(host, curve, settings.insecure, what)
     password = (read_password(settings.resp_password_file)
                 if settings.resp_password_file and resp_port else None)
-    if resp_port and password is None:
-        check_exposure(host, None, settings.insecure,
-                       f"the RESP front {format_address(host, resp_port)}")
+    if resp_port:
+        check_resp_exposure(host, password, settings.insecure,
+                            f"the RESP front {format_address(host, resp_port)}")
 
     def give(server: Any) -> None:
         server.curve, server.insecure = curve, settings.insecure

@@ -98,7 +98,9 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
         total = sum(expected.values())
         try:
             for i, member in enumerate(members):
-                f = open(os.path.join(directory, _file_name(i)), "wb")
+                # (every key of the cluster: readable by its owner only)
+                f = os.fdopen(os.open(os.path.join(directory, _file_name(i)),
+                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
                 f.write(wal.encode((wal.META, {"backup": backup_id, "node": member})))
                 files[member] = f
             got = _receive(pull, backup_id, files, expected, timeout, progress, total)

@@ -282,6 +282,7 @@ class Node:
                         and 0 < spec["deadline"] <= MAX_DEADLINE)):
             raise ProtocolError("XFILL takes {key, value (or null), deadline (or null)}")
         key = spec["key"]
+        P.check_stored(key, spec.get("value"), self.limits)
         if ks.state(key, _now())[0] != UNKNOWN:
             return False
         if spec.get("value") is None:
@@ -927,8 +928,11 @@ class Node:
         messages: list[list[bytes]] = []
         chunk: list[tuple[int, bytes]] = []
         size = 0
+        # (a router placed these by this very configuration; a data key's envelope, the
+        # direct client's, is checked key by key: it could name any key)
+        check = self.curve is not None and self.peer_role != CLUSTER
         for tag, request in items:
-            reply = refused or self.run_body(request, False)
+            reply = refused or self.run_body(request, check)
             if chunk and size + len(reply) > limit:
                 messages.append([*routing, P.encode_reply_envelope(chunk)])
                 chunk, size = [], 0

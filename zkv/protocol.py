@@ -331,6 +331,14 @@ def _value(value: Any, limits: Limits) -> bytes:
     return data
 
 
+def check_stored(key: bytes, value: bytes | None, limits: Limits) -> None:
+    """Refuse a key or value over the limits, as SET would (for what internal requests
+    carry: a moving key's state may not be larger than a client could have written)."""
+    _key(key, limits)
+    if value is not None:
+        _value(value, limits)
+
+
 def _list(value: Any, what: str, limits: Limits) -> list[Any]:
     if not isinstance(value, list):
         raise ProtocolError(f"{what} must be an array, not {type(value).__name__}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -224,8 +225,10 @@ class Replicator:
         sock: zmq.Socket[bytes] = self.node.ctx.socket(zmq.DEALER)
         if self.node.curve is not None:
             self.node.curve.connect(sock)
+        # (a fresh random part per link, never shown anywhere: a peer that took the id
+        # first would shut this link out of the replica's ROUTER)
         sock.setsockopt(zmq.ROUTING_ID, ROUTER_ID_PREFIX + b"repl/" + self.address.encode()
-                        + b"/" + self.node.incarnation.encode())
+                        + b"/" + os.urandom(8).hex().encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.SNDHWM, LINK_HWM)

@@ -49,6 +49,7 @@ CLUSTER_DOMAIN = "zkv-cluster"  # PULL sockets (moves, catch-up, backups): clust
 RELOAD_EVERY = 1.0  # seconds between looks at the key directories
 _SETTING = {CLUSTER: "cluster_keys", ADMIN: "admins", CLIENT: "clients"}
 _LOG_EVERY = 10.0  # seconds between log lines about one refused key
+_LOG_LINES = 20  # refusal lines in all per _LOG_EVERY (then a count): fresh keys are free
 
 
 # --- key files ----------------------------------------------------------------------------
@@ -88,14 +89,14 @@ def load_secret(path: str, what: str = "--curve-key") -> tuple[bytes, bytes]:
         raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
         raise ConfigError(f"{what} {path}: not a file")
-    if mode & 0o077:
-        raise ConfigError(
-            f"{what} {path}: the secret key file is readable by others (mode "
-            f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}")
     public, secret = _load(path, what)
     if secret is None:
         raise ConfigError(f"{what} {path}: holds no secret key (that is the public half; "
                           "give the .key_secret file)")
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path}: the secret key file is readable by others (mode "
+            f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}")
     return public, secret
 
 
@@ -132,7 +133,7 @@ class Keyring:
                 name = _SETTING[role]
                 raise ConfigError(f"{name} {directory}: not a directory (the {role} keys' "
                                   f"directory: --{name.replace('_', '-')} or security.{name})")
-        self.reload()
+        self.reload(strict=True)
 
     def _scan(self) -> Any:
         out: list[tuple[str, list[tuple[str, int]] | None]] = []
@@ -145,17 +146,29 @@ class Keyring:
                 out.append((role, None))
         return out
 
-    def reload(self) -> None:
+    def reload(self, strict: bool = False) -> None:
+        """Read every directory's ``*.key`` files. A file that is not a public key is
+        skipped (and logged by name), never the rest; with ``strict`` (at start), a
+        directory that cannot be read is a ConfigError."""
         roles = {self.cluster_key.decode(): CLUSTER}
         signature = self._scan()
         for role, directory in self.dirs.items():
             try:
-                keys = zmq.auth.load_certificates(directory)
-            except (OSError, ValueError) as exc:
-                log.error("cannot read the %s keys in %s: %s (keeping none of them)",
-                          role, directory, exc)
+                names = sorted(n for n in os.listdir(directory) if n.endswith(".key"))
+            except OSError as exc:
+                if strict:
+                    raise ConfigError(f"{_SETTING[role]} {directory}: cannot read it: "
+                                      f"{exc.strerror or exc}") from None
+                log.error("cannot read the %s keys in %s: %s (none of them is allowed "
+                          "until it can be read)", role, directory, exc.strerror or exc)
                 continue
-            for key in keys:
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    key = _load(path, _SETTING[role])[0]
+                except ConfigError as exc:
+                    log.error("skipping %s: %s", path, exc)
+                    continue
                 text = key.decode()
                 if _RANK[role] > _RANK.get(roles.get(text, ""), 0):
                     roles[text] = role
@@ -212,8 +225,8 @@ def require(role: str | None, op: str, kind: str, where: str) -> None:
         raise NoPerm(f"{where}: routing ids starting with zkv-router/ are kept for the "
                      "cluster's own links; this connection's key is not a cluster key")
     need = "a cluster key" if kind == "internal" else "an admin key"
-    article = "an" if role == ADMIN else "a"
-    raise NoPerm(f"{where}: {op} needs {need}; this connection's key is {article} {role} key")
+    raise NoPerm(f"{where}: {op} needs {need}; this connection's key is {_article(role)} "
+                 f"{role} key")
 
 
 class _Authenticator(ThreadAuthenticator):
@@ -225,7 +238,8 @@ class _Authenticator(ThreadAuthenticator):
         self.keyring = keyring
         self.what = what
         self._address = ""
-        self._logged: dict[str, float] = {}
+        self._logged: dict[str, float] = {}  # key -> when its refusal was last logged
+        self._window, self._lines, self._unlogged = -_LOG_EVERY, 0, 0
         for domain in (DATA_DOMAIN, CLUSTER_DOMAIN):
             self.configure_curve_callback(domain, self)
 
@@ -238,16 +252,29 @@ class _Authenticator(ThreadAuthenticator):
         if self.keyring.admits(domain, text):
             return True
         now = time.monotonic()
-        if now - self._logged.get(text, -_LOG_EVERY) >= _LOG_EVERY:
-            if len(self._logged) > 1000:
-                self._logged.clear()
-            self._logged[text] = now
-            known = self.keyring.role(text)
-            why = (f"a {known} key, and only cluster keys may connect here" if known
-                   else "not an allowed key")
-            log.warning("%s refused a connection from %s: key %s is %s", self.what,
-                        self._address, text, why)
+        if now - self._window >= _LOG_EVERY:  # a new window: say what was not logged
+            if self._unlogged:
+                log.warning("%s refused %d more connections in the last %d s (not logged "
+                            "one by one)", self.what, self._unlogged, int(_LOG_EVERY))
+            self._window, self._lines, self._unlogged = now, 0, 0
+        if (now - self._logged.get(text, -_LOG_EVERY) < _LOG_EVERY
+                or self._lines >= _LOG_LINES):
+            self._unlogged += 1
+            return False
+        if len(self._logged) > 1000:
+            self._logged.clear()
+        self._logged[text] = now
+        self._lines += 1
+        known = self.keyring.role(text)
+        why = (f"{_article(known)} {known} key, and only cluster keys may connect here"
+               if known else "not an allowed key")
+        log.warning("%s refused a connection from %s: key %s is %s", self.what,
+                    self._address, text, why)
         return False
+
+
+def _article(role: str) -> str:
+    return "an" if role[:1] in "aeiou" else "a"
 
 
 class Curve:
@@ -334,6 +361,16 @@ def check_exposure(host: str, curve: Curve | None, insecure: bool, what: str) ->
             "Security section), or pass --insecure on a network you trust")
 
 
+def check_resp_exposure(host: str, password: str | None, insecure: bool, what: str) -> None:
+    """Refuse a RESP front off loopback without a password unless told ``insecure``."""
+    if password is None and not insecure and not is_loopback(host):
+        raise ConfigError(
+            f"{what} would listen on {host} with no password: RESP cannot use CURVE, so "
+            "anyone who can reach it could read and write every key. Give it a password "
+            "(--resp-password-file, or security.resp_password_file) and keep it on a "
+            "trusted network or behind TLS termination (stunnel), or pass --insecure")
+
+
 def read_password(path: str) -> str:
     """The RESP front's AUTH password: the first line of a file only its owner reads."""
     try:
@@ -351,6 +388,6 @@ def read_password(path: str) -> str:
     return text
 
 
-__all__ = ["ADMIN", "CLIENT", "CLUSTER", "CLUSTER_DOMAIN", "DATA_DOMAIN", "Curve", "Keyring",
-           "check_exposure", "curve_for", "is_loopback", "keygen", "load_public",
-           "load_secret", "permits", "read_password", "require"]
+__all__ = ["ADMIN", "CLIENT", "CLUSTER", "CLUSTER_DOMAIN", "DATA_DOMAIN", "IMPOSTOR", "Curve",
+           "Keyring", "check_exposure", "check_resp_exposure", "curve_for", "is_loopback",
+           "keygen", "load_public", "load_secret", "permits", "read_password", "require"]

@@ -55,7 +55,7 @@ from .placement import Placement
 from .respfront import RespFront
 from .ring import Ring
 from .router import CORE_OPS, Router
-from .security import Curve, check_exposure, require
+from .security import Curve, check_exposure, check_resp_exposure, require
 
 log = logging.getLogger("zkv.proxy")
 
@@ -689,7 +689,9 @@ class ProxyShell:
             self._continue(entry, exc)
 
     def _node_down(self, addr: str) -> None:
-        log.warning("node %s is down (no heartbeat reply)", addr)
+        log.warning("node %s is down (no heartbeat reply%s)", addr,
+                    "; with CURVE, a node that never answers may hold another cluster key"
+                    if self.curve is not None else "")
         self.router.set_down(addr, True, time.monotonic())
         self._abandon_in_flight(addr, f"node {addr} went down")
 
@@ -807,9 +809,9 @@ class ProxyShell:
         front.setsockopt(zmq.IPV6, 1)
         try:
             check_exposure(self.host, self.curve, self.insecure, f"proxy {self.address}")
-            if self.resp_port and self.resp_password is None:
-                check_exposure(self.host, None, self.insecure,
-                               f"the RESP front {format_address(self.host, self.resp_port)}")
+            if self.resp_port:
+                check_resp_exposure(self.host, self.resp_password, self.insecure,
+                                    f"the RESP front {format_address(self.host, self.resp_port)}")
         except ConfigError:
             self.ctx.destroy(0)
             raise
