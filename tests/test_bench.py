@@ -201,9 +201,11 @@ def test_metrics_on_and_off_in_one_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_curve_on_and_off_in_one_run(tmp_path: Path) -> None:
+def test_curve_on_and_off_in_one_run(tmp_path: Path, monkeypatch: Any) -> None:
     """zkv bench --curve: every test on the plain cluster and on one with CURVE on (keys
-    made for the run), and each one's ratio."""
+    made for the run), and each one's ratio. Keys the environment names for clients
+    (ZKV_CURVE_KEY) are for the user's clusters, not the bench's own."""
+    monkeypatch.setenv("ZKV_CURVE_KEY", str(tmp_path / "someone-elses.key_secret"))
     report = bench_json(tmp_path, "-t", "set,get", "-n", "100", "-r", "100", "--nodes", "1",
                         "--curve")
     assert report["config"]["curve"] is True

@@ -1411,6 +1411,11 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from(args)
+    if cfg.proxy is None:
+        # the clusters are the bench's own (plain, or with --curve the keys it makes):
+        # keys the environment names for zkv.Client are for the user's clusters
+        for name in ("ZKV_CURVE_KEY", "ZKV_SERVER_KEY"):
+            os.environ.pop(name, None)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.json:
