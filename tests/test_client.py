@@ -331,6 +331,35 @@ def test_an_untagged_write_is_sent_once(
 
 
 @pytest.mark.timeout(30)
+def test_call_many_tags_its_writes_and_retries_what_got_no_reply(
+    fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client]
+) -> None:
+    """call_many's writes are tagged as call's are, and a command that got no reply is
+    sent again, byte for byte (the node that applied a write answers its first outcome);
+    a read too, but not a pipeline, which is not tagged."""
+    silent: set[int] = {0, 1}  # the first two requests go unanswered
+
+    def answer(n: int, op: str) -> bytes | None:
+        return None if n in silent else P.encode_ok(n)
+
+    server = fake(answer)
+    c = clients(server.address, timeout=0.3, retries=2)
+    out = c.call_many([("SET", [b"a", b"1"]), ("GET", [b"a"]), ("INCR", [b"n"])])
+    assert [type(r) for r in out] == [int, int, int]
+    assert [o for _, o in server.seen] == ["ONCE", "GET", "ONCE", "ONCE", "GET"]
+    assert server.bodies[3] == server.bodies[0]  # the same write, the same id and number
+    assert server.bodies[4] == server.bodies[1]
+    seqs = [cbor2.loads(b)[2] for b in server.bodies if cbor2.loads(b)[0] == "ONCE"]
+    assert seqs == [1, 2, 1]
+    silent.update(range(5, 100))  # from now on nothing is answered
+    late = c.call_many([("SET", [b"b", b"2"]), ("PIPE", [[["GET", b"k"]]])])
+    assert all(isinstance(r, zkv.Timeout) and "unknown" in str(r) for r in late)
+    time.sleep(0.5)
+    ops = [o for _, o in server.seen[5:]]
+    assert ops.count("ONCE") == 3 and ops.count("PIPE") == 1  # the write 1 + 2 retries
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("op", ["SET", "DEL", "MSET", "INCR"])
 def test_a_write_is_retried_with_its_id_and_number(
     fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client], op: str

@@ -168,21 +168,66 @@ class Client(StringCommands):
 
     def call_many(self, commands: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Send many commands at once, each its own request, many in flight together.
-        Returns each result, or the ZkvError it raised, in order. Nothing is retried."""
-        bodies = [P.encode_request(op, *args) for op, args in commands]
+        Returns each result, or the ZkvError it raised, in order. Each is retried as
+        :meth:`call` retries it: writes are tagged, so a write that got no reply is
+        sent again (the node that applied it answers its first outcome), and so is a
+        read; a write's outcome is unknown only once every try has run out."""
+        ops: list[str] = []
+        bodies: list[bytes] = []
+        retried: list[bool] = []
+        tagged: list[bool] = []
+        for op, args in commands:
+            op = op.upper() if isinstance(op, str) else op
+            body, tag, retry = self._request(op, list(args))
+            ops.append(op)
+            bodies.append(body)
+            tagged.append(tag)
+            retried.append(retry)
+        replies: list[bytes | Timeout | NotSent | None] = [None] * len(bodies)
+        pending = list(range(len(bodies)))
+        for attempt in range(1 + self.retries):
+            last = attempt == self.retries
+            again: list[int] = []
+            pause = False
+            for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
+                if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
+                        reply, bytes) and _unavailable(reply)):
+                    again.append(i)
+                    pause = True  # nothing sent, or a failover, say: give it a moment
+                elif not last and isinstance(reply, Timeout) and retried[i]:
+                    again.append(i)
+                else:
+                    replies[i] = reply
+            if not again:
+                break
+            if pause:
+                time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
+            pending = again
         out: list[Any] = []
-        for (op, _), reply in zip(commands, self._exchange_many(bodies)):
-            if isinstance(reply, Timeout):
-                out.append(Timeout(f"{reply}; the outcome of {op} is unknown"))
+        for op, got in zip(ops, replies):
+            if isinstance(got, Timeout):
+                out.append(Timeout(f"{got}; the outcome of {op} is unknown"))
                 continue
-            if isinstance(reply, NotSent):
-                out.append(reply)
+            if isinstance(got, NotSent) or got is None:
+                out.append(got)
                 continue
             try:
-                out.append(P.decode_reply(reply))
+                out.append(P.decode_reply(got))
             except ZkvError as exc:
                 out.append(exc)
         return out
+
+    def _request(self, op: str, args: list[Any]) -> tuple[bytes, bool, bool]:
+        """The body of one command, whether it is tagged (a write: ONCE with this
+        client's id and its next sequence number) and whether a timeout is retried."""
+        kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
+        tagged = op in P.WRITE_OPS
+        if tagged:
+            self._seq += 1
+            body = P.encode_request("ONCE", self.client_id, self._seq, [op, *args])
+        else:
+            body = P.encode_request(op, *args)
+        return body, tagged, tagged or kind in (P.READ, P.META) and op != "PIPE"
 
     def pipeline(self) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
@@ -199,14 +244,9 @@ class Client(StringCommands):
         every try has run out is a write's outcome unknown (``zkv.Timeout`` says so)."""
         op = op.upper() if isinstance(op, str) else op
         kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
-        tagged = op in P.WRITE_OPS
-        if tagged:
-            self._seq += 1
-            body = P.encode_request("ONCE", self.client_id, self._seq, [op, *args])
-        else:
-            body = P.encode_request(op, *args)
+        body, tagged, retried = self._request(op, list(args))
         if retry is None:
-            retry = tagged or kind in (P.READ, P.META) and op != "PIPE"
+            retry = retried
         attempts = 1 + self.retries
         timeouts = 0
         key = args[0] if args and self._direct is not None else None
