@@ -5,6 +5,10 @@ waiting (up to a limit), executes them against the in-memory map, commits the
 log records they produced with one write (and one fsync under ``always``), and
 only then sends the replies: group commit, and no acknowledgement before the
 write is as durable as the policy promises.
+
+With CURVE (zkv.security) its ROUTER takes any allowed key and its PULL socket
+cluster keys only; each request is checked against the role of the key it came
+from (internal operations need the cluster key).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ epoch they were routed by. INFO and NODES gather every node's answer here.
 Heartbeats (:class:`zkv.cluster.Health`, XHEALTH) mark silent nodes down so their
 keys fail fast with an error naming the node while the rest keep working.
 
+With CURVE (zkv.security) the front is a CURVE server and every request is checked
+against the role of the key it came from (ADD and the like need an admin key); the
+links to the nodes present the cluster key.
+
 Two kinds of proxy are built on it: the config manager (:class:`zkv.proxy.Proxy`,
 which owns the state directory and changes the configuration) and a follower
 (:class:`zkv.follower.Follower`, which learns it).
