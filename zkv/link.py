@@ -45,16 +45,8 @@ _FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-_HANDSHAKE_FAILURES: dict[int, str] = {
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "closed the connection before the handshake finished: it may be at its connection "
-        "limit (max_clients), or not be a zkv server"),
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
-        "is not a zkv server: the ZeroMQ handshake failed (it speaks another protocol)"),
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
-        "refused the handshake: the keys do not match (check the server key)"),
-}
-# the same, when this side speaks CURVE (a wrong server key looks like a shed connection)
+# what a failed handshake most likely means when this side speaks CURVE (a wrong
+# server key looks like a shed connection)
 _CURVE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "did not accept the CURVE handshake: the server key is most likely wrong (it must "
@@ -66,8 +58,10 @@ _CURVE_FAILURES: dict[int, str] = {
         "refused this client's key: it is not in the server's allowed keys (ask for your "
         "public key to be added to its clients or admins directory)"),
 }
-_PLAIN_FAILURES = {
-    **_HANDSHAKE_FAILURES,
+# what a failed handshake most likely means, when this side does not speak CURVE
+_PLAIN_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "refused the handshake: the keys do not match (check the server key)"),
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "closed the connection before the handshake finished: it may be at its connection "
         "limit (max_clients), require CURVE (give curve_key and server_key / --curve-key "

@@ -146,12 +146,13 @@ class Keyring:
                 out.append((role, None))
         return out
 
-    def reload(self, strict: bool = False) -> None:
+    def reload(self, strict: bool = False, signature: Any = None) -> None:
         """Read every directory's ``*.key`` files. A file that is not a public key is
         skipped (and logged by name), never the rest; with ``strict`` (at start), a
         directory that cannot be read is a ConfigError."""
         roles = {self.cluster_key.decode(): CLUSTER}
-        signature = self._scan()
+        if signature is None:
+            signature = self._scan()
         for role, directory in self.dirs.items():
             try:
                 names = sorted(n for n in os.listdir(directory) if n.endswith(".key"))
@@ -179,10 +180,11 @@ class Keyring:
         if now < self._next:
             return False
         self._next = now + RELOAD_EVERY
-        if self._scan() == self._signature:
+        signature = self._scan()
+        if signature == self._signature:
             return False
         before = self.roles
-        self.reload()
+        self.reload(signature=signature)
         log.info("key directories changed: %d keys allowed (was %d)", len(self.roles),
                  len(before))
         return True
