@@ -80,6 +80,31 @@ def test_a_rolled_back_turn_remembers_nothing() -> None:
     assert list(table.items()) == [(b"a", 1, "first")] and len(table) == 1
 
 
+def test_what_is_let_go_is_known_to_be_forgotten(monkeypatch: Any) -> None:
+    """Past the window, a seq is refused as of unknown outcome, not taken for new; the
+    floors travel in the flat table (snapshots, moves, replica syncs) and roll back."""
+    monkeypatch.setattr(once, "WINDOW", 4)
+    table = once.Outcomes()
+    for seq in range(1, 11):
+        table.remember(b"a", seq, seq)
+    assert [table.forgotten(b"a", s) for s in (1, 6, 7, 11)] == [True, True, False, False]
+    assert table.get(b"a", 7) == (True, 7) and not table.forgotten(b"b", 1)
+    copy = once.Outcomes()
+    copy.merge(table.flat())
+    assert copy.forgotten(b"a", 6) and not copy.forgotten(b"a", 7) and copy.get(b"a", 10)[0]
+    table.commit()
+    mark = table.mark()
+    table.remember(b"a", 11, 11)  # lets 7 go
+    table.clear()
+    assert not table.forgotten(b"a", 6)
+    table.rollback_to(mark)
+    assert table.forgotten(b"a", 6) and not table.forgotten(b"a", 7)
+    monkeypatch.setattr(once, "MAX_ENTRIES", 6)
+    for seq in range(1, 5):
+        table.remember(b"b", seq, "OK")  # the oldest client goes whole: its floor stays
+    assert b"a" not in table.clients and table.forgotten(b"a", 10)
+
+
 def test_large_outcomes_are_kept_as_their_size() -> None:
     assert once.kept(b"x" * (once.MAX_OUTCOME_BYTES + 1)) == {"big": once.MAX_OUTCOME_BYTES + 1}
     assert once.kept(b"small") == b"small" and once.kept(7) == 7
@@ -98,6 +123,74 @@ def test_a_retried_write_returns_its_first_outcome(nodes: Any) -> None:
     assert node.storage.keyspace.get(b"k", 0) == b"2" and node.counters["RETRIED"] == 2
     with pytest.raises(zkv.ProtocolError, match="ONCE tags a write"):
         result(node.run_body(tagged(5, "GET", b"k"), False))
+
+
+def test_a_retry_past_the_window_is_refused_not_applied_again(
+        nodes: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(once, "WINDOW", 4)
+    node = nodes("n")
+    for seq in range(1, 11):
+        node.run_body(tagged(seq, "INCR", b"k"), False)
+    with pytest.raises(zkv.OutcomeUnknown, match="no longer remembered"):
+        result(node.run_body(tagged(2, "INCR", b"k"), False))
+    with pytest.raises(zkv.OutcomeUnknown):  # asked by a router for a moving key
+        result(node.run_body(P.encode_request("XSEEN", {"client": CLIENT, "seq": 2}), False))
+    node.storage.commit()
+    assert node.storage.keyspace.get(b"k", 0) == b"10"
+    assert isinstance(zkv.OutcomeUnknown(""), zkv.Timeout)  # what a client's except sees
+
+
+def pipe(*items: list[Any]) -> bytes:
+    return P.encode_request("PIPE", list(items))
+
+
+def tagged_item(seq: int, *request: Any) -> list[Any]:
+    return ["ONCE", CLIENT, seq, list(request)]
+
+
+def test_a_retried_pipeline_applies_nothing_twice(tmp_path: Path) -> None:
+    """Tagged SETs in a PIPE take the short path, logged as one ONCERUN record with
+    their outcomes; a retry of the PIPE, before and after a restart, undoes no later
+    write and counts no INCR twice."""
+    def open_node() -> Node:
+        node = Node("127.0.0.1", 1, str(tmp_path / "n"), fsync="no")
+        node.recovery = node.storage.open()
+        return node
+
+    node = open_node()
+    body = pipe(tagged_item(1, "SET", b"a", b"first"), ["GET", b"a"],
+                tagged_item(2, "SET", b"b", b"first", {"px": 10**9}),
+                ["ONCE", b"other", 1, ["SET", b"c", b"x"]],  # another client: a new run
+                tagged_item(3, "INCR", b"n"), tagged_item(4, "SET", b"d", b"x"))
+    want = [[P.OK, "OK"], [P.OK, b"first"], [P.OK, "OK"], [P.OK, "OK"], [P.OK, 1],
+            [P.OK, "OK"]]
+    assert result(node.run_body(body, False)) == want
+    records = [item for _, item in wal.LogScan(bytes(node.storage.pending))]
+    assert [r[0] for r in records].count(wal.ONCERUN) == 3
+    node.storage.commit()
+    for key in (b"a", b"b"):  # written since by someone else
+        node.run_body(P.encode_request("SET", key, b"later"), False)
+    assert result(node.run_body(body, False))[::2] == want[::2]  # the first outcomes
+    node.storage.commit(durable=True)
+    node.storage.close()
+    node = open_node()  # from the log: the writes and their outcomes
+    try:
+        assert result(node.run_body(body, False))[::2] == want[::2]
+        ks = node.storage.keyspace
+        assert ks.get(b"a", 0) == b"later" and ks.get(b"b", 0) == b"later"
+        assert ks.get(b"n", 0) == b"1" and node.counters["RETRIED"] == 5
+    finally:
+        node.storage.close()
+
+
+def test_a_torn_oncerun_record_loses_both_the_writes_and_their_outcomes() -> None:
+    ks = Keyspace()
+    record = wal.encode((wal.ONCERUN, CLIENT, [1, 2], "OK",
+                         wal.encode((wal.MSET, [b"a", b"1", b"b", b"2"]))))
+    ks.replay(wal.LogScan(record[:-3]))
+    assert not ks.data and not ks.once.get(CLIENT, 1)[0]
+    ks.replay(wal.LogScan(record))
+    assert ks.data == {b"a": b"1", b"b": b"2"} and ks.once.get(CLIENT, 2) == (True, "OK")
 
 
 def test_a_failed_write_is_not_remembered(nodes: Any) -> None:
@@ -216,6 +309,32 @@ def test_lost_replies_leave_the_exact_count(make_cluster: Any, zctx: zmq.Context
     direct.close()
 
 
+def test_lost_replies_of_pipelines_and_batches_leave_the_exact_count(
+        make_cluster: Any, zctx: zmq.Context[Any]) -> None:
+    """Pipelines and call_many tag their writes too: what got no reply is sent again
+    (in rounds, so that a retry follows fewer newer writes than a node remembers)."""
+    cluster: Cluster = make_cluster(nodes=2)
+    link = DroppingLink(zctx, cluster.address, drop=3)
+    try:
+        c = zkv.Client(f"127.0.0.1:{link.port}", timeout=0.25, retries=12)
+        for _ in range(3):
+            p = c.pipeline()
+            for i in range(3000):
+                p.incr(b"p%d" % (i % 3))
+            assert len(p.execute()) == 3000
+        # one key, so one node sees all 12000: more than it remembers per client
+        results = c.call_many([("INCR", [b"m"])] * (once.WINDOW + 4000))
+        assert not [r for r in results if isinstance(r, Exception)]
+        c.close()
+    finally:
+        link.close()
+    assert link.dropped >= 3
+    direct = cluster.client()
+    assert direct.mget([b"p0", b"p1", b"p2", b"m"]) == [b"3000"] * 3 + [
+        b"%d" % (once.WINDOW + 4000)]
+    direct.close()
+
+
 def test_a_proxy_killed_between_apply_and_reply_leaves_the_exact_count(
         make_cluster: Any) -> None:
     cluster: Cluster = make_cluster(nodes=2)
@@ -279,7 +398,9 @@ def test_a_retry_whose_outcome_was_too_large_to_keep_says_it_was_applied(nodes: 
 def test_the_short_path_reads_a_tagged_write_as_the_general_path_does(seq: int) -> None:
     for inner in (["SET", b"key", b"x" * 300], ["DEL", b"k"], ["SET", b"", b""]):
         body = P.encode_request("ONCE", CLIENT, seq, inner)
-        assert P._fast_once(body, P.DEFAULT_LIMITS) == P.check_request(cbor2.loads(body))
+        general = P.check_request(_General(cbor2.loads(body)))  # (no short path)
+        assert P._fast_once(body, P.DEFAULT_LIMITS) == general
+        assert P.check_request(cbor2.loads(body)) == general  # a PIPE's item
         for cut in range(len(body)):  # a torn body is refused, never misread
             try:
                 P.parse_request(body[:cut])
@@ -288,3 +409,7 @@ def test_the_short_path_reads_a_tagged_write_as_the_general_path_does(seq: int) 
     for refused in (["GET", b"k"], ["SET", b"k", b"v", b"extra"]):
         assert P._fast_once(P.encode_request("ONCE", CLIENT, seq, refused),
                             P.DEFAULT_LIMITS) is None
+
+
+class _General(list):  # type: ignore[type-arg]
+    """A request that the short paths of check_request (type(item) is list) pass by."""

@@ -388,6 +388,13 @@ def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -
                    configs=configs) == [None] * len(moving)
     if Placement(copy).moving_key(b"ttl"):
         assert net.run(live, [["PEXPIRETIME", b"ttl"]], configs=configs) == [1 << 45]
+    # with the old owner down, it cannot say whether it applied a tagged write: refused
+    # (worth a retry), never applied on the chance that it was not
+    old = Placement(copy).old_owner(moving[0])
+    live.set_down(old, True, 0.0)
+    refused = net.run(live, [["ONCE", b"client-3", 1, ["INCR", moving[0]]]], configs=configs)
+    assert refused == [("ERR", "UNAVAILABLE")]
+    live.set_down(old, False, 0.0)
     for t in prepare.move["transfers"]:  # type: ignore[index]
         stream(net, move_id, t["source"], C, RangeSet.from_list(t["ranges"]))
     got = net.run(live, [["GET", k] for k in keys], configs=configs)

@@ -103,7 +103,7 @@ KEYS_PER_MULTI = 10
 TARGETS = ("zkv", "zkv-direct", "direct", "floor", "floor-1hop", "redis")
 BASELINES = TARGETS[2:]  # what the zkv rows are divided by
 CURVE_SUFFIX = "-curve"  # zkv bench --curve: a row with CURVE beside each plain one
-PIPE_CHUNK = 1000  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
+PIPE_CHUNK = 1024  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
 REPLY_TIMEOUT = 10.0
 _TAG = struct.Struct("<Q")
 
@@ -234,18 +234,27 @@ def uses_pipe(test: str, pipeline: int, window: bool) -> bool:
     return pipeline > 1 and not window and test in ("set", "get", "incr", "setex")
 
 
-_BENCH_CLIENT = b"zkv-bench-client"
+_bench_client: tuple[int, bytes] | None = None  # (pid, id): each client process its own
 _bench_seq = itertools.count(1)
 
 
+def _tag(cmd: list[Any]) -> list[Any]:
+    """A write as zkv.Client sends it: tagged with a client id (one per process, as
+    sequence numbers are) and the next sequence number, for safe retries (zkv.once)."""
+    global _bench_client
+    if cmd[0] not in P.WRITE_OPS:
+        return cmd
+    if _bench_client is None or _bench_client[0] != os.getpid():
+        _bench_client = (os.getpid(), os.urandom(16))
+    return ["ONCE", _bench_client[1], next(_bench_seq), cmd]
+
+
 def round_bodies(cmds: list[list[Any]], pipe: bool) -> list[bytes]:
-    """The request bodies of one round, as zkv.Client would encode them (a single
-    write tagged for safe retries, zkv.once)."""
+    """The request bodies of one round, as zkv.Client would encode them."""
     if pipe:
-        return [P.encode_request("PIPE", cmds[i : i + PIPE_CHUNK])
+        return [P.encode_request("PIPE", [_tag(c) for c in cmds[i : i + PIPE_CHUNK]])
                 for i in range(0, len(cmds), PIPE_CHUNK)]
-    return [P.encode_request("ONCE", _BENCH_CLIENT, next(_bench_seq), c)
-            if c[0] in P.WRITE_OPS else P.encode_request(c[0], *c[1:]) for c in cmds]
+    return [P.encode_request(*_tag(c)) for c in cmds]
 
 
 def reply_body(test: str, pipeline: int, window: bool, value: bytes) -> bytes:

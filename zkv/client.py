@@ -39,6 +39,7 @@ from .errors import (
     ClusterError,
     ConfigError,
     NotSent,
+    OutcomeUnknown,
     ProtocolError,
     Timeout,
     Unavailable,
@@ -54,7 +55,11 @@ Key = str | bytes
 Value = str | bytes | int | float
 
 CALL_WINDOW = 1024  # single requests of call_many() in flight at once
-PIPELINE_WINDOW = 8  # PIPE messages of a pipeline in flight at once
+PIPELINE_WINDOW = 4  # PIPE messages of a pipeline in flight at once
+# Commands sent before those of them that got no reply are tried again: a retry then
+# follows fewer than ROUND newer writes of this client, well within what a node
+# remembers (zkv.once.WINDOW), so it finds its first outcome.
+ROUND = 4096
 RETRY_PAUSE = 0.1  # seconds before the first retry of a request that could not be sent
 
 
@@ -76,11 +81,14 @@ def _unavailable(reply: bytes) -> bool:
         return False
     try:
         P.decode_reply(reply)
-    except Unavailable:
-        return True
-    except ZkvError:
-        return False
+    except ZkvError as exc:
+        return _worth_retrying(exc)
     return False
+
+
+def _worth_retrying(exc: ZkvError) -> bool:
+    """Whether a tagged write (or a read) that failed so is worth another try."""
+    return isinstance(exc, Unavailable) and not isinstance(exc, OutcomeUnknown)
 
 
 class Client(StringCommands):
@@ -184,25 +192,26 @@ class Client(StringCommands):
             tagged.append(tag)
             retried.append(retry)
         replies: list[bytes | Timeout | NotSent | None] = [None] * len(bodies)
-        pending = list(range(len(bodies)))
-        for attempt in range(1 + self.retries):
-            last = attempt == self.retries
-            again: list[int] = []
-            pause = False
-            for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
-                if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
-                        reply, bytes) and _unavailable(reply)):
-                    again.append(i)
-                    pause = True  # nothing sent, or a failover, say: give it a moment
-                elif not last and isinstance(reply, Timeout) and retried[i]:
-                    again.append(i)
-                else:
-                    replies[i] = reply
-            if not again:
-                break
-            if pause:
-                time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
-            pending = again
+        for start in range(0, len(bodies), ROUND):
+            pending = list(range(start, min(len(bodies), start + ROUND)))
+            for attempt in range(1 + self.retries):
+                last = attempt == self.retries
+                again: list[int] = []
+                pause = False
+                for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
+                    if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
+                            reply, bytes) and _unavailable(reply)):
+                        again.append(i)
+                        pause = True  # nothing sent, or a failover, say: give it a moment
+                    elif not last and isinstance(reply, Timeout) and retried[i]:
+                        again.append(i)
+                    else:
+                        replies[i] = reply
+                if not again:
+                    break
+                if pause:
+                    time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
+                pending = again
         out: list[Any] = []
         for op, got in zip(ops, replies):
             if isinstance(got, Timeout):
@@ -223,11 +232,15 @@ class Client(StringCommands):
         kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
         tagged = op in P.WRITE_OPS
         if tagged:
-            self._seq += 1
-            body = P.encode_request("ONCE", self.client_id, self._seq, [op, *args])
+            body = P.encode_request(*self._tagged([op, *args]))
         else:
             body = P.encode_request(op, *args)
         return body, tagged, tagged or kind in (P.READ, P.META) and op != "PIPE"
+
+    def _tagged(self, command: list[Any]) -> list[Any]:
+        """A write as ONCE with this client's id and its next sequence number."""
+        self._seq += 1
+        return ["ONCE", self.client_id, self._seq, command]
 
     def pipeline(self) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
@@ -472,7 +485,7 @@ class MoveHandle:
             time.sleep(poll)
 
 
-PIPELINE_CHUNK = 1000  # commands per PIPE message; several messages are in flight at once
+PIPELINE_CHUNK = 1024  # commands per PIPE message; PIPELINE_WINDOW of them in flight at once
 
 
 class Pipeline(StringCommands):
@@ -533,44 +546,77 @@ class Pipeline(StringCommands):
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send the queued commands; their results in order. With ``raise_on_error``
         (the default) the first failed command's error is raised after all have
-        run; otherwise errors are returned in place. The queue is emptied."""
+        run; otherwise errors are returned in place. The queue is emptied.
+
+        Writes are tagged as :meth:`Client.call` tags them, so what got no reply (or
+        was refused because its node was down) is sent again, in rounds of at most
+        ``ROUND`` commands; a write's outcome is unknown only once every try has run
+        out."""
         commands, self.commands = self.commands, []
         special, self.converts = self.converts, {}
-        if not commands:
-            return []
-        chunks = [commands[i : i + PIPELINE_CHUNK] for i in range(0, len(commands), PIPELINE_CHUNK)]
-        if self.client._direct is not None:  # routed here: no need to encode what we route
-            parsed = [("PIPE", [chunk]) for chunk in chunks]
-            replies = self.client._exchange_many([], PIPELINE_WINDOW, parsed)
-        else:
-            bodies = [P.encode_request("PIPE", chunk) for chunk in chunks]
-            replies = self.client._exchange_many(bodies, PIPELINE_WINDOW)
-        results: list[Any] = []
-        for chunk, reply in zip(chunks, replies):
-            if isinstance(reply, Timeout):
-                err = Timeout(f"{reply}; the outcome of these pipelined commands is unknown")
-                results.extend([err] * len(chunk))
-                continue
-            if isinstance(reply, NotSent):
-                results.extend([reply] * len(chunk))
-                continue
-            try:
-                items = P.decode_reply(reply)
-            except ZkvError as exc:
-                results.extend([exc] * len(chunk))
-                continue
-            table = self._CONVERT
-            for cmd, item in zip(chunk, items):
-                convert = special.get(len(results)) or table[cmd[0]]
-                if type(item) is list and len(item) == 2 and item[0] == P.OK:
-                    results.append(convert(item[1]))
-                    continue
-                try:
-                    results.append(convert(P.result_of(item)))
-                except ZkvError as exc:
-                    results.append(exc)
+        client = self.client
+        items = [client._tagged(cmd) if cmd[0] in P.WRITE_OPS else cmd for cmd in commands]
+        results: list[Any] = [None] * len(commands)
+        table = self._CONVERT
+        for start in range(0, len(items), ROUND):
+            pending = list(range(start, min(len(items), start + ROUND)))
+            for attempt in range(1 + client.retries):
+                last = attempt == client.retries
+                again: list[int] = []
+                pause = False
+                chunks = [pending[i : i + PIPELINE_CHUNK]
+                          for i in range(0, len(pending), PIPELINE_CHUNK)]
+                for chunk, reply in zip(chunks, self._send([[items[i] for i in c]
+                                                            for c in chunks])):
+                    if isinstance(reply, (Timeout, NotSent)):
+                        if not last:
+                            again += chunk
+                            pause = pause or isinstance(reply, NotSent)
+                            continue
+                        if isinstance(reply, Timeout):
+                            reply = Timeout(f"{reply}; the outcome of these pipelined "
+                                            "commands is unknown")
+                        for i in chunk:
+                            results[i] = reply
+                        continue
+                    try:
+                        replied = P.decode_reply(reply)
+                    except ZkvError as exc:
+                        if not last and _worth_retrying(exc):
+                            again += chunk
+                            pause = True
+                            continue
+                        for i in chunk:
+                            results[i] = exc
+                        continue
+                    for i, item in zip(chunk, replied):
+                        convert = special.get(i) or table[commands[i][0]]
+                        if type(item) is list and len(item) == 2 and item[0] == P.OK:
+                            results[i] = convert(item[1])
+                            continue
+                        try:
+                            results[i] = convert(P.result_of(item))
+                        except ZkvError as exc:
+                            if not last and _worth_retrying(exc):
+                                again.append(i)  # its node was down, say: once more
+                                pause = True
+                            else:
+                                results[i] = exc
+                if not again:
+                    break
+                if pause:
+                    time.sleep(min(client.timeout, RETRY_PAUSE * 2**attempt))
+                pending = again
         if raise_on_error:
             for r in results:
                 if isinstance(r, ZkvError):
                     raise r
         return results
+
+    def _send(self, chunks: list[list[Any]]) -> list[bytes | Timeout | NotSent]:
+        """Each chunk as one PIPE message, a few in flight at once; replies in order."""
+        if self.client._direct is not None:  # routed here: no need to encode what we route
+            return self.client._exchange_many([], PIPELINE_WINDOW,
+                                              [("PIPE", [chunk]) for chunk in chunks])
+        return self.client._exchange_many([P.encode_request("PIPE", chunk) for chunk in chunks],
+                                          PIPELINE_WINDOW)

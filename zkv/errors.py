@@ -92,6 +92,14 @@ class Timeout(Unavailable):
     code = "TIMEOUT"
 
 
+class OutcomeUnknown(Timeout):
+    """A retried write whose first outcome is no longer remembered (zkv.once): it may
+    or may not have been applied, and it was not applied again. Not worth another
+    try: read the key to see."""
+
+    code = "OUTCOME_UNKNOWN"
+
+
 class NodeBehind(Unavailable):
     """Refused unapplied: the node has not yet got the configuration the request was
     routed by (it will, from the config manager); details: epoch."""

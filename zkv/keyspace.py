@@ -290,10 +290,11 @@ class Keyspace:
                 self._tomb(key, True)
         elif kind == wal.META:
             self._apply_meta(item[1])
-        elif kind == wal.ONCE:
+        elif kind == wal.ONCE or kind == wal.ONCERUN:
             for inner in _inner_records(item[4]):
                 self.apply_live(inner)
-            self.once.remember(*_once_id(item), item[3])
+            for client, seq in _once_ids(item):
+                self.once.remember(client, seq, item[3])
         elif kind == wal.ONCES:
             self.once.merge(item[1])
         else:
@@ -509,10 +510,11 @@ class Keyspace:
             tombs.update(item[1])
         elif kind == wal.META:
             self._apply_meta(item[1])
-        elif kind == wal.ONCE:
+        elif kind == wal.ONCE or kind == wal.ONCERUN:
             for inner in _inner_records(item[4]):
                 self.apply(inner)
-            self.once.remember(*_once_id(item), item[3], live=False)
+            for client, seq in _once_ids(item):
+                self.once.remember(client, seq, item[3], live=False)
         elif kind == wal.ONCES:
             self.once.merge(item[1], live=False)
         else:
@@ -568,13 +570,14 @@ def _inner_records(data: Any) -> list[Any]:
     items = [item for _, item in scan]
     if scan.damage is not None:
         raise ValueError(f"the records in a ONCE record are damaged: {scan.damage.reason}")
-    if any(item[0] in (wal.ONCE, wal.ONCES, wal.META) for item in items):
+    if any(item[0] in (wal.ONCE, wal.ONCES, wal.ONCERUN, wal.META) for item in items):
         raise ValueError("a ONCE record carries data records only")
     return items
 
 
-def _once_id(item: Any) -> tuple[bytes, int]:
-    client, seq = item[1], item[2]
-    if not valid_id(client, seq):
-        raise ValueError("a ONCE record names a client id and a sequence number")
-    return client, seq
+def _once_ids(item: Any) -> list[tuple[bytes, int]]:
+    """The ids a ONCE record (one) or a ONCERUN record (a list of seqs) names."""
+    client, seqs = item[1], item[2] if item[0] == wal.ONCERUN else [item[2]]
+    if type(seqs) is not list or not seqs or not all(valid_id(client, s) for s in seqs):
+        raise ValueError("a ONCE record names a client id and sequence numbers")
+    return [(client, seq) for seq in seqs]

@@ -35,6 +35,7 @@ from .errors import (
     LimitExceeded,
     Moved,
     NodeBehind,
+    OutcomeUnknown,
     ProtocolError,
     StaleEpoch,
     StorageError,
@@ -244,6 +245,8 @@ class Node:
                     f"this {op} was applied already (a retry); its reply of "
                     f"{outcome[once.BIG]} bytes was not kept: read the key to see it")
             return outcome
+        if ks.once.forgotten(client, seq):
+            raise _forgotten(op)
         pending = self.storage.pending
         start = len(pending)
         result = self.execute(op, args)
@@ -272,7 +275,10 @@ class Node:
         if not isinstance(spec, dict) or not once.valid_id(spec.get("client"),
                                                            spec.get("seq")):
             raise ProtocolError("XSEEN takes {client, seq}")
-        seen, outcome = self._ks.once.get(spec["client"], spec["seq"])
+        table = self._ks.once
+        seen, outcome = table.get(spec["client"], spec["seq"])
+        if not seen and table.forgotten(spec["client"], spec["seq"]):
+            raise _forgotten("write")
         return [True, outcome] if seen else [False]
 
     def _xfill(self, a: list[Any]) -> Any:
@@ -391,8 +397,10 @@ class Node:
         return out
 
     def _pipe(self, a: list[Any]) -> Any:
-        """Run a pipeline's commands in order. Plain GETs and SETs take a short path;
-        a run of consecutive SETs is logged as one MSET record instead of one each.
+        """Run a pipeline's commands in order. Plain GETs and SETs (tagged for safe
+        retries or not) take a short path; a run of consecutive SETs is logged as one
+        MSET record instead of one each, inside one ONCERUN record with the outcomes
+        of those tagged.
 
         The reply is built within a budget (max_message_bytes, or the share the proxy
         asks for): once values would take it over, each further GET that finds a value
@@ -406,34 +414,45 @@ class Node:
         used = 0
         over: list[Any] | None = None  # the item that stands for a value over the budget
         ks = self.storage.keyspace
-        data, put = ks.data, ks.put
+        data, put, table = ks.data, ks.put, ks.once
         max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
-        run: list[bytes] = []  # pairs SET since the last record was logged
-        timed: dict[bytes, int] = {}  # deadlines SET in the run (logged after it, as PXAT)
+        run = _Run()  # the SETs since the last record was logged
         gets = sets = 0
         now = _now()
         check = self._checking  # a plain request to a node of a cluster: key by key
         for item in commands:
-            if type(item) is list:
-                n = len(item)
-                if check:
-                    pass  # every command takes the general path, which checks its key
-                elif n == 4 and item[0] == "SET" and type(item[3]) is dict \
-                        and len(item[3]) == 1:  # SET key value EX|PX|EXAT|PXAT n
-                    _, key, value, opts = item
+            if type(item) is list and not check:  # (checked: every command takes the
+                cmd, seq = item, -1               # general path, which checks its key)
+                if len(item) == 4 and item[0] == "ONCE" and type(item[3]) is list \
+                        and item[3] and item[3][0] == "SET":
+                    client, seq, cmd = item[1], item[2], item[3]
+                    if not once.valid_id(client, seq) or table.get(client, seq)[0] \
+                            or table.forgotten(client, seq):
+                        cmd = item  # a retry, say: the general path answers it
+                    elif client != run.client:
+                        if run.pairs:
+                            run.log(self.storage)
+                        run.client = client
+                    tagged: bytes = client
+                n = len(cmd)
+                if n == 4 and cmd[0] == "SET" and type(cmd[3]) is dict \
+                        and len(cmd[3]) == 1:  # SET key value EX|PX|EXAT|PXAT n
+                    _, key, value, opts = cmd
                     deadline = _simple_deadline(opts, now)
                     if (deadline is not None and type(key) is bytes and type(value) is bytes
                             and len(key) <= max_key and len(value) <= max_value):
                         put(key, value)
                         ks.put_deadline(key, deadline)
-                        timed[key] = deadline
-                        run.append(key)
-                        run.append(value)
+                        run.timed[key] = deadline
+                        run.pairs += (key, value)
+                        if cmd is not item:
+                            table.remember(tagged, seq, "OK")
+                            run.seqs.append(seq)
                         out.append(_OK_ITEM)
                         sets += 1
                         continue
-                elif n == 2 and item[0] == "GET":
-                    key = item[1]
+                elif n == 2 and cmd[0] == "GET":
+                    key = cmd[1]
                     if type(key) is bytes and len(key) <= max_key:
                         value = data.get(key)
                         if value is not None and ks.expires:
@@ -447,19 +466,20 @@ class Node:
                             used += len(value) + ITEM_OVERHEAD
                         out.append([P.OK, value])
                         continue
-                elif n == 3 and item[0] == "SET":
-                    _, key, value = item
+                elif n == 3 and cmd[0] == "SET":
+                    _, key, value = cmd
                     if (type(key) is bytes and type(value) is bytes and len(key) <= max_key
-                            and len(value) <= max_value and key not in timed):
+                            and len(value) <= max_value and key not in run.timed):
                         put(key, value)
-                        run.append(key)
-                        run.append(value)
+                        run.pairs += (key, value)
+                        if cmd is not item:
+                            table.remember(tagged, seq, "OK")
+                            run.seqs.append(seq)
                         out.append(_OK_ITEM)
                         sets += 1
                         continue
-            if run:
-                self._log_run(run, timed)
-                run, timed = [], {}
+            if run.pairs:
+                run.log(self.storage)
             try:
                 op, args = P.check_pipe_item(item, self.limits)
                 if check:
@@ -474,22 +494,14 @@ class Node:
                 out.append(P.reply_item(result))
             except ZkvError as exc:
                 out.append(P.error_item(exc))
-        if run:
-            self._log_run(run, timed)
+        if run.pairs:
+            run.log(self.storage)
         counters = self.counters
         if gets:
             counters["GET"] = counters.get("GET", 0) + gets
         if sets:
             counters["SET"] = counters.get("SET", 0) + sets
         return out
-
-    def _log_run(self, run: list[bytes], timed: dict[bytes, int]) -> None:
-        """A pipeline's run of SETs as one MSET record, then the deadlines some of them
-        set as one PXAT record (replay clears them with the MSET and sets them again)."""
-        self.storage.pending += wal.encode((wal.MSET, run))
-        if timed:
-            self.storage.pending += wal.encode((wal.PXAT, [x for kd in timed.items()
-                                                           for x in kd]))
 
     @staticmethod
     def _over_budget(budget: int) -> LimitExceeded:
@@ -1246,6 +1258,38 @@ def _simple_deadline(opts: dict[Any, Any], now: int) -> int | None:
         return None
     deadline = strings.absolute(name, amount, now)
     return deadline if now < deadline <= MAX_DEADLINE else None
+
+
+class _Run:
+    """A pipeline's run of SETs on the short path, until it is logged: the pairs (as
+    one MSET record), the deadlines some of them set (then one PXAT record: replay
+    clears deadlines with the MSET and sets these again), and the sequence numbers
+    of those tagged by ``client`` (then all of it inside one ONCERUN record, so that
+    the writes and their outcomes stay or go together)."""
+
+    __slots__ = ("client", "pairs", "seqs", "timed")
+
+    def __init__(self) -> None:
+        self.client: bytes | None = None
+        self.pairs: list[bytes] = []
+        self.timed: dict[bytes, int] = {}
+        self.seqs: list[int] = []
+
+    def log(self, storage: Any) -> None:
+        records = wal.encode((wal.MSET, self.pairs))
+        if self.timed:
+            records += wal.encode((wal.PXAT, [x for kd in self.timed.items() for x in kd]))
+        if self.seqs:
+            records = wal.encode((wal.ONCERUN, self.client, self.seqs, "OK", records))
+        storage.pending += records
+        self.pairs, self.timed, self.seqs = [], {}, []
+
+
+def _forgotten(op: str) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"this {op} names a write (a retry, most likely) whose outcome is no longer "
+        f"remembered: its client sent more than {once.WINDOW} writes since, or very many "
+        "clients wrote; it may have been applied, and was not applied again: read the key")
 
 
 def _now() -> int:

@@ -11,10 +11,17 @@ retry finds its outcome after a restart, a failover or a move of the key.
 
 The window is bounded: the last WINDOW outcomes of each client, and the clients
 that wrote most recently, at most MAX_ENTRIES outcomes in all (the oldest client
-goes first). A client retries within its timeout, seconds after the first try, so
-a retry only misses its outcome after that many newer writes. An outcome larger
-than MAX_OUTCOME_BYTES is kept as its size only; its retry is told the write was
-applied and asked to read the key.
+goes first). A client retries within its timeout, and sends at most a few
+thousand writes between a write and its retry (zkv.client works in rounds), so a
+retry finds its outcome. An outcome larger than MAX_OUTCOME_BYTES is kept as its
+size only; its retry is told the write was applied and asked to read the key.
+
+What is forgotten is not forgotten silently: each client's floor (the highest
+sequence number whose outcome was let go) is kept, so a retry at or below it is
+refused as of unknown outcome (zkv.OutcomeUnknown) instead of being applied a
+second time. Floors are kept for the MAX_FLOORS clients that lost one most
+recently, and travel with the outcomes (snapshots, moves, replica syncs) as
+``[client, floor, FLOOR]`` in the flat table.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import collections
 from collections.abc import Iterator
 from typing import Any
 
-WINDOW = 256  # outcomes kept per client
-MAX_ENTRIES = 100_000  # outcomes kept in all
+WINDOW = 8192  # outcomes kept per client (zkv.client.ROUND writes fit twice over)
+MAX_ENTRIES = 250_000  # outcomes kept in all (about 137 bytes each: 34 MiB at most)
+MAX_FLOORS = 100_000  # clients whose floor is kept
 MAX_OUTCOME_BYTES = 256  # (so the table holds at most ~25 MiB of them)
 MAX_CLIENT_ID = 80  # bytes (a router adds a few to tell apart the parts of one MSET)
 BIG = "big"  # an outcome kept as its size: {"big": n}
-_SET, _DROP_SEQ, _DROP_CLIENT = range(3)
+FLOOR = {"floor": True}  # in a flat table, [client, floor, FLOOR]: a client's floor
+_SET, _DROP_SEQ, _DROP_CLIENT, _FLOOR = range(4)
 
 
 def kept(result: Any) -> Any:
@@ -41,15 +50,17 @@ def kept(result: Any) -> Any:
 class Outcomes:
     """Per client, the outcomes of its recent writes (seq -> result), oldest first."""
 
-    __slots__ = ("clients", "entries", "undo")
+    __slots__ = ("clients", "entries", "floors", "undo")
 
     def __init__(self) -> None:
         self.clients: collections.OrderedDict[bytes, collections.OrderedDict[int, Any]] = \
             collections.OrderedDict()
         self.entries = 0
+        # per client, the highest seq whose outcome was let go (most recent last)
+        self.floors: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         # how to undo what this turn remembered, if its commit fails (newest last):
-        # (SET, client, seq, had, old), (DROP_SEQ, client, seq, result) or
-        # (DROP_CLIENT, client, window)
+        # (SET, client, seq, had, old), (DROP_SEQ, client, seq, result),
+        # (DROP_CLIENT, client, window) or (FLOOR, client, old floor or None)
         self.undo: list[tuple[Any, ...]] = []
 
     def __len__(self) -> int:
@@ -60,6 +71,27 @@ class Outcomes:
         if window is None or seq not in window:
             return False, None
         return True, window[seq]
+
+    def forgotten(self, client: bytes, seq: int) -> bool:
+        """Whether the outcome of ``seq`` may have been let go (it is not in the table:
+        see :meth:`get`): a write with that id is then of unknown outcome."""
+        return seq <= self.floors.get(client, -1)
+
+    def _raise_floor(self, client: bytes, seq: int, undo: list[tuple[Any, ...]] | None
+                     ) -> bool:
+        floors = self.floors
+        old = floors.get(client)
+        if old is not None and old >= seq:
+            return False
+        if undo is not None:
+            undo.append((_FLOOR, client, old))
+        floors[client] = seq
+        floors.move_to_end(client)
+        while len(floors) > MAX_FLOORS:
+            gone, floor = floors.popitem(last=False)
+            if undo is not None:
+                undo.append((_FLOOR, gone, floor))
+        return True
 
     def remember(self, client: bytes, seq: int, result: Any, live: bool = True,
                  recent: bool = True) -> None:
@@ -84,11 +116,13 @@ class Outcomes:
             self.entries -= 1
             if undo is not None:
                 undo.append((_DROP_SEQ, client, old_seq, old))
+            self._raise_floor(client, old_seq, undo)
         while self.entries > MAX_ENTRIES and len(self.clients) > 1:
             oldest, gone = self.clients.popitem(last=False)
             self.entries -= len(gone)
             if undo is not None:
                 undo.append((_DROP_CLIENT, oldest, gone))
+            self._raise_floor(oldest, max(gone), undo)
 
     def clear(self, live: bool = True) -> None:
         """Forget every outcome (a replica about to copy its primary's state)."""
@@ -97,6 +131,10 @@ class Outcomes:
             self.entries -= len(window)
             if live:
                 self.undo.append((_DROP_CLIENT, client, window))
+        while self.floors:
+            client, floor = self.floors.popitem(last=False)
+            if live:
+                self.undo.append((_FLOOR, client, floor))
 
     def commit(self) -> None:
         self.undo.clear()
@@ -110,6 +148,12 @@ class Outcomes:
         clients = self.clients
         while len(self.undo) > mark:
             entry = self.undo.pop()
+            if entry[0] == _FLOOR:
+                if entry[2] is None:
+                    self.floors.pop(entry[1], None)
+                else:
+                    self.floors[entry[1]] = entry[2]
+                continue
             if entry[0] == _DROP_CLIENT:
                 clients[entry[1]] = entry[2]
                 clients.move_to_end(entry[1], last=False)
@@ -137,15 +181,27 @@ class Outcomes:
                 yield client, seq, result
 
     def flat(self) -> list[Any]:
-        """The table as ``[client, seq, result, ...]`` (snapshots, move streams)."""
-        return [x for entry in self.items() for x in entry]
+        """The table as ``[client, seq, result, ...]``, then the floors as ``[client,
+        floor, FLOOR, ...]`` (snapshots, move streams, replica syncs)."""
+        out = [x for entry in self.items() for x in entry]
+        for client, floor in self.floors.items():
+            out += (client, floor, FLOOR)
+        return out
 
     def merge(self, flat: list[Any], live: bool = True) -> list[Any]:
-        """Take the outcomes of ``flat`` this table does not have; those taken, flat."""
+        """Take the outcomes of ``flat`` this table does not have, and its floors where
+        higher; those taken, flat."""
         taken: list[Any] = []
+        undo = self.undo if live else None
         for i in range(0, len(flat) - 2, 3):
             client, seq, result = flat[i], flat[i + 1], flat[i + 2]
-            if not valid_id(client, seq) or self.get(client, seq)[0]:
+            if not valid_id(client, seq):
+                continue
+            if result == FLOOR:
+                if self._raise_floor(client, seq, undo):
+                    taken += (client, seq, result)
+                continue
+            if self.get(client, seq)[0]:
                 continue
             self.remember(client, seq, result, live, recent=False)
             taken += (client, seq, result)

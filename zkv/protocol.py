@@ -547,6 +547,7 @@ def _fast_single(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
 
 
 _ONCE_HEAD = b"\x84\x64ONCE"
+_FAST_TAGGED = frozenset(("SET", "DEL"))  # the writes check_request's short path reads
 
 
 def _fast_once(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
@@ -608,6 +609,14 @@ def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list
                     and len(key) <= limits.max_key_bytes
                     and len(value) <= limits.max_value_bytes):
                 return "SET", [key, value, opts]
+        elif n == 4 and item[0] == "ONCE" and type(item[3]) is list:
+            _, client, seq, inner = item  # a tagged write, as zkv.Client pipelines it
+            if (type(client) is bytes and 0 < len(client) <= MAX_CLIENT_ID
+                    and type(seq) is int and 0 <= seq < 1 << 63 and inner
+                    and inner[0] in _FAST_TAGGED):
+                op, args = check_request(inner, limits)
+                if op in WRITE_OPS:
+                    return "ONCE", [client, seq, [op, args]]
     if not isinstance(item, list) or not item:
         raise ProtocolError("request must be a non-empty CBOR array [OP, ARG, ...]")
     op = item[0]

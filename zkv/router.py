@@ -44,6 +44,7 @@ from .errors import (
     Moved,
     NodeBehind,
     NodeUnavailable,
+    OutcomeUnknown,
     ProtocolError,
     StaleEpoch,
     Timeout,
@@ -393,8 +394,9 @@ class Router:
                                                            "seq": op.ident[1]}),
                            _SEEN_OLD, [op], op.job.deadline, (new, old))
                 return
-            except NodeUnavailable:
-                pass  # the old owner is down: it cannot say (and applies nothing now)
+            except NodeUnavailable as exc:
+                self._result(op, _cannot_say(op, old, exc))
+                return
         self._moving_steps(op, new, old)
 
     def _moving_steps(self, op: Op, new: str, old: str) -> None:
@@ -476,6 +478,8 @@ class Router:
         epoch = exc.details.get("epoch")
         for op in sent.ops:
             op.tries += 1
+            if sent.kind == _SEEN_OLD:
+                op.state = None  # not asked after all: ask again where it is routed
             if op.tries > MAX_REROUTES:
                 self._result(op, exc)
             elif isinstance(exc, NodeBehind):
@@ -524,7 +528,12 @@ class Router:
                     outcome = CommandError(f"this {op.kind} was applied already (a retry); "
                                            "its reply was too large to keep: read the key")
                 self._result(op, outcome)  # the first outcome: not applied again
-            else:  # not applied there (or the old owner cannot say): go on
+            elif isinstance(result, OutcomeUnknown):
+                self._result(op, result)
+            elif isinstance(result, ZkvError):
+                # the old owner cannot say: going on could apply a retry twice
+                self._result(op, _cannot_say(op, old, result))
+            else:  # not applied there: go on
                 try:
                     self._moving_steps(op, new, old)
                 except ZkvError as exc:
@@ -989,6 +998,13 @@ def _part_id(ident: tuple[bytes, int], i: int) -> tuple[bytes, int]:
 
         client = hashlib.blake2b(client, digest_size=16).digest()
     return client + b"/%d" % i, ident[1]
+
+
+def _cannot_say(op: Op, old: str, exc: ZkvError) -> Unavailable:
+    return Unavailable(
+        f"key {op.key[:64]!r} is being moved and its old owner {old} cannot say whether it "
+        f"applied this {op.kind} before (it may be a retry): nothing was applied; try again "
+        f"({exc.message})")
 
 
 def _is_error(body: bytes) -> bool:

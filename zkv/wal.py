@@ -44,6 +44,9 @@ PXAT, DELS = 7, 8
 # records (framed, as bytes) and its outcome, in one record so that both stay or go.
 # ONCES [client, seq, outcome, ...]: outcomes remembered (snapshots, moves).
 ONCE, ONCES = 9, 10
+# ONCERUN client [seq, ...] outcome records: a run of writes (a pipeline's SETs) whose
+# tagged ones, all of one client, had one outcome; one record, as ONCE is.
+ONCERUN = 11
 
 
 def encode(item: Any) -> bytes:

@@ -30,7 +30,8 @@ EXIT_DAMAGED = 4  # a node refuses to start (corruption, missing files); repair 
 
 KINDS = {wal.SET: "SET", wal.DEL: "DEL", wal.MSET: "MSET", wal.CHUNK: "CHUNK",
          wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP", wal.PXAT: "PXAT",
-         wal.DELS: "DELS", wal.ONCE: "ONCE", wal.ONCES: "ONCES"}
+         wal.DELS: "DELS", wal.ONCE: "ONCE", wal.ONCES: "ONCES",
+         wal.ONCERUN: "ONCERUN"}
 
 
 def escape(data: Any) -> str:
