@@ -363,6 +363,8 @@ def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -
                            for i, k in enumerate(keys)])
     assert first == [10] * len(keys)
     assert net.run(live, [["SET", b"ttl", b"v", {"pxat": 1 << 45}]]) == ["OK"]
+    doomed = [b"d%03d" % i for i in range(60)]
+    assert net.run(live, [["MSET", [x for k in doomed for x in (k, b"v")]]]) == ["OK"]
     prepare = move_state(s1, [A, B, C], "prepare", 2)
     copy = move_state(s1, [A, B, C], "copy", 3, members=[A, B, C])
     configs = {2: prepare, 3: copy}
@@ -388,6 +390,14 @@ def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -
                    configs=configs) == [None] * len(moving)
     if Placement(copy).moving_key(b"ttl"):
         assert net.run(live, [["PEXPIRETIME", b"ttl"]], configs=configs) == [1 << 45]
+    # a tagged DEL of a key still only at its old owner, its reply lost, the key set
+    # again, the DEL retried: its first outcome, and the later SET is not undone
+    gone = next(k for k in doomed if Placement(copy).moving_key(k))
+    delete = ["ONCE", b"client-4", 1, ["DEL", gone]]
+    assert net.run(live, [delete], configs=configs) == [1]
+    assert net.run(live, [["SET", gone, b"again"]], configs=configs) == ["OK"]
+    assert net.run(live, [delete], configs=configs) == [1]
+    assert net.run(live, [["GET", gone]], configs=configs) == [b"again"]
     # with the old owner down, it cannot say whether it applied a tagged write: refused
     # (worth a retry), never applied on the chance that it was not
     old = Placement(copy).old_owner(moving[0])

@@ -236,6 +236,9 @@ class Node:
         has applied it already, else applied now, its records and outcome logged as
         one ONCE record."""
         client, seq, (op, args) = a
+        return self._once_apply(client, seq, op, lambda: self.execute(op, args))
+
+    def _once_apply(self, client: bytes, seq: int, op: str, apply: Callable[[], Any]) -> Any:
         ks = self._ks
         seen, outcome = ks.once.get(client, seq)
         if seen:
@@ -249,7 +252,7 @@ class Node:
             raise _forgotten(op)
         pending = self.storage.pending
         start = len(pending)
-        result = self.execute(op, args)
+        result = apply()
         records = bytes(pending[start:])
         del pending[start:]
         outcome = once.kept(result)
@@ -645,9 +648,21 @@ class Node:
         return {"dropped": dropped, "done": done}
 
     def _xdel(self, a: list[Any]) -> Any:
-        state, _ = self.storage.keyspace.state(a[0], _now())
-        existed = self._del(a)
-        return [existed, int(state == 2)]
+        """A DEL of a moving key at its new owner: [deleted, whether the key was known
+        here]. A tagged DEL's spec ({client, seq, also}: also, whether the old owner
+        had the key) makes the outcome, deleted or also, remembered like a ONCE's."""
+        key = a[0]
+        state, _ = self.storage.keyspace.state(key, _now())
+        spec = a[1] if len(a) > 1 else None
+        if spec is None:
+            return [self._del([key]), int(state == 2)]
+        if (not isinstance(spec, dict) or not once.valid_id(spec.get("client"), spec.get("seq"))
+                or spec.get("also") not in (0, 1)):
+            raise ProtocolError("XDEL takes a key and {client, seq, also}")
+        also = spec["also"]
+        return [self._once_apply(spec["client"], spec["seq"], "DEL",
+                                 lambda: int(bool(self._del([key])) or bool(also))),
+                int(state == 2)]
 
     def _xsend(self, a: list[Any]) -> Any:
         move_id, dest, pull, ranges, batch_keys, batch_bytes, rate = self._move_args(

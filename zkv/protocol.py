@@ -208,7 +208,7 @@ COMMANDS: dict[str, Command] = {
         Command("XDROP", INTERNAL, ("any",), "internal: drop moved-away ranges"),
         Command("XSTAT", INTERNAL, ("any?",), "internal: state of moves on a node"),
         Command("XGET", INTERNAL, ("key",), "internal: a key's state during a move"),
-        Command("XDEL", INTERNAL, ("key",), "internal: delete during a move"),
+        Command("XDEL", INTERNAL, ("key", "any?"), "internal: delete during a move"),
         Command("XPEEK", INTERNAL, ("key",), "internal: a key's state with its deadline"),
         Command("XFILL", INTERNAL, ("any",), "internal: a moving key's state from its old owner"),
         Command("XSEEN", INTERNAL, ("any",), "internal: a tagged write's outcome, if applied"),

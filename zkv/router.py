@@ -598,7 +598,11 @@ class Router:
     def _del_write(self, op: Op, new: str, old: str, existed_elsewhere: int) -> None:
         op.state = existed_elsewhere
         self._written(op.key)
-        self._step(op, new, P.encode_request("XDEL", op.key), _DEL_WRITE, (new, old))
+        # (tagged, the new owner remembers the outcome, deleted or existed elsewhere)
+        body = P.encode_request("XDEL", op.key) if op.ident is None else P.encode_request(
+            "XDEL", op.key, {"client": op.ident[0], "seq": op.ident[1],
+                             "also": existed_elsewhere})
+        self._step(op, new, body, _DEL_WRITE, (new, old))
 
     # -- results -----------------------------------------------------------------------
     def _result(self, op: Op, result: Any) -> None:
