@@ -127,3 +127,38 @@ def test_rolling_back_to_a_mark_undoes_only_what_came_after_it() -> None:
     assert ks.data == {b"a": b"1"} and sorted(ks.buckets) == [b"a"]
     ks.rollback()
     assert ks.data == {} and list(ks.buckets) == [] and ks.live_bytes == 0
+
+
+def test_after_many_keys_go_the_tables_are_made_anew_holding_the_same() -> None:
+    """Keyspace.compact: only once half the keys (and COMPACT_KEYS) have gone since the
+    peak; afterwards the map, the deadlines, the buckets, active expiry and a scan
+    under way are as they were."""
+    from zkv import keyspace as K
+
+    ks = Keyspace()
+    n = 2 * K.COMPACT_KEYS + 10
+    keys = [b"k%07d" % i for i in range(n)]
+    for i, key in enumerate(keys):
+        ks.set(key, b"v", 10**12 + i if i % 2 else None)
+    ks.commit()
+    assert not ks.compact() and ks.peak == n
+    first, cursor = ks.buckets.walk(0, 1000, 1 << 20, 1 << 20)
+    for key in keys[: n // 2 - 10]:  # not quite half gone: kept as they are
+        ks.delete(key)
+    ks.commit()
+    table = ks.data
+    assert not ks.compact() and ks.data is table
+    for key in keys[n // 2 - 10 : n // 2 + 1]:
+        ks.delete(key)
+    ks.commit()
+    data, expires = dict(ks.data), dict(ks.expires)
+    assert ks.compact() and ks.data is not table and ks.peak == len(data)
+    assert ks.data == data and ks.expires == expires
+    assert sorted(ks.buckets) == sorted(data)
+    rest: list[bytes] = []
+    while cursor:  # a scan begun before goes on where it was, missing nothing
+        page, cursor = ks.buckets.walk(cursor, 1000, 1 << 20, 1 << 20)
+        rest += page
+    assert set(data) <= set(first) | set(rest)
+    assert not ks.compact()  # nothing more went
+    assert ks.expire(10**13, 10**6)[0] == len(expires) and len(ks) == len(data) - len(expires)

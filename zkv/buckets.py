@@ -98,6 +98,12 @@ class KeyBuckets:
             i += 1
         return found, (0 if i >= len(lists) else i)
 
+    def compact(self) -> None:
+        """Every bucket a list made anew, the same keys in the same places: after many
+        keys went, the old lists (made as keys came in, scattered among them) would keep
+        the allocator's memory from going back to the system."""
+        self.lists = [list(bucket) for bucket in self.lists]
+
     def __iter__(self) -> Iterator[bytes]:
         for bucket in self.lists:
             yield from bucket

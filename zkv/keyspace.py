@@ -34,6 +34,7 @@ from .once import Outcomes, valid_id
 from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
+COMPACT_KEYS = 50_000  # keys gone since the peak before the tables are made anew (compact)
 
 # XGET answers: whether the key's latest state is known here.
 ABSENT, PRESENT, UNKNOWN = 0, 1, 2
@@ -50,7 +51,7 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "once",
+    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "once", "peak",
                  "receiving", "tombstones", "undo", "undo_deadlines", "undo_tombs", "wheel")
 
     def __init__(self) -> None:
@@ -75,9 +76,28 @@ class Keyspace:
         self.wheel = ExpiryWheel()
         self.undo_deadlines: list[tuple[bytes, int | None]] = []  # (key, deadline before)
         self.once = Outcomes()  # the outcomes of recent tagged writes (zkv.once)
+        self.peak = 0  # the most keys held since the tables were last made (compact)
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def compact(self) -> bool:
+        """Once at least half the keys (and COMPACT_KEYS) have gone since the peak (keys
+        expiring, a move's cleanup): make the tables anew, so that their memory can go
+        back to the system (CPython's dicts never shrink, and the old tables and bucket
+        lists pin the allocator's arenas). Whether it did; most calls only compare."""
+        n = len(self.data)
+        if n >= self.peak:
+            self.peak = n
+            return False
+        if self.peak - n < COMPACT_KEYS or 2 * n > self.peak:
+            return False
+        self.data = dict(self.data)
+        self.expires = dict(self.expires)
+        self.buckets.compact()
+        self.wheel.rebuild(self.expires)
+        self.peak = n
+        return True
 
     # -- live mutations: change the map, remember the undo, return the log record
     def set(self, key: bytes, value: bytes, deadline: int | None = None) -> bytes:

@@ -1162,6 +1162,10 @@ class Node:
             if now >= next_tidy:
                 next_tidy = now + 1.0
                 out.tidy()
+                if storage.keyspace.compact():  # many keys went: give their memory back
+                    _trim_heap()
+                    log.info("tables made anew for %d keys, after many went: memory given "
+                             "back", len(storage.keyspace))
                 if self.curve is not None and self.curve.keyring is not None:
                     self.curve.keyring.refresh(now)
 
@@ -1298,6 +1302,17 @@ class _Run:
             records = wal.encode((wal.ONCERUN, self.client, self.seqs, "OK", records))
         storage.pending += records
         self.pairs, self.timed, self.seqs = [], {}, []
+
+
+def _trim_heap() -> None:
+    """Ask the C allocator to give its free memory back to the system (glibc's
+    malloc_trim; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _forgotten(op: str) -> OutcomeUnknown:
