@@ -192,3 +192,11 @@ def test_a_running_node_and_a_missing_directory_are_refused(tmp_path: Path,
         assert out.returncode == EXIT_ERROR and "no such directory" in out.stdout + out.stderr
         assert not (tmp_path / "nowhere").exists()
     assert zkv_wal("frobnicate", str(tmp_path)).returncode == 2
+
+
+def test_dump_shows_a_run_of_tagged_writes_with_its_records() -> None:
+    from zkv.waltool import lines_of
+
+    inner = wal.encode((wal.MSET, [b"a", b"1", b"b", b"2"]))
+    lines = list(lines_of([wal.ONCERUN, b"c", [7, 8], "OK", inner]))
+    assert lines == ['ONCERUN "c" 7 8 -> "OK"', '  MSET "a" "1"', '  MSET "b" "2"']

@@ -133,8 +133,9 @@ def lines_of(item: Any) -> Iterator[str]:
         yield f"SET {escape(body[0])} {escape(body[1])}"
     elif kind == "SET" and len(body) == 3:
         yield f"SET {escape(body[0])} {escape(body[1])} PXAT {body[2]}"
-    elif kind == "ONCE" and len(body) == 4 and isinstance(body[3], bytes):
-        yield f"ONCE {escape(body[0])} {body[1]} -> {_json_value(body[2])}"
+    elif kind in ("ONCE", "ONCERUN") and len(body) == 4 and isinstance(body[3], bytes):
+        seqs = " ".join(map(str, body[1])) if isinstance(body[1], list) else body[1]
+        yield f"{kind} {escape(body[0])} {seqs} -> {_json_value(body[2])}"
         for _, inner in wal.LogScan(body[3]):
             for line in lines_of(inner):
                 yield "  " + line
