@@ -103,7 +103,7 @@ KEYS_PER_MULTI = 10
 TARGETS = ("zkv", "zkv-direct", "direct", "floor", "floor-1hop", "redis")
 BASELINES = TARGETS[2:]  # what the zkv rows are divided by
 CURVE_SUFFIX = "-curve"  # zkv bench --curve: a row with CURVE beside each plain one
-PIPE_CHUNK = 1024  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
+PIPE_CHUNK = 512  # = zkv.client.PIPELINE_CHUNK: commands per PIPE message
 REPLY_TIMEOUT = 10.0
 _TAG = struct.Struct("<Q")
 

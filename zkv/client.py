@@ -55,7 +55,7 @@ Key = str | bytes
 Value = str | bytes | int | float
 
 CALL_WINDOW = 1024  # single requests of call_many() in flight at once
-PIPELINE_WINDOW = 4  # PIPE messages of a pipeline in flight at once
+PIPELINE_WINDOW = 8  # PIPE messages of a pipeline in flight at once
 # Commands sent before those of them that got no reply are tried again: a retry then
 # follows fewer than ROUND newer writes of this client, well within what a node
 # remembers (zkv.once.WINDOW), so it finds its first outcome.
@@ -485,7 +485,8 @@ class MoveHandle:
             time.sleep(poll)
 
 
-PIPELINE_CHUNK = 1024  # commands per PIPE message; PIPELINE_WINDOW of them in flight at once
+PIPELINE_CHUNK = 512  # commands per PIPE message (so that 100-byte values stay below the
+# size at which a server must walk a body before decoding it; zkv.cbor)
 
 
 class Pipeline(StringCommands):
