@@ -105,6 +105,25 @@ def test_what_is_let_go_is_known_to_be_forgotten(monkeypatch: Any) -> None:
     assert b"a" not in table.clients and table.forgotten(b"a", 10)
 
 
+def test_a_run_remembered_at_once_ends_as_one_by_one_would(monkeypatch: Any) -> None:
+    """A primary remembers a pipeline's run at once; replay and its replicas, one by
+    one from the ONCERUN record: both must end with the same table."""
+    monkeypatch.setattr(once, "WINDOW", 5)
+    monkeypatch.setattr(once, "MAX_ENTRIES", 6)
+    live, replayed = once.Outcomes(), once.Outcomes()
+    for table in (live, replayed):
+        table.remember(b"x", 1, 1)
+        table.remember(b"y", 1, 1)
+        table.commit()
+    live.remember_all(b"z", range(1, 12), "OK")
+    for seq in range(1, 12):
+        replayed.remember(b"z", seq, "OK", live=False)
+    assert live.clients == replayed.clients and live.entries == replayed.entries == 6
+    assert dict(live.floors) == dict(replayed.floors) == {b"x": 1, b"z": 6}
+    live.rollback_to(0)  # the turn's commit failed: as before it
+    assert list(live.items()) == [(b"x", 1, 1), (b"y", 1, 1)] and not live.floors
+
+
 def test_large_outcomes_are_kept_as_their_size() -> None:
     assert once.kept(b"x" * (once.MAX_OUTCOME_BYTES + 1)) == {"big": once.MAX_OUTCOME_BYTES + 1}
     assert once.kept(b"small") == b"small" and once.kept(7) == 7

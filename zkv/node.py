@@ -429,14 +429,13 @@ class Node:
                 if len(item) == 4 and item[0] == "ONCE" and type(item[3]) is list \
                         and item[3] and item[3][0] == "SET":
                     client, seq, cmd = item[1], item[2], item[3]
-                    if not once.valid_id(client, seq) or table.get(client, seq)[0] \
-                            or table.forgotten(client, seq):
+                    if not once.valid_id(client, seq) or not table.fresh(client, seq) \
+                            or client == run.client and seq in run.seqs:
                         cmd = item  # a retry, say: the general path answers it
                     elif client != run.client:
                         if run.pairs:
-                            run.log(self.storage)
+                            run.log(self.storage, table)
                         run.client = client
-                    tagged: bytes = client
                 n = len(cmd)
                 if n == 4 and cmd[0] == "SET" and type(cmd[3]) is dict \
                         and len(cmd[3]) == 1:  # SET key value EX|PX|EXAT|PXAT n
@@ -449,8 +448,7 @@ class Node:
                         run.timed[key] = deadline
                         run.pairs += (key, value)
                         if cmd is not item:
-                            table.remember(tagged, seq, "OK")
-                            run.seqs.append(seq)
+                            run.seqs[seq] = None
                         out.append(_OK_ITEM)
                         sets += 1
                         continue
@@ -476,13 +474,12 @@ class Node:
                         put(key, value)
                         run.pairs += (key, value)
                         if cmd is not item:
-                            table.remember(tagged, seq, "OK")
-                            run.seqs.append(seq)
+                            run.seqs[seq] = None
                         out.append(_OK_ITEM)
                         sets += 1
                         continue
             if run.pairs:
-                run.log(self.storage)
+                run.log(self.storage, table)
             try:
                 op, args = P.check_pipe_item(item, self.limits)
                 if check:
@@ -498,7 +495,7 @@ class Node:
             except ZkvError as exc:
                 out.append(P.error_item(exc))
         if run.pairs:
-            run.log(self.storage)
+            run.log(self.storage, table)
         counters = self.counters
         if gets:
             counters["GET"] = counters.get("GET", 0) + gets
@@ -1284,7 +1281,8 @@ class _Run:
     one MSET record), the deadlines some of them set (then one PXAT record: replay
     clears deadlines with the MSET and sets these again), and the sequence numbers
     of those tagged by ``client`` (then all of it inside one ONCERUN record, so that
-    the writes and their outcomes stay or go together)."""
+    the writes and their outcomes stay or go together, and the outcomes remembered
+    at once)."""
 
     __slots__ = ("client", "pairs", "seqs", "timed")
 
@@ -1292,16 +1290,19 @@ class _Run:
         self.client: bytes | None = None
         self.pairs: list[bytes] = []
         self.timed: dict[bytes, int] = {}
-        self.seqs: list[int] = []
+        self.seqs: dict[int, None] = {}  # (a dict: in order, and a duplicate is seen)
 
-    def log(self, storage: Any) -> None:
+    def log(self, storage: Any, table: once.Outcomes) -> None:
         records = wal.encode((wal.MSET, self.pairs))
         if self.timed:
             records += wal.encode((wal.PXAT, [x for kd in self.timed.items() for x in kd]))
         if self.seqs:
-            records = wal.encode((wal.ONCERUN, self.client, self.seqs, "OK", records))
+            assert self.client is not None
+            seqs = list(self.seqs)
+            table.remember_all(self.client, seqs, "OK")
+            records = wal.encode((wal.ONCERUN, self.client, seqs, "OK", records))
         storage.pending += records
-        self.pairs, self.timed, self.seqs = [], {}, []
+        self.pairs, self.timed, self.seqs = [], {}, {}
 
 
 def _trim_heap() -> None:

@@ -27,7 +27,7 @@ recently, and travel with the outcomes (snapshots, moves, replica syncs) as
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 WINDOW = 8192  # outcomes kept per client (zkv.client.ROUND writes fit twice over)
@@ -93,10 +93,23 @@ class Outcomes:
                 undo.append((_FLOOR, gone, floor))
         return True
 
+    def fresh(self, client: bytes, seq: int) -> bool:
+        """Neither remembered nor forgotten: a write with this id is new here."""
+        window = self.clients.get(client)
+        if window is not None and seq in window:
+            return False
+        return seq > self.floors.get(client, -1)
+
     def remember(self, client: bytes, seq: int, result: Any, live: bool = True,
                  recent: bool = True) -> None:
         """Keep an outcome (``live``: undoable until :meth:`commit`; not ``recent``: an
         outcome from elsewhere, whose client is the first to be forgotten)."""
+        self.remember_all(client, (seq,), result, live, recent)
+
+    def remember_all(self, client: bytes, seqs: Iterable[int], result: Any,
+                     live: bool = True, recent: bool = True) -> None:
+        """Keep one outcome for each of ``seqs`` (a pipeline's run of SETs: the window
+        is trimmed, and the floor raised, once for all of them)."""
         undo = self.undo if live else None
         window = self.clients.get(client)
         if window is None:
@@ -105,18 +118,22 @@ class Outcomes:
                 self.clients.move_to_end(client, last=False)
         elif recent:
             self.clients.move_to_end(client)
-        had = seq in window
-        if undo is not None:
-            undo.append((_SET, client, seq, had, window.get(seq)))
-        if not had:
-            self.entries += 1
-        window[seq] = result
-        while len(window) > WINDOW:
-            old_seq, old = window.popitem(last=False)
-            self.entries -= 1
+        for seq in seqs:
+            had = seq in window
             if undo is not None:
-                undo.append((_DROP_SEQ, client, old_seq, old))
-            self._raise_floor(client, old_seq, undo)
+                undo.append((_SET, client, seq, had, window.get(seq)))
+            if not had:
+                self.entries += 1
+            window[seq] = result
+        if len(window) > WINDOW:
+            top = -1
+            while len(window) > WINDOW:
+                old_seq, old = window.popitem(last=False)
+                self.entries -= 1
+                if undo is not None:
+                    undo.append((_DROP_SEQ, client, old_seq, old))
+                top = max(top, old_seq)
+            self._raise_floor(client, top, undo)
         while self.entries > MAX_ENTRIES and len(self.clients) > 1:
             oldest, gone = self.clients.popitem(last=False)
             self.entries -= len(gone)
