@@ -491,3 +491,41 @@ def test_an_ipv6_address_connects(
     c = clients(server.address, timeout=2.0, retries=0)
     assert c.address == server.address
     assert c.ping()
+
+
+@pytest.mark.timeout(30)
+def test_a_pipeline_retries_what_a_down_node_refused_but_keeps_the_order(
+    fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client]
+) -> None:
+    """A command refused as unavailable (its node down, say) is sent again, with its tag,
+    unless a later command on the same key went through meanwhile: the retry would
+    land after it. That one keeps its error (nothing was applied)."""
+    down = P.error_item(zkv.NodeUnavailable("node 127.0.0.1:1 is down"))
+    servers: list[FakeServer] = []
+
+    def answer(n: int, op: str) -> bytes:
+        items = cbor2.loads(servers[0].bodies[n])[1]
+        if n > 0:
+            return P.encode_ok_items([[P.OK, "OK"]] * len(items))
+        return P.encode_ok_items([down if it[3][1:3] in ([b"a", b"1"], [b"b", b"1"])
+                                  else [P.OK, "OK"] for it in items])
+
+    servers.append(fake(answer))
+    c = clients(servers[0].address, timeout=1.0, retries=2)
+    p = c.pipeline()
+    p.set("a", "1")
+    p.set("b", "1")
+    p.set("b", "2")
+    got = p.execute(raise_on_error=False)
+    assert got[0] is True and got[2] is True and isinstance(got[1], zkv.NodeUnavailable)
+    first, again = (cbor2.loads(b)[1] for b in servers[0].bodies)
+    assert again == [first[0]]  # only SET a 1, with the same id and sequence number
+
+
+def test_retries_are_kept_in_the_order_of_their_keys() -> None:
+    from zkv.client import _in_order
+
+    keys = [b"a", b"b", b"a", None, b"c"]
+    assert _in_order({0: 1, 1: 1, 3: 1}, 0, 5, keys) == [1, 3]  # a went through later
+    assert _in_order({0: 1, 2: 1}, 0, 5, keys) == [0, 2]  # both again, in order
+    assert _in_order({4: 1}, 0, 5, keys) == [4]

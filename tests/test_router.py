@@ -409,3 +409,22 @@ def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -
         stream(net, move_id, t["source"], C, RangeSet.from_list(t["ranges"]))
     got = net.run(live, [["GET", k] for k in keys], configs=configs)
     assert got == [b"12" if k in moving else b"10" for k in keys]
+
+
+def test_a_tagged_mset_is_one_client_to_the_nodes_and_safe_to_retry(
+        nodes: dict[str, Node]) -> None:
+    """Each key's SET of a tagged MSET has an id of its own, all under one client per
+    node's table (a client each would crowd out every real client's outcomes)."""
+    net = Net(nodes)
+    s1 = state(1, [A, B])
+    net.config(s1)
+    r = router_for(s1)
+    pairs = [x for i in range(80) for x in (b"m%03d" % i, b"v")]
+    request = ["ONCE", b"client-1", 7, ["MSET", pairs]]
+    assert net.run(r, [request]) == ["OK"]
+    assert net.run(r, [["SET", b"m000", b"later"]]) == ["OK"]
+    assert net.run(r, [request]) == ["OK"]  # a retry: applied once, the later SET stays
+    assert net.run(r, [["GET", b"m000"]]) == [b"later"]
+    for name in (A, B):
+        table = nodes[name].storage.keyspace.once
+        assert list(table.clients) == [b"client-1/m"] and 10 < len(table) < 70

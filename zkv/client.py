@@ -86,6 +86,25 @@ def _unavailable(reply: bytes) -> bool:
     return False
 
 
+def _in_order(failed: Mapping[int, Any], start: int, end: int, keys: Sequence[Any]
+              ) -> list[int]:
+    """Which of a pipeline's commands ``start`` to ``end`` that failed may be sent
+    again: those that no later command on the same key (None: no key) completed
+    after, since a retry must not land after a later write of its key, nor come after
+    a later read of it. The others keep their errors."""
+    later: set[Any] = set()  # the keys of later commands that completed
+    keep: list[int] = []
+    for i in range(end - 1, start - 1, -1):
+        key = keys[i]
+        if i in failed:
+            if key is None or key not in later:
+                keep.append(i)
+        elif key is not None:
+            later.add(key)
+    keep.reverse()
+    return keep
+
+
 def _worth_retrying(exc: ZkvError) -> bool:
     """Whether a tagged write (or a read) that failed so is worth another try."""
     return isinstance(exc, Unavailable) and not isinstance(exc, OutcomeUnknown)
@@ -179,7 +198,9 @@ class Client(StringCommands):
         Returns each result, or the ZkvError it raised, in order. Each is retried as
         :meth:`call` retries it: writes are tagged, so a write that got no reply is
         sent again (the node that applied it answers its first outcome), and so is a
-        read; a write's outcome is unknown only once every try has run out."""
+        read; a write's outcome is unknown only once every try has run out. They are
+        requests in flight together, not a sequence: a retried one may land after a
+        later one on its key (a pipeline keeps its order)."""
         ops: list[str] = []
         bodies: list[bytes] = []
         retried: list[bool] = []
@@ -558,37 +579,34 @@ class Pipeline(StringCommands):
         client = self.client
         items = [client._tagged(cmd) if cmd[0] in P.WRITE_OPS else cmd for cmd in commands]
         results: list[Any] = [None] * len(commands)
+        keys = [cmd[1] if len(cmd) > 1 else None for cmd in commands]
         table = self._CONVERT
         for start in range(0, len(items), ROUND):
-            pending = list(range(start, min(len(items), start + ROUND)))
+            end = min(len(items), start + ROUND)
+            pending = list(range(start, end))
             for attempt in range(1 + client.retries):
-                last = attempt == client.retries
-                again: list[int] = []
+                failed: dict[int, ZkvError] = {}  # worth another try, and their errors
                 pause = False
                 chunks = [pending[i : i + PIPELINE_CHUNK]
                           for i in range(0, len(pending), PIPELINE_CHUNK)]
                 for chunk, reply in zip(chunks, self._send([[items[i] for i in c]
                                                             for c in chunks])):
                     if isinstance(reply, (Timeout, NotSent)):
-                        if not last:
-                            again += chunk
-                            pause = pause or isinstance(reply, NotSent)
-                            continue
                         if isinstance(reply, Timeout):
                             reply = Timeout(f"{reply}; the outcome of these pipelined "
                                             "commands is unknown")
-                        for i in chunk:
-                            results[i] = reply
+                        failed.update((i, reply) for i in chunk)
+                        pause = pause or isinstance(reply, NotSent)
                         continue
                     try:
                         replied = P.decode_reply(reply)
                     except ZkvError as exc:
-                        if not last and _worth_retrying(exc):
-                            again += chunk
+                        if _worth_retrying(exc):
+                            failed.update((i, exc) for i in chunk)
                             pause = True
-                            continue
-                        for i in chunk:
-                            results[i] = exc
+                        else:
+                            for i in chunk:
+                                results[i] = exc
                         continue
                     for i, item in zip(chunk, replied):
                         convert = special.get(i) or table[commands[i][0]]
@@ -598,11 +616,15 @@ class Pipeline(StringCommands):
                         try:
                             results[i] = convert(P.result_of(item))
                         except ZkvError as exc:
-                            if not last and _worth_retrying(exc):
-                                again.append(i)  # its node was down, say: once more
+                            if _worth_retrying(exc):
+                                failed[i] = exc  # its node was down, say: once more
                                 pause = True
                             else:
                                 results[i] = exc
+                again = [] if attempt == client.retries else _in_order(failed, start, end,
+                                                                        keys)
+                for i in failed.keys() - set(again):
+                    results[i] = failed[i]
                 if not again:
                     break
                 if pause:

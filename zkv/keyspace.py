@@ -35,6 +35,7 @@ from .ring import RangeSet, key_hash
 
 MISSING: Any = object()
 COMPACT_KEYS = 50_000  # keys gone since the peak before the tables are made anew (compact)
+COMPACT_MAX_LIVE = 250_000  # ...and at most this many left: it stops the node ~0.3 s
 
 # XGET answers: whether the key's latest state is known here.
 ABSENT, PRESENT, UNKNOWN = 0, 1, 2
@@ -83,14 +84,15 @@ class Keyspace:
 
     def compact(self) -> bool:
         """Once at least half the keys (and COMPACT_KEYS) have gone since the peak (keys
-        expiring, a move's cleanup): make the tables anew, so that their memory can go
+        expiring, a move's cleanup), and no more than COMPACT_MAX_LIVE are left (the
+        node serves nothing meanwhile): make the tables anew, so that their memory can go
         back to the system (CPython's dicts never shrink, and the old tables and bucket
         lists pin the allocator's arenas). Whether it did; most calls only compare."""
         n = len(self.data)
         if n >= self.peak:
             self.peak = n
             return False
-        if self.peak - n < COMPACT_KEYS or 2 * n > self.peak:
+        if self.peak - n < COMPACT_KEYS or 2 * n > self.peak or n > COMPACT_MAX_LIVE:
             return False
         self.data = dict(self.data)
         self.expires = dict(self.expires)
@@ -209,7 +211,7 @@ class Keyspace:
 
     def forget_outcomes(self) -> bytes | None:
         """Forget the outcomes of tagged writes (zkv.once); the record, if any went."""
-        if not self.once.entries:
+        if not self.once.entries and not self.once.floors:
             return None
         self.once.clear()
         return wal.encode((wal.META, {"outcomes": "forget"}))

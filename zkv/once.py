@@ -31,8 +31,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 WINDOW = 8192  # outcomes kept per client (zkv.client.ROUND writes fit twice over)
-MAX_ENTRIES = 250_000  # outcomes kept in all (about 137 bytes each: 34 MiB at most)
+MAX_ENTRIES = 250_000  # outcomes kept in all, with CLIENT_COST for each client's window
+# (about 137 bytes an outcome: some 34 MiB at most)
 MAX_FLOORS = 100_000  # clients whose floor is kept
+CLIENT_COST = 5  # what a client's window costs, counted in outcomes against MAX_ENTRIES
 MAX_OUTCOME_BYTES = 256  # (so the table holds at most ~25 MiB of them)
 MAX_CLIENT_ID = 80  # bytes (a router adds a few to tell apart the parts of one MSET)
 BIG = "big"  # an outcome kept as its size: {"big": n}
@@ -122,9 +124,11 @@ class Outcomes:
             had = seq in window
             if undo is not None:
                 undo.append((_SET, client, seq, had, window.get(seq)))
+            window[seq] = result
             if not had:
                 self.entries += 1
-            window[seq] = result
+                if not recent:  # from elsewhere: the first of this window to go
+                    window.move_to_end(seq, last=False)
         if len(window) > WINDOW:
             top = -1
             while len(window) > WINDOW:
@@ -134,7 +138,8 @@ class Outcomes:
                     undo.append((_DROP_SEQ, client, old_seq, old))
                 top = max(top, old_seq)
             self._raise_floor(client, top, undo)
-        while self.entries > MAX_ENTRIES and len(self.clients) > 1:
+        while self.entries + CLIENT_COST * len(self.clients) > MAX_ENTRIES \
+                and len(self.clients) > 1:
             oldest, gone = self.clients.popitem(last=False)
             self.entries -= len(gone)
             if undo is not None:
@@ -210,7 +215,9 @@ class Outcomes:
         higher; those taken, flat."""
         taken: list[Any] = []
         undo = self.undo if live else None
-        for i in range(0, len(flat) - 2, 3):
+        # (newest first, each put before what this table has: the order comes out as it
+        # was, and the table's own outcomes stay the last to be forgotten)
+        for i in range(len(flat) - len(flat) % 3 - 3, -1, -3):
             client, seq, result = flat[i], flat[i + 1], flat[i + 2]
             if not valid_id(client, seq):
                 continue
@@ -222,7 +229,7 @@ class Outcomes:
                 continue
             self.remember(client, seq, result, live, recent=False)
             taken += (client, seq, result)
-        return taken
+        return [x for i in range(len(taken) - 3, -1, -3) for x in taken[i : i + 3]]
 
 
 def valid_id(client: Any, seq: Any) -> bool:

@@ -613,7 +613,7 @@ def check_request(item: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, list
             _, client, seq, inner = item  # a tagged write, as zkv.Client pipelines it
             if (type(client) is bytes and 0 < len(client) <= MAX_CLIENT_ID
                     and type(seq) is int and 0 <= seq < 1 << 63 and inner
-                    and inner[0] in _FAST_TAGGED):
+                    and type(inner[0]) is str and inner[0] in _FAST_TAGGED):
                 op, args = check_request(inner, limits)
                 if op in WRITE_OPS:
                     return "ONCE", [client, seq, [op, args]]

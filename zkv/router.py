@@ -478,8 +478,7 @@ class Router:
         epoch = exc.details.get("epoch")
         for op in sent.ops:
             op.tries += 1
-            if sent.kind == _SEEN_OLD:
-                op.state = None  # not asked after all: ask again where it is routed
+            op.state = None  # its chain starts again where it is routed (XSEEN too)
             if op.tries > MAX_REROUTES:
                 self._result(op, exc)
             elif isinstance(exc, NodeBehind):
@@ -995,13 +994,20 @@ class _Item:
 
 
 def _part_id(ident: tuple[bytes, int], i: int) -> tuple[bytes, int]:
-    """The id of the ``i``-th key's SET of a tagged MSET (within the id length limit)."""
-    client = ident[0]
+    """The id of the ``i``-th key's SET of a tagged MSET: one id for all the MSETs of a
+    client (its id + "/m"), each part its own seq, so that a node's table holds them
+    as one client's window (each part a client of its own would crowd it out)."""
+    client, seq = ident
     if len(client) > MAX_CLIENT_ID - 8:
         import hashlib
 
         client = hashlib.blake2b(client, digest_size=16).digest()
-    return client + b"/%d" % i, ident[1]
+    if seq < 1 << 42 and i < 1 << _PART_BITS:
+        return client + b"/m", seq << _PART_BITS | i
+    return client + b"/%d" % i, seq  # (seqs this large are not zkv.Client's)
+
+
+_PART_BITS = 20  # parts of one tagged MSET told apart in the low bits of the seq
 
 
 def _cannot_say(op: Op, old: str, exc: ZkvError) -> Unavailable:
