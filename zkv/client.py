@@ -213,26 +213,23 @@ class Client(StringCommands):
             tagged.append(tag)
             retried.append(retry)
         replies: list[bytes | Timeout | NotSent | None] = [None] * len(bodies)
-        for start in range(0, len(bodies), ROUND):
-            pending = list(range(start, min(len(bodies), start + ROUND)))
-            for attempt in range(1 + self.retries):
-                last = attempt == self.retries
-                again: list[int] = []
-                pause = False
-                for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
-                    if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
-                            reply, bytes) and _unavailable(reply)):
-                        again.append(i)
-                        pause = True  # nothing sent, or a failover, say: give it a moment
-                    elif not last and isinstance(reply, Timeout) and retried[i]:
-                        again.append(i)
-                    else:
-                        replies[i] = reply
-                if not again:
-                    break
-                if pause:
-                    time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))
-                pending = again
+
+        def attempt(pending: list[int], start: int, end: int, last: bool
+                    ) -> tuple[list[int], bool]:
+            again: list[int] = []
+            pause = False
+            for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
+                if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
+                        reply, bytes) and _unavailable(reply)):
+                    again.append(i)
+                    pause = True  # nothing sent, or a failover, say: give it a moment
+                elif not last and isinstance(reply, Timeout) and retried[i]:
+                    again.append(i)
+                else:
+                    replies[i] = reply
+            return again, pause
+
+        self._in_rounds(len(bodies), attempt)
         out: list[Any] = []
         for op, got in zip(ops, replies):
             if isinstance(got, Timeout):
@@ -246,6 +243,22 @@ class Client(StringCommands):
             except ZkvError as exc:
                 out.append(exc)
         return out
+
+    def _in_rounds(self, n: int, attempt: Callable[[list[int], int, int, bool],
+                                                    tuple[list[int], bool]]) -> None:
+        """Send ``n`` commands in rounds of at most ROUND: ``attempt(pending, start, end,
+        last)`` sends the round's pending ones and says which to send again and whether
+        to pause first; a round is done before the next starts."""
+        for start in range(0, n, ROUND):
+            end = min(n, start + ROUND)
+            pending = list(range(start, end))
+            for tries in range(1 + self.retries):
+                again, pause = attempt(pending, start, end, tries == self.retries)
+                if not again:
+                    break
+                if pause:
+                    time.sleep(min(self.timeout, RETRY_PAUSE * 2**tries))
+                pending = again
 
     def _request(self, op: str, args: list[Any]) -> tuple[bytes, bool, bool]:
         """The body of one command, whether it is tagged (a write: ONCE with this
@@ -580,61 +593,62 @@ class Pipeline(StringCommands):
         items = [client._tagged(cmd) if cmd[0] in P.WRITE_OPS else cmd for cmd in commands]
         results: list[Any] = [None] * len(commands)
         keys = [cmd[1] if len(cmd) > 1 else None for cmd in commands]
-        table = self._CONVERT
-        for start in range(0, len(items), ROUND):
-            end = min(len(items), start + ROUND)
-            pending = list(range(start, end))
-            for attempt in range(1 + client.retries):
-                failed: dict[int, ZkvError] = {}  # worth another try, and their errors
-                pause = False
-                chunks = [pending[i : i + PIPELINE_CHUNK]
-                          for i in range(0, len(pending), PIPELINE_CHUNK)]
-                for chunk, reply in zip(chunks, self._send([[items[i] for i in c]
-                                                            for c in chunks])):
-                    if isinstance(reply, (Timeout, NotSent)):
-                        if isinstance(reply, Timeout):
-                            reply = Timeout(f"{reply}; the outcome of these pipelined "
-                                            "commands is unknown")
-                        failed.update((i, reply) for i in chunk)
-                        pause = pause or isinstance(reply, NotSent)
-                        continue
-                    try:
-                        replied = P.decode_reply(reply)
-                    except ZkvError as exc:
-                        if _worth_retrying(exc):
-                            failed.update((i, exc) for i in chunk)
-                            pause = True
-                        else:
-                            for i in chunk:
-                                results[i] = exc
-                        continue
-                    for i, item in zip(chunk, replied):
-                        convert = special.get(i) or table[commands[i][0]]
-                        if type(item) is list and len(item) == 2 and item[0] == P.OK:
-                            results[i] = convert(item[1])
-                            continue
-                        try:
-                            results[i] = convert(P.result_of(item))
-                        except ZkvError as exc:
-                            if _worth_retrying(exc):
-                                failed[i] = exc  # its node was down, say: once more
-                                pause = True
-                            else:
-                                results[i] = exc
-                again = [] if attempt == client.retries else _in_order(failed, start, end,
-                                                                        keys)
-                for i in failed.keys() - set(again):
-                    results[i] = failed[i]
-                if not again:
-                    break
-                if pause:
-                    time.sleep(min(client.timeout, RETRY_PAUSE * 2**attempt))
-                pending = again
+
+        def attempt(pending: list[int], start: int, end: int, last: bool
+                    ) -> tuple[list[int], bool]:
+            failed: dict[int, ZkvError] = {}  # worth another try, and their errors
+            chunks = [pending[i : i + PIPELINE_CHUNK]
+                      for i in range(0, len(pending), PIPELINE_CHUNK)]
+            pause = False
+            for chunk, reply in zip(chunks, self._send([[items[i] for i in c] for c in chunks])):
+                pause = self._take(chunk, reply, commands, special, results, failed) or pause
+            again = [] if last else _in_order(failed, start, end, keys)
+            for i in failed.keys() - set(again):
+                results[i] = failed[i]
+            return again, pause
+
+        client._in_rounds(len(items), attempt)
         if raise_on_error:
             for r in results:
                 if isinstance(r, ZkvError):
                     raise r
         return results
+
+    def _take(self, chunk: list[int], reply: bytes | Timeout | NotSent,
+              commands: list[list[Any]], special: dict[int, Convert], results: list[Any],
+              failed: dict[int, ZkvError]) -> bool:
+        """One PIPE message's reply: each command's result into ``results``, or, if it
+        is worth another try, its error into ``failed``. Whether to pause first."""
+        if isinstance(reply, (Timeout, NotSent)):
+            if isinstance(reply, Timeout):
+                reply = Timeout(f"{reply}; the outcome of these pipelined commands is unknown")
+            failed.update((i, reply) for i in chunk)
+            return isinstance(reply, NotSent)
+        try:
+            replied = P.decode_reply(reply)
+        except ZkvError as exc:
+            if _worth_retrying(exc):
+                failed.update((i, exc) for i in chunk)
+                return True
+            for i in chunk:
+                results[i] = exc
+            return False
+        pause = False
+        table = self._CONVERT
+        for i, item in zip(chunk, replied):
+            convert = special.get(i) or table[commands[i][0]]
+            if type(item) is list and len(item) == 2 and item[0] == P.OK:
+                results[i] = convert(item[1])
+                continue
+            try:
+                results[i] = convert(P.result_of(item))
+            except ZkvError as exc:
+                if _worth_retrying(exc):
+                    failed[i] = exc  # its node was down, say: once more
+                    pause = True
+                else:
+                    results[i] = exc
+        return pause
 
     def _send(self, chunks: list[list[Any]]) -> list[bytes | Timeout | NotSent]:
         """Each chunk as one PIPE message, a few in flight at once; replies in order."""
