@@ -68,6 +68,28 @@ def test_every_command_answers_as_through_the_proxy(make_cluster: Any) -> None:
     assert str(via_direct.value) == str(via_proxy.value)
 
 
+def test_transactions_through_the_proxy_and_direct(make_cluster: Any) -> None:
+    cluster: Cluster = make_cluster(nodes=3)
+    for direct in (False, True):
+        c = cluster.client(timeout=5.0, direct=direct)
+        tag = b"{d%d}" % direct
+        with c.pipeline(transaction=True) as p:
+            p.set(tag + b"a", b"1").incr(tag + b"a").get(tag + b"a").delete(tag + b"no")
+            p.set(tag + b"text", b"abc").incr(tag + b"text").ping()
+            got = p.execute(raise_on_error=False)
+        assert got[:5] == [True, 2, b"2", False, True] and got[6] is True
+        assert isinstance(got[5], zkv.CommandError)  # its own error: it undoes nothing
+        keys = [b"x%d-%d" % (direct, i) for i in range(30)]  # on every node
+        p = c.pipeline(transaction=True)
+        for k in keys:
+            p.set(k, b"v")
+        with pytest.raises(zkv.CrossNode, match="hash tag"):
+            p.execute()
+        assert c.mget(keys) == [None] * len(keys)  # nothing ran
+        assert c.pipeline(transaction=True).execute() == []
+        c.close()
+
+
 def test_requests_go_straight_to_the_nodes(make_cluster: Any) -> None:
     """The proxy forwards none of them: the nodes' request counts grow by what was sent,
     the proxy's by nothing but our INFO calls."""

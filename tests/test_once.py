@@ -392,6 +392,27 @@ def test_lost_replies_of_pipelines_and_batches_leave_the_exact_count(
     direct.close()
 
 
+def test_transactions_with_lost_replies_leave_the_exact_count(
+        make_cluster: Any, zctx: zmq.Context[Any]) -> None:
+    """A transaction whose reply was lost is sent again whole; its writes are tagged,
+    so the node answers their first outcomes instead of applying them twice."""
+    cluster: Cluster = make_cluster(nodes=2)
+    link = DroppingLink(zctx, cluster.address, drop=3)
+    try:
+        c = zkv.Client(f"127.0.0.1:{link.port}", timeout=0.25, retries=5)
+        for i in range(30):
+            with c.pipeline(transaction=True) as p:
+                p.incr(b"{t}:a").incr(b"{t}:b").set(b"{t}:last", b"%d" % i)
+                assert p.execute()[:2] == [i + 1, i + 1]
+        c.close()
+    finally:
+        link.close()
+    assert link.dropped >= 8
+    direct = cluster.client()
+    assert direct.mget([b"{t}:a", b"{t}:b", b"{t}:last"]) == [b"30", b"30", b"29"]
+    direct.close()
+
+
 def test_a_proxy_killed_between_apply_and_reply_leaves_the_exact_count(
         make_cluster: Any) -> None:
     cluster: Cluster = make_cluster(nodes=2)

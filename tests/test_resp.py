@@ -154,6 +154,51 @@ def test_pipelines_answer_in_order(r: Any) -> None:
     assert isinstance(out[2000], redis.ResponseError) and out[2001] == b"7"
 
 
+def test_redis_py_default_pipeline_is_a_transaction_on_one_node(shared: Cluster,
+                                                                 r: Any) -> None:
+    """``r.pipeline()`` sends MULTI/EXEC: it works for keys that share a hash tag, each
+    command answered as Redis would, and the writes read back through zkv.Client."""
+    p = r.pipeline()
+    p.set("{txn1}:a", "1").incr("{txn1}:a").get("{txn1}:a")
+    p.mset({"{txn1}:b": "x", "{txn1}:c": "y"}).mget("{txn1}:a", "{txn1}:b", "{txn1}:none")
+    p.set("{txn1}:text", "abc").incr("{txn1}:text").exists("{txn1}:b", "{txn1}:c")
+    p.delete("{txn1}:c").ping()
+    out = p.execute(raise_on_error=False)
+    assert out[:5] == [True, 2, b"2", True, [b"2", b"x", None]]
+    assert out[5] is True and isinstance(out[6], redis.ResponseError)  # undoes nothing
+    assert out[7:] == [2, 1, True]
+    c = shared.client(timeout=5.0)
+    assert c.mget([b"{txn1}:a", b"{txn1}:b", b"{txn1}:c"]) == [b"2", b"x", None]
+    c.close()
+
+
+def test_a_transaction_across_nodes_is_refused_whole(r: Any) -> None:
+    keys = [f"txn2:{i}" for i in range(30)]  # (30 keys without a tag: on every node)
+    p = r.pipeline()
+    for k in keys:
+        p.set(k, "v")
+    with pytest.raises(redis.ResponseError, match="live on [23] nodes.*hash tag"):
+        p.execute()
+    assert r.exists(*keys) == 0  # nothing ran
+    assert r.set("txn2:after", "ok") and r.get("txn2:after") == b"ok"
+
+
+def test_multi_exec_discard_on_one_connection(raw: Any, r: Any) -> None:
+    conn = raw()
+    conn.send(b"MULTI\r\nSET {txn3}:a 1\r\nNOSUCH\r\nEXEC\r\nGET {txn3}:a\r\n")
+    assert conn.read_until(b"$-1\r\n") == (
+        b"+OK\r\n+QUEUED\r\n-ERR unknown command 'NOSUCH', with args beginning with: \r\n"
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n$-1\r\n")
+    conn.send(b"MULTI\r\nSET {txn3}:a 1\r\nDISCARD\r\nEXEC\r\nGET {txn3}:a\r\n")
+    assert conn.read_until(b"$-1\r\n") == (
+        b"+OK\r\n+QUEUED\r\n+OK\r\n-ERR EXEC without MULTI\r\n$-1\r\n")
+    conn.send(b"MULTI\r\nSET {txn3}:a 1\r\nINCR {txn3}:a\r\nEXEC\r\n")
+    assert conn.read_until(b":2\r\n") == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:2\r\n"
+    with r.pipeline() as p, pytest.raises(redis.ResponseError,
+                                          match="WATCH is not supported"):
+        p.watch("{txn3}:a")  # (r.transaction() starts so: it fails, never trusts)
+
+
 def test_scan_iter_walks_every_node_once(r: Any) -> None:
     keys = {f"resp:scan:{i}".encode() for i in range(700)}
     r.mset({k: b"x" for k in keys})

@@ -276,10 +276,17 @@ class Client(StringCommands):
         self._seq += 1
         return ["ONCE", self.client_id, self._seq, command]
 
-    def pipeline(self) -> Pipeline:
+    def pipeline(self, transaction: bool = False) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
-        p.set(k, v); p.get(k); results = p.execute()``."""
-        return Pipeline(self)
+        p.set(k, v); p.get(k); results = p.execute()``.
+
+        With ``transaction``, the commands are one transaction (RESP's MULTI/EXEC): sent
+        in one message to the one node that owns every key, which runs them with no
+        other request between and logs them as one record (a crash keeps all of them
+        or none). Its keys must live on one node (a hash tag: ``{user1}:a``,
+        ``{user1}:b``), else nothing runs and ``zkv.CrossNode`` says so; during a move
+        of its keys it is refused (``zkv.Unavailable``, nothing run) and tried again."""
+        return Pipeline(self, transaction)
 
     def call(self, op: str, *args: Any, retry: bool | None = None) -> Any:
         """Send one command. A request that could not be sent (nothing listens, say) is
@@ -527,7 +534,8 @@ class Pipeline(StringCommands):
     """Commands queued on the client and sent together by :meth:`execute`.
 
     The proxy splits each message per node and merges the replies in order.
-    A pipeline is not a transaction: each command succeeds or fails on its own.
+    A pipeline is not a transaction (unless made with ``transaction=True``: see
+    :meth:`Client.pipeline`); in both, each command succeeds or fails on its own.
     Supported: get, delete, exists, ping, and every command on one key of
     :class:`zkv.calls.StringCommands` (set with its options, incr, expire, ttl, ...).
     """
@@ -540,8 +548,9 @@ class Pipeline(StringCommands):
         "PING": lambda r: r == "PONG",
     }
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, transaction: bool = False) -> None:
         self.client = client
+        self.transaction = transaction
         self.commands: list[list[Any]] = []
         self.converts: dict[int, Convert] = {}  # by position, where not _CONVERT's
 
@@ -592,6 +601,15 @@ class Pipeline(StringCommands):
         client = self.client
         items = [client._tagged(cmd) if cmd[0] in P.WRITE_OPS else cmd for cmd in commands]
         results: list[Any] = [None] * len(commands)
+        if self.transaction:
+            if commands:  # one message, whole; a retry of it is safe (its writes are tagged)
+                replies = client.call("PIPE", items, None, True, retry=True)
+                errors: dict[int, ZkvError] = {}
+                self._take(list(range(len(commands))), P.encode_ok_items(replies), commands,
+                           special, results, errors)
+                for i, exc in errors.items():
+                    results[i] = exc
+            return self._raised(results) if raise_on_error else results
         keys = [cmd[1] if len(cmd) > 1 else None for cmd in commands]
 
         def attempt(pending: list[int], start: int, end: int, last: bool
@@ -608,10 +626,13 @@ class Pipeline(StringCommands):
             return again, pause
 
         client._in_rounds(len(items), attempt)
-        if raise_on_error:
-            for r in results:
-                if isinstance(r, ZkvError):
-                    raise r
+        return self._raised(results) if raise_on_error else results
+
+    @staticmethod
+    def _raised(results: list[Any]) -> list[Any]:
+        for r in results:
+            if isinstance(r, ZkvError):
+                raise r
         return results
 
     def _take(self, chunk: list[int], reply: bytes | Timeout | NotSent,

@@ -9,7 +9,9 @@ so ``except zkv.NodeUnavailable`` works the same for a local and a remote failur
     │   ├── UnknownCommand        UNKNOWN_COMMAND
     │   └── LimitExceeded         TOO_LARGE     a key, value, batch or message over a limit
     ├── CommandError              BAD_COMMAND   a well-formed request that cannot be done
-    │                                           (e.g. SCAN with an expired cursor)
+    │   │                                       (e.g. SCAN with an expired cursor)
+    │   └── CrossNode             CROSS_NODE    an atomic pipeline (a transaction) whose
+    │                                           keys live on more than one node
     ├── StaleEpoch                STALE_EPOCH   a router's view of the cluster is older than
     │                                           the node's: refresh it and send again
     ├── Moved                     MOVED         the key is another node's at this epoch
@@ -66,6 +68,13 @@ class LimitExceeded(ProtocolError):
 
 class CommandError(ZkvError):
     code = "BAD_COMMAND"
+
+
+class CrossNode(CommandError):
+    """An atomic pipeline (RESP's MULTI/EXEC) whose keys are not all on one node: one
+    node runs a transaction, so its keys must be kept together (a hash tag)."""
+
+    code = "CROSS_NODE"
 
 
 class StaleEpoch(ZkvError):

@@ -312,6 +312,9 @@ class Keyspace:
                 self._tomb(key, True)
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.ATOMIC:
+            for inner in _inner_records(item[1], _ATOMIC_INNER):
+                self.apply_live(inner)
         elif kind == wal.ONCE or kind == wal.ONCERUN:
             for inner in _inner_records(item[4]):
                 self.apply_live(inner)
@@ -532,6 +535,9 @@ class Keyspace:
             tombs.update(item[1])
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.ATOMIC:
+            for inner in _inner_records(item[1], _ATOMIC_INNER):
+                self.apply(inner)
         elif kind == wal.ONCE or kind == wal.ONCERUN:
             for inner in _inner_records(item[4]):
                 self.apply(inner)
@@ -584,16 +590,22 @@ def _deadline(value: Any, zero: bool = False) -> int:
     return value
 
 
-def _inner_records(data: Any) -> list[Any]:
-    """The records a ONCE record carries (framed, as bytes)."""
+_ONCE_INNER = frozenset((wal.ONCE, wal.ONCES, wal.ONCERUN, wal.META, wal.ATOMIC))
+_ATOMIC_INNER = frozenset((wal.META, wal.ATOMIC))  # (its tagged writes are ONCE records)
+
+
+def _inner_records(data: Any, refused: frozenset[int] = _ONCE_INNER) -> list[Any]:
+    """The records a ONCE or ATOMIC record carries (framed, as bytes): data records
+    only (an ATOMIC record's may be ONCE records too)."""
     if type(data) is not bytes:
-        raise TypeError("a ONCE record carries its records as bytes")
+        raise TypeError("a ONCE or ATOMIC record carries its records as bytes")
     scan = wal.LogScan(data)
     items = [item for _, item in scan]
     if scan.damage is not None:
-        raise ValueError(f"the records in a ONCE record are damaged: {scan.damage.reason}")
-    if any(item[0] in (wal.ONCE, wal.ONCES, wal.ONCERUN, wal.META) for item in items):
-        raise ValueError("a ONCE record carries data records only")
+        raise ValueError(f"the records in a ONCE or ATOMIC record are damaged: "
+                         f"{scan.damage.reason}")
+    if any(type(item) is not list or not item or item[0] in refused for item in items):
+        raise ValueError("a ONCE or ATOMIC record carries data records only")
     return items
 
 

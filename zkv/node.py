@@ -409,7 +409,20 @@ class Node:
         asks for): once values would take it over, each further GET that finds a value
         answers TOO_LARGE in its place, while every other command still runs and
         reports its own result. So a reply never outgrows the budget, and a write is
-        never reported failed because a read beside it was too big."""
+        never reported failed because a read beside it was too big.
+
+        Atomic (``a[2]``, RESP's MULTI/EXEC): the same, and its records are logged as one
+        ATOMIC record, so that a crash keeps all of its writes or none. (No other request
+        runs between its commands in any case: a node runs one message at a time.)"""
+        if len(a) > 2 and a[2]:
+            pending = self.storage.pending
+            start = len(pending)
+            answers = self._pipe([a[0], a[1]])
+            if len(pending) > start:
+                records = bytes(pending[start:])
+                del pending[start:]
+                pending += wal.encode((wal.ATOMIC, records))
+            return answers
         out: list[Any] = []
         commands = a[0]
         budget = ((a[1] if len(a) > 1 else self.limits.max_message_bytes)

@@ -183,7 +183,9 @@ COMMANDS: dict[str, Command] = {
         Command("SCAN", READ, ("cursor", "pattern?", "count?"),
                 "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
         Command("KEYS", READ, ("pattern?",), "All keys matching a glob PATTERN (default *)."),
-        Command("PIPE", META, ("commands", "budget?"), "Run several commands in one message."),
+        Command("PIPE", META, ("commands", "budget?", "atomic?"),
+                "Run several commands in one message (atomic: all on one node, as one "
+                "transaction)."),
         Command("NODES", META, (), "Cluster members: address, state, keys, ring share."),
         Command("RING", META, ("key",), "Which node owns KEY, and why."),
         Command("STATUS", META, (), "Cluster epoch and any move under way."),
@@ -417,6 +419,12 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         return value
     if kind == "commands":
         return _list(value, "pipeline", limits)
+    if kind == "atomic":
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise ProtocolError("atomic must be true or false")
+        return value
     if kind == "int":
         return _amount(value, "the number")
     if kind == "client_id":

@@ -350,6 +350,7 @@ _PREFIX = {
     "STORAGE": "MISCONF",  # Redis's word for "cannot persist"
     "NOAUTH": "NOAUTH",
     "NOPERM": "NOPERM",
+    "CROSS_NODE": "CROSSSLOT",  # Redis Cluster's word for keys that are not together
 }
 
 
@@ -368,6 +369,9 @@ class Session:
     lib_name: bytes = b""
     lib_ver: bytes = b""
     authed: bool = False  # AUTH (or HELLO ... AUTH) succeeded: only asked with a password
+    multi: list[Any] | None = None  # after MULTI: the commands queued (zkv.resptxn)
+    multi_failed: bool = False  # a command queued after MULTI was refused: EXEC aborts
+    multi_bytes: int = 0  # what the commands queued weigh (bounded by max_message_bytes)
 
 
 class Cursors:
@@ -578,6 +582,17 @@ SPECS: dict[bytes, Spec] = {
         Spec("config", -2, (), 0, 0, 0, "server",
              "CONFIG GET answers no parameters (zkv is configured by its topology).",
              (("subcommand", _S, ""),)),
+        Spec("multi", 1, ("fast",), 0, 0, 0, "transactions",
+             "Starts a transaction (its keys must live on one node: use a hash tag)."),
+        Spec("exec", 1, (), 0, 0, 0, "transactions",
+             "Runs the commands queued since MULTI, on one node, with nothing between."),
+        Spec("discard", 1, ("fast",), 0, 0, 0, "transactions",
+             "Discards the commands queued since MULTI."),
+        Spec("watch", -2, ("fast",), 1, -1, 1, "transactions",
+             "Not supported by zkv (answers an error): optimistic locking needs versions "
+             "zkv does not keep.", (("key", _K, "multiple"),)),
+        Spec("unwatch", 1, ("fast",), 0, 0, 0, "transactions",
+             "Forgets watched keys (zkv watches none)."),
         Spec("flushall", -1, ("write",), 0, 0, 0, "server",
              "Removes all keys (admin: needs --resp-admin).",
              (("flush-type", _S, "optional"),)),
@@ -593,17 +608,35 @@ def plan_command(session: Session, args: list[bytes], ctx: Context) -> Plan:
     name = args[0].lower()
     spec = SPECS.get(name)
     if spec is None:
-        return Reply(error(_unknown(args)))
+        return _refused(session, _unknown(args))
     n = len(args)
     if (ctx.password is not None and not session.authed
             and name not in (b"auth", b"hello", b"quit")):
         return Reply(error("NOAUTH Authentication required."))
     if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
-        return Reply(error(f"ERR wrong number of arguments for '{spec.name}' command"))
+        return _refused(session, f"ERR wrong number of arguments for '{spec.name}' command")
+    if session.multi is not None or name in TRANSACTION:
+        from . import resptxn  # (MULTI/EXEC, built on this module)
+        return resptxn.plan(session, name, args, ctx)
+    return planned(session, name, args, ctx)
+
+
+def planned(session: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
+    """The plan of a known command whose arity and rights have been checked."""
     try:
         return _PLANNERS[name](session, args, ctx)
     except ZkvError as exc:
         return Reply(error_reply(exc))
+
+
+def _refused(session: Session, text: str) -> Reply:
+    """An error for a command that is not run; after MULTI, EXEC then aborts."""
+    if session.multi is not None:
+        session.multi_failed = True
+    return Reply(error(text))
+
+
+TRANSACTION = frozenset((b"multi", b"exec", b"discard", b"watch", b"unwatch"))
 
 
 def _unknown(args: list[bytes]) -> str:
@@ -626,6 +659,11 @@ def _int(b: bytes) -> int:
             or b == b"-0":
         raise CommandError("value is not an integer or out of range")
     return int(b)
+
+
+def forward(ctx: Context, op: str, args: list[Any], shape: Shape) -> Forward:
+    """A zkv request, checked, for the routing core; ``shape`` makes its reply."""
+    return _req(ctx, op, args, shape)
 
 
 def _req(ctx: Context, op: str, args: list[Any], shape: Shape) -> Forward:
@@ -820,6 +858,7 @@ def _plan_quit(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 def _plan_reset(s: Session, a: list[bytes], ctx: Context) -> Plan:
     s.proto, s.name, s.authed = 2, None, False
+    s.multi, s.multi_failed, s.multi_bytes = None, False, 0
     return Reply(b"+RESET\r\n")
 
 

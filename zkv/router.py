@@ -39,6 +39,7 @@ from typing import Any
 from . import protocol as P
 from .errors import (
     CommandError,
+    CrossNode,
     InternalError,
     LimitExceeded,
     Moved,
@@ -245,6 +246,8 @@ class Router:
                 self._mget(client, args, deadline)
             elif op == "MSET":
                 self._mset(client, args, deadline, ident)
+            elif op == "PIPE" and len(args) > 2 and args[2]:
+                self._atomic(client, args[0], args[1], deadline)
             elif op == "PIPE":
                 self._pipe(client, args[0], deadline)
             elif op == "PING":
@@ -363,6 +366,9 @@ class Router:
         try:
             if op.kind == "RAWPIPE":  # a pipeline sent whole to one node: split it anew
                 self._pipe(op.job.client, op.args[0], op.job.deadline)
+                return
+            if op.kind == "ATOMIC":
+                self._send_atomic(op)
                 return
             p = self.placement
             if p.moving is not None and p.moving_key(op.key):
@@ -616,7 +622,7 @@ class Router:
             if isinstance(result, ZkvError):
                 self._answer_error(job.client, result,
                                    "PIPE" if op.kind == "RAWPIPE" else op.kind)
-            elif op.kind == "RAWPIPE":
+            elif op.kind == "RAWPIPE" or op.kind == "ATOMIC":
                 self._answer_body(job.client, P.encode_ok_items(result))
             else:
                 self._answer_body(job.client, P.encode_ok(result))
@@ -738,6 +744,39 @@ class Router:
                            [Op(single, 0, "RAWPIPE", [items])], deadline)
                 return
         self._dispatch(job, ops, owners)
+
+    def _atomic(self, client: Any, items: list[Any], budget: int, deadline: float) -> None:
+        """An atomic pipeline (RESP's MULTI/EXEC): every command goes, in one message,
+        to the one node that owns all its keys, which runs them with nothing between
+        and logs them as one record. Refused whole (nothing run) when its keys are on
+        more than one node, or when a move takes any of them (TRYAGAIN on RESP)."""
+        keys = []
+        for item in items:
+            op, args = P.check_pipe_item(item, self.limits)
+            if op == "ONCE":
+                keys.append(args[2][1][0])
+            elif op != "PING":
+                keys.append(args[0])
+        job = Job(client, "one", 1, deadline)
+        self._route(Op(job, 0, "ATOMIC", [items, budget, keys]))
+
+    def _send_atomic(self, op: Op) -> None:
+        items, budget, keys = op.args
+        p = self.placement
+        if not len(p.ring):
+            raise Unavailable("the cluster has no nodes yet (ADD one)")
+        if p.moving is not None and any(p.moving_key(k) for k in keys):
+            raise Unavailable("keys of this transaction are being moved between nodes; "
+                              "nothing was run: try again when the move is done")
+        owners = {p.owner(k) for k in keys} if keys else {p.owner(b"")}
+        if len(owners) > 1:
+            raise CrossNode(
+                f"the keys of this transaction live on {len(owners)} nodes; one node runs "
+                "a transaction, so keep its keys together with a hash tag ({user1}:a and "
+                "{user1}:b live on one node); nothing was run")
+        node = owners.pop()
+        self._send(node, P.encode_request("PIPE", items, budget, True), _PLAIN, [op],
+                   op.job.deadline)
 
     def _dispatch(self, job: Job, ops: list[Op], owners: list[str] | None = None) -> None:
         """Keys that stay put go to their owner grouped (one MGET, MSET or PIPE a node,

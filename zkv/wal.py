@@ -47,6 +47,9 @@ ONCE, ONCES = 9, 10
 # ONCERUN client [seq, ...] outcome records: a run of writes (a pipeline's SETs) whose
 # tagged ones, all of one client, had one outcome; one record, as ONCE is.
 ONCERUN = 11
+# ATOMIC records: an atomic pipeline's records (framed, as bytes; RESP's MULTI/EXEC), in
+# one record so that a torn tail takes all of them or none.
+ATOMIC = 12
 
 
 def encode(item: Any) -> bytes:

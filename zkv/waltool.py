@@ -31,7 +31,7 @@ EXIT_DAMAGED = 4  # a node refuses to start (corruption, missing files); repair 
 KINDS = {wal.SET: "SET", wal.DEL: "DEL", wal.MSET: "MSET", wal.CHUNK: "CHUNK",
          wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP", wal.PXAT: "PXAT",
          wal.DELS: "DELS", wal.ONCE: "ONCE", wal.ONCES: "ONCES",
-         wal.ONCERUN: "ONCERUN"}
+         wal.ONCERUN: "ONCERUN", wal.ATOMIC: "ATOMIC"}
 
 
 def escape(data: Any) -> str:
@@ -137,6 +137,11 @@ def lines_of(item: Any) -> Iterator[str]:
         seqs = " ".join(map(str, body[1])) if isinstance(body[1], list) else body[1]
         yield f"{kind} {escape(body[0])} {seqs} -> {_json_value(body[2])}"
         for _, inner in wal.LogScan(body[3]):
+            for line in lines_of(inner):
+                yield "  " + line
+    elif kind == "ATOMIC" and len(body) == 1 and isinstance(body[0], bytes):
+        yield "ATOMIC"
+        for _, inner in wal.LogScan(body[0]):
             for line in lines_of(inner):
                 yield "  " + line
     elif kind == "PXAT" and body:
