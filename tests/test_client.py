@@ -529,3 +529,25 @@ def test_retries_are_kept_in_the_order_of_their_keys() -> None:
     assert _in_order({0: 1, 1: 1, 3: 1}, 0, 5, keys) == [1, 3]  # a went through later
     assert _in_order({0: 1, 2: 1}, 0, 5, keys) == [0, 2]  # both again, in order
     assert _in_order({4: 1}, 0, 5, keys) == [4]
+
+
+def test_a_refused_transaction_is_sent_again_whole_then_raised(fake: Any, clients: Any) -> None:
+    """While a move takes its keys a transaction is refused with nothing run: the client
+    sends it again after a pause, the same message (its writes tagged), for at most its
+    timeout; then it raises the refusal."""
+    moving = P.encode_exc(zkv.Unavailable("keys of this transaction are being moved"))
+    ok = P.encode_ok_items([[P.OK, "OK"], [P.OK, 2]])
+    server = fake(lambda n, op: moving if n < 3 else ok)
+    c = clients(server.address, timeout=2.0)
+    with c.pipeline(transaction=True) as t:
+        assert t.set(b"{a}x", b"1").incr(b"{a}n").execute() == [True, 2]
+    assert len(server.bodies) == 4 and len(set(server.bodies)) == 1  # the same message
+    request = cbor2.loads(server.bodies[0])
+    assert request[0] == "PIPE" and request[3] is True
+    assert [item[0] for item in request[1]] == ["ONCE", "ONCE"]  # writes tagged
+    never = fake(lambda n, op: moving)
+    c = clients(never.address, timeout=0.5)
+    began = time.monotonic()
+    with pytest.raises(zkv.Unavailable, match="being moved"):
+        c.pipeline(transaction=True).set(b"{a}x", b"1").execute()
+    assert 0.3 < time.monotonic() - began < 5.0 and len(never.bodies) > 1

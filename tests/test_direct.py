@@ -143,9 +143,12 @@ def test_a_node_it_cannot_reach_sends_it_through_the_proxy(make_cluster: Any) ->
     theirs = [k for k in data if ring.owner(k) == victim]
     others = [k for k in data if ring.owner(k) != victim]
     cluster.kill_node(victim)
+    before = p.info()["proxy"]["requests"]
     with pytest.raises(zkv.NodeUnavailable):
         d.get(theirs[0])
-    assert d._direct.status()["via_proxy"]
+    # it went through the proxy (counted there; the fallback's second may be over by
+    # now on a loaded machine, so its window is not what is checked)
+    assert p.info()["proxy"]["requests"] - before >= 2
     assert [d.get(k) for k in others[:50]] == [data[k] for k in others[:50]]
     cluster.restart_node(victim)
     cluster.wait_all_up()

@@ -15,7 +15,7 @@ from test_router import LIMITS, A, B, C, Net, move_state, router_for, state
 
 from zkv import protocol as P
 from zkv import resp, wal
-from zkv.errors import CrossNode, ProtocolError
+from zkv.errors import CrossNode, ProtocolError, ZkvError
 from zkv.keyspace import Keyspace
 from zkv.node import Node
 from zkv.placement import Placement
@@ -218,7 +218,7 @@ def test_an_error_inside_answers_in_its_place() -> None:
 
 
 def test_a_command_refused_while_queueing_aborts_exec() -> None:
-    for bad in ([b"NOPE"], [b"GET"], [b"SCAN", b"0"], [b"SELECT", b"0"], [b"INCRBY", b"k",
+    for bad in ([b"NOPE"], [b"GET"], [b"SCAN", b"0"], [b"SELECT", b"0"], [b"MSETNX", b"k",
                                                                             b"x"]):
         s = resp.Session(1)
         run(s, b"MULTI")
@@ -277,3 +277,59 @@ def test_what_waits_for_exec_is_bounded_by_max_message_bytes() -> None:
     assert s.multi_bytes < 64 << 10
     assert resp.plan_command(s, [b"EXEC"], c).data == resp.error(EXECABORT)
     assert s.multi_bytes == 0
+
+
+def test_a_node_refuses_an_atomic_pipe_whole(nodes: dict[str, Node]) -> None:
+    """Sent straight to a node (a direct client, say), an atomic PIPE with one key the
+    node does not own, or one item a PIPE cannot carry, runs nothing at all."""
+    net = Net(nodes)
+    s1 = state(1, [A, B, C])
+    net.config(s1)
+    ours, other = keys_on_two_nodes(s1)
+    node = nodes[Placement(s1).owner(ours)]
+    for commands, code in (([["SET", ours, b"1"], ["SET", other, b"2"]], "MOVED"),
+                           ([["SET", ours, b"1"], ["MGET", [ours]]], "BAD_COMMAND")):
+        body = P.encode_request("PIPE", commands, None, True)
+        with pytest.raises(ZkvError) as err:
+            P.decode_reply(node.run_body(body, True))
+        assert err.value.code == code
+        node.storage.commit()
+        assert ours not in node.storage.keyspace.data
+
+
+def test_constant_replies_count_against_the_bounds_too() -> None:
+    s = resp.Session(1)
+    c = resp.Context(P.Limits(max_batch=5, max_key_bytes=1024, max_value_bytes=32 << 10,
+                              max_message_bytes=64 << 10), resp.Cursors(), False, None)
+    resp.plan_command(s, [b"MULTI"], c)
+    answers = [resp.plan_command(s, [b"PING"], c).data for _ in range(6)]
+    assert answers[:5] == [QUEUED] * 5 and answers[5].startswith(b"-ERR a transaction is")
+    resp.plan_command(s, [b"DISCARD"], c)
+    resp.plan_command(s, [b"MULTI"], c)
+    echo = [resp.plan_command(s, [b"ECHO", b"x" * (20 << 10)], c).data for _ in range(3)]
+    assert echo[:1] == [QUEUED] and echo[2].startswith(b"-ERR a transaction is at most")
+
+
+def test_bad_arguments_answer_in_place_at_exec_as_on_redis() -> None:
+    """Redis aborts a transaction for an unknown command or a wrong number of words;
+    a command whose arguments are wrong is queued, and its error is its answer."""
+    s = resp.Session(1)
+    run(s, b"MULTI")
+    assert run(s, b"SET", b"{a}x", b"1", b"EX", b"-5").data == QUEUED
+    assert run(s, b"EXPIRE", b"{a}x", b"abc").data == QUEUED
+    assert run(s, b"SET", b"{a}y", b"1").data == QUEUED
+    plan = run(s, b"EXEC")
+    assert isinstance(plan, resp.Forward) and plan.args[0] == [["SET", b"{a}y", b"1"]]
+    out = answer(plan, [[P.OK, "OK"]], s)
+    assert out.startswith(b"*3\r\n-ERR ") and out.endswith(b"+OK\r\n")
+    assert out.count(b"\r\n-ERR ") == 2
+
+
+def test_exec_with_words_ends_the_transaction() -> None:
+    s = resp.Session(1)
+    run(s, b"MULTI")
+    run(s, b"SET", b"k", b"1")
+    assert run(s, b"EXEC", b"x").data == resp.error(
+        "EXECABORT Transaction discarded because of: wrong number of arguments for "
+        "'exec' command")
+    assert s.multi is None and isinstance(run(s, b"SET", b"k", b"2"), resp.Forward)

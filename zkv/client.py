@@ -284,8 +284,9 @@ class Client(StringCommands):
         in one message to the one node that owns every key, which runs them with no
         other request between and logs them as one record (a crash keeps all of them
         or none). Its keys must live on one node (a hash tag: ``{user1}:a``,
-        ``{user1}:b``), else nothing runs and ``zkv.CrossNode`` says so; during a move
-        of its keys it is refused (``zkv.Unavailable``, nothing run) and tried again."""
+        ``{user1}:b``), else nothing runs and ``zkv.CrossNode`` says so. While a move
+        copies its keys' range it is refused with nothing run, and sent again for up to
+        the client's timeout; then ``zkv.Unavailable`` is raised."""
         return Pipeline(self, transaction)
 
     def call(self, op: str, *args: Any, retry: bool | None = None) -> Any:
@@ -603,7 +604,7 @@ class Pipeline(StringCommands):
         results: list[Any] = [None] * len(commands)
         if self.transaction:
             if commands:  # one message, whole; a retry of it is safe (its writes are tagged)
-                replies = client.call("PIPE", items, None, True, retry=True)
+                replies = self._atomic(items)
                 errors: dict[int, ZkvError] = {}
                 self._take(list(range(len(commands))), P.encode_ok_items(replies), commands,
                            special, results, errors)
@@ -627,6 +628,22 @@ class Pipeline(StringCommands):
 
         client._in_rounds(len(items), attempt)
         return self._raised(results) if raise_on_error else results
+
+    def _atomic(self, items: list[Any]) -> Any:
+        """A transaction's items as one atomic PIPE: refused (nothing run) while a move
+        takes its keys or its node is down, it is sent again after a pause, for at most
+        the client's timeout; then the refusal is raised."""
+        client = self.client
+        deadline = time.monotonic() + client.timeout
+        pause = RETRY_PAUSE
+        while True:
+            try:
+                return client.call("PIPE", items, None, True, retry=True)
+            except Unavailable as exc:
+                if isinstance(exc, (Timeout, NotSent)) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
 
     @staticmethod
     def _raised(results: list[Any]) -> list[Any]:

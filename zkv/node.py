@@ -415,6 +415,10 @@ class Node:
         ATOMIC record, so that a crash keeps all of its writes or none. (No other request
         runs between its commands in any case: a node runs one message at a time.)"""
         if len(a) > 2 and a[2]:
+            for item in a[0]:  # refused whole, before anything runs: each item, each key
+                op, args = P.check_pipe_item(item, self.limits)
+                if self._checking:
+                    self._check_keys(op, args)
             pending = self.storage.pending
             start = len(pending)
             answers = self._pipe([a[0], a[1]])

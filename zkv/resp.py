@@ -614,7 +614,11 @@ def plan_command(session: Session, args: list[bytes], ctx: Context) -> Plan:
             and name not in (b"auth", b"hello", b"quit")):
         return Reply(error("NOAUTH Authentication required."))
     if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
-        return _refused(session, f"ERR wrong number of arguments for '{spec.name}' command")
+        why = f"wrong number of arguments for '{spec.name}' command"
+        if name == b"exec" and session.multi is not None:  # it ends the transaction
+            session.multi, session.multi_failed, session.multi_bytes = None, False, 0
+            return Reply(error(f"EXECABORT Transaction discarded because of: {why}"))
+        return _refused(session, f"ERR {why}")
     if session.multi is not None or name in TRANSACTION:
         from . import resptxn  # (MULTI/EXEC, built on this module)
         return resptxn.plan(session, name, args, ctx)

@@ -8,8 +8,11 @@ with ``atomic``): the node runs them with no other request between, answers each
 (an error in one does not undo the others, as on Redis) and logs their writes as one
 record, so a crash keeps all of them or none. EXEC is refused whole, with nothing
 run, when the keys are on more than one node (``-CROSSSLOT``) or being moved
-(``-TRYAGAIN``); after a command refused while queueing it answers ``-EXECABORT``,
-as Redis does.
+(``-TRYAGAIN``). As on Redis, an unknown command or a wrong number of words while
+queueing makes EXEC answer ``-EXECABORT`` (so does a command a transaction here
+cannot hold), while a command with a bad option is queued and its error is its
+answer at EXEC. What waits for EXEC, PINGs and ECHOs included, is bounded by
+``max_batch`` commands and ``max_message_bytes``.
 
 Not offered: WATCH (optimistic locking needs versions of keys that zkv does not
 keep; it answers an error, so a client never believes a key is watched), and the
@@ -111,32 +114,32 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
         return planned(s, name, args, ctx)
     queue = s.multi
     assert queue is not None
-    if name == b"unwatch":
-        queue.append(Queued([], "", None, OK))
-        return Reply(QUEUED)
     if name in _NOT_QUEUED:
         return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a transaction "
                           "on zkv (a transaction runs on one node)")
-    got = planned(s, name, args, ctx)
+    got = OK if name == b"unwatch" else planned(s, name, args, ctx)
     if isinstance(got, Reply):
-        if got.data[:1] == b"-":
-            s.multi_failed = True
-            return got
-        if name not in _CONSTANT:  # (no such command yet; refused rather than guessed)
+        if got.data[:1] != b"-" and name not in _CONSTANT:
+            # (no such command yet; refused rather than guessed at)
             return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a "
                               "transaction on zkv")
-        queue.append(Queued([], "", None, got.data))
-        return Reply(QUEUED)
-    queued = _as_items(got) if isinstance(got, Forward) else None
-    if queued is None:
-        return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a transaction "
-                          "on zkv")
-    total = sum(len(q.items) for q in queue) + len(queued.items)
+        # PING and ECHO answer what they answer now; a command whose arguments are
+        # wrong (SET k v EX -5), its error, in its place at EXEC, as on Redis
+        queued = Queued([], "", None, got.data)
+    elif isinstance(got, bytes):
+        queued = Queued([], "", None, got)
+    else:
+        made = _as_items(got) if isinstance(got, Forward) else None
+        if made is None:
+            return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a "
+                              "transaction on zkv")
+        queued = made
+    # (what waits for EXEC is held here: bounded as the one message EXEC becomes is)
+    total = sum(max(1, len(q.items)) for q in queue) + max(1, len(queued.items))
     if total > ctx.limits.max_batch:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_batch} commands "
                           "(keys of MGET, MSET, DEL and EXISTS each count)")
-    # (what waits for EXEC is held here: bounded as the one message EXEC becomes is)
-    weight = sum(len(a) + 16 for a in args)
+    weight = sum(len(a) + 16 for a in args) + len(queued.data)
     if s.multi_bytes + weight > ctx.limits.max_message_bytes - 4096:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_message_bytes} "
                           "bytes (max_message_bytes)")
