@@ -372,6 +372,7 @@ class Session:
     multi: list[Any] | None = None  # after MULTI: the commands queued (zkv.resptxn)
     multi_failed: bool = False  # a command queued after MULTI was refused: EXEC aborts
     multi_bytes: int = 0  # what the commands queued weigh (bounded by max_message_bytes)
+    multi_items: int = 0  # the one-key commands they make (bounded by max_batch)
 
 
 class Cursors:
@@ -616,7 +617,7 @@ def plan_command(session: Session, args: list[bytes], ctx: Context) -> Plan:
     if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
         why = f"wrong number of arguments for '{spec.name}' command"
         if name == b"exec" and session.multi is not None:  # it ends the transaction
-            session.multi, session.multi_failed, session.multi_bytes = None, False, 0
+            session.multi, session.multi_failed = None, False
             return Reply(error(f"EXECABORT Transaction discarded because of: {why}"))
         return _refused(session, f"ERR {why}")
     if session.multi is not None or name in TRANSACTION:
@@ -862,7 +863,7 @@ def _plan_quit(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 def _plan_reset(s: Session, a: list[bytes], ctx: Context) -> Plan:
     s.proto, s.name, s.authed = 2, None, False
-    s.multi, s.multi_failed, s.multi_bytes = None, False, 0
+    s.multi, s.multi_failed = None, False
     return Reply(b"+RESET\r\n")
 
 

@@ -51,7 +51,8 @@ _NOT_QUEUED = frozenset((b"scan", b"keys", b"dbsize", b"msetnx", b"select", b"he
                          b"auth", b"client", b"command", b"info", b"time", b"config",
                          b"flushall", b"flushdb"))
 _AT_ONCE = frozenset((b"quit", b"reset"))  # run at once, inside MULTI too (as on Redis)
-_CONSTANT = frozenset((b"ping", b"echo"))  # queued with the answer they have now
+# queued with the answer they have now
+_CONSTANT = frozenset((b"ping", b"echo", b"unwatch"))
 
 
 class Queued:
@@ -91,12 +92,12 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
     if name == b"multi":
         if s.multi is not None:
             return Reply(error("ERR MULTI calls can not be nested"))
-        s.multi, s.multi_failed, s.multi_bytes = [], False, 0
+        s.multi, s.multi_failed, s.multi_bytes, s.multi_items = [], False, 0, 0
         return Reply(OK)
     if name == b"discard":
         if s.multi is None:
             return Reply(error("ERR DISCARD without MULTI"))
-        s.multi, s.multi_failed, s.multi_bytes = None, False, 0
+        s.multi, s.multi_failed = None, False
         return Reply(OK)
     if name == b"exec":
         if s.multi is None:
@@ -117,7 +118,7 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
     if name in _NOT_QUEUED:
         return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a transaction "
                           "on zkv (a transaction runs on one node)")
-    got = OK if name == b"unwatch" else planned(s, name, args, ctx)
+    got = Reply(OK) if name == b"unwatch" else planned(s, name, args, ctx)
     if isinstance(got, Reply):
         if got.data[:1] != b"-" and name not in _CONSTANT:
             # (no such command yet; refused rather than guessed at)
@@ -126,16 +127,15 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
         # PING and ECHO answer what they answer now; a command whose arguments are
         # wrong (SET k v EX -5), its error, in its place at EXEC, as on Redis
         queued = Queued([], "", None, got.data)
-    elif isinstance(got, bytes):
-        queued = Queued([], "", None, got)
     else:
         made = _as_items(got) if isinstance(got, Forward) else None
         if made is None:
             return _refuse(s, f"ERR {name.decode().upper()} cannot be part of a "
                               "transaction on zkv")
         queued = made
-    # (what waits for EXEC is held here: bounded as the one message EXEC becomes is)
-    total = sum(max(1, len(q.items)) for q in queue) + max(1, len(queued.items))
+    # (what waits for EXEC is held here: bounded as the one message EXEC becomes is;
+    # kept as running totals, so that queueing costs the same for the last command)
+    total = s.multi_items + max(1, len(queued.items))
     if total > ctx.limits.max_batch:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_batch} commands "
                           "(keys of MGET, MSET, DEL and EXISTS each count)")
@@ -144,6 +144,7 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_message_bytes} "
                           "bytes (max_message_bytes)")
     s.multi_bytes += weight
+    s.multi_items = total
     queue.append(queued)
     return Reply(QUEUED)
 
@@ -170,7 +171,7 @@ def _as_items(f: Forward) -> Queued | None:
 
 def _exec(s: Session, ctx: Context) -> Plan:
     queue, failed = s.multi or [], s.multi_failed
-    s.multi, s.multi_failed, s.multi_bytes = None, False, 0
+    s.multi, s.multi_failed = None, False
     if failed:
         return Reply(error(EXECABORT))
     items = [item for q in queue for item in q.items]
