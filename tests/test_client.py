@@ -551,3 +551,18 @@ def test_a_refused_transaction_is_sent_again_whole_then_raised(fake: Any, client
     with pytest.raises(zkv.Unavailable, match="being moved"):
         c.pipeline(transaction=True).set(b"{a}x", b"1").execute()
     assert 0.3 < time.monotonic() - began < 5.0 and len(never.bodies) > 1
+
+
+def test_a_transaction_that_went_out_never_ends_as_a_plain_refusal(fake: Any,
+                                                                  clients: Any) -> None:
+    """Its node went down with it in flight (it may have been applied), then it was
+    refused until the timeout: what is raised says the outcome is unknown, never
+    just that the node is down (which would read as "nothing ran")."""
+    lost = P.encode_exc(zkv.NodeUnavailable(
+        "node n went down with this request in flight; the outcome of a write is unknown"))
+    down = P.encode_exc(zkv.NodeUnavailable("node n is down"))
+    server = fake(lambda n, op: lost if n == 0 else down)
+    c = clients(server.address, timeout=0.5)
+    with pytest.raises(zkv.Timeout, match="may have been applied"):
+        c.pipeline(transaction=True).incr(b"{a}n").execute()
+    assert len(server.bodies) > 2

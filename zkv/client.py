@@ -636,11 +636,19 @@ class Pipeline(StringCommands):
         client = self.client
         deadline = time.monotonic() + client.timeout
         pause = RETRY_PAUSE
+        went_out: ZkvError | None = None  # an attempt that may have been applied
         while True:
             try:
                 return client.call("PIPE", items, None, True, retry=True)
             except Unavailable as exc:
+                if "outcome" in exc.message:  # (its node went down with it in flight...)
+                    went_out = exc
                 if isinstance(exc, (Timeout, NotSent)) or time.monotonic() + pause > deadline:
+                    if went_out is not None and went_out is not exc:
+                        # the last refusal must not hide that an earlier try went out
+                        raise Timeout(f"{exc}; an earlier attempt of this transaction "
+                                      f"went out ({went_out}): it may have been applied, "
+                                      "all of it or none") from None
                     raise
             time.sleep(pause)
             pause = min(2 * pause, 0.5)

@@ -45,6 +45,7 @@ from .resp import (
 )
 
 QUEUED = b"+QUEUED\r\n"
+QUEUED_COST = 256  # bytes counted per queued command besides its words
 EXECABORT = "EXECABORT Transaction discarded because of previous errors."
 # refused while queueing: not commands on one node's keys
 _NOT_QUEUED = frozenset((b"scan", b"keys", b"dbsize", b"msetnx", b"select", b"hello",
@@ -139,7 +140,8 @@ def plan(s: Session, name: bytes, args: list[bytes], ctx: Context) -> Plan:
     if total > ctx.limits.max_batch:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_batch} commands "
                           "(keys of MGET, MSET, DEL and EXISTS each count)")
-    weight = sum(len(a) + 16 for a in args) + len(queued.data)
+    # (bytes, and what holding a queued command costs here: ~350 B for a small one)
+    weight = sum(len(a) + 64 for a in args) + len(queued.data) + QUEUED_COST
     if s.multi_bytes + weight > ctx.limits.max_message_bytes - 4096:
         return _refuse(s, f"ERR a transaction is at most {ctx.limits.max_message_bytes} "
                           "bytes (max_message_bytes)")
