@@ -108,8 +108,8 @@ def decode(body: bytes) -> Any:
     return item[1] if item[0] == P.OK else ("ERR", item[1])
 
 
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+@pytest.fixture(name="nodes")  # (test_transactions.py uses it too)
+def router_nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
     made = {}
     for name in (A, B, C):
         host, port = name.rsplit(":", 1)

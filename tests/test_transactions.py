@@ -6,12 +6,20 @@ real processes: tests/test_resp.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_router import LIMITS, A, B, C, Net, move_state, router_for, state
+from test_router import (
+    A,
+    B,
+    C,
+    Net,
+    move_state,
+    router_for,
+    router_nodes,  # noqa: F401 - the fixture "nodes"
+    state,
+)
 
 from zkv import protocol as P
 from zkv import resp, wal
@@ -21,19 +29,6 @@ from zkv.node import Node
 from zkv.placement import Placement
 from zkv.resptxn import EXECABORT, QUEUED
 from zkv.waltool import lines_of
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
-    made = {}
-    for name in (A, B, C):
-        host, port = name.rsplit(":", 1)
-        node = Node(host, int(port), str(tmp_path / port), fsync="no", limits=LIMITS)
-        node.recovery = node.storage.open()
-        made[name] = node
-    yield made
-    for node in made.values():
-        node.storage.close()
 
 
 def keys_on_two_nodes(st: Any) -> tuple[bytes, bytes]:
