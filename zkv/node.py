@@ -57,7 +57,7 @@ from .keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
 from .metrics import Timings
 from .placement import FROZEN, Placement
 from .replication import SYNC_MOVE
-from .replicator import FREE_OPS, Replicator
+from .replicator import FREE_OPS, XREPL_HEAD, Replicator
 from .ring import RangeSet, key_hash
 from .security import CLUSTER, CLUSTER_DOMAIN, IMPOSTOR, Curve, check_exposure, require
 from .storage import Recovery, Storage
@@ -903,6 +903,10 @@ class Node:
             # (a router names each of its links ROUTER_ID#n: count routers, not links)
             self.routers[routing[0].partition(b"#")[0] if routing else b""] = time.monotonic()
             return self._handle_envelope(routing, body)
+        if body[:7] == XREPL_HEAD:
+            reply = self.repl.steady(body)
+            if reply is not None:
+                return [[*routing, reply]]
         placement = self.placement
         return [[*routing,
                  self.run_body(body, placement is not None and not placement.trivial)]]
