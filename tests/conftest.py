@@ -22,7 +22,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 # Property tests build rings and logs; on a loaded 2-core machine an example can take
 # longer than hypothesis's default 200 ms deadline without anything being wrong.
@@ -376,7 +376,7 @@ class Topo:
         if limits:
             doc["limits"] = limits
         doc["defaults"] = {"fsync": "no", **(defaults or {})}
-        # each node's replicas (zkv.replication), on free ports of their own
+        # each node's replicas (zkv.core.replication), on free ports of their own
         self.replica_addrs: dict[str, list[str]] = {}
         entries = []
         for a, d in list(self.data_dirs.items()):

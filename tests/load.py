@@ -18,7 +18,7 @@ from itertools import accumulate
 from typing import Any, Self
 
 import zkv
-from zkv.ring import Ring
+from zkv.core.ring import Ring
 
 Possible = dict[bytes, set[bytes | None]]
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from conftest import REPO, Cluster
 
-from zkv import wal
-from zkv.ring import Ring
+from zkv.core import wal
+from zkv.core.ring import Ring
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, Cluster
 
 from zkv import bench
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 RESULT_KEYS = {"target", "test", "ops_per_sec", "p50_ms", "p99_ms", "p999_ms", "requests",
                "errors"}

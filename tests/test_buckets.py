@@ -1,4 +1,4 @@
-"""The key buckets that let a scan page without a copy of the key list (zkv.buckets),
+"""The key buckets that let a scan page without a copy of the key list (zkv.core.buckets),
 and the keyspace keeping them in step with its map through commits and rollbacks."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import tracemalloc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zkv.buckets import LOAD, KeyBuckets
-from zkv.keyspace import Keyspace
+from zkv.core.buckets import LOAD, KeyBuckets
+from zkv.core.keyspace import Keyspace
 
 
 def scan_all(b: KeyBuckets, want: int = 7) -> list[bytes]:
@@ -133,7 +133,7 @@ def test_after_many_keys_go_the_tables_are_made_anew_holding_the_same() -> None:
     """Keyspace.compact: only once half the keys (and COMPACT_KEYS) have gone since the
     peak; afterwards the map, the deadlines, the buckets, active expiry and a scan
     under way are as they were."""
-    from zkv import keyspace as K
+    from zkv.core import keyspace as K
 
     ks = Keyspace()
     n = 2 * K.COMPACT_KEYS + 10

@@ -17,8 +17,8 @@ import zmq
 from conftest import Cluster, Procs, free_port, module_cluster
 
 import zkv
-from zkv import protocol as P
 from zkv.client import PIPELINE_CHUNK
+from zkv.core import protocol as P
 
 LIMITS = {"max_key_bytes": 256, "max_value_bytes": 4096, "max_batch": 50}
 

@@ -21,7 +21,7 @@ import zmq
 from conftest import REPO, Cluster, free_port, module_cluster, speak_curve_if_on, wait_until
 
 import zkv
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 LIMITS = {
     "max_key_bytes": 1024,

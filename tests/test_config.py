@@ -19,8 +19,8 @@ from zkv.config import (
     parse_topology,
     topology_from_flags,
 )
+from zkv.core.protocol import Limits
 from zkv.errors import ConfigError
-from zkv.protocol import Limits
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NODE = "nodes:\n  - address: 127.0.0.1:8081\n"

@@ -139,7 +139,7 @@ def test_a_node_it_cannot_reach_sends_it_through_the_proxy(make_cluster: Any) ->
     p = cluster.client(timeout=3)
     data = preload(d, 600)
     victim = cluster.node_addrs[0]
-    ring = zkv.ring.Ring(p.status()["members"], p.status()["vnodes"])
+    ring = zkv.core.ring.Ring(p.status()["members"], p.status()["vnodes"])
     theirs = [k for k in data if ring.owner(k) == victim]
     others = [k for k in data if ring.owner(k) != victim]
     cluster.kill_node(victim)

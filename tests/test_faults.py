@@ -30,7 +30,7 @@ from conftest import PROXY_READY, Proc, Procs, Topo, free_port, wait_until
 from load import Load, Mix, Possible, assert_counts_match_ring, read_back
 
 import zkv
-from zkv.ring import Ring
+from zkv.core.ring import Ring
 
 # -- module-wide figures ------------------------------------------------------------------
 

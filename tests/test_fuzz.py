@@ -19,7 +19,7 @@ import zmq
 from conftest import free_port
 
 import zkv
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 CASES = int(os.environ.get("ZKV_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("ZKV_FUZZ_SEED", "20261122"))

@@ -15,7 +15,7 @@ import zmq
 from conftest import Cluster, free_port, wait_until
 
 import zkv
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 pytestmark = pytest.mark.timeout(120)
 

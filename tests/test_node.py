@@ -22,8 +22,8 @@ import zmq
 from conftest import REPO, Proc, Procs, free_port, wait_until
 
 import zkv
-from zkv import protocol as P
-from zkv import wal
+from zkv.core import protocol as P
+from zkv.core import wal
 
 HOST = "127.0.0.1"
 READY = re.compile(

@@ -1,4 +1,4 @@
-"""Safe retries (zkv.once): a write tagged with a client id and a sequence number is
+"""Safe retries (zkv.core.once): a write tagged with a client id and a sequence number is
 applied once however often it is sent, across a restart, a snapshot, a failover
 (replicas apply the same records) and a move (the stream carries the outcomes);
 and, through real processes, a client whose replies are lost ends with the exact
@@ -19,12 +19,12 @@ from conftest import Cluster, wait_until
 from test_storage import open_storage, reopen, wait_snapshot_done
 
 import zkv
-from zkv import once, wal
-from zkv import protocol as P
-from zkv.keyspace import Keyspace
+from zkv.core import once, wal
+from zkv.core import protocol as P
+from zkv.core.keyspace import Keyspace
+from zkv.core.ring import RangeSet
+from zkv.core.transfer import Outgoing, RangeScan
 from zkv.node import Node
-from zkv.ring import RangeSet
-from zkv.transfer import Outgoing, RangeScan
 
 pytestmark = pytest.mark.timeout(120)
 CLIENT = b"c" * 16

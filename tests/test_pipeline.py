@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import zkv
-from zkv import protocol as P
-from zkv.ring import Ring
+from zkv.core import protocol as P
+from zkv.core.ring import Ring
 
 LIMITS = {"max_key_bytes": 64, "max_value_bytes": 1024}
 

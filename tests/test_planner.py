@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zkv.core.planner import Transfer, moved_fraction, plan, summary
+from zkv.core.ring import HASH_SPACE, Ring, key_hash, ranges_of
 from zkv.errors import ClusterError
-from zkv.planner import Transfer, moved_fraction, plan, summary
-from zkv.ring import HASH_SPACE, Ring, key_hash, ranges_of
 
 ports = st.integers(min_value=1, max_value=65535)
 vnodes = st.integers(min_value=1, max_value=48)

@@ -1,5 +1,5 @@
 """The wire codec as pure functions: bounded decoding, the fast path, field checks,
-glob patterns and the limits' own consistency (zkv.protocol, zkv.cbor, zkv.glob)."""
+glob patterns and the limits' own consistency (zkv.core.protocol, zkv.core.cbor, zkv.core.glob)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zkv import cbor, glob
-from zkv import protocol as P
+from zkv.core import cbor, glob
+from zkv.core import protocol as P
 from zkv.errors import LimitExceeded, ProtocolError, UnknownCommand
 
 LIMITS = P.Limits(max_key_bytes=1024, max_value_bytes=4096, max_batch=50,

@@ -15,8 +15,8 @@ import pytest
 from conftest import Cluster, Procs, free_port, wait_until
 
 import zkv
-from zkv import protocol as P
-from zkv.cluster import ClusterState
+from zkv.core import protocol as P
+from zkv.core.cluster import ClusterState
 from zkv.mover import new_move
 from zkv.proxy import STATE_FILE, save_state
 

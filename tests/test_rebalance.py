@@ -19,7 +19,7 @@ from conftest import Proc, Procs, free_port
 from load import Load, Mix, Possible, assert_counts_match_ring, read_back
 
 import zkv
-from zkv import protocol as P
+from zkv.core import protocol as P
 
 PRELOAD = 20_000  # keys loaded before a move, so that it has something to carry
 PROXY_TIMEOUT_MS = 1000
@@ -370,7 +370,7 @@ def test_source_node_answers_while_starting_a_large_stream(procs: Procs, tmp_pat
     """Finding the keys of the ranges to stream hashes every key; the node does it a
     bounded step at a time between requests, so it keeps answering (and the proxy's
     heartbeats keep it up) while a large stream is starting."""
-    from zkv.ring import HASH_SPACE
+    from zkv.core.ring import HASH_SPACE
 
     port = free_port()
     procs.node(port, str(tmp_path / "src"), "--fsync", "no")

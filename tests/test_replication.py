@@ -1,5 +1,5 @@
 """Replication through real processes: shards of a primary and a replica, writers on
-every shard, and nodes killed under them (zkv.replication, zkv.replicator).
+every shard, and nodes killed under them (zkv.core.replication, zkv.replicator).
 
 Every test checks acknowledged writes with tests/load.py's independent checker: a key
 read back must hold its last acknowledged value (or a value whose write's outcome was
@@ -17,7 +17,7 @@ from conftest import Cluster, wait_until
 from load import Load, Mix, read_back
 
 import zkv
-from zkv.ring import Ring
+from zkv.core.ring import Ring
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -324,7 +324,7 @@ def test_bad_replica_flags_are_one_clear_line(procs: Any, tmp_path: Any, args: l
 def test_a_replica_survives_malformed_replication_messages(make_cluster: Any) -> None:
     """XREPL is internal, but whoever can reach a node can send it: anything malformed
     gets an error reply, changes nothing, and the shard goes on as before."""
-    from zkv import wal
+    from zkv.core import wal
 
     cluster = replicated(make_cluster, nodes=1)
     shard = cluster.node_addrs[0]

@@ -1,4 +1,4 @@
-"""The replication core (zkv.replication) and its data, without a socket: what a
+"""The replication core (zkv.core.replication) and its data, without a socket: what a
 primary may answer and when, what a replica accepts, and what the config manager
 decides from the reports it gets."""
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from zkv import wal
-from zkv.cluster import ClusterState
+from zkv.core import wal
+from zkv.core.cluster import ClusterState
+from zkv.core.keyspace import Keyspace
+from zkv.core.replication import BEACON, GRACE, LAG, LEASE, RESYNC, Primary, Replica, plan, promote
 from zkv.errors import ClusterError
-from zkv.keyspace import Keyspace
-from zkv.replication import BEACON, GRACE, LAG, LEASE, RESYNC, Primary, Replica, plan, promote
 from zkv.replicator import split_records
 
 A, B, C = "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"

@@ -471,7 +471,7 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
     only its own connection; the proxy keeps serving."""
     import random
 
-    from zkv import resp as R
+    from zkv.core import resp as R
 
     rng = random.Random(7)
     names = list(R.SPECS) + [b"NOPE", b"MULTI", b"EVAL", b"SUBSCRIBE"]

@@ -1,4 +1,4 @@
-"""The RESP codec (zkv.resp), without a socket: reading commands, planning them,
+"""The RESP codec (zkv.core.resp), without a socket: reading commands, planning them,
 writing replies. Replies are checked by parsing them back with hiredis, the parser
 Redis clients use."""
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zkv import protocol as P
-from zkv import resp
+from zkv.core import protocol as P
+from zkv.core import resp
 from zkv.errors import LimitExceeded, NodeUnavailable, StorageError, Timeout, Unavailable
 
 STREAM = (b"*3\r\n$3\r\nSET\r\n$3\r\nk\x001\r\n$4\r\na\r\nb\r\n"  # binary key, CRLF in value

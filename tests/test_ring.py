@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zkv.errors import ClusterError
-from zkv.ring import (
+from zkv.core.ring import (
     DEFAULT_VNODES,
     HASH_SPACE,
     RangeSet,
@@ -24,6 +23,7 @@ from zkv.ring import (
     key_hash,
     ranges_of,
 )
+from zkv.errors import ClusterError
 
 THREE = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"]
 FOURTH = "127.0.0.1:8084"

@@ -1,4 +1,4 @@
-"""The routing core (zkv.router) as scripted interactions, without a socket.
+"""The routing core (zkv.core.router) as scripted interactions, without a socket.
 
 Real nodes (zkv.node.Node, driven through ``handle`` on their own data directories)
 sit behind a fake network that can drop, delay and reorder messages; routers at
@@ -16,13 +16,13 @@ from typing import Any
 import cbor2
 import pytest
 
-from zkv import protocol as P
-from zkv.cluster import ClusterState
+from zkv.core import protocol as P
+from zkv.core.cluster import ClusterState
+from zkv.core.placement import Placement
+from zkv.core.ring import RangeSet, key_hash
+from zkv.core.router import Router
 from zkv.mover import new_move
 from zkv.node import Node
-from zkv.placement import Placement
-from zkv.ring import RangeSet, key_hash
-from zkv.router import Router
 
 A, B, C = "127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"
 LIMITS = P.Limits(max_key_bytes=1024, max_value_bytes=1 << 16, max_batch=100,

@@ -25,9 +25,9 @@ import zmq.auth
 from conftest import REPO, Cluster, Keys, free_port, wait_until
 
 import zkv
-from zkv import protocol as P
-from zkv import resp
 from zkv.config import SecurityConfig, parse_topology
+from zkv.core import protocol as P
+from zkv.core import resp
 from zkv.errors import ConfigError, NoAuth, NoPerm, NotSent
 from zkv.security import (
     ADMIN,
@@ -305,7 +305,7 @@ def test_a_node_takes_internal_operations_only_from_cluster_keys(secure: Any) ->
     cluster_key = client(secure, keys.cluster_secret, address=node)
     assert "outgoing" in cluster_key.call("XSTAT")
     # what a data key may send of the routing core's steps is held to SET's limits
-    from zkv.ring import Ring
+    from zkv.core.ring import Ring
 
     status = client(secure, keys.admin).status()
     ring = Ring(status["members"], status["vnodes"])
@@ -354,7 +354,7 @@ def test_a_data_keys_envelope_is_checked_key_by_key(secure: Any, zctx: Any) -> N
     """A router's envelope is placed by the node's own configuration and not checked
     key by key; a data key's (the direct client's) is, so it cannot plant a key on a
     node that does not own it."""
-    from zkv.ring import Ring
+    from zkv.core.ring import Ring
 
     keys = secure.topo.keys
     admin = client(secure, keys.admin)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from zkv import wal
+from zkv.core import wal
 from zkv.errors import LogCorruption, StorageError
 from zkv.storage import Storage, segment_name, snapshot_name
 

@@ -1,5 +1,5 @@
-"""Expiry, counters and conditional writes as pure code (zkv.strings, zkv.keyspace,
-zkv.expiry) with a fake clock; property tests against a model (a dict with
+"""Expiry, counters and conditional writes as pure code (zkv.core.strings, zkv.core.keyspace,
+zkv.core.expiry) with a fake clock; property tests against a model (a dict with
 deadlines); deadlines through the log, snapshots, move batches and rollbacks."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_storage import open_storage, reopen, wait_snapshot_done
 
-from zkv import protocol as P
-from zkv import strings as S
-from zkv import wal
+from zkv.core import protocol as P
+from zkv.core import strings as S
+from zkv.core import wal
+from zkv.core.expiry import SLOT_MS, ExpiryWheel
+from zkv.core.keyspace import PRESENT, UNKNOWN, Keyspace
+from zkv.core.ring import RangeSet
+from zkv.core.transfer import decode_batch, encode_batch
 from zkv.errors import CommandError, LimitExceeded, ProtocolError
-from zkv.expiry import SLOT_MS, ExpiryWheel
-from zkv.keyspace import PRESENT, UNKNOWN, Keyspace
-from zkv.ring import RangeSet
-from zkv.transfer import decode_batch, encode_batch
 
 T0 = 1_800_000_000_000  # "now" in ms since the epoch
 
@@ -440,7 +440,7 @@ def test_a_pipeline_write_is_answered_whatever_the_reply_budget(tmp_path: Path) 
 def test_a_rollback_stream_deletes_what_expired_at_the_new_owner() -> None:
     """MOVE ABORT copies the new owner's keys back over the old owner's; one that
     expired there meanwhile must not leave the old owner's older value standing."""
-    from zkv.transfer import Outgoing, RangeScan
+    from zkv.core.transfer import Outgoing, RangeScan
 
     new_owner, old_owner = Keyspace(), Keyspace()
     S.set_(new_owner, b"k", b"v2", {"px": 100}, T0)  # written during the move

@@ -1,5 +1,5 @@
 """Transactions (RESP's MULTI/EXEC; zkv's atomic PIPE), without a socket: what RESP
-queues and answers (zkv.resptxn), how the routing core sends them (one message to the
+queues and answers (zkv.core.resptxn), how the routing core sends them (one message to the
 one node that owns every key, or refused whole), and how a node runs and logs them
 (one ATOMIC record: a crash keeps all of their writes or none). Through redis-py and
 real processes: tests/test_resp.py."""
@@ -21,13 +21,13 @@ from test_router import (
     state,
 )
 
-from zkv import protocol as P
-from zkv import resp, wal
+from zkv.core import protocol as P
+from zkv.core import resp, wal
+from zkv.core.keyspace import Keyspace
+from zkv.core.placement import Placement
+from zkv.core.resptxn import EXECABORT, QUEUED
 from zkv.errors import CrossNode, ProtocolError, ZkvError
-from zkv.keyspace import Keyspace
 from zkv.node import Node
-from zkv.placement import Placement
-from zkv.resptxn import EXECABORT, QUEUED
 from zkv.waltool import lines_of
 
 

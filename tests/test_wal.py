@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zkv import wal
+from zkv.core import wal
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,7 +23,7 @@ from test_storage import (  # the node tests' damage generators
     snapshotted,
 )
 
-from zkv import wal
+from zkv.core import wal
 from zkv.errors import LogCorruption, StorageError
 from zkv.storage import Storage
 from zkv.waltool import EXIT_CLEAN, EXIT_DAMAGED, EXIT_ERROR, EXIT_TORN, escape

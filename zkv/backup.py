@@ -25,11 +25,12 @@ from typing import Any
 
 import zmq
 
-from . import durable, wal
+from . import durable
 from .client import Client
+from .core import wal
+from .core.transfer import decode_batch
 from .errors import ClusterError, ProtocolError, Unavailable, ZkvError
 from .security import CLUSTER_DOMAIN, Curve, Keyring
-from .transfer import decode_batch
 
 MANIFEST = "MANIFEST.json"
 VERSION = 1

@@ -44,7 +44,7 @@ How the load is generated, so that the figures describe the servers:
 - Several clients (``-c N``) are N DEALER sockets, spread over the workers, each driven
   by one poll loop per worker (as redis-benchmark drives its connections from one
   event loop; Python threads would be held back by the GIL). Each socket does what a
-  Client does: it encodes each round with :mod:`zkv.protocol`, keeps that round in
+  Client does: it encodes each round with :mod:`zkv.core.protocol`, keeps that round in
   flight (one request, one PIPE, or N requests with ``--window``) and decodes the replies.
 - The floor uses the same client code without encoding or decoding: the Client's own
   socket exchange (``_exchange``/``_exchange_many``) for one client, the same poll
@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import protocol as P
+from .core import protocol as P
 from .errors import ConfigError, NotSent, Unavailable, ZkvError
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ _bench_seq = itertools.count(1)
 
 def _tag(cmd: list[Any]) -> list[Any]:
     """A write as zkv.Client sends it: tagged with a client id (one per process, as
-    sequence numbers are) and the next sequence number, for safe retries (zkv.once)."""
+    sequence numbers are) and the next sequence number, for safe retries (zkv.core.once)."""
     global _bench_client
     if cmd[0] not in P.WRITE_OPS:
         return cmd

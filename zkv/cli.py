@@ -22,8 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import protocol as P
 from .client import Client, MoveHandle, wait_in_sync
+from .core import protocol as P
 from .errors import ConfigError, ZkvError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import protocol as P
 from .calls import Convert, StringCommands, to_bytes
+from .core import protocol as P
 from .errors import (
     ClusterError,
     ConfigError,
@@ -58,7 +58,7 @@ CALL_WINDOW = 1024  # single requests of call_many() in flight at once
 PIPELINE_WINDOW = 8  # PIPE messages of a pipeline in flight at once
 # Commands sent before those of them that got no reply are tried again: a retry then
 # follows fewer than ROUND newer writes of this client, well within what a node
-# remembers (zkv.once.WINDOW), so it finds its first outcome.
+# remembers (zkv.core.once.WINDOW), so it finds its first outcome.
 ROUND = 4096
 RETRY_PAUSE = 0.1  # seconds before the first retry of a request that could not be sent
 
@@ -128,7 +128,7 @@ class Client(StringCommands):
             raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
         self.timeout = float(timeout)
         self.retries = retries
-        # Every write carries this id and a sequence number (zkv.once): the node that
+        # Every write carries this id and a sequence number (zkv.core.once): the node that
         # applies it remembers the outcome, so sending it again is safe.
         self.client_id = secrets.token_bytes(16)
         self._seq = 0
@@ -528,7 +528,7 @@ class MoveHandle:
 
 
 PIPELINE_CHUNK = 512  # commands per PIPE message (so that 100-byte values stay below the
-# size at which a server must walk a body before decoding it; zkv.cbor)
+# size at which a server must walk a body before decoding it; zkv.core.cbor)
 
 
 class Pipeline(StringCommands):

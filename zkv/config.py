@@ -18,7 +18,7 @@ from a YAML file (:func:`load_topology`) or from ``zkv proxy --node HOST:PORT ..
       timeout_ms: 2000       # per-request deadline
       heartbeat_ms: 500
       heartbeat_misses: 3    # missed heartbeats before a node is marked down
-      vnodes: 2048           # ring points per unit of weight (zkv.ring.DEFAULT_VNODES)
+      vnodes: 2048           # ring points per unit of weight (zkv.core.ring.DEFAULT_VNODES)
       move_batch_keys: 1000
       move_batch_bytes: 1048576
       move_rate: null        # keys per second while rebalancing; null = unthrottled
@@ -63,9 +63,9 @@ from typing import Any
 
 import yaml
 
+from .core.protocol import Limits
+from .core.ring import MAX_VNODES, MAX_WEIGHT, check_points
 from .errors import ConfigError
-from .protocol import Limits
-from .ring import MAX_VNODES, MAX_WEIGHT, check_points
 
 __all__ = [
     "FSYNC_POLICIES",
@@ -263,9 +263,9 @@ def format_address(host: str, port: int) -> str:
 
 
 def _default_vnodes() -> int:
-    """The ring's default, if zkv.ring is there to say it."""
+    """The ring's default, if zkv.core.ring is there to say it."""
     try:
-        ring = importlib.import_module("zkv.ring")
+        ring = importlib.import_module("zkv.core.ring")
     except ImportError:
         return FALLBACK_VNODES
     return int(getattr(ring, "DEFAULT_VNODES", FALLBACK_VNODES))
@@ -392,7 +392,7 @@ class Topology:
     nodes: tuple[NodeConfig, ...]  # the ring's members: each a shard's first primary
     source: str
     followers: tuple[FollowerConfig, ...] = ()
-    # each shard's replicas (zkv.replication), by the address of the node they copy
+    # each shard's replicas (zkv.core.replication), by the address of the node they copy
     replicas: dict[str, tuple[NodeConfig, ...]] = field(default_factory=dict)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # CURVE keys (zkv.security)
 

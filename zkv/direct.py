@@ -3,7 +3,7 @@
     >>> c = zkv.Client("127.0.0.1:8000", direct=True)
 
 The client asks the proxy it is given for the cluster configuration (CONFIG) once,
-then routes with the same core as the proxy (:class:`zkv.router.Router`): one
+then routes with the same core as the proxy (:class:`zkv.core.router.Router`): one
 DEALER per node, each node's requests of one round in one envelope carrying the
 configuration's epoch. A node refuses what was routed by another epoch than its own
 (STALE_EPOCH, MOVED), having applied none of it; the core parks it, this shell asks
@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import frames as wire
-from . import protocol as P
-from .cluster import ClusterState
+from .core import protocol as P
+from .core.cluster import ClusterState
+from .core.placement import Placement
+from .core.router import CORE_OPS, Router, _is_error
 from .errors import LimitExceeded, NodeUnavailable, NotSent, Timeout, ZkvError
 from .link import Link
-from .placement import Placement
-from .router import CORE_OPS, Router, _is_error
 
 if TYPE_CHECKING:
     from .security import Curve

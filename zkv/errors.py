@@ -102,7 +102,7 @@ class Timeout(Unavailable):
 
 
 class OutcomeUnknown(Timeout):
-    """A retried write whose first outcome is no longer remembered (zkv.once): it may
+    """A retried write whose first outcome is no longer remembered (zkv.core.once): it may
     or may not have been applied, and it was not applied again. Not worth another
     try: read the key to see."""
 

@@ -5,7 +5,7 @@
 It learns the cluster configuration from the config manager (and, while that is
 down, from the nodes, taking the highest epoch any of them has), asks for a newer
 one every POLL seconds and at once whenever a node says its view is stale, and
-routes with the same core as the manager (zkv.router). A node refuses whatever it
+routes with the same core as the manager (zkv.core.router). A node refuses whatever it
 routed by an older epoch, so a follower that lags can delay a request, never have
 a stale write acknowledged. ADD, REMOVE, MOVE and STATUS are forwarded to the
 config manager, or fail naming it when it does not answer; data traffic goes on
@@ -22,10 +22,10 @@ from typing import Any
 import zmq
 
 from . import frames as wire
-from . import protocol as P
-from .cluster import ClusterState
+from .core import protocol as P
+from .core.cluster import ClusterState
+from .core.ring import DEFAULT_VNODES
 from .errors import ClusterError, Timeout, ZkvError
-from .ring import DEFAULT_VNODES
 from .shell import _TAG, DEFAULT_CLIENT_BUFFER, DEFAULT_MAX_CLIENTS, ProxyShell
 
 log = logging.getLogger("zkv.follower")

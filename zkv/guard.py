@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from . import frames as wire
-from . import protocol as P
+from .core import protocol as P
 
 log = logging.getLogger("zkv.guard")
 

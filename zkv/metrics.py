@@ -129,7 +129,7 @@ def node_families(node: Any) -> Iterator[Any]:
                  len(ks.expires))
     yield _counter("zkv_expired_keys", "Keys deleted by active expiry.", node.expired)
     yield _gauge("zkv_retry_outcomes", "Outcomes of recent tagged writes kept for their "
-                 "retries (zkv.once).", len(ks.once))
+                 "retries (zkv.core.once).", len(ks.once))
     yield _gauge("zkv_live_bytes", "Bytes of keys and values held.", ks.live_bytes)
     yield _gauge("zkv_rss_bytes", "Resident memory of the process.", rss_bytes())
     yield _gauge("zkv_log_bytes", "Bytes of the live log segments.", st.log_bytes)

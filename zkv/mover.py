@@ -48,11 +48,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .cluster import ClusterState
+from .core.cluster import ClusterState
+from .core.planner import Transfer, plan
+from .core.ring import RangeSet, Ring
+from .core.transfer import MAX_BATCH_KEYS
 from .errors import ClusterError, ZkvError
-from .planner import Transfer, plan
-from .ring import RangeSet, Ring
-from .transfer import MAX_BATCH_KEYS
 
 log = logging.getLogger("zkv.mover")
 

@@ -24,11 +24,25 @@ from typing import Any
 
 import zmq
 
-from . import durable, once, strings, wal
+from . import durable
 from . import frames as wire
-from . import protocol as P
-from .cluster import ClusterState
 from .config import format_address, parse_address
+from .core import once, strings, wal
+from .core import protocol as P
+from .core.cluster import ClusterState
+from .core.expiry import MAX_DEADLINE
+from .core.keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
+from .core.placement import FROZEN, Placement
+from .core.replication import SYNC_MOVE
+from .core.ring import RangeSet, key_hash
+from .core.transfer import (
+    MAX_BATCH_KEYS,
+    Incoming,
+    Outgoing,
+    RangeScan,
+    SnapshotStream,
+    decode_batch,
+)
 from .errors import (
     CommandError,
     InternalError,
@@ -42,7 +56,6 @@ from .errors import (
     Unavailable,
     ZkvError,
 )
-from .expiry import MAX_DEADLINE
 from .guard import (
     FD_RESERVE,
     FRONT_HWM,
@@ -53,22 +66,10 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
 from .metrics import Timings
-from .placement import FROZEN, Placement
-from .replication import SYNC_MOVE
 from .replicator import FREE_OPS, XREPL_HEAD, Replicator
-from .ring import RangeSet, key_hash
 from .security import CLUSTER, CLUSTER_DOMAIN, IMPOSTOR, Curve, check_exposure, require
 from .storage import Recovery, Storage
-from .transfer import (
-    MAX_BATCH_KEYS,
-    Incoming,
-    Outgoing,
-    RangeScan,
-    SnapshotStream,
-    decode_batch,
-)
 
 log = logging.getLogger("zkv.node")
 
@@ -197,7 +198,7 @@ class Node:
             "XREPL": lambda a: self.repl.xrepl(a),
             "CONFIG": lambda a: self.config_doc(),
         }
-        # The cluster configuration this node was last given (zkv.placement): which keys
+        # The cluster configuration this node was last given (zkv.core.placement): which keys
         # it serves at which epoch, and the name the ring knows it by.
         self.placement: Placement | None = None
         self.ring_name = self.address
@@ -212,7 +213,7 @@ class Node:
         return self.storage.keyspace
 
     def _wrote(self, outcome: tuple[Any, bytes]) -> Any:
-        """A command's reply, its records added to this turn's (zkv.strings)."""
+        """A command's reply, its records added to this turn's (zkv.core.strings)."""
         result, records = outcome
         if records:
             self.storage.pending += records
@@ -232,7 +233,7 @@ class Node:
         return "OK"
 
     def _once(self, a: list[Any]) -> Any:
-        """A write tagged for safe retries (zkv.once): its first outcome if this node
+        """A write tagged for safe retries (zkv.core.once): its first outcome if this node
         has applied it already, else applied now, its records and outcome logged as
         one ONCE record."""
         client, seq, (op, args) = a
@@ -265,7 +266,7 @@ class Node:
                                           a[2] if len(a) > 2 else None, _now()))
 
     def _xpeek(self, a: list[Any]) -> Any:
-        """A key's whole state for a move's read-modify-write (zkv.router): [state,
+        """A key's whole state for a move's read-modify-write (zkv.core.router): [state,
         value, deadline]."""
         ks = self._ks
         state, value = ks.state(a[0], _now())
@@ -366,7 +367,7 @@ class Node:
         return int(bucket)
 
     def _scan(self, a: list[Any]) -> Any:
-        """One page: the keys of whole buckets from the cursor on (see zkv.buckets). No
+        """One page: the keys of whole buckets from the cursor on (see zkv.core.buckets). No
         state is kept between pages, so a scan costs the node nothing while it waits."""
         cursor, pattern, count = (a + [None, None])[:3]
         start = self._scan_start(cursor)

@@ -20,9 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import durable, lockfile
-from . import protocol as P
-from .cluster import ClusterState
 from .config import format_address, parse_address
+from .core import protocol as P
+from .core.cluster import ClusterState
+from .core.planner import moved_fraction, plan, summary
+from .core.replication import plan as plan_shard
+from .core.replication import promote
+from .core.ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
 from .errors import ClusterError, NodeUnavailable, ZkvError
 from .mover import (
     SETTINGS,
@@ -31,10 +35,6 @@ from .mover import (
     new_move,
     repair_settings,
 )
-from .planner import moved_fraction, plan, summary
-from .replication import plan as plan_shard
-from .replication import promote
-from .ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
 from .shell import (
     DEFAULT_CLIENT_BUFFER,
     DEFAULT_MAX_CLIENTS,
@@ -155,7 +155,7 @@ class Proxy(ProxyShell):
 
     def _replication(self, now: float) -> None:
         """Reconfigure a replicated shard when its nodes' reports call for it
-        (zkv.replication.plan): one change at a time, each a new epoch."""
+        (zkv.core.replication.plan): one change at a time, each a new epoch."""
         fresh = 2 * self.health.interval * self.health.misses
         reports = {addr: report for addr, (when, epoch, report) in self.repl_reports.items()
                    if epoch == self.state.epoch and now - when <= fresh}

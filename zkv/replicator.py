@@ -1,4 +1,4 @@
-"""A storage node's replication shell: the sockets around zkv.replication's core.
+"""A storage node's replication shell: the sockets around zkv.core.replication's core.
 
 On a primary it ships each committed turn's records to the replicas (one DEALER per
 replica, to the replica's ROUTER, as XREPL requests), holds that turn's replies until
@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import frames as wire
-from . import protocol as P
-from . import wal
-from .cluster import ClusterState
+from .core import protocol as P
+from .core import wal
+from .core.cluster import ClusterState
+from .core.keyspace import FILL, Keyspace
+from .core.protocol import INTERNAL
+from .core.replication import LEASE, SYNC_MOVE, Primary, Replica
+from .core.ring import RangeSet
+from .core.transfer import SnapshotStream
 from .errors import ProtocolError, StaleEpoch, StorageError, Unavailable, ZkvError
 from .guard import ROUTER_ID_PREFIX
-from .keyspace import FILL, Keyspace
-from .protocol import INTERNAL
-from .replication import LEASE, SYNC_MOVE, Primary, Replica
-from .ring import RangeSet
 from .security import require
-from .transfer import SnapshotStream
 
 if TYPE_CHECKING:
     from .node import Node

@@ -4,7 +4,7 @@
 
 A STREAM socket hands the loop raw TCP bytes tagged with the connection's id (an
 empty message when a connection opens or closes). This shell only turns those bytes
-into commands and results into bytes (zkv.resp does both, purely); every data
+into commands and results into bytes (zkv.core.resp does both, purely); every data
 command goes to the same routing core as the ZeroMQ front, under the same limits,
 deadlines and statistics.
 
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import frames as wire
-from . import protocol as P
-from . import resp
+from .core import protocol as P
+from .core import resp
 from .errors import ClusterError, ZkvError
 from .guard import SMALL_REPLY, ConnectionGuard, OutputBudget
 

@@ -198,14 +198,14 @@ class Keyring:
         return role is not None and (domain != CLUSTER_DOMAIN or role == CLUSTER)
 
 
-# The internal operations the routing core itself sends while a key moves (zkv.router):
+# The internal operations the routing core itself sends while a key moves (zkv.core.router):
 # it runs in the direct client too, so a data key may send them. Each reads or writes
 # one key, as GET/SET/DEL by that key could.
 ROUTING_OPS = frozenset(("XGET", "XPEEK", "XFILL", "XSEEN", "XDEL"))
 
 
 def permits(role: str | None, kind: str, op: str = "") -> bool:
-    """Whether a key of ``role`` may run ``op``, a command of ``kind`` (zkv.protocol's
+    """Whether a key of ``role`` may run ``op``, a command of ``kind`` (zkv.core.protocol's
     kinds)."""
     if role == IMPOSTOR:
         return False

@@ -1,10 +1,10 @@
 """A router shell: one ROUTER for clients, one DEALER per storage node, one poll loop.
 
-Data requests go through the routing core (:class:`zkv.router.Router`): the shell
+Data requests go through the routing core (:class:`zkv.core.router.Router`): the shell
 feeds it what the front reads and what the nodes answer, and sends what it returns,
 each node's requests of a loop turn together in one envelope that carries the
 epoch they were routed by. INFO and NODES gather every node's answer here.
-Heartbeats (:class:`zkv.cluster.Health`, XHEALTH) mark silent nodes down so their
+Heartbeats (:class:`zkv.core.cluster.Health`, XHEALTH) mark silent nodes down so their
 keys fail fast with an error naming the node while the rest keep working.
 
 With CURVE (zkv.security) the front is a CURVE server and every request is checked
@@ -32,9 +32,12 @@ import zmq
 
 from . import frames as wire
 from . import metrics
-from . import protocol as P
-from .cluster import NODE_KEY, ClusterState, Health
 from .config import format_address
+from .core import protocol as P
+from .core.cluster import NODE_KEY, ClusterState, Health
+from .core.placement import Placement
+from .core.ring import Ring
+from .core.router import CORE_OPS, Router
 from .errors import (
     ClusterError,
     CommandError,
@@ -55,10 +58,7 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .placement import Placement
 from .respfront import RespFront
-from .ring import Ring
-from .router import CORE_OPS, Router
 from .security import Curve, check_exposure, check_resp_exposure, require
 
 log = logging.getLogger("zkv.proxy")
@@ -152,7 +152,7 @@ class ProxyShell:
         self.state = state
         self.ring: Ring = self.state.ring()
         self.placement = Placement(self.state)
-        # the routing core (zkv.router); ``knows_every_write``: this is the only router
+        # the routing core (zkv.core.router); ``knows_every_write``: this is the only router
         # (the config manager, unless a node says it hears from another)
         self.router = Router(self.placement, limits, self.timeout,
                              knows_every_write=knows_every_write)
@@ -168,7 +168,7 @@ class ProxyShell:
         self._router_id = (ROUTER_ID_PREFIX + self.address.encode() + b"/"
                            + os.urandom(4).hex().encode())
         self.guard: ConnectionGuard | None = None
-        # links by link key (zkv.cluster.ClusterState.link_keys): a shard's name reaches
+        # links by link key (zkv.core.cluster.ClusterState.link_keys): a shard's name reaches
         # its primary, NODE_KEY + address one other node of a replicated shard
         self.links: dict[str, zmq.Socket[bytes]] = {}
         self.link_address: dict[str, str] = {}  # link key -> the address it is connected to

@@ -4,7 +4,7 @@ Layout of a data directory::
 
     LOCK                 flock()ed by the running node; holds its pid
     MANIFEST             which snapshot and which segments hold the data (JSON)
-    wal-00000007.log     log segments; records as in zkv.wal
+    wal-00000007.log     log segments; records as in zkv.core.wal
     snap-00000007.zkv    snapshot of the map as of the start of wal-00000007.log
     *.torn-OFFSET        bytes cut off a torn tail, kept for inspection
     *.corrupt-OFFSET     bytes dropped by --repair
@@ -19,7 +19,7 @@ directory from before the MANIFEST is checked by its file numbers (segments
 must run without a gap from the snapshot, or from 1).
 
 Writes are transactions of one event-loop turn: the node mutates the
-:class:`~zkv.keyspace.Keyspace`, collects the records, then calls
+:class:`~zkv.core.keyspace.Keyspace`, collects the records, then calls
 :meth:`Storage.commit`, which appends them with one write (and, under
 ``fsync always``, one fsync: group commit) before any reply is sent. If the disk
 refuses, the file is cut back, the map is rolled back and StorageError is raised:
@@ -41,10 +41,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import durable, lockfile, wal
+from . import durable, lockfile
+from .core import wal
+from .core.keyspace import Keyspace, ReplayError
 from .durable import fsync_dir
 from .errors import LogCorruption, StorageError
-from .keyspace import Keyspace, ReplayError
 from .metrics import Timings
 
 log = logging.getLogger("zkv.storage")
@@ -122,7 +123,7 @@ def write_snapshot(path: str, items: list[tuple[bytes, bytes]], meta: dict[str, 
                    deadlines: list[tuple[bytes, int]] | None = None,
                    outcomes: list[Any] | None = None) -> int:
     """Write ``items`` (then the deadlines of those that have one, the tombstones of
-    open moves, and the outcomes of recent tagged writes, flat: zkv.once) as a
+    open moves, and the outcomes of recent tagged writes, flat: zkv.core.once) as a
     snapshot at ``path`` atomically; returns its size."""
     tmp = path + ".tmp"
     try:

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from . import lockfile, wal
+from . import lockfile
+from .core import wal
 from .errors import LogCorruption, StorageError, ZkvError
 from .storage import SEGMENT_RE, SNAPSHOT_RE, Storage, read_manifest, segment_name, snapshot_name
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..bench import Children, in_children, start_cluster
 from ..client import Client
-from ..keyspace import Keyspace
+from ..core.keyspace import Keyspace
 
 VALUE = b"v" * 32
 READ_KEYS = [b"reader:%04d" % i for i in range(100)]

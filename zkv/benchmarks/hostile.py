@@ -25,9 +25,9 @@ from typing import Any
 import cbor2
 import zmq
 
-from .. import protocol as P
 from ..bench import Children, start_cluster
 from ..client import Client
+from ..core import protocol as P
 
 MiB = 1 << 20
 

@@ -14,7 +14,7 @@ clients then send PINGs to the same node: the request round trip alone.
 
 Replay: a log of N SET records (1,000,000 by default) opened with
 :class:`zkv.storage.Storage`, beside two baselines on the same bytes: decoding only
-(:class:`zkv.wal.LogScan`, records not applied) and a plain dict fed the same
+(:class:`zkv.core.wal.LogScan`, records not applied) and a plain dict fed the same
 records already decoded (the cost of building the map alone).
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import zmq
 
-from .. import protocol as P
-from .. import wal
 from ..bench import Children, start_node
+from ..core import protocol as P
+from ..core import wal
 from ..storage import Storage, segment_name
 
 POLICIES = ("always", "everysec", "no")

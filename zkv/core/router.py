@@ -13,7 +13,7 @@ it what arrives and the time, and carries out what it returns.
 
 Every request to a node is sent with the epoch of the placement it was routed by
 (the shell puts each node's requests of a loop turn into one envelope,
-``zkv.protocol.encode_envelope``). A node refuses a request routed by another
+``zkv.core.protocol.encode_envelope``). A node refuses a request routed by another
 epoch than its own; the router then parks what was refused, says in
 ``Ready.wants`` which epoch it needs, and routes it again once
 :meth:`set_placement` gives it one that new. Nothing refused that way was applied,
@@ -36,8 +36,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol as P
-from .errors import (
+from ..errors import (
     CommandError,
     CrossNode,
     InternalError,
@@ -52,8 +51,9 @@ from .errors import (
     Unavailable,
     ZkvError,
 )
+from ..metrics import Timings
+from . import protocol as P
 from .keyspace import PRESENT, UNKNOWN
-from .metrics import Timings
 from .once import MAX_CLIENT_ID
 from .placement import Placement
 from .ring import key_hash

@@ -40,7 +40,7 @@ SET, DEL, MSET, CHUNK, META, TOMBS, DROP = 0, 1, 2, 3, 4, 5, 6
 # PXAT [key, deadline, ...]: set deadlines (ms since the epoch; 0 takes one away).
 # DELS [key, ...]: keys deleted by expiry (a delete, as DEL is).
 PXAT, DELS = 7, 8
-# ONCE client seq outcome records: a write tagged for safe retries (zkv.once), its
+# ONCE client seq outcome records: a write tagged for safe retries (zkv.core.once), its
 # records (framed, as bytes) and its outcome, in one record so that both stay or go.
 # ONCES [client, seq, outcome, ...]: outcomes remembered (snapshots, moves).
 ONCE, ONCES = 9, 10

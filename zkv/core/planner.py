@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypedDict
 
-from .errors import ClusterError
+from ..errors import ClusterError
 from .ring import HASH_SPACE, RangeSet, Ring
 
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import cbor2
 
-from . import cbor, glob
-from .errors import (
+from ..errors import (
     CommandError,
     LimitExceeded,
     ProtocolError,
@@ -34,6 +33,7 @@ from .errors import (
     ZkvError,
     error_from_wire,
 )
+from . import cbor, glob
 from .expiry import MAX_DEADLINE
 from .glob import check_pattern
 from .once import MAX_CLIENT_ID
@@ -53,7 +53,7 @@ MAX_OPTIONS = 16  # entries in an options map
 MAX_CURSOR = 128  # characters in a SCAN cursor
 MAX_ADDRESS = 300  # characters in HOST:PORT
 # A move names hash ranges as [lo, hi] pairs; a member owns at most this many arcs
-# (zkv.ring.MAX_RING_POINTS), so an internal request may hold this many pairs.
+# (zkv.core.ring.MAX_RING_POINTS), so an internal request may hold this many pairs.
 MAX_RANGES = 1 << 18
 INTERNAL_ITEMS = 3 * MAX_RANGES + 64
 
@@ -178,7 +178,7 @@ COMMANDS: dict[str, Command] = {
                 "tag ({...}), so that they live on one shard."),
         Command("DBSIZE", META, (), "The number of keys in the cluster."),
         Command("ONCE", WRITE, ("client_id", "seq", "request"),
-                "A write tagged for safe retries (zkv.once): CLIENT_ID SEQ [OP ARG ...].",
+                "A write tagged for safe retries (zkv.core.once): CLIENT_ID SEQ [OP ARG ...].",
                 "CLIENT_ID SEQ REQUEST"),
         Command("SCAN", READ, ("cursor", "pattern?", "count?"),
                 "Iterate keys: SCAN CURSOR [PATTERN] [COUNT]; start and end at cursor 0."),
@@ -483,7 +483,7 @@ _INTERNAL_OPS = frozenset(c.name.encode() for c in COMMANDS.values() if c.kind =
 
 def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """The CBOR item of a request body, decoded within the bounds a request can have
-    (zkv.cbor): no tags, nesting of at most MAX_DEPTH, at most ``limits.max_items``
+    (zkv.core.cbor): no tags, nesting of at most MAX_DEPTH, at most ``limits.max_items``
     items (a move's internal requests may carry MAX_RANGES hash ranges)."""
     internal = _peek_op(body).upper() in _INTERNAL_OPS
     items = INTERNAL_ITEMS if internal else limits.max_items
@@ -749,7 +749,7 @@ def decode_reply(body: bytes) -> Any:
 
 
 def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
-    """A compiled matcher (``.fullmatch``) for a Redis-style glob; see zkv.glob."""
+    """A compiled matcher (``.fullmatch``) for a Redis-style glob; see zkv.core.glob."""
     return glob.matcher(pattern)
 
 

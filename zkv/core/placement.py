@@ -1,7 +1,7 @@
 """Which node may serve which key at an epoch: the cluster configuration as rules. Pure.
 
 Every process that routes or serves keys derives a :class:`Placement` from the one
-versioned configuration (:class:`zkv.cluster.ClusterState`): the ring in effect,
+versioned configuration (:class:`zkv.core.cluster.ClusterState`): the ring in effect,
 and, while a move is under way, its phase, its old ring and the hash ranges that
 move. Routers ask it where to send a request; nodes ask it whether to serve one.
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ZkvError
 from . import protocol as P
-from .errors import ZkvError
 from .resp import (
     OK,
     Context,

@@ -13,7 +13,7 @@ tombstones back too, so that a delete made during the move is not undone.
 ``deadlines``, when present, is ``[key, deadline, ...]`` for the batch's keys that
 have one (absolute ms since the epoch); a key already due is not sent. The final
 batch may carry ``outcomes``, the source's table of recent tagged writes
-(zkv.once, ``[client, seq, outcome, ...]``), so that a write retried after its key
+(zkv.core.once, ``[client, seq, outcome, ...]``), so that a write retried after its key
 moved is not applied again by the new owner. The
 destination tracks each stream with :class:`Incoming`: a batch out of order (a
 restarted source or a dropped connection) marks the stream broken so the proxy
@@ -29,15 +29,15 @@ from typing import Any
 
 import cbor2
 
+from ..errors import ProtocolError
 from . import cbor
 from .buckets import KeyBuckets
-from .errors import ProtocolError
 from .expiry import MAX_DEADLINE
 from .ring import RangeSet, key_hash
 
 SCAN_STEP = 20_000  # keys hashed per loop turn, so a scan never stalls serving
 MAX_BATCH_KEYS = 100_000  # keys in one batch, the most a move may be asked to send
-OUTCOMES_PER_BATCH = 4000  # of at most 256 bytes each (zkv.once): about 1 MiB a batch
+OUTCOMES_PER_BATCH = 4000  # of at most 256 bytes each (zkv.core.once): about 1 MiB a batch
 _OUTCOME_ITEMS = 3 * OUTCOMES_PER_BATCH  # a batch's share of a table of outcomes, flat
 # (an outcome may be a small list or map: a few items more each)
 _BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 4 * _OUTCOME_ITEMS + 16
@@ -46,7 +46,7 @@ _BATCH_ITEMS = 4 * MAX_BATCH_KEYS + 4 * _OUTCOME_ITEMS + 16
 class RangeScan:
     """Finds the keys of some hash ranges a bounded step at a time.
 
-    It walks the keyspace's buckets (zkv.buckets), so it holds no copy of the key
+    It walks the keyspace's buckets (zkv.core.buckets), so it holds no copy of the key
     list, and the node interleaves the hashing with serving requests. Keys of these
     ranges are not written on this node while the scan runs (the proxy routes them
     elsewhere), and a key present throughout is always found.
@@ -274,7 +274,7 @@ class SnapshotStream:
     source: str
     items: list[tuple[bytes, bytes]]
     deadlines: dict[bytes, int] = field(default_factory=dict)  # as of the copy
-    outcomes: list[Any] = field(default_factory=list)  # zkv.once's table, as of the copy
+    outcomes: list[Any] = field(default_factory=list)  # zkv.core.once's table, as of the copy
     batch_keys: int = 1000
     batch_bytes: int = 1 << 20
     pos: int = 0

@@ -34,7 +34,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TypedDict, TypeGuard
 
-from .errors import ClusterError
+from ..errors import ClusterError
 
 HASH_SPACE = 2**64
 DEFAULT_VNODES = 2048

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ClusterError
+from ..errors import ClusterError
 from .ring import Ring
 
 STATE_VERSION = 1
@@ -28,7 +28,7 @@ class ClusterState:
     members: dict[str, float]  # shard name (the address it was created with) -> weight
     vnodes: int
     move: dict[str, Any] | None = None  # an unfinished move, see zkv.rebalance
-    # Replicated shards (zkv.replication): name -> {"primary": address, "replicas":
+    # Replicated shards (zkv.core.replication): name -> {"primary": address, "replicas":
     # [addresses], "in_sync": [the replicas holding every acknowledged write]}. A shard
     # not listed is one node, at the address that is its name.
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,7 +1,7 @@
-"""Redis's string commands on a :class:`~zkv.keyspace.Keyspace`: SET with its
+"""Redis's string commands on a :class:`~zkv.core.keyspace.Keyspace`: SET with its
 options, expiry, counters and the rest. No I/O, no clock.
 
-Every function takes the keyspace, the command's checked arguments (zkv.protocol)
+Every function takes the keyspace, the command's checked arguments (zkv.core.protocol)
 and ``now``, the node's time for this turn in milliseconds since the Unix epoch;
 it changes the keyspace and returns ``(reply, records)``: the reply as Redis gives
 it and the log records to append (b"" when nothing changed). A key whose deadline
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import CommandError, LimitExceeded
+from ..errors import CommandError, LimitExceeded
 from .expiry import MAX_DEADLINE
 from .keyspace import Keyspace
 

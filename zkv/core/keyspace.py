@@ -76,7 +76,7 @@ class Keyspace:
         self.expires: dict[bytes, int] = {}
         self.wheel = ExpiryWheel()
         self.undo_deadlines: list[tuple[bytes, int | None]] = []  # (key, deadline before)
-        self.once = Outcomes()  # the outcomes of recent tagged writes (zkv.once)
+        self.once = Outcomes()  # the outcomes of recent tagged writes (zkv.core.once)
         self.peak = 0  # the most keys held since the tables were last made (compact)
 
     def __len__(self) -> int:
@@ -210,7 +210,7 @@ class Keyspace:
         return wal.encode(item)
 
     def forget_outcomes(self) -> bytes | None:
-        """Forget the outcomes of tagged writes (zkv.once); the record, if any went."""
+        """Forget the outcomes of tagged writes (zkv.core.once); the record, if any went."""
         if not self.once.entries and not self.once.floors:
             return None
         self.once.clear()
@@ -274,7 +274,7 @@ class Keyspace:
         return len(taken) // 2, (records or None)
 
     def apply_live(self, item: Any) -> None:
-        """Apply one record shipped by a primary (zkv.replication) as a live change: the
+        """Apply one record shipped by a primary (zkv.core.replication) as a live change: the
         buckets stay current and the change undoes if the commit fails. A record of the
         wrong shape raises (TypeError, ValueError, IndexError)."""
         kind = item[0]

@@ -5,7 +5,7 @@ The model is PacificA's (Lin et al., 2008), as Kafka's in-sync replicas also wor
 
 * A shard is a primary and replicas. The config manager (the proxy with the state
   directory) names them, and which replicas are *in sync*, in the versioned cluster
-  configuration (:class:`zkv.cluster.ClusterState`).
+  configuration (:class:`zkv.core.cluster.ClusterState`).
 * The primary logs each turn's records, ships the same bytes to every replica in
   order (:meth:`Primary.ship`), and answers that turn's requests only once every
   in-sync replica has acknowledged them, which a replica does once they are as
@@ -70,7 +70,7 @@ class Peer:
     broken: str = ""  # why the session cannot go on ("" while it can)
     copy: list[tuple[bytes, bytes]] | None = None  # the keys to stream (see zkv.replicator)
     deadlines: dict[bytes, int] = field(default_factory=dict)  # theirs, as of the copy
-    outcomes: list[Any] = field(default_factory=list)  # zkv.once's table, as of the copy
+    outcomes: list[Any] = field(default_factory=list)  # zkv.core.once's table, as of the copy
     copying: float = 0.0  # when the copy's stream started (0: not yet)
     copied: float = 0.0  # when it was seen complete (0: not yet)
 

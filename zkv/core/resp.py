@@ -31,14 +31,14 @@ from typing import Any
 
 import hiredis
 
-from . import __version__
-from . import protocol as P
-from .errors import (
+from .. import __version__
+from ..errors import (
     CommandError,
     LimitExceeded,
     ProtocolError,
     ZkvError,
 )
+from . import protocol as P
 
 # What zkv tells clients it is compatible with (redis-py and redis-cli look at it).
 REDIS_VERSION = "7.0.0"
@@ -369,7 +369,7 @@ class Session:
     lib_name: bytes = b""
     lib_ver: bytes = b""
     authed: bool = False  # AUTH (or HELLO ... AUTH) succeeded: only asked with a password
-    multi: list[Any] | None = None  # after MULTI: the commands queued (zkv.resptxn)
+    multi: list[Any] | None = None  # after MULTI: the commands queued (zkv.core.resptxn)
     multi_failed: bool = False  # a command queued after MULTI was refused: EXEC aborts
     multi_bytes: int = 0  # what the commands queued weigh (bounded by max_message_bytes)
     multi_items: int = 0  # the one-key commands they make (bounded by max_batch)

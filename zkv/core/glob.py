@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .errors import LimitExceeded
+from ..errors import LimitExceeded
 
 __all__ = ["MAX_PATTERN_BYTES", "MAX_WILDCARDS", "check_pattern", "matcher", "translate"]
 
