@@ -4,64 +4,36 @@ prometheus-client.
 Nothing is added to the hot path for counters: a process keeps its counts anyway
 (requests by op, errors by code, bytes, fsyncs, ...) and a custom collector reads
 them when Prometheus scrapes. Latency is the one thing measured per request, into a
-:class:`Timings` (fixed buckets: one bisect and two additions per request, and only
-while metrics are on), exposed as histograms. prometheus-client's own HTTP server
+:class:`~zkv.core.timings.Timings` (fixed buckets: one bisect and two additions per
+request, and only while metrics are on), exposed as histograms. prometheus-client's own HTTP server
 serves ``/metrics`` from a daemon thread; it reads the counts while the loop runs
 (ints, and copies of small dicts, under the GIL).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .core.timings import BUCKETS, Timings
+
 log = logging.getLogger("zkv.metrics")
 
-# seconds: from 50 us (a GET at a node) to 10 s (a timeout)
-BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+def histogram(timings: Timings, name: str, documentation: str, label: str = "op") -> Any:
+    """``timings`` as a Prometheus histogram family."""
+    from prometheus_client.core import HistogramMetricFamily
 
-
-class Timings:
-    """Latency histograms by label (an op), cheap enough to fill per request."""
-
-    __slots__ = ("counts", "sums")
-
-    def __init__(self) -> None:
-        self.counts: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
-
-    def observe(self, label: str, seconds: float) -> None:
-        counts = self.counts.get(label)
-        if counts is None:
-            counts = self.counts[label] = [0] * (len(BUCKETS) + 1)
-            self.sums[label] = 0.0
-        counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sums[label] += seconds
-
-    def total(self) -> list[int]:
-        """Counts per bucket over every label."""
-        out = [0] * (len(BUCKETS) + 1)
-        for counts in list(self.counts.values()):
-            for i, n in enumerate(counts):
-                out[i] += n
-        return out
-
-    def family(self, name: str, documentation: str, label: str = "op") -> Any:
-        from prometheus_client.core import HistogramMetricFamily
-
-        fam = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
-        for key, counts in list(self.counts.items()):
-            total = 0
-            buckets = []
-            for bound, n in zip((*map(str, BUCKETS), "+Inf"), counts):
-                total += n
-                buckets.append((bound, total))
-            fam.add_metric([key] if label else [], buckets, self.sums.get(key, 0.0))
-        return fam
+    fam = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
+    for key, counts in list(timings.counts.items()):
+        total = 0
+        buckets = []
+        for bound, n in zip((*map(str, BUCKETS), "+Inf"), counts):
+            total += n
+            buckets.append((bound, total))
+        fam.add_metric([key] if label else [], buckets, timings.sums.get(key, 0.0))
+    return fam
 
 
 def _family(kind: Any, name: str, documentation: str, values: dict[Any, Any] | float,
@@ -122,7 +94,7 @@ def node_families(node: Any) -> Iterator[Any]:
     yield _counter("zkv_requests", "Requests served, by op.", dict(node.counters), ("op",))
     yield _counter("zkv_errors", "Error replies, by op and code.", dict(node.error_codes),
                    ("op", "code"))
-    yield node.timings.family("zkv_request_duration_seconds",
+    yield histogram(node.timings, "zkv_request_duration_seconds",
                               "Service time of a request at the node, by op.")
     yield _gauge("zkv_keys", "Keys held.", len(ks))
     yield _gauge("zkv_keys_with_deadline", "Keys held that have a deadline (a TTL).",
@@ -135,10 +107,10 @@ def node_families(node: Any) -> Iterator[Any]:
     yield _gauge("zkv_log_bytes", "Bytes of the live log segments.", st.log_bytes)
     yield _gauge("zkv_snapshot_bytes", "Bytes of the snapshot.", st.snapshot_bytes)
     yield _counter("zkv_fsyncs", "fsyncs of the log.", st.fsyncs)
-    yield st.fsync_timings.family("zkv_fsync_duration_seconds", "Time an fsync of the log "
+    yield histogram(st.fsync_timings, "zkv_fsync_duration_seconds", "Time an fsync of the log "
                                   "took.", label="")
     yield _counter("zkv_snapshots", "Snapshots written.", st.snapshots_written)
-    yield st.snapshot_timings.family("zkv_snapshot_duration_seconds",
+    yield histogram(st.snapshot_timings, "zkv_snapshot_duration_seconds",
                                      "Time a snapshot took, start to finish.", label="")
     clients = node.guards[0].stats()["clients"] if node.guards else 0
     yield _gauge("zkv_connected_clients", "Connections open (proxies, direct clients).",
@@ -181,7 +153,7 @@ def proxy_families(shell: Any) -> Iterator[Any]:
         codes[key] = codes.get(key, 0) + n
     yield _counter("zkv_errors", "Error replies to clients, by op (? where the request "
                    "was not readable) and code.", codes, ("op", "code"))
-    yield router.timings.family("zkv_request_duration_seconds",
+    yield histogram(router.timings, "zkv_request_duration_seconds",
                                 "Time from a client request to its reply, by op.")
     yield _gauge("zkv_in_flight_requests", "Requests sent to nodes and not yet answered.",
                  len(shell.pending) + router.in_flight)
@@ -200,18 +172,3 @@ def proxy_families(shell: Any) -> Iterator[Any]:
         yield _counter("zkv_failovers", "Replicas promoted to primary by this config "
                        "manager.", shell.failovers)
     yield _gauge("zkv_rss_bytes", "Resident memory of the process.", rss_bytes())
-
-
-def quantile(counts: list[int], q: float) -> float | None:
-    """The upper bound (seconds) of the bucket holding quantile ``q`` of ``counts`` (one
-    count per BUCKETS entry, then the overflow), or None without samples."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    seen = 0
-    for i, n in enumerate(counts):
-        seen += n
-        if seen >= rank:
-            return BUCKETS[i] if i < len(BUCKETS) else float("inf")
-    return float("inf")

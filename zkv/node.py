@@ -35,6 +35,7 @@ from .core.keyspace import FILL, OVERWRITE, UNKNOWN, Keyspace
 from .core.placement import FROZEN, Placement
 from .core.replication import SYNC_MOVE
 from .core.ring import RangeSet, key_hash
+from .core.timings import Timings
 from .core.transfer import (
     MAX_BATCH_KEYS,
     Incoming,
@@ -66,7 +67,6 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .metrics import Timings
 from .replicator import FREE_OPS, XREPL_HEAD, Replicator
 from .security import CLUSTER, CLUSTER_DOMAIN, IMPOSTOR, Curve, check_exposure, require
 from .storage import Recovery, Storage
@@ -866,7 +866,7 @@ class Node:
             "data_dir": self.storage.dir,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "ops": dict(self.counters),
-            "latency_buckets": self.timings.total(),  # counts per zkv.metrics.BUCKETS
+            "latency_buckets": self.timings.total(),  # counts per zkv.core.timings.BUCKETS
             "errors": self.errors,
             "routers": self._routers_seen(),  # proxies and direct clients of late
             "recovered_keys": rec.keys if rec else 0,

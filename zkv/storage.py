@@ -44,9 +44,9 @@ from typing import Any
 from . import durable, lockfile
 from .core import wal
 from .core.keyspace import Keyspace, ReplayError
+from .core.timings import Timings
 from .durable import fsync_dir
 from .errors import LogCorruption, StorageError
-from .metrics import Timings
 
 log = logging.getLogger("zkv.storage")
 

@@ -19,8 +19,8 @@ import time
 import tty
 from typing import Any
 
-from . import metrics
 from .client import Client
+from .core.timings import quantile
 from .errors import ConfigError, ZkvError
 from .watch import human
 
@@ -60,8 +60,8 @@ class Sampler:
                 "log": node.get("log_bytes"),
                 "ops_s": _rate(ops, old_ops, span),
                 "errors_s": _rate(node.get("errors"), old.get("errors"), span),
-                "p50": metrics.quantile(recent, 0.5) if recent else None,
-                "p99": metrics.quantile(recent, 0.99) if recent else None,
+                "p50": quantile(recent, 0.5) if recent else None,
+                "p99": quantile(recent, 0.99) if recent else None,
             }
             row["trouble"] = (row["state"] != "up") * 4 + bool(row["errors_s"]) * 2 + (
                 (row["p99"] or 0) > SLOW) + (entry.get("role") == "replica"

@@ -51,12 +51,12 @@ from ..errors import (
     Unavailable,
     ZkvError,
 )
-from ..metrics import Timings
 from . import protocol as P
 from .keyspace import PRESENT, UNKNOWN
 from .once import MAX_CLIENT_ID
 from .placement import Placement
 from .ring import key_hash
+from .timings import Timings
 
 log = logging.getLogger("zkv.router")
 
