@@ -27,9 +27,9 @@ import time
 import tracemalloc
 from typing import Any
 
-from ..bench import Children, in_children, start_cluster
 from ..client import Client
 from ..core.keyspace import Keyspace
+from .harness import Children, in_children, start_cluster
 
 VALUE = b"v" * 32
 READ_KEYS = [b"reader:%04d" % i for i in range(100)]

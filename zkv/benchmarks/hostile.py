@@ -25,9 +25,9 @@ from typing import Any
 import cbor2
 import zmq
 
-from ..bench import Children, start_cluster
 from ..client import Client
 from ..core import protocol as P
+from .harness import Children, start_cluster
 
 MiB = 1 << 20
 
@@ -141,8 +141,8 @@ def unread_replies(ctx: zmq.Context[Any], target: Target, n: int = 400) -> tuple
 def idle_connections(children: Children, node: str, n: int = 1500) -> dict[str, Any]:
     """``n`` idle connections against a proxy whose file limit is 1024: its CPU share
     while they stay, and what a new client meets."""
-    from ..bench import free_port, zkv_argv
     from ..guard import raise_fd_limit
+    from .harness import free_port, zkv_argv
 
     raise_fd_limit()
     port = free_port()

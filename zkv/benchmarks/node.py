@@ -34,10 +34,10 @@ from typing import Any
 
 import zmq
 
-from ..bench import Children, start_node
 from ..core import protocol as P
 from ..core import wal
 from ..storage import Storage, segment_name
+from .harness import Children, start_node
 
 POLICIES = ("always", "everysec", "no")
 CLIENTS = (1, 32)

@@ -34,8 +34,8 @@ from typing import Any
 import cbor2
 import zmq
 
-from ..bench import Children, free_port, start_node, zkv_argv
 from ..client import Client
+from .harness import Children, free_port, start_node, zkv_argv
 
 VALUE_BYTES = 100
 BATCH = 1000

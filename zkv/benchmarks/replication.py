@@ -27,9 +27,9 @@ import sys
 import time
 from typing import Any
 
-from ..bench import Children, free_port, in_children, start_node, zkv_argv
 from ..client import Client, wait_in_sync
 from ..errors import ZkvError
+from .harness import Children, free_port, in_children, start_node, zkv_argv
 
 VALUE = b"v" * 100
 

@@ -25,7 +25,7 @@ from ..errors import Unavailable
 
 
 def free_port() -> int:
-    from ..bench import free_port as pick
+    from .harness import free_port as pick
 
     return pick()
 

@@ -30,9 +30,9 @@ import threading
 import time
 from typing import Any
 
-from ..bench import Children, start_cluster
 from ..client import Client
 from ..errors import ZkvError
+from .harness import Children, start_cluster
 
 
 def rss_of(pid: int) -> int:
