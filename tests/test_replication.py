@@ -73,6 +73,13 @@ def test_writes_reach_the_replica_before_they_are_acknowledged(make_cluster: Any
     cluster.nodes[shard].signal(signal.SIGSTOP)
     try:
         assert keys_of(replica) == 200
+        # what it was shipped is counted and timed as its load (INFO, zkv top)
+        raw = zkv.Client(replica, timeout=3.0, retries=0)
+        try:
+            info = raw.info()
+        finally:
+            raw.close()
+        assert info["ops"]["XREPL"] >= 200 and sum(info["latency_buckets"]) >= 200 // 32
     finally:
         cluster.nodes[shard].signal(signal.SIGCONT)
     table = {r["address"]: r for r in rows(cluster)}

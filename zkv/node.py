@@ -912,16 +912,20 @@ class Node:
         return [[*routing,
                  self.run_body(body, placement is not None and not placement.trivial)]]
 
+    def clock_start(self) -> float:
+        """A request's start, if its service time is measured (perf_counter), else 0.0:
+        every request while metrics are served, else one in 32 (what INFO's latency and
+        zkv top show)."""
+        self._seen += 1
+        return time.perf_counter() if self.timed or not self._seen & 31 else 0.0
+
     def run_body(self, body: bytes, check: bool) -> bytes:
         """One request body in, its reply body out. With ``check``, a keyed request is
         refused (MOVED) unless this node serves its keys at its epoch: a request that
         carries no epoch is judged by this node's configuration."""
         mark = self.storage.mark()
         op = "?"
-        # service times: every request while metrics are served, else one in 32 (what
-        # INFO's latency and zkv top show)
-        self._seen += 1
-        began = time.perf_counter() if self.timed or not self._seen & 31 else 0.0
+        began = self.clock_start()
         try:
             op, args = P.parse_request(body, self.limits)
             if self.curve is not None:

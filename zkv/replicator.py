@@ -371,11 +371,7 @@ class Replicator:
         why = replica.accept(msg, time.monotonic())
         if why:
             raise Unavailable(why)
-        try:  # (the message continues the session: if it is damaged, the session ends)
-            items = self._records(msg["data"])
-        except ValueError as exc:
-            replica.session = ""
-            raise ProtocolError(f"XREPL data: {exc}") from None
+        items = self._records(replica, msg["data"])
         reply: dict[str, Any] = {"seq": msg["seq"]}
         ks = node.storage.keyspace
         if msg.get("sync") is True:
@@ -427,18 +423,16 @@ class Replicator:
                 or msg.get("session") != replica.session \
                 or type(msg.get("seq")) is not int or msg["seq"] != replica.next_seq:
             return None
+        began = node.clock_start()
         replica.accept(msg, time.monotonic())  # (continues the session: checked above)
         node.counters["XREPL"] = node.counters.get("XREPL", 0) + 1
         try:
-            try:
-                items = self._records(msg["data"])
-            except ValueError as exc:
-                replica.session = ""
-                raise ProtocolError(f"XREPL data: {exc}") from None
-            self._apply(replica, items, msg["data"])
+            self._apply(replica, self._records(replica, msg["data"]), msg["data"])
         except ZkvError as exc:  # (nothing of it is logged: the session has ended)
             node._count_error("XREPL", exc.code)
             return P.encode_exc(exc)
+        if began:
+            node.timings.observe("XREPL", time.perf_counter() - began)
         return P.encode_ok({"seq": msg["seq"], "synced": True})
 
     def _apply(self, replica: Replica, items: list[Any], data: bytes) -> None:
@@ -469,11 +463,15 @@ class Replicator:
                 for x in (pairs[i], pairs[i + 1])]
 
     @staticmethod
-    def _records(data: bytes) -> list[Any]:
+    def _records(replica: Replica, data: bytes) -> list[Any]:
+        """The records of a message; if it is damaged, its session ends (the primary
+        then starts a new one)."""
         scan = wal.LogScan(data)
         items = [item for _, item in scan]
         if scan.damage is not None:
-            raise ValueError(f"{scan.damage.kind} at offset {scan.damage.offset}")
+            replica.session = ""
+            raise ProtocolError(f"XREPL data: {scan.damage.kind} at offset "
+                                f"{scan.damage.offset}")
         return items
 
     def _drop_all(self) -> None:
