@@ -12,6 +12,7 @@ import signal
 import time
 from typing import Any
 
+import cbor2
 import pytest
 from conftest import Cluster, wait_until
 from load import Load, Mix, read_back
@@ -620,3 +621,53 @@ def test_keys_dropped_while_a_replica_syncs_do_not_come_back(make_cluster: Any, 
     wait_until(lambda: next(r for r in rows(cluster) if r["address"] == fresh)["in_sync"],
                30, what="the new replica in sync")
     assert keys_of(fresh) == keys_of(shard) == 0
+
+
+def test_a_replica_keeps_nothing_of_a_message_it_refuses(tmp_path: Any) -> None:
+    """In process, no socket: a replica's short path for its primary's records
+    (Replicator.steady) keeps nothing of a message it refuses part-way, as the general
+    path does; a bug in applying one is an error reply, not a dead node; and a session
+    that ended takes no more records, whatever they claim to continue."""
+    from zkv.core import protocol as P
+    from zkv.core import wal
+    from zkv.core.replication import Replica
+    from zkv.node import Node
+
+    node = Node("127.0.0.1", 1, str(tmp_path / "r"), fsync="no")
+    node.recovery = node.storage.open()
+    try:
+        node.repl.shard = "S"
+        node.repl.replica = Replica(session="s", next_seq=3, synced=True, started=0.0)
+
+        def send(session: str, seq: int, data: bytes) -> Any:
+            body = P.encode_request("XREPL", {"epoch": node.epoch, "session": session,
+                                              "seq": seq, "shard": "S", "data": data})
+            [[_, reply]] = node.handle([b"primary", body])
+            node.commit()
+            return cbor2.loads(reply)
+
+        good = wal.encode((wal.SET, b"k", b"v"))
+        assert send("s", 3, good) == [P.OK, {"seq": 3, "synced": True}]
+        # the next message: a good record, then one of the wrong shape
+        refused = send("s", 4, wal.encode((wal.SET, b"k2", b"v2"))
+                       + wal.encode((wal.SET, b"k3", 5)))
+        assert refused[0] == P.ERR and "wrong shape" in refused[2]
+        assert node.storage.keyspace.data == {b"k": b"v"}  # k2 is not kept
+        assert node.repl.replica.session == ""  # the session ended: the primary syncs it
+        # "" is no session: nothing continues the one that ended
+        again = send("", 5, wal.encode((wal.SET, b"evil", b"x")))
+        assert again[0] == P.ERR and "no session" in again[2]
+        # a bug while applying is an error reply; the node goes on
+        node.repl.replica = Replica(session="t", next_seq=0, synced=True, started=0.0)
+        from zkv.core.keyspace import Keyspace
+
+        def broken(self: Any, item: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Keyspace, "apply_live", broken)
+            failed = send("t", 0, good)
+        assert failed[0] == P.ERR and failed[1] == "INTERNAL" and "a bug" in failed[2]
+        assert node.storage.keyspace.data == {b"k": b"v"}
+    finally:
+        node.storage.close()

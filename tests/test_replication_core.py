@@ -126,6 +126,9 @@ def test_a_replica_follows_one_session_in_order() -> None:
     assert r.silent(1.1 + GRACE) == pytest.approx(GRACE)
     assert r.accept({"session": "s2", "seq": 0, "sync": True}, 2.0) == ""
     assert r.accept({"session": 5, "seq": 0}, 2.0)  # malformed
+    # a session that ended (damaged data) leaves none: "" is no session to continue
+    r.session, r.synced = "", True
+    assert "no session" in r.accept({"session": "", "seq": r.next_seq}, 2.1)
 
 
 def state(primary_: str = A, replicas: list[str] | None = None,

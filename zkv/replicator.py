@@ -27,7 +27,14 @@ from .core.protocol import INTERNAL
 from .core.replication import LEASE, SYNC_MOVE, Primary, Replica
 from .core.ring import RangeSet
 from .core.transfer import SnapshotStream
-from .errors import ProtocolError, StaleEpoch, StorageError, Unavailable, ZkvError
+from .errors import (
+    InternalError,
+    ProtocolError,
+    StaleEpoch,
+    StorageError,
+    Unavailable,
+    ZkvError,
+)
 from .guard import ROUTER_ID_PREFIX
 from .security import require
 
@@ -408,8 +415,10 @@ class Replicator:
         next message of this replica's session, from its primary, at this node's epoch,
         small enough to decode at once) and leaves anything else, before changing
         anything, to the general path, which answers it as it always has."""
+        began = time.perf_counter()
         replica, node = self.replica, self.node
-        if replica is None or not replica.synced or len(body) > node.limits.max_items:
+        if replica is None or not replica.synced or not replica.session \
+                or len(body) > node.limits.max_items:
             return None
         try:
             item = P.decode_request(body, node.limits)
@@ -423,15 +432,20 @@ class Replicator:
                 or msg.get("session") != replica.session \
                 or type(msg.get("seq")) is not int or msg["seq"] != replica.next_seq:
             return None
-        began = node.clock_start()
+        timed = node.clock_start()
         replica.accept(msg, time.monotonic())  # (continues the session: checked above)
         node.counters["XREPL"] = node.counters.get("XREPL", 0) + 1
+        mark = node.storage.mark()
         try:
             self._apply(replica, self._records(replica, msg["data"]), msg["data"])
-        except ZkvError as exc:  # (nothing of it is logged: the session has ended)
+        except Exception as exc:  # as Node.run_body: an error reply, nothing of it kept
+            node.storage.rollback_to(mark)
+            if not isinstance(exc, ZkvError):  # (a bug must not take the node down)
+                log.exception("internal error")
+                exc = InternalError(f"{type(exc).__name__}: {exc}")
             node._count_error("XREPL", exc.code)
             return P.encode_exc(exc)
-        if began:
+        if timed:
             node.timings.observe("XREPL", time.perf_counter() - began)
         return P.encode_ok({"seq": msg["seq"], "synced": True})
 

@@ -233,8 +233,9 @@ class Replica:
             if seq != 0:
                 return "a sync session starts at seq 0"
             self.session, self.next_seq, self.synced = session, 0, False
-        elif session != self.session:
-            return f"no session {session} here (this replica follows {self.session or 'none'})"
+        elif not session or session != self.session:  # ("" is none, however one ended)
+            return (f"no session {session or '(empty)'} here (this replica follows "
+                    f"{self.session or 'none'})")
         if seq != self.next_seq:
             self.session = ""
             return f"message {seq} arrived where {self.next_seq} was due; session ended"
