@@ -566,3 +566,36 @@ def test_a_transaction_that_went_out_never_ends_as_a_plain_refusal(fake: Any,
     with pytest.raises(zkv.Timeout, match="may have been applied"):
         c.pipeline(transaction=True).incr(b"{a}n").execute()
     assert len(server.bodies) > 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("direct", [False, True], ids=["proxy", "direct"])
+def test_threads_may_share_one_client(shared: Cluster, direct: bool) -> None:
+    """One Client used by many threads at once (as a web server's workers would): their
+    requests take turns on its connections, each thread gets its own replies, and every
+    write counts once (each has a sequence number of its own)."""
+    c = shared.client(timeout=10.0, retries=2, direct=direct)
+    counter = f"threads:{direct}:counter"
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        mine = f"threads:{direct}:{t}"
+        try:
+            for i in range(120):
+                c.incr(counter)
+                assert c.set(mine, str(i)) and c.get(mine) == str(i).encode()
+                if i % 20 == 0:
+                    got = c.pipeline().incr(counter).get(mine).set(f"{mine}:p", str(i)).execute()
+                    assert got[1:] == [str(i).encode(), True]
+                    assert c.mget([mine, f"{mine}:p"]) == [str(i).encode()] * 2
+        except BaseException as exc:  # noqa: BLE001 - reported below, by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(100)
+    assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    assert int(c.get(counter) or 0) == 8 * (120 + 6)

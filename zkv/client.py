@@ -20,13 +20,16 @@ configuration once, then sends each request straight to the node that owns its k
 and goes through the proxy only when a node cannot be reached (see :mod:`zkv.direct`).
 Everything else, results and errors included, is as through the proxy.
 
-A Client is not thread-safe: give each thread its own.
+Threads may share a Client: its exchanges take turns on its sockets (one thread at
+a time), so give each busy thread its own for throughput.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -131,7 +134,11 @@ class Client(StringCommands):
         # Every write carries this id and a sequence number (zkv.core.once): the node that
         # applies it remembers the outcome, so sending it again is safe.
         self.client_id = secrets.token_bytes(16)
-        self._seq = 0
+        self._seqs = itertools.count(1)  # (next() of it is one step: threads share it)
+        # Threads may share a client: their exchanges take turns on its sockets (a ZeroMQ
+        # socket is used by one thread at a time). Re-entrant: a direct client's
+        # exchange may use the proxy's link within it.
+        self._lock = threading.RLock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.curve: Curve | None = None
         if curve_key:
@@ -157,9 +164,10 @@ class Client(StringCommands):
         return self._link.sock
 
     def close(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-        self._link.close()
+        with self._lock:
+            if self._direct is not None:
+                self._direct.close()
+            self._link.close()
 
     def __enter__(self) -> Client:
         return self
@@ -170,14 +178,15 @@ class Client(StringCommands):
     def _exchange(self, body: bytes, op: str | None = None, key: Any = None) -> bytes:
         """Send one body and wait for its reply, or raise NotSent or Timeout. (``op`` and
         ``key``, of a single-key command, let a direct client route it the short way.)"""
-        try:
-            if self._direct is not None:
-                return self._direct.request(body, self.timeout, op,
-                                            key if type(key) is bytes else None)
-            return self._link.request(body, self.timeout)
-        except zmq.ZMQError as exc:  # translated at the boundary: one error family
-            self._link.close()
-            raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
+        with self._lock:
+            try:
+                if self._direct is not None:
+                    return self._direct.request(body, self.timeout, op,
+                                                key if type(key) is bytes else None)
+                return self._link.request(body, self.timeout)
+            except zmq.ZMQError as exc:  # translated at the boundary: one error family
+                self._link.close()
+                raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
 
     def _exchange_many(self, bodies: list[bytes], window: int = CALL_WINDOW,
                        parsed: list[tuple[str, list[Any]]] | None = None
@@ -185,13 +194,14 @@ class Client(StringCommands):
         """Send every body (DEALER pipelining, at most ``window`` in flight) and collect
         the replies in order: a Timeout where no reply came (outcome unknown), NotSent
         where the body was never sent."""
-        try:
-            if self._direct is not None:
-                return self._direct.exchange_many(parsed or bodies, self.timeout, window)
-            return self._link.exchange_many(bodies, self.timeout, window)
-        except zmq.ZMQError as exc:
-            self._link.close()
-            raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
+        with self._lock:
+            try:
+                if self._direct is not None:
+                    return self._direct.exchange_many(parsed or bodies, self.timeout, window)
+                return self._link.exchange_many(bodies, self.timeout, window)
+            except zmq.ZMQError as exc:
+                self._link.close()
+                raise Unavailable(f"cannot talk to {self.address}: {exc}") from exc
 
     def call_many(self, commands: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Send many commands at once, each its own request, many in flight together.
@@ -273,8 +283,7 @@ class Client(StringCommands):
 
     def _tagged(self, command: list[Any]) -> list[Any]:
         """A write as ONCE with this client's id and its next sequence number."""
-        self._seq += 1
-        return ["ONCE", self.client_id, self._seq, command]
+        return ["ONCE", self.client_id, next(self._seqs), command]
 
     def pipeline(self, transaction: bool = False) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
