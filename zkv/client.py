@@ -131,10 +131,12 @@ class Client(StringCommands):
             raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
         self.timeout = float(timeout)
         self.retries = retries
-        # Every write carries this id and a sequence number (zkv.core.once): the node that
-        # applies it remembers the outcome, so sending it again is safe.
-        self.client_id = secrets.token_bytes(16)
-        self._seqs = itertools.count(1)  # (next() of it is one step: threads share it)
+        # Every write carries an id and a sequence number (zkv.core.once): the node that
+        # applies it remembers the outcome, so sending it again is safe. A node keeps a
+        # window of each id's latest numbers, so they must reach it in about the order
+        # they were taken: each thread has an id of its own (a thread's batch, sent in
+        # rounds, would otherwise fall behind other threads' newer writes).
+        self._local = threading.local()
         # Threads may share a client: their exchanges take turns on its sockets (a ZeroMQ
         # socket is used by one thread at a time). Re-entrant: a direct client's
         # exchange may use the proxy's link within it.
@@ -281,9 +283,22 @@ class Client(StringCommands):
             body = P.encode_request(op, *args)
         return body, tagged, tagged or kind in (P.READ, P.META) and op != "PIPE"
 
+    def _ident(self) -> tuple[bytes, Iterator[int]]:
+        """This thread's client id and its sequence numbers."""
+        mine: tuple[bytes, Iterator[int]] | None = getattr(self._local, "ident", None)
+        if mine is None:
+            mine = self._local.ident = (secrets.token_bytes(16), itertools.count(1))
+        return mine
+
+    @property
+    def client_id(self) -> bytes:
+        """The id the calling thread's writes carry (see _ident)."""
+        return self._ident()[0]
+
     def _tagged(self, command: list[Any]) -> list[Any]:
-        """A write as ONCE with this client's id and its next sequence number."""
-        return ["ONCE", self.client_id, next(self._seqs), command]
+        """A write as ONCE with this thread's client id and its next sequence number."""
+        client_id, seqs = self._ident()
+        return ["ONCE", client_id, next(seqs), command]
 
     def pipeline(self, transaction: bool = False) -> Pipeline:
         """Queue commands and send them in few messages: ``with c.pipeline() as p:
