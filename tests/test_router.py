@@ -349,6 +349,34 @@ def test_writes_to_a_range_being_rolled_back_are_refused_unapplied(
     assert all(moving not in n.storage.keyspace.data for n in nodes.values())
 
 
+def test_a_long_pipeline_on_a_moving_key_refused_at_once_takes_no_recursion(
+        nodes: dict[str, Node]) -> None:
+    """A pipeline of many commands on one moving key, sent during the copy: the first
+    SET is under way and the rest wait their turns; the rollback begins; when the
+    first's reply comes, the rest are refused one after another at once, in a loop
+    (a recursion as deep as the pipeline is long would end in RecursionError)."""
+    net = Net(nodes)
+    s1 = state(1, [A, B])
+    copy = move_state(s1, [A, B, C], "copy", 3, members=[A, B, C])
+    revert = ClusterState(4, copy.members, copy.vnodes, {**copy.move, "phase": "revert"})
+    net.config(copy)
+    moving = next(k for k in (b"r%d" % i for i in range(5000))
+                  if Placement(copy).moving_key(k))
+    router = Router(Placement(copy), P.DEFAULT_LIMITS, 1.0)
+    body = P.encode_request("PIPE", [["SET", moving, b"%d" % i] for i in range(5000)])
+    router.request(0, body, 0.0)
+    net.hold = True
+    assert net.step(router, 0.0) == []
+    net.hold = False
+    net.config(revert)
+    router.set_placement(Placement(revert))
+    net.release(router, 0.0)
+    [(_, reply)] = router.ready().answers  # one answer, once
+    [first, *rest] = decode(reply)
+    assert first[0] == P.OK and len(rest) == 4999
+    assert all(i[0] == P.ERR and i[1] == "UNAVAILABLE" for i in rest)
+
+
 def test_counters_deadlines_and_retries_through_a_move(nodes: dict[str, Node]) -> None:
     """INCRs on keys whose move is under way are applied once, on the state the old
     owner had; a tagged write applied before the move and retried during it gets its
@@ -428,3 +456,44 @@ def test_a_tagged_mset_is_one_client_to_the_nodes_and_safe_to_retry(
     for name in (A, B):
         table = nodes[name].storage.keyspace.once
         assert list(table.clients) == [b"client-1/m"] and 10 < len(table) < 70
+
+
+def test_a_pipelines_commands_on_a_moving_key_run_in_order(nodes: dict[str, Node]) -> None:
+    """A pipeline's commands on one key whose range is being moved take a chain of steps
+    each (the new owner, maybe the old one): they run one after another, as the
+    pipeline orders them, never side by side (a SET then a GET of one key read the
+    value from before the SET), before the copy, during it and after it."""
+    net = Net(nodes, seed=5)
+    net.shuffle = True
+    s1 = state(1, [A, B])
+    net.config(s1)
+    prepare = move_state(s1, [A, B, C], "prepare", 2)
+    copy = move_state(s1, [A, B, C], "copy", 3, members=[A, B, C])
+    move_id = prepare.move["id"]  # type: ignore[index]
+    transfers = prepare.move["transfers"]  # type: ignore[index]
+    moving = RangeSet()
+    for t in transfers:
+        moving = moving.union(RangeSet.from_list(t["ranges"]))
+    keys = [k for k in (b"o%03d" % i for i in range(400)) if moving.contains(key_hash(k))][:12]
+    assert len(keys) == 12
+    router = router_for(s1)
+    assert net.run(router, [["MSET", [x for k in keys for x in (k, b"old")]]]) == ["OK"]
+    net.config(prepare)
+    assert net.call(C, "XBEGIN", {"id": move_id, "ranges": moving.to_list(),
+                                  "purge": True})["ready"]
+    net.config(copy)
+    router.set_placement(Placement(copy))
+
+    def pipeline(k: bytes, tag: bytes) -> list[Any]:
+        items = [["GET", k], ["SET", k, tag + b"1"], ["GET", k], ["APPEND", k, b"+"],
+                 ["GET", k], ["DEL", k], ["GET", k], ["SET", k, tag + b"2"], ["GET", k]]
+        [reply] = net.run(router, [["PIPE", items]])
+        return [r[1] if r[0] == P.OK else ("ERR", r[1]) for r in reply]
+
+    for n, k in enumerate(keys):
+        if n == len(keys) // 2:  # half way: the copy arrives at the new owner
+            for t in transfers:
+                stream(net, move_id, t["source"], C, RangeSet.from_list(t["ranges"]))
+        assert pipeline(k, b"t%d" % n) == [
+            b"old", "OK", b"t%d1" % n, len(b"t%d1+" % n), b"t%d1+" % n, 1, None, "OK",
+            b"t%d2" % n], k

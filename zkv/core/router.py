@@ -121,8 +121,8 @@ class Op:
 class Job:
     """One client request: its ops' results gather here, and it answers once."""
 
-    __slots__ = ("client", "deadline", "done", "encode", "ident", "kind", "left", "over",
-                 "raw", "results", "used", "value_budget")
+    __slots__ = ("client", "deadline", "done", "encode", "ident", "in_turn", "kind", "left",
+                 "over", "raw", "results", "used", "value_budget")
 
     def __init__(self, client: Any, kind: str, parts: int, deadline: float) -> None:
         self.client, self.kind, self.deadline = client, kind, deadline
@@ -134,6 +134,19 @@ class Job:
         self.used = 0
         self.over = False  # MGET: the budget ran out, the whole reply is TOO_LARGE
         self.ident: tuple[bytes, int] | None = None  # a tagged MSET's (client id, seq)
+        self.in_turn: dict[bytes, _Turn] | None = None  # moving keys' ops, one at a time
+
+
+class _Turn:
+    """The ops of one job on one moving key: the one under way, and those after it."""
+
+    __slots__ = ("after", "finished", "op", "routing")
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+        self.after: collections.deque[Op] = collections.deque()
+        self.routing = False  # the next op is being routed (its result may come at once)
+        self.finished = False  # ...and it did
 
 
 @dataclass
@@ -380,6 +393,41 @@ class Router:
             self._send(node, self._body(op), _PLAIN, [op], op.job.deadline)
         except ZkvError as exc:
             self._result(op, exc)
+
+    def _route_in_turn(self, op: Op) -> None:
+        """Route a moving key's op of a job of many once the job's earlier ops on that key
+        are done. Each takes a chain of steps (the new owner, perhaps the old one), so
+        two at once could pass each other: a pipeline's SET then GET of one key would
+        read the value from before the SET."""
+        job = op.job
+        if job.in_turn is None:
+            job.in_turn = {}
+        turn = job.in_turn.get(op.key)
+        if turn is not None:
+            turn.after.append(op)
+            return
+        job.in_turn[op.key] = _Turn(op)
+        self._route(op)
+
+    def _next_in_turn(self, op: Op) -> None:
+        """``op`` is done: the next ops of its job on its key go, one at a time (in a
+        loop, not by recursion: many may be answered at once, refused say)."""
+        in_turn = op.job.in_turn
+        turn = in_turn.get(op.key) if in_turn else None
+        if turn is None or turn.op is not op:
+            return
+        if turn.routing:  # answered while the loop below routed it: the loop goes on
+            turn.finished = True
+            return
+        while turn.after:
+            turn.op = turn.after.popleft()
+            turn.routing, turn.finished = True, False
+            self._route(turn.op)
+            turn.routing = False
+            if not turn.finished:
+                return  # under way: its result brings the next
+        assert in_turn is not None
+        del in_turn[op.key]
 
     def _moving(self, op: Op) -> None:
         """The first step of a moving key's chain (the rest are in :meth:`_chain`)."""
@@ -644,7 +692,9 @@ class Router:
         if job.results[op.slot] is None:
             job.left -= 1
         job.results[op.slot] = _Done(result)
-        if job.left == 0:
+        if job.in_turn:
+            self._next_in_turn(op)  # (its ops may all be answered in it, and the job too)
+        if job.left == 0 and not job.done:
             self._finish(job)
 
     def _timed(self, op: str, job: Job) -> None:
@@ -794,7 +844,7 @@ class Router:
         else:
             for op in ops:
                 if p.moving is not None and p.moving_key(op.key) or not len(p.ring):
-                    self._route(op)
+                    self._route_in_turn(op)
                 else:
                     groups.setdefault(p.owner(op.key), []).append(op)
         share = self.limits.max_message_bytes // max(1, len(groups))
