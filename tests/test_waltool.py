@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -200,3 +201,24 @@ def test_dump_shows_a_run_of_tagged_writes_with_its_records() -> None:
     inner = wal.encode((wal.MSET, [b"a", b"1", b"b", b"2"]))
     lines = list(lines_of([wal.ONCERUN, b"c", [7, 8], "OK", inner]))
     assert lines == ['ONCERUN "c" 7 8 -> "OK"', '  MSET "a" "1"', '  MSET "b" "2"']
+    # --json: the records within decoded too, not left as bytes
+    from zkv.waltool import record_json
+
+    assert record_json([wal.ONCERUN, b"c", [7, 8], "OK", inner]) == {
+        "kind": "ONCERUN", "fields": ["c", [7, 8], "OK"],
+        "records": [{"kind": "MSET", "fields": [["a", "1", "b", "2"]]}]}
+    assert record_json([wal.ATOMIC, inner])["records"][0]["kind"] == "MSET"
+
+
+def test_dump_into_a_closed_pipe_stops_quietly(tmp_path: Path, opened: list[Storage]) -> None:
+    """zkv wal dump DIR | head: once head has read its lines, the dump stops with no
+    error (as cat does)."""
+    st, _ = open_storage(tmp_path / "d", opened)
+    for i in range(20_000):
+        st.pending += st.keyspace.set(b"k%d" % i, b"v" * 20)
+    st.commit()
+    st.close()
+    out = subprocess.run(f"{shlex.quote(sys.executable)} -m zkv wal dump "
+                         f"{shlex.quote(str(tmp_path / 'd'))} | head -3", shell=True,
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert len(out.stdout.splitlines()) == 3 and out.stderr == ""

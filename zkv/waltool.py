@@ -160,6 +160,23 @@ def lines_of(item: Any) -> Iterator[str]:
         yield f"{kind} " + " ".join(_json_value(b) for b in body)
 
 
+# records that hold records (a tagged write's, a transaction's): where, in their fields
+_NESTED = {"ONCE": 3, "ONCERUN": 3, "ATOMIC": 0}
+
+
+def record_json(item: Any) -> dict[str, Any]:
+    """A record as JSON can hold it: its kind and fields, and, for a record that holds
+    records, those decoded in ``records`` (as the text dump shows them)."""
+    kind = KINDS.get(item[0], item[0]) if isinstance(item, list) and item else None
+    fields = item[1:] if isinstance(item, list) else item
+    at = _NESTED.get(kind) if isinstance(kind, str) else None
+    if at is not None and isinstance(fields, list) and len(fields) > at \
+            and isinstance(fields[at], bytes):
+        return {"kind": kind, "fields": _plain(fields[:at] + fields[at + 1:]),
+                "records": [record_json(inner) for _, inner in wal.LogScan(fields[at])]}
+    return {"kind": kind, "fields": _plain(fields)}
+
+
 def _json_value(obj: Any) -> str:
     return json.dumps(_plain(obj), sort_keys=True)
 
@@ -195,10 +212,7 @@ def dump(directory: str, as_json: bool, out: Any) -> int:
                 out.write(f"{name}@{off} !! {why}\n")
             continue
         if as_json:
-            kind = KINDS.get(item[0], item[0]) if isinstance(item, list) and item else None
-            out.write(json.dumps({"file": name, "offset": off, "kind": kind,
-                                  "fields": _plain(item[1:] if isinstance(item, list) else
-                                                   item)}) + "\n")
+            out.write(json.dumps({"file": name, "offset": off, **record_json(item)}) + "\n")
         else:
             for line in lines_of(item):
                 out.write(f"{name}@{off} {line}\n")
@@ -225,6 +239,10 @@ def repair(directory: str) -> tuple[int, list[str]]:
 def main(args: argparse.Namespace) -> int:
     try:
         return _main(args)
+    except BrokenPipeError:  # the reader stopped reading (| head): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so that exiting flushes nowhere)
+        return EXIT_CLEAN
     except OSError as exc:  # unreadable files: a clear line, never a traceback
         print(f"zkv wal {args.action}: error: {exc.filename or args.dir}: "
               f"{exc.strerror or exc}", file=sys.stderr)
