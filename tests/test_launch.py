@@ -213,13 +213,14 @@ def test_up_with_a_bad_config_is_one_clear_line(
     path = tmp_path / name
     if text is not None:
         path.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "zkv", "up", str(path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=20, check=False)
-    assert done.returncode != 0
-    output = (done.stdout + done.stderr).strip()
-    assert "Traceback" not in output
-    assert len(output.splitlines()) == 1, output
-    assert output.startswith("zkv up: error: ") and str(path) in output and expect in output
+    for how in ([str(path)], ["--config", str(path)]):  # (as zkv node and proxy take it too)
+        done = subprocess.run([sys.executable, "-m", "zkv", "up", *how], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=20, check=False)
+        assert done.returncode != 0
+        output = (done.stdout + done.stderr).strip()
+        assert "Traceback" not in output
+        assert len(output.splitlines()) == 1, output
+        assert output.startswith("zkv up: error: ") and str(path) in output and expect in output
 
 
 @pytest.mark.timeout(90)

@@ -9,6 +9,8 @@ unknown), never an older one, and no acknowledged delete comes back.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -87,6 +89,10 @@ def test_writes_reach_the_replica_before_they_are_acknowledged(make_cluster: Any
     assert table[shard]["role"] == "primary" and table[shard]["shard"] == shard
     assert table[replica]["role"] == "replica" and table[replica]["in_sync"] is True
     assert table[replica]["keys"] == 200
+    # zkv cli NODES into a pipe: the whole table, not cut at rich's 80 columns
+    shown = subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address,
+                            "NODES"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and shard in shown.stdout and replica in shown.stdout
 
 
 def test_a_replica_refuses_clients_and_says_where_to_go(make_cluster: Any) -> None:

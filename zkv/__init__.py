@@ -3,7 +3,7 @@
 ``zkv.Client`` talks to a proxy; every error it raises is a ``zkv.ZkvError``.
 """
 
-from .client import Client
+from .client import Client, MoveHandle, Pipeline
 from .errors import (
     ClusterError,
     CommandError,
@@ -37,11 +37,13 @@ __all__ = [
     "InternalError",
     "LimitExceeded",
     "LogCorruption",
+    "MoveHandle",
     "Moved",
     "NodeBehind",
     "NodeUnavailable",
     "NotSent",
     "OutcomeUnknown",
+    "Pipeline",
     "ProtocolError",
     "StaleEpoch",
     "StorageError",

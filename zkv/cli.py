@@ -115,12 +115,20 @@ def text(value: bytes) -> str:
         return repr(value)[1:]
 
 
+WIDE = 200  # columns for tables printed into a pipe or a file
+
+
 class Printer:
     """Renders results: rich styling for people, plain lines with --raw."""
 
     def __init__(self, raw: bool, console: Console | None = None) -> None:
         self.raw = raw
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        if console is None:
+            console = Console(highlight=False, soft_wrap=True)
+            if not console.is_terminal:  # piped: rich's 80 columns would cut tables short
+                console = Console(highlight=False, soft_wrap=True,
+                                  width=max(console.width, WIDE))
+        self.console = console
 
     def out(self, line: str) -> None:
         if self.raw:

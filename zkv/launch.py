@@ -49,6 +49,8 @@ def up(args: argparse.Namespace) -> int:
 
     from .security import curve_for, read_password
 
+    if getattr(args, "config_flag", None):
+        args.config = args.config_flag
     topology = load_topology(args.config)  # validate before starting anything
     secure = curve_for(topology.security, f"{args.config}: security") is not None
     if topology.security.resp_password_file:
@@ -84,4 +86,6 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("up", help="start a topology (nodes and proxy) in the foreground")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
                    help=f"YAML topology (default {DEFAULT_CONFIG})")
+    p.add_argument("--config", dest="config_flag", metavar="CONFIG", default=None,
+                   help="the same, as a flag (as zkv node and zkv proxy take it)")
     p.set_defaults(func=up)

@@ -174,9 +174,10 @@ class Proxy(ProxyShell):
             else:
                 gone = sorted(set(old["in_sync"]) - set(shard["in_sync"]))
                 came = sorted(set(shard["in_sync"]) - set(old["in_sync"]))
-                log.warning("shard %s: %s (epoch %d)", name,
-                            f"{', '.join(gone)} leaves the in-sync set (not acknowledging)"
-                            if gone else f"{', '.join(came)} is in sync", new.epoch)
+                # (a copy fewer is worth a warning; one more is good news)
+                log.log(logging.WARNING if gone else logging.INFO, "shard %s: %s (epoch %d)",
+                        name, f"{', '.join(gone)} leaves the in-sync set (not acknowledging)"
+                        if gone else f"{', '.join(came)} is in sync", new.epoch)
             self.repl_reports.clear()  # judged by the new epoch's reports from now on
             self.commit(new)
             return
