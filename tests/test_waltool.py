@@ -201,6 +201,10 @@ def test_dump_shows_a_run_of_tagged_writes_with_its_records() -> None:
     inner = wal.encode((wal.MSET, [b"a", b"1", b"b", b"2"]))
     lines = list(lines_of([wal.ONCERUN, b"c", [7, 8], "OK", inner]))
     assert lines == ['ONCERUN "c" 7 8 -> "OK"', '  MSET "a" "1"', '  MSET "b" "2"']
+    run = next(lines_of([wal.ONCERUN, b"c", list(range(7, 1007)), "OK", inner]))
+    assert run == 'ONCERUN "c" 7..1006 -> "OK"'  # a run that follows on, as a range
+    assert next(lines_of([wal.ONCERUN, b"c", [7, 9, 10], "OK", inner])).split()[2:5] == [
+        "7", "9", "10"]
     # --json: the records within decoded too, not left as bytes
     from zkv.waltool import record_json
 

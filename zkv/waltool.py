@@ -135,7 +135,7 @@ def lines_of(item: Any) -> Iterator[str]:
     elif kind == "SET" and len(body) == 3:
         yield f"SET {escape(body[0])} {escape(body[1])} PXAT {body[2]}"
     elif kind in ("ONCE", "ONCERUN") and len(body) == 4 and isinstance(body[3], bytes):
-        seqs = " ".join(map(str, body[1])) if isinstance(body[1], list) else body[1]
+        seqs = _seqs(body[1])
         yield f"{kind} {escape(body[0])} {seqs} -> {_json_value(body[2])}"
         for _, inner in wal.LogScan(body[3]):
             for line in lines_of(inner):
@@ -175,6 +175,17 @@ def record_json(item: Any) -> dict[str, Any]:
         return {"kind": kind, "fields": _plain(fields[:at] + fields[at + 1:]),
                 "records": [record_json(inner) for _, inner in wal.LogScan(fields[at])]}
     return {"kind": kind, "fields": _plain(fields)}
+
+
+def _seqs(seqs: Any) -> str:
+    """A run's sequence numbers: ``first..last`` when they follow on (a pipeline's run
+    of a thousand SETs is one line), else each."""
+    if not isinstance(seqs, list):
+        return str(seqs)
+    if len(seqs) > 2 and all(type(n) is int for n in seqs) \
+            and seqs == list(range(seqs[0], seqs[0] + len(seqs))):
+        return f"{seqs[0]}..{seqs[-1]}"
+    return " ".join(map(str, seqs))
 
 
 def _json_value(obj: Any) -> str:
