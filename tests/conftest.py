@@ -316,6 +316,26 @@ def raw(zctx: zmq.Context[Any]) -> Iterator[Any]:
 # -- whole clusters from a YAML topology ---------------------------------------------
 
 
+def in_threads(work: Any, n: int, timeout: float) -> list[BaseException]:
+    """Run ``work(i)`` for i in range(n), each in a thread of its own, all at once; the
+    exceptions they raised (every thread must end within ``timeout`` seconds)."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout} s"
+    return errors
+
+
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.05,
                what: str = "the condition") -> Any:
     """Call ``check()`` until it returns something truthy; its last error or falsy

@@ -14,7 +14,7 @@ from typing import Any
 import cbor2
 import pytest
 import zmq
-from conftest import Cluster, Procs, free_port, module_cluster
+from conftest import Cluster, Procs, free_port, in_threads, module_cluster
 
 import zkv
 from zkv.client import PIPELINE_CHUNK
@@ -577,28 +577,18 @@ def test_threads_may_share_one_client(shared: Cluster, direct: bool) -> None:
     write counts once (each has a sequence number of its own)."""
     c = shared.client(timeout=10.0, retries=2, direct=direct)
     counter = f"threads:{direct}:counter"
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
         mine = f"threads:{direct}:{t}"
-        try:
-            for i in range(120):
-                c.incr(counter)
-                assert c.set(mine, str(i)) and c.get(mine) == str(i).encode()
-                if i % 20 == 0:
-                    got = c.pipeline().incr(counter).get(mine).set(f"{mine}:p", str(i)).execute()
-                    assert got[1:] == [str(i).encode(), True]
-                    assert c.mget([mine, f"{mine}:p"]) == [str(i).encode()] * 2
-        except BaseException as exc:  # noqa: BLE001 - reported below, by the test thread
-            errors.append(exc)
+        for i in range(120):
+            c.incr(counter)
+            assert c.set(mine, str(i)) and c.get(mine) == str(i).encode()
+            if i % 20 == 0:
+                got = c.pipeline().incr(counter).get(mine).set(f"{mine}:p", str(i)).execute()
+                assert got[1:] == [str(i).encode(), True]
+                assert c.mget([mine, f"{mine}:p"]) == [str(i).encode()] * 2
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(100)
-    assert not any(th.is_alive() for th in threads)
-    assert errors == []
+    assert in_threads(work, 8, 100) == []
     assert int(c.get(counter) or 0) == 8 * (120 + 6)
 
 

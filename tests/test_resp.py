@@ -8,7 +8,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import hiredis
 import pexpect
 import pytest
-from conftest import REPO, Cluster, Topo, free_port, module_cluster, wait_until
+from conftest import REPO, Cluster, Topo, free_port, in_threads, module_cluster, wait_until
 
 import zkv
 
@@ -212,25 +211,16 @@ def test_scan_iter_walks_every_node_once(r: Any) -> None:
 def test_a_connection_pool_under_threads(shared: Cluster) -> None:
     pool = redis.ConnectionPool(port=resp_port(shared), max_connections=16, socket_timeout=10)
     c = redis.Redis(connection_pool=pool)
-    errors: list[BaseException] = []
 
     def work(n: int) -> None:
-        try:
-            for i in range(300):
-                key = f"resp:thread:{n}:{i}"
-                assert c.set(key, f"{n}/{i}")
-                assert c.get(key) == f"{n}/{i}".encode()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+        for i in range(300):
+            key = f"resp:thread:{n}:{i}"
+            assert c.set(key, f"{n}/{i}")
+            assert c.get(key) == f"{n}/{i}".encode()
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = in_threads(work, 8, 60)
     pool.disconnect()
     assert not errors, errors[0]
-    assert not any(t.is_alive() for t in threads)
 
 
 def test_resp_and_zkv_client_see_the_same_bytes(shared: Cluster, r: Any) -> None:
