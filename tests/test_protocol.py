@@ -273,3 +273,15 @@ def test_check_shape_counts_and_bounds() -> None:
         cbor.check_shape(body, 3, 2, 10)
     with pytest.raises(cbor.Malformed, match="at most 2 allowed"):
         cbor.check_shape(body, 10, 2, 10, max_top=2)
+
+
+def test_an_envelope_carries_its_clusters_tag_or_none() -> None:
+    items = [(1, b"a"), (2, b"bc")]
+    tag = P.cluster_tag("0123456789abcdef")
+    assert len(tag) == 8 and tag != P.cluster_tag("another")
+    assert P.decode_envelope(P.encode_envelope(7, items, tag), 10) == (7, items, tag)
+    # a configuration from before cluster ids: the old form, no tag
+    assert P.cluster_tag("") == b""
+    assert P.decode_envelope(P.encode_envelope(7, items), 10) == (7, items, b"")
+    with pytest.raises(ProtocolError):
+        P.decode_envelope(P.encode_envelope(7, items, tag)[:15], 10)

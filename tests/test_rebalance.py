@@ -268,6 +268,51 @@ def test_refused_changes_leave_everything_as_it_was(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_one_node_cannot_join_twice_and_a_proxy_cannot_join(rig: Rig) -> None:
+    # localhost:P is the node 127.0.0.1:P already serving: as a second member, the
+    # REMOVE of either name would have its cleanup delete keys the other still owns
+    (a,) = cluster_of(rig, 1)
+    admin = rig.client()
+    admin.mset({f"k{i}": "v" for i in range(200)})
+    alias = "localhost:" + a.rsplit(":", 1)[1]
+    assert_refused(admin, lambda: admin.add_node(alias), "under another address")
+    assert_refused(admin, lambda: admin.add_node(rig.address), "not a storage node")
+    assert [n["address"] for n in admin.nodes()] == [a]
+    assert admin.dbsize() == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_second_proxy_cannot_take_over_another_clusters_node(rig: Rig) -> None:
+    # a proxy with a state directory of its own, pointed at a node of this cluster:
+    # the node keeps its own cluster's configuration, and routes by it alone
+    a, b = cluster_of(rig, 2)
+    admin = rig.client()
+    owner = {addr: admin.ring(f"k{i}")["owner"] for i in range(200)
+             for addr in [f"k{i}"]}
+    rogue_port = free_port()
+    rogue = rig.procs.start("proxy", "--port", str(rogue_port), "--state-dir",
+                            str(rig.root / "rogue-state"), "--node", a,
+                            "--timeout-ms", str(PROXY_TIMEOUT_MS), ready="zkv proxy",
+                            timeout=20)
+    rogue.wait_for("belongs to cluster", 15)
+    with zkv.Client(f"127.0.0.1:{rogue_port}", timeout=2.0) as other:
+        for key in owner:
+            try:
+                other.set(key, "rogue")
+            except zkv.ZkvError:
+                pass  # refused: fine; acknowledged: it must be this cluster's key, below
+    for key, node in owner.items():
+        value = admin.get(key)
+        # a write the rogue had acknowledged is this cluster's, on its owner
+        assert value in (None, b"rogue") and (value is None or node == a)
+    assert admin.dbsize() == sum(1 for k in owner if admin.get(k) is not None)
+    before = admin.status()["epoch"]
+    c = rig.start_node()
+    admin.add_node(c, wait_timeout=30)  # this cluster's own changes go on as before
+    assert admin.status()["epoch"] > before
+
+
+@pytest.mark.timeout(60)
 def test_second_change_while_a_move_is_under_way_is_refused(rig: Rig) -> None:
     a, b = cluster_of(rig, 2)
     admin = rig.client()

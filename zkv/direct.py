@@ -71,6 +71,7 @@ class DirectRouting:
         self.timeout = timeout
         self.limits = limits
         self.state: ClusterState | None = None
+        self.cluster_tag = b""  # names the cluster in envelopes (zkv.core.protocol)
         self.placement: Placement | None = None
         self.router: Router | None = None
         self.links: dict[str, Link] = {}  # one per node, for envelopes
@@ -102,6 +103,7 @@ class DirectRouting:
             return False
         self._learn_limits(doc.get("limits"))
         self.state = state
+        self.cluster_tag = P.cluster_tag(state.cluster)
         for node in [n for n, link in self.links.items() if link.address != state.primary(n)]:
             self.links.pop(node).close()  # its shard failed over: talk to the new primary
             self._pollers.pop(node, None)
@@ -202,7 +204,8 @@ class DirectRouting:
         poller = cached[1]
         frame = ENVELOPE_FRAME + _TAG.pack(next(self._envelopes))
         try:
-            wire.send(sock, [frame, P.encode_envelope(p.epoch, [(0, body)])], wire.NOBLOCK)
+            wire.send(sock, [frame, P.encode_envelope(p.epoch, [(0, body)], self.cluster_tag)],
+                      wire.NOBLOCK)
         except zmq.Again:
             return None  # not connected after all: the general path finds out why
         deadline = now + timeout
@@ -336,7 +339,7 @@ class DirectRouting:
             assert self.state is not None
             link = self.links[node] = Link(self.ctx, self.state.primary(node), curve=self.curve)
         frame = ENVELOPE_FRAME + _TAG.pack(next(self._envelopes))
-        body = P.encode_envelope(epoch, items)
+        body = P.encode_envelope(epoch, items, self.cluster_tag)
         try:
             link._send([frame, body], now + min(self.timeout, CONNECT_WAIT))
         except NotSent as exc:

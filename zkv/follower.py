@@ -73,6 +73,11 @@ class Follower(ProxyShell):
         except ZkvError as exc:
             log.warning("ignored a configuration from %s: %s", source, exc)
             return
+        if self.state.cluster and state.cluster != self.state.cluster:
+            log.warning("ignored a configuration from %s: it is of cluster %s, this proxy "
+                        "follows cluster %s", source, state.cluster or "(no id)",
+                        self.state.cluster)
+            return
         if state.epoch > self.state.epoch:
             log.info("epoch %d (from %s)", state.epoch, source)
             self._apply_state(state)

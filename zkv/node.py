@@ -45,6 +45,7 @@ from .core.transfer import (
     decode_batch,
 )
 from .errors import (
+    ClusterError,
     CommandError,
     InternalError,
     LimitExceeded,
@@ -202,6 +203,8 @@ class Node:
         # it serves at which epoch, and the name the ring knows it by.
         self.placement: Placement | None = None
         self.ring_name = self.address
+        self.config_address: str | None = None  # how the config manager reaches this node
+        self.cluster_tag = b""  # names its cluster in envelopes (zkv.core.protocol)
         self._checking = False  # the request being run is checked key by key
         self.routers: dict[bytes, float] = {}  # who sent envelopes lately, and when
         self.repl = Replicator(self)  # this node's part in its shard's replication
@@ -853,9 +856,16 @@ class Node:
     def info(self) -> dict[str, Any]:
         ks = self.storage.keyspace
         rec = self.recovery
+        p = self.placement
         return {
             "role": "node",
             "address": self.address,
+            # the configuration this node holds: its cluster, epoch, and what it is in it
+            "cluster": p.state.cluster if p is not None else None,
+            "epoch": self.epoch,
+            "name": self.ring_name if p is not None else None,
+            "config_address": self.config_address,
+            "in_cluster": self._named(),  # named by that configuration
             "pid": os.getpid(),
             "keys": len(ks),
             "keys_with_ttl": len(ks.expires),
@@ -900,7 +910,7 @@ class Node:
                 ),
             ]]
         routing, body = frames[:-1], frames[-1]
-        if body[:3] == P.ENVELOPE:
+        if body[:3] == P.ENVELOPE or body[:3] == P.ENVELOPE_TAGGED:
             # (a router names each of its links ROUTER_ID#n: count routers, not links)
             self.routers[routing[0].partition(b"#")[0] if routing else b""] = time.monotonic()
             return self._handle_envelope(routing, body)
@@ -970,11 +980,12 @@ class Node:
         epoch than this node's, else each run in turn. Same-epoch requests are not
         checked key by key: the router placed them by this very configuration."""
         try:
-            epoch, items = P.decode_envelope(body, MAX_BATCH_PER_TURN)
+            epoch, items, cluster = P.decode_envelope(body, MAX_BATCH_PER_TURN)
         except ProtocolError as exc:
             self.errors += 1
             return [[*routing, P.encode_exc(exc)]]
-        refusal = self._epoch_refusal(epoch)
+        refusal = self._cluster_refusal() if cluster and cluster != self.cluster_tag \
+            and self.cluster_tag else self._epoch_refusal(epoch)
         refused = P.encode_exc(refusal) if refusal is not None else b""
         if refusal is not None:
             self._count_error("ENVELOPE", refusal.code, len(items))
@@ -994,6 +1005,13 @@ class Node:
             size += len(reply) + 12
         messages.append([*routing, P.encode_reply_envelope(chunk)])
         return messages
+
+    def _cluster_refusal(self) -> ZkvError:
+        assert self.placement is not None
+        return ClusterError(
+            f"node {self.ring_name} belongs to cluster {self.placement.state.cluster}; this "
+            "request was routed by another cluster's configuration (a proxy with a state "
+            "directory of its own?); nothing changed")
 
     def _epoch_refusal(self, epoch: int) -> ZkvError | None:
         mine = self.epoch
@@ -1067,15 +1085,51 @@ class Node:
                 address = format_address(*parse_address(str(address), "address"))
             except ZkvError as exc:
                 raise ProtocolError(f"config: {exc}") from None
+        self._check_same_node(state, address)
         try:
             durable.write_json(path, {"config": state.to_json(), "name": name,
                                       "address": address})
         except OSError as exc:
             raise StorageError(f"cannot keep the cluster configuration in {path}: "
                                f"{exc.strerror or exc}") from None
-        self.placement, self.ring_name = placement, name
+        self.placement, self.ring_name, self.config_address = placement, name, address
+        self.cluster_tag = P.cluster_tag(state.cluster)
         self.repl.configure(state, name, address)
         return {"epoch": self.epoch}
+
+    def _named(self) -> bool:
+        """Whether the configuration this node holds names it (as a member, a moving node,
+        or a shard's primary or replica)."""
+        held = self.placement.state if self.placement is not None else None
+        return held is not None and (
+            (self.config_address or self.ring_name) in held.addresses()
+            or self.ring_name in held.involved())
+
+    def _check_same_node(self, state: ClusterState, address: str | None) -> None:
+        """Refuse a configuration that would make this node two nodes: one of another
+        cluster (a proxy with a state directory of its own) while this node serves in
+        its own, or one that names this node at a second address (an ADD of an alias,
+        such as localhost for 127.0.0.1) while it still names it at the first. Either
+        would route one set of keys two ways, and what one way writes the other would
+        not read (or a move's cleanup would delete)."""
+        held = self.placement.state if self.placement is not None else None
+        if held is None:
+            return
+        mine = self.config_address or self.ring_name
+        named = self._named()
+        if held.cluster and state.cluster != held.cluster:
+            keys = len(self.storage.keyspace)
+            if named or keys:
+                raise ClusterError(
+                    f"node {mine} belongs to cluster {held.cluster} (epoch {held.epoch}"
+                    f"{', as ' + self.ring_name if named else ''}, {keys} keys); a "
+                    f"configuration of cluster {state.cluster or '(no id)'} is refused. Is "
+                    "a second proxy with its own state directory pointed at this node?")
+        elif address is not None and address != mine and mine in state.addresses():
+            raise ClusterError(
+                f"this node is {mine} in this cluster's configuration (epoch {held.epoch}); "
+                f"it cannot also be {address}: two addresses for one node would route its "
+                "keys two ways")
 
     def load_config(self) -> None:
         """The configuration kept in the data directory, if any (a damaged one is set
@@ -1089,6 +1143,8 @@ class Node:
             host, port = parse_address(str(data.get("name", self.address)), "name")
             self.placement, self.ring_name = Placement(state), format_address(host, port)
             address = data.get("address")
+            self.config_address = address if isinstance(address, str) else None
+            self.cluster_tag = P.cluster_tag(state.cluster)
             self.repl.configure(state, self.ring_name,
                                 address if isinstance(address, str) else None)
         except (ValueError, ZkvError, AttributeError) as exc:

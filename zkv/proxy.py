@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -204,9 +205,16 @@ class Proxy(ProxyShell):
             shards = {name: {"primary": name, "replicas": list(r), "in_sync": []}
                       for name, r in replicas.items() if r and name in members}
             state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes,
-                                 shards=shards, min_in_sync=min_in_sync)
+                                 shards=shards, min_in_sync=min_in_sync,
+                                 cluster=secrets.token_hex(8))
             save_state(self.state_dir, state)
             return state
+        if not saved.cluster:  # kept from before cluster ids: this cluster gets one now
+            saved = dataclasses.replace(saved, epoch=saved.epoch + 1,
+                                        cluster=secrets.token_hex(8))
+            save_state(self.state_dir, saved)
+            log.info("cluster id %s (epoch %d): nodes now refuse any other cluster's "
+                     "configuration", saved.cluster, saved.epoch)
         saved = self._new_replicas(saved, replicas, min_in_sync)
         if members and (saved.members != members or saved.vnodes != vnodes):
             note = (
@@ -224,7 +232,7 @@ class Proxy(ProxyShell):
         join their shards (out of sync: they sync first), and min_in_sync is the
         topology's; a replica no longer listed stays (it is not dropped silently)."""
         state = saved
-        known = {a for name in saved.involved() for a in saved.nodes_of(name)}
+        known = saved.addresses()
         for name, wanted in sorted(replicas.items()):
             new = [a for a in wanted if a not in known]
             if name not in saved.members or not new:
@@ -566,13 +574,11 @@ class Proxy(ProxyShell):
                 self._fail(routing, ClusterError(
                     f"node {addr} does not answer ({result}); nothing changed"))
                 return
-            keys = result.get("keys", 0) if isinstance(result, dict) else 0
-            if must_be_empty and keys:
+            why = self._cannot_join(addr, result) if must_be_empty else None
+            if why is not None:
                 if temporary and addr in self.links:
                     self._disconnect(addr)
-                self._fail(routing, ClusterError(
-                    f"node {addr} already holds {keys} keys; a node must be empty to join "
-                    "(start it with a new data directory); nothing changed"))
+                self._fail(routing, ClusterError(f"{why}; nothing changed"))
                 return
             try:
                 then()
@@ -580,6 +586,31 @@ class Proxy(ProxyShell):
                 self._fail(routing, exc)
 
         self._call(addr, "INFO", [], answered, self.timeout)
+
+    def _cannot_join(self, addr: str, info: Any) -> str | None:
+        """Why the server at ``addr`` (its INFO: ``info``) cannot join this cluster as a
+        new node, or None: it must be a storage node, empty, and not already a node of
+        this cluster or of another one under some other address."""
+        info = info if isinstance(info, dict) else {}
+        role = info.get("role")
+        if role != "node":
+            return (f"{addr} is not a storage node (it answers as a {role or 'server'} of "
+                    "some other kind): only a `zkv node` can join")
+        known = info.get("config_address") or info.get("name")
+        cluster = info.get("cluster")
+        if cluster and cluster == self.state.cluster and known != addr \
+                and known in self.current().addresses():
+            return (f"{addr} is node {known} of this cluster under another address: one "
+                    "node cannot be two")
+        if cluster and cluster != self.state.cluster and info.get("in_cluster"):
+            return (f"node {addr} belongs to another cluster ({cluster}, epoch "
+                    f"{info.get('epoch')}, as {info.get('name')}); REMOVE it there first, "
+                    "or start it with a new data directory")
+        keys = info.get("keys", 0)
+        if keys:
+            return (f"node {addr} already holds {keys} keys; a node must be empty to join "
+                    "(start it with a new data directory)")
+        return None
 
     def _start(self, routing: list[bytes], kind: str, addr: str,
                new_ring: Ring, options: dict[str, Any]) -> None:

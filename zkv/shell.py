@@ -150,6 +150,7 @@ class ProxyShell:
         self.notes: list[str] = notes if notes is not None else []
         self.node_keys: dict[str, tuple[int, float]] = {}  # last INFO key count, and when
         self.state = state
+        self.cluster_tag = P.cluster_tag(state.cluster)
         self.ring: Ring = self.state.ring()
         self.placement = Placement(self.state)
         # the routing core (zkv.core.router); ``knows_every_write``: this is the only router
@@ -381,7 +382,8 @@ class ProxyShell:
         self._envelopes += 1
         frame = ENVELOPE_FRAME + _TAG.pack(self._envelopes)
         try:
-            wire.send(sock, [frame, P.encode_envelope(epoch, items)], wire.NOBLOCK)
+            wire.send(sock, [frame, P.encode_envelope(epoch, items, self.cluster_tag)],
+                      wire.NOBLOCK)
         except zmq.Again:
             self.router.fail_tags(tags, NodeUnavailable(
                 f"{self.state.describe(node)} is not connected or not keeping up"))
@@ -552,6 +554,7 @@ class ProxyShell:
 
     def _apply_state(self, state: ClusterState) -> None:
         self.state = state
+        self.cluster_tag = P.cluster_tag(state.cluster)
         self.ring = state.ring()
         self.placement = Placement(state)
         self.router.set_placement(self.placement)

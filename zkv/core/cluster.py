@@ -33,6 +33,16 @@ class ClusterState:
     # not listed is one node, at the address that is its name.
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_in_sync: int = 1  # copies (primary included) a shard needs to take writes
+    # Which cluster this is: made once by its config manager, kept by every node, so
+    # that a node refuses the configuration of another cluster (a second proxy with a
+    # state directory of its own) rather than mixing two. "" in a state from before
+    # cluster ids (taken by the first manager that has one).
+    cluster: str = ""
+
+    def addresses(self) -> set[str]:
+        """The address of every node this configuration names (shards' primaries and
+        replicas, and every other member or moving node)."""
+        return {a for name in self.involved() for a in self.nodes_of(name)}
 
     def ring(self) -> Ring:
         return Ring(self.members, self.vnodes)
@@ -86,6 +96,8 @@ class ClusterState:
             doc["shards"] = {k: dict(v) for k, v in sorted(self.shards.items())}
         if self.min_in_sync != 1:
             doc["min_in_sync"] = self.min_in_sync
+        if self.cluster:
+            doc["cluster"] = self.cluster
         return doc
 
     @classmethod
@@ -123,10 +135,13 @@ class ClusterState:
         min_in_sync = data.get("min_in_sync", 1)
         if type(min_in_sync) is not int or min_in_sync < 1:
             raise bad("min_in_sync must be a positive integer")
+        cluster = data.get("cluster", "")
+        if not isinstance(cluster, str) or len(cluster) > 64:
+            raise bad("cluster must be a string (the cluster's id)")
         return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move,
                    {str(k): {"primary": v["primary"], "replicas": list(v["replicas"]),
                              "in_sync": list(v["in_sync"])} for k, v in shards.items()},
-                   min_in_sync)
+                   min_in_sync, cluster)
 
     # Every change is a new epoch: nodes order configurations by it alone, and a
     # request carries it, so no two different configurations ever share one.

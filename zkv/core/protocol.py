@@ -18,6 +18,7 @@ the configured :class:`Limits`; anything that is not a valid request raises a
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from dataclasses import dataclass
@@ -765,14 +766,25 @@ def glob_matcher(pattern: bytes | None) -> re.Pattern[bytes] | None:
 # requests in order; a reply may come in several envelopes when the replies are big.
 
 ENVELOPE = b"\x00ZB"
+ENVELOPE_TAGGED = b"\x00ZC"  # with the cluster's tag after the epoch
 REPLY_ENVELOPE = b"\x00ZR"
 _ENTRY = struct.Struct(">QI")
 _EPOCH = struct.Struct(">Q")
 
 
-def encode_envelope(epoch: int, items: list[tuple[int, bytes]]) -> bytes:
+def cluster_tag(cluster: str) -> bytes:
+    """The 8 bytes that name cluster ``cluster`` (its id) in a request envelope; b""
+    for a configuration from before cluster ids."""
+    return hashlib.blake2b(cluster.encode(), digest_size=8).digest() if cluster else b""
+
+
+def encode_envelope(epoch: int, items: list[tuple[int, bytes]], cluster: bytes = b"") -> bytes:
+    """A router's requests to one node, routed by configuration ``epoch`` of the cluster
+    that ``cluster`` (:func:`cluster_tag`) names: a node of another cluster refuses them,
+    whatever its epoch (two clusters count their epochs alike)."""
     pack = _ENTRY.pack
-    parts = [ENVELOPE, _EPOCH.pack(epoch)]
+    parts = [ENVELOPE_TAGGED, _EPOCH.pack(epoch), cluster] if len(cluster) == 8 \
+        else [ENVELOPE, _EPOCH.pack(epoch)]
     for tag, body in items:
         parts.append(pack(tag, len(body)))
         parts.append(body)
@@ -806,11 +818,14 @@ def _entries(body: bytes, start: int, limit: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def decode_envelope(body: bytes, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
-    """(epoch, [(tag, request body)]) of a request envelope; ProtocolError if damaged."""
+def decode_envelope(body: bytes, limit: int) -> tuple[int, list[tuple[int, bytes]], bytes]:
+    """(epoch, [(tag, request body)], cluster tag or b"") of a request envelope;
+    ProtocolError if damaged."""
+    if len(body) >= 19 and body[:3] == ENVELOPE_TAGGED:
+        return _EPOCH.unpack_from(body, 3)[0], _entries(body, 19, limit), body[11:19]
     if len(body) < 11 or body[:3] != ENVELOPE:
         raise ProtocolError("not a request envelope")
-    return _EPOCH.unpack_from(body, 3)[0], _entries(body, 11, limit)
+    return _EPOCH.unpack_from(body, 3)[0], _entries(body, 11, limit), b""
 
 
 def decode_reply_envelope(body: bytes) -> list[tuple[int, bytes]]:
