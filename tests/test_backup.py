@@ -113,6 +113,11 @@ def test_refusals_are_clear(cluster: Cluster, tmp_path: Path) -> None:
     (full / "something").write_text("x")
     out = zkv_cmd("backup", "--proxy", cluster.address, str(full))
     assert out.returncode == 1 and "is not empty" in out.stderr
+    # an address of some other machine to listen on: said, and no directory left behind
+    out = zkv_cmd("backup", "--proxy", cluster.address, "--listen", "192.0.2.1",
+                  str(tmp_path / "elsewhere"))
+    assert out.returncode == 1 and "cannot listen on '192.0.2.1'" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "elsewhere").exists()
     out = zkv_cmd("restore", str(tmp_path / "nothing-here"), "--proxy", cluster.address)
     assert out.returncode == 1 and "MANIFEST.json is missing" in out.stderr
     c = cluster.client()

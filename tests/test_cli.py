@@ -98,6 +98,12 @@ def test_newlines_and_utf8_round_trip(cli: Run, shared: Cluster) -> None:
     shared.client().set("binary", b"\xff\x00\xfe")
     assert cli("GET", "binary", options=("--raw",)).stdout == b"\xff\x00\xfe\n"
     assert "\\xff\\x00\\xfe" in out(cli("GET", "binary"))
+    # bytes on the command line that are not UTF-8 are the key's bytes, as given
+    key = os.fsdecode(b"raw\xff\xfe")
+    done = cli("SET", key, "v")
+    no_traceback(done)
+    assert done.returncode == 0 and shared.client().get(b"raw\xff\xfe") == b"v"
+    assert cli("GET", key, options=("--raw",)).stdout == b"v\n"
 
 
 @pytest.mark.timeout(60)
@@ -151,7 +157,8 @@ def test_cluster_commands(cli: Run, shared: Cluster) -> None:
 @pytest.mark.timeout(60)
 def test_exit_status_and_one_line_errors(cli: Run, shared: Cluster) -> None:
     # usage mistakes: 2
-    for words in (["GET"], ["NOPE", "x"], ["MSET", "a"], ["SCAN", "0", "*", "zero"]):
+    for words in (["GET"], ["NOPE", "x"], ["MSET", "a"], ["SCAN", "0", "*", "zero"],
+                  ["SCAN", "0", "*", "²"], ["ADD", "127.0.0.1:1", "--weight=²"]):
         done = cli(*words)
         assert done.returncode == 2, (words, done)
         assert b"(error)" in done.stderr and done.stdout == b""

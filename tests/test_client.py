@@ -151,6 +151,7 @@ def test_a_bad_address_is_a_config_error_not_a_zmq_error(address: str) -> None:
 
 
 @pytest.mark.parametrize("kw", [{"timeout": 0}, {"timeout": -1}, {"timeout": "1"},
+                                {"timeout": float("inf")}, {"timeout": float("nan")},
                                 {"retries": -1}, {"retries": 1.5}])
 def test_bad_timeouts_and_retries_are_config_errors(kw: dict[str, Any]) -> None:
     with pytest.raises(zkv.ConfigError):

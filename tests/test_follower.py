@@ -9,6 +9,8 @@ an independent model of the acknowledged writes checks it (tests/load.py).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -88,6 +90,11 @@ def test_with_the_manager_killed_data_goes_on_through_a_follower(make_cluster: A
     assert f.mget(list(data)) == list(data.values())
     with pytest.raises(zkv.ClusterError, match="config manager .* does not answer"):
         f.add_node("127.0.0.1:1")
+    # NODES through the follower answers (and says nothing of the manager's moves)
+    done = subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", address, "NODES"],
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert cluster.node_addrs[0] in done.stdout.decode()
     # the manager back: a change made there reaches the follower within a second
     cluster.start_proxy()
     m = cluster.client(timeout=5, retries=2)

@@ -272,7 +272,7 @@ def _follower_entry(args: argparse.Namespace, port: int) -> Any:
 
 
 def _port_number(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
     return int(text)
 

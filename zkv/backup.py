@@ -69,6 +69,7 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     members = sorted(config["members"])
     if not members:
         raise ClusterError("the cluster has no nodes: nothing to back up")
+    made = not os.path.exists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
@@ -88,7 +89,14 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     files: dict[str, Any] = {}
     try:
         host = f"[{listen}]" if ":" in listen else listen
-        port = pull.bind_to_random_port(f"tcp://{host}")
+        try:
+            port = pull.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            if made:
+                os.rmdir(directory)  # (still empty: nothing was written)
+            raise ClusterError(f"cannot listen on {listen!r} for the nodes' streams ({exc}): "
+                               "--listen must be an address of this machine that the "
+                               "nodes can reach") from None
         endpoint = f"tcp://{host}:{port}"
         expected: dict[str, int] = {}
         for member in members:

@@ -50,7 +50,7 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
     if kinds in (["keys"], ["pairs"]):
         if not rest or (kinds == ["pairs"] and len(rest) % 2):
             raise UsageError(f"usage: {cmd.usage}")
-        return op, [[t.encode() for t in rest]]
+        return op, [[_bytes(t) for t in rest]]
     if kinds[-1:] == ["options"]:
         return op, _admin_args(cmd, rest)
     if kinds[-1:] in (["setopts"], ["getexopts"]):  # SET and GETEX: Redis's option words
@@ -58,23 +58,34 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
         if len(rest) < fixed:
             raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
         try:
-            opts = P.options_from_words(op, [t.encode() for t in rest[fixed:]])
+            opts = P.options_from_words(op, [_bytes(t) for t in rest[fixed:]])
         except ZkvError as exc:
             raise UsageError(f"{exc}; usage: {cmd.usage}") from None
-        return op, [t.encode() for t in rest[:fixed]] + ([opts] if opts else [])
+        return op, [_bytes(t) for t in rest[:fixed]] + ([opts] if opts else [])
     if not cmd.required <= len(rest) <= len(cmd.user_args):
         raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
     args: list[Any] = []
     for kind, token in zip(kinds, rest):
         if kind == "count":
-            if not token.isdigit() or int(token) < 1:
+            if not _digits(token) or int(token) < 1:
                 raise UsageError(f"COUNT must be a positive integer, not {token!r}")
             args.append(int(token))
         elif kind in ("cursor", "addr", "replica_action"):
             args.append(token)
         else:
-            args.append(token.encode())
+            args.append(_bytes(token))
     return op, args
+
+
+def _bytes(token: str) -> bytes:
+    """An argument's bytes: those of the command line or the terminal, as typed (bytes
+    that are not UTF-8 come through Python as surrogates, and go back as they came)."""
+    return token.encode("utf-8", "surrogateescape")
+
+
+def _digits(token: str) -> bool:
+    """ASCII digits only (str.isdigit takes '²' and other digits int() refuses)."""
+    return token.isascii() and token.isdigit()
 
 
 ADMIN_FLAGS = {"ADD": ("dry-run", "rate", "weight"), "REMOVE": ("dry-run", "rate", "force"),
@@ -98,7 +109,7 @@ def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
             if value:
                 raise UsageError(f"--{name} takes no value")
             options[name.replace("-", "_")] = True
-        elif value.replace(".", "", 1).isdigit():
+        elif _digits(value.replace(".", "", 1)):
             options[name] = float(value)
         else:
             raise UsageError(f"--{name} needs a number: --{name}=N")
@@ -352,7 +363,10 @@ def run_one(client: Client, printer: Printer, tokens: list[str]) -> int:
         return EXIT_ERROR
     printer.result(op, result)
     if op == "NODES" and not printer.raw:
-        move = client.status().get("move")
+        try:
+            move = client.status().get("move")
+        except ZkvError:  # (a follower whose config manager is down: NODES was answered)
+            move = None
         if move:
             printer.out(f"move under way: {move['kind'].upper()} {move['node']} "
                         f"(phase {move['phase']}); STATUS shows its progress")
@@ -505,7 +519,7 @@ def _seconds(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _digits(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 

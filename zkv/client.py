@@ -64,6 +64,7 @@ PIPELINE_WINDOW = 8  # PIPE messages of a pipeline in flight at once
 # remembers (zkv.core.once.WINDOW), so it finds its first outcome.
 ROUND = 4096
 RETRY_PAUSE = 0.1  # seconds before the first retry of a request that could not be sent
+MAX_TIMEOUT = 1_000_000.0  # seconds (11 days): more than ZeroMQ's poll can wait (an int of ms)
 
 
 def _checked_address(address: str) -> str:
@@ -125,8 +126,10 @@ class Client(StringCommands):
         if curve_key is None and server_key is None:
             curve_key = os.environ.get("ZKV_CURVE_KEY") or None
             server_key = os.environ.get("ZKV_SERVER_KEY") or None
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
+                or not 0 < timeout < MAX_TIMEOUT:
+            raise ConfigError(f"timeout must be a positive number of seconds (under "
+                              f"{MAX_TIMEOUT:g}), not {timeout!r}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ConfigError(f"retries must be a non-negative integer, not {retries!r}")
         self.timeout = float(timeout)
