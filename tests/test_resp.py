@@ -507,6 +507,23 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
                                                   b"SCAN", b"KEYS", b"PING", b"INFO"}
 
 
+def test_a_writes_reply_held_back_says_it_was_applied(shared: Cluster) -> None:
+    """GETDEL's value over the client's unread budget is held back like a read's, but
+    the error says the command was applied: a client is never told a write failed."""
+    value = b"d" * (1 << 20)
+    keys = [f"resp:gd{i}" for i in range(12)]  # 12 MiB of replies, 4 MiB budget
+    with redis.Redis(port=resp_port(shared), socket_timeout=20) as r:
+        assert r.mset({k: value for k in keys}) and r.exists(*keys) == len(keys)
+        with r.pipeline(transaction=False) as p:
+            for k in keys:
+                p.getdel(k)
+            replies = p.execute(raise_on_error=False)
+        assert r.exists(*keys) == 0  # every one was applied
+    held = [x for x in replies if isinstance(x, Exception)]
+    assert held and all("this command was applied" in str(x) for x in held)
+    assert all(x == value for x in replies if not isinstance(x, Exception))
+
+
 def test_a_client_sending_far_ahead_of_reading_is_cut_off(raw: Any, r: Any,
                                                           shared: Cluster) -> None:
     """Small replies always go (large ones past the buffer become errors, above), so a

@@ -48,10 +48,12 @@ RECV_HWM = 64
 class Slot:
     """One command's place in its connection's reply order."""
 
-    __slots__ = ("conn", "data", "shape")
+    __slots__ = ("conn", "data", "shape", "write")
 
-    def __init__(self, conn: Conn, shape: resp.Shape | None, data: bytes | None = None) -> None:
+    def __init__(self, conn: Conn, shape: resp.Shape | None, data: bytes | None = None,
+                 write: bool = False) -> None:
         self.conn, self.shape, self.data = conn, shape, data
+        self.write = write  # its reply tells what a write did (GETDEL's value, say)
 
     def answer(self, body: bytes) -> None:
         """A zkv reply body for this command (from the routing core or the shell)."""
@@ -238,7 +240,8 @@ class RespFront:
                 conn.closing = True
             self.dirty.add(conn)
             return
-        slot = Slot(conn, plan.shape)
+        slot = Slot(conn, plan.shape, write=isinstance(plan, resp.Forward) and (
+            plan.op in P.WRITE_OPS or plan.op == "PIPE"))
         conn.slots.append(slot)
         if isinstance(plan, resp.Forward):
             shell.router.request_parsed(slot, plan.op, plan.args, plan.body, now)
@@ -273,13 +276,14 @@ class RespFront:
                 data = slot.data
                 assert data is not None
                 size = len(data)
-                if size > SMALL_REPLY:
-                    if backlog and backlog + len(data) > self.budget:
-                        self.out.held_back += 1
-                        data = resp.error(
-                            f"ERR reply of {len(data)} bytes not sent: {backlog} bytes of "
-                            f"replies to this client are still unread (the limit is "
-                            f"{self.budget}); read replies before sending more commands")
+                if size > SMALL_REPLY and backlog and backlog + size > self.budget:
+                    self.out.held_back += 1
+                    # (a write's reply: it was applied, and is never answered as failed)
+                    done = "this command was applied, but its " if slot.write else ""
+                    data = resp.error(
+                        f"ERR {done}reply of {size} bytes not sent: {backlog} bytes of "
+                        f"replies to this client are still unread (the limit is "
+                        f"{self.budget}); read replies before sending more commands")
                 parts.append(data)
                 backlog += len(data)
                 conn.reply_size += (size - conn.reply_size) * 0.2
