@@ -402,6 +402,7 @@ def test_a_replica_copying_its_primary_keeps_a_later_deadline_change(change: str
     """The copy is taken, then the deadline changes, then the copy's batch arrives:
     the replica holds the key as the primary does now."""
     primary = Keyspace()
+    primary.full_records = True  # as a node has it while a replica copies its keys
     S.set_(primary, b"k", b"v", {"px": 1000}, T0)
     primary.commit()
     copy, copy_deadlines = list(primary.data.items()), dict(primary.expires)
@@ -459,3 +460,24 @@ def test_a_rollback_stream_deletes_what_expired_at_the_new_owner() -> None:
         *_, pairs, _, _, dels, deadlines, _ = decode_batch(batch)
         old_owner.absorb("back", pairs, dels, deadlines, T0 + 500)
     assert old_owner.data == {b"j": b"w2"}
+
+
+@pytest.mark.parametrize("change", ["persist", "extend", "getex"])
+def test_a_deadline_change_logs_a_few_bytes_whatever_the_value(change: str) -> None:
+    """With no copy under way, EXPIRE, PERSIST and GETEX of a big value log a PXAT
+    record of the key and its deadline (not the value again), and replay to the same."""
+    ks = Keyspace()
+    big = b"x" * (1 << 20)
+    S.set_(ks, b"k", big, {"px": 1000}, T0)
+    ks.commit()
+    if change == "persist":
+        _, record = S.persist(ks, b"k", T0)
+    elif change == "extend":
+        _, record = S.expire(ks, "EXPIRE", b"k", 3600, None, T0)
+    else:
+        _, record = S.getex(ks, b"k", {"ex": 60}, T0)
+    assert len(record) < 64
+    again = Keyspace()
+    for _, item in wal.LogScan(wal.encode((wal.SET, b"k", big, T0 + 1000)) + record):
+        again.apply(item)
+    assert again.get(b"k", T0) == big and again.deadline(b"k") == ks.deadline(b"k")

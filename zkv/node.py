@@ -1184,6 +1184,8 @@ class Node:
                 handle = self.handle
                 keyring = self.curve.keyring if self.curve is not None else None
                 turn_bytes = 0  # the replies of one turn wait for its commit: bound them
+                # (a copy of the keys on its way somewhere: deadlines are logged whole)
+                storage.keyspace.full_records = bool(self.outgoing) or repl.catching_up()
                 for _ in range(MAX_BATCH_PER_TURN):
                     self.touched = False
                     if keyring is not None:

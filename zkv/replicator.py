@@ -176,6 +176,12 @@ class Replicator:
                 f"min_in_sync ({self.min_in_sync}); writes are refused until a replica "
                 "catches up")
 
+    def catching_up(self) -> bool:
+        """Whether a replica of this primary is not in sync (it may be copying the keys,
+        and lack the one a record changes)."""
+        primary = self.primary
+        return primary is not None and any(not p.in_sync for p in primary.peers.values())
+
     # -- a primary's shipping ----------------------------------------------------------------
     def shipped(self, data: bytes) -> None:
         """The records of a turn are committed here: ship them."""

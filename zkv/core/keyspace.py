@@ -52,8 +52,9 @@ class ReplayError(Exception):
 
 
 class Keyspace:
-    __slots__ = ("buckets", "data", "expires", "incoming", "live_bytes", "modes", "once", "peak",
-                 "receiving", "tombstones", "undo", "undo_deadlines", "undo_tombs", "wheel")
+    __slots__ = ("buckets", "data", "expires", "full_records", "incoming", "live_bytes",
+                 "modes", "once", "peak", "receiving", "tombstones", "undo", "undo_deadlines",
+                 "undo_tombs", "wheel")
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -77,6 +78,11 @@ class Keyspace:
         self.wheel = ExpiryWheel()
         self.undo_deadlines: list[tuple[bytes, int | None]] = []  # (key, deadline before)
         self.once = Outcomes()  # the outcomes of recent tagged writes (zkv.core.once)
+        # Whether a change to a key's deadline is logged as the whole key (see
+        # set_deadline): set by the node while a copy of its keys is on its way
+        # somewhere (a replica catching up, a move's stream), since its receiver may
+        # not hold the key yet; else a short PXAT record.
+        self.full_records = False
         self.peak = 0  # the most keys held since the tables were last made (compact)
 
     def __len__(self) -> int:
@@ -124,13 +130,19 @@ class Keyspace:
         return self.expires.get(key) if self.expires else None
 
     def set_deadline(self, key: bytes, deadline: int | None) -> bytes:
-        """Give a present key a deadline (None: take its deadline away); the record, a
-        SET of the key with its new deadline: a replica still copying its primary's
-        keys may not have this one yet, and a SET gives it the key as it is now."""
+        """Give a present key a deadline (None: take its deadline away); the record. A
+        PXAT record of the key and its deadline, a few bytes whatever the value's size;
+        with :attr:`full_records`, a SET of the key with its new deadline: a replica
+        still copying its primary's keys may not have this one yet, and a SET gives it
+        the key as it is now."""
         if deadline is None:
             self._clear_deadline(key)
+        else:
+            self._set_deadline(key, deadline)
+        if not self.full_records:
+            return wal.encode((wal.PXAT, [key, deadline or 0]))
+        if deadline is None:
             return wal.encode((wal.SET, key, self.data[key]))
-        self._set_deadline(key, deadline)
         return wal.encode((wal.SET, key, self.data[key], deadline))
 
     def expire(self, now: int, limit: int) -> tuple[int, bytes | None]:
