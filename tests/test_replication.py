@@ -227,6 +227,28 @@ def test_below_min_in_sync_writes_are_refused_and_reads_go_on(make_cluster: Any)
     wait_in_sync(cluster, 30)
     wait_until(lambda: c.set(b"k", b"after"), 10, what="writes taken again")
     assert c.get(b"k") == b"after"
+    with pytest.raises(zkv.ClusterError, match="fewer than min_in_sync"):
+        c.call("REPLICA", "REMOVE", replica)  # its writes would be refused for good
+    assert primary_of(cluster, shard) == shard and c.set(b"k", b"kept")
+
+
+@pytest.mark.timeout(90)
+def test_failover_to_a_replica_that_just_died_is_refused(make_cluster: Any) -> None:
+    """Its heartbeats still say it is up for a moment: promoting it would leave the
+    shard with a dead primary and no copy in sync."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    assert c.set(b"k", b"v")
+    cluster.kill_node(replica)
+    with pytest.raises(zkv.ClusterError, match="does not answer"):
+        c.failover(shard, replica)
+    with pytest.raises(zkv.ClusterError, match="answers heartbeats|does not answer|no replica in"):
+        c.failover(shard)  # none named: no live one to take
+    assert primary_of(cluster, shard) == shard
+    wait_until(lambda: c.set(b"k", b"w"), 10, what="writes on the old primary")
+    assert c.get(b"k") == b"w"
 
 
 def test_a_primary_without_its_lease_serves_nothing(make_cluster: Any) -> None:
@@ -466,7 +488,10 @@ def test_replica_commands_refuse_mistakes_and_change_nothing(make_cluster: Any, 
             c.call("REPLICA", *args)
     with pytest.raises(zkv.ZkvError, match="REPLICA takes ADD"):
         c.call("REPLICA", "JOIN", a, ra)
-    for args, message in [((b, b), "not a replica of it"), (("127.0.0.1:1",), "not a shard")]:
+    with pytest.raises(zkv.ClusterError, match="already a node of this cluster"):
+        c.add_node(ra)  # a replica as a ring member of its own
+    for args, message in [((b, b), "the primary already"), ((a, b), "not a replica of it"),
+                          (("127.0.0.1:1",), "not a shard")]:
         with pytest.raises(zkv.ClusterError, match=message):
             c.failover(*args)
     assert c.status()["epoch"] == epoch  # nothing changed

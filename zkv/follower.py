@@ -7,7 +7,7 @@ down, from the nodes, taking the highest epoch any of them has), asks for a newe
 one every POLL seconds and at once whenever a node says its view is stale, and
 routes with the same core as the manager (zkv.core.router). A node refuses whatever it
 routed by an older epoch, so a follower that lags can delay a request, never have
-a stale write acknowledged. ADD, REMOVE, MOVE and STATUS are forwarded to the
+a stale write acknowledged. ADD, REMOVE, MOVE, REPLICA, FAILOVER and STATUS go to the
 config manager, or fail naming it when it does not answer; data traffic goes on
 without it.
 """
@@ -150,8 +150,8 @@ class Follower(ProxyShell):
         body = self._body
 
         down = ClusterError(
-            f"the config manager {self.manager} does not answer: ADD, REMOVE, MOVE and STATUS "
-            "need it (data traffic goes on through this follower)")
+            f"the config manager {self.manager} does not answer: ADD, REMOVE, MOVE, REPLICA, "
+            "FAILOVER and STATUS need it (data traffic goes on through this follower)")
 
         def answered(result: Any) -> None:
             if isinstance(result, Timeout):

@@ -358,6 +358,10 @@ class Proxy(ProxyShell):
         self._check_admin()
         if addr in self.state.members:
             raise ClusterError(f"{addr} is already a member; nothing changed")
+        home = self.current().shard_of(addr)
+        if home is not None or addr in self.current().addresses():
+            raise ClusterError(f"{addr} is already a node of this cluster (shard {home}); "
+                               "nothing changed")
         weight = options.get("weight", 1.0)
         if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
                 or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT):
@@ -438,8 +442,13 @@ class Proxy(ProxyShell):
             what = f"the primary of shard {home} (FAILOVER it first)" \
                 if entry is not None else "not a replica of any shard"
             raise ClusterError(f"{gone} is {what}; nothing changed")
-        smaller = state.with_shard(home, entry["primary"],
-                                   [a for a in entry["replicas"] if a != gone],
+        left = [a for a in entry["replicas"] if a != gone]
+        if 1 + len(left) < state.min_in_sync:
+            raise ClusterError(
+                f"removing {gone} would leave shard {home} {1 + len(left)} copies, fewer "
+                f"than min_in_sync ({state.min_in_sync}): its writes would be refused. "
+                "REPLICA ADD another first; nothing changed")
+        smaller = state.with_shard(home, entry["primary"], left,
                                    [a for a in entry["in_sync"] if a != gone])
         log.info("shard %s: replica %s removed (epoch %d)", home, gone, smaller.epoch)
         self.commit(smaller, lambda: self._answer(routing, {
@@ -454,23 +463,49 @@ class Proxy(ProxyShell):
         shard = self.state.shards.get(name)
         if shard is None or not shard["replicas"]:
             raise ClusterError(f"shard {name} has no replicas; nothing changed")
+        live = [a for a in shard["in_sync"] if self.health.is_up(self.key_of(a))]
         if len(args) > 1:
             target = self._node_arg(args[1], "new primary")
             if target not in shard["in_sync"]:
-                state = "not a replica of it" if target not in shard["replicas"] \
-                    else "not in sync (NODES shows its state)"
+                state = ("the primary already" if target == shard["primary"]
+                         else "not a replica of it" if target not in shard["replicas"]
+                         else "not in sync (NODES shows its state)")
                 raise ClusterError(f"{target} is {state}; shard {name} stays with "
                                    f"{shard['primary']}")
+            if target not in live:
+                raise ClusterError(f"{target} does not answer heartbeats; shard {name} "
+                                   f"stays with {shard['primary']}")
+        elif live:
+            target = live[0]
         elif shard["in_sync"]:
-            target = shard["in_sync"][0]
+            raise ClusterError(f"no in-sync replica of shard {name} answers heartbeats "
+                               f"({', '.join(shard['in_sync'])}); nothing changed")
         else:
             raise ClusterError(f"shard {name} has no replica in sync; nothing changed")
-        new = promote(self.state, name, target)
-        self.handovers += 1
-        log.warning("shard %s: FAILOVER from %s to %s (epoch %d)", name, shard["primary"],
-                    target, new.epoch)
-        self.commit(new, lambda: self._answer(routing, {
-            "shard": name, "primary": target, "was": shard["primary"], "epoch": new.epoch}))
+        self._admin_busy = True  # (no other change until it is decided)
+
+        def answered(result: Any) -> None:
+            self._admin_busy = False
+            if isinstance(result, ZkvError):  # (a heartbeat or two late to say it is down)
+                self._fail(routing, ClusterError(
+                    f"{target} does not answer ({result}); shard {name} stays with "
+                    f"{shard['primary']}"))
+                return
+            if self.state.shards.get(name) != shard or self.publishing is not None:
+                self._fail(routing, ClusterError(
+                    f"shard {name} changed meanwhile (NODES shows it now); nothing changed"))
+                return
+            new = promote(self.state, name, target)
+            self.handovers += 1
+            log.warning("shard %s: FAILOVER from %s to %s (epoch %d)", name,
+                        shard["primary"], target, new.epoch)
+            self.commit(new, lambda: self._answer(routing, {
+                "shard": name, "primary": target, "was": shard["primary"],
+                "epoch": new.epoch}))
+
+        # a last word from the new primary itself: a replica killed a moment ago is
+        # still up by its heartbeats, and promoting it would leave the shard with none
+        self._call(self.key_of(target), "INFO", [], answered, min(self.timeout, 1.0))
 
     def _force_remove(self, routing: list[bytes], addr: str) -> None:
         """REMOVE ADDR --force: a node that is gone for good leaves the ring without its
