@@ -507,6 +507,42 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
                                                   b"SCAN", b"KEYS", b"PING", b"INFO"}
 
 
+def test_pipelined_reads_of_a_big_value_cost_a_node_a_bounded_turn(raw: Any,
+                                                                   shared: Cluster) -> None:
+    """Primed with small replies, a connection may have 1024 commands in flight: 1024
+    GETs of 1 MiB (30 KB sent) were a gigabyte of replies in one node turn, long enough
+    for the node to miss its heartbeats and be declared down for every client. The
+    node runs an envelope's requests until their replies pass max_message_bytes and
+    answers the rest "not run"; it stays up."""
+    value = b"b" * (1 << 20)
+    c = shared.client()
+    c.set("resp:big", value)
+    conn = raw()
+    conn.send(b"*1\r\n$4\r\nPING\r\n" * 300)
+    reader = hiredis.Reader()
+    got: list[Any] = []
+    conn.sock.settimeout(20)
+    while len(got) < 300:
+        chunk = conn.sock.recv(1 << 16)
+        assert chunk, "the connection closed"
+        reader.feed(chunk)
+        while (reply := reader.gets()) is not False:
+            got.append(reply)
+    conn.send(b"*2\r\n$3\r\nGET\r\n$8\r\nresp:big\r\n" * 1024)
+    replies: list[Any] = []
+    while len(replies) < 1024:
+        chunk = conn.sock.recv(1 << 20)
+        assert chunk, "the connection closed"
+        reader.feed(chunk)
+        while (reply := reader.gets()) is not False:
+            replies.append(reply)
+    errors = [str(x) for x in replies if isinstance(x, hiredis.ReplyError)]
+    assert not [e for e in errors if "down" in e], errors[:3]
+    assert any("not run" in e for e in errors)
+    assert all(x == value for x in replies if not isinstance(x, hiredis.ReplyError))
+    assert all(n["state"] == "up" for n in c.nodes())
+
+
 def test_a_writes_reply_held_back_says_it_was_applied(shared: Cluster) -> None:
     """GETDEL's value over the client's unread budget is held back like a read's, but
     the error says the command was applied: a client is never told a write failed."""

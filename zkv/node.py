@@ -996,13 +996,25 @@ class Node:
         # (a router placed these by this very configuration; a data key's envelope, the
         # direct client's, is checked key by key: it could name any key)
         check = self.curve is not None and self.peer_role != CLUSTER
+        # What one envelope's replies may come to: past it, the rest are not run. A few
+        # KB of pipelined GETs of a big value made gigabytes of replies in one turn,
+        # and a node that long in one turn misses its heartbeats for everyone.
+        total, most = 0, self.limits.max_message_bytes
         for tag, request in items:
-            reply = refused or self.run_body(request, check)
+            if total > most and not refused:
+                self._count_error("ENVELOPE", LimitExceeded.code)
+                reply = P.encode_exc(LimitExceeded(
+                    f"not run: the replies to the requests sent with this one came to "
+                    f"{total} bytes, over max_message_bytes ({most}); send fewer large "
+                    "reads at once; nothing changed"))
+            else:
+                reply = refused or self.run_body(request, check)
             if chunk and size + len(reply) > limit:
                 messages.append([*routing, P.encode_reply_envelope(chunk)])
                 chunk, size = [], 0
             chunk.append((tag, reply))
             size += len(reply) + 12
+            total += len(reply)
         messages.append([*routing, P.encode_reply_envelope(chunk)])
         return messages
 
