@@ -136,6 +136,10 @@ def test_errors_keep_the_connection_usable(r: Any) -> None:
         r.execute_command("SELECT", 3)
     with pytest.raises(redis.ResponseError, match="over the limit"):
         r.set("k" * 70_000, "v")
+    # a value a byte over max_value_bytes: an error naming the limit, not a closed
+    # connection (the client is still writing it when a protocol error would close)
+    with pytest.raises(redis.ResponseError, match="max_value_bytes|over the limit"):
+        r.set("resp:huge", b"v" * ((16 << 20) + 1))
     assert r.set("resp:after", "fine") and r.get("resp:after") == b"fine"
 
 

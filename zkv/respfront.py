@@ -122,7 +122,9 @@ class RespFront:
         self.connections = 0  # accepted since start
         lim = shell.limits
         self.max_args = 2 * lim.max_batch + 2
-        self.max_bulk = max(lim.max_key_bytes, lim.max_value_bytes)
+        # (a bulk past the key or value limit is read whole, within the request limit,
+        # to be answered as a too large key or value, as the ZeroMQ front answers it)
+        self.max_bulk = max(lim.max_key_bytes, lim.max_value_bytes, lim.max_message_bytes)
         self.max_request = lim.max_message_bytes
         self.ctx = resp.Context(lim, self.cursors, admin, shell.resp_password, port=port,
                                 extra={"os": f"{platform.system()} {platform.release()}"})
