@@ -481,3 +481,34 @@ def test_a_deadline_change_logs_a_few_bytes_whatever_the_value(change: str) -> N
     for _, item in wal.LogScan(wal.encode((wal.SET, b"k", big, T0 + 1000)) + record):
         again.apply(item)
     assert again.get(b"k", T0) == big and again.deadline(b"k") == ks.deadline(b"k")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_append_logs_the_suffix_and_replays_to_the_same(full: bool) -> None:
+    """APPEND of a byte to a big value logs the byte (not the value again) and keeps
+    the deadline; while a copy is under way (full_records) it logs the whole key. A
+    replay and a replica applying the records get the same key."""
+    ks = Keyspace()
+    ks.full_records = full
+    big = b"x" * (1 << 20)
+    log = S.set_(ks, b"k", big, {"px": 5000}, T0)[1]
+    ks.commit()
+    for piece in (b"y", b"zz"):
+        size, record = S.append(ks, b"k", piece, T0, 1 << 24)
+        ks.commit()
+        assert (len(record) > len(big)) is full
+        log += record
+    size, record = S.append(ks, b"new", b"v", T0, 1 << 24)  # a missing key: set
+    log += record
+    assert size == 1 and ks.get(b"k", T0) == big + b"yzz"
+    assert ks.deadline(b"k") == T0 + 5000
+    replayed_ks, replica = Keyspace(), Keyspace()
+    for _, item in wal.LogScan(log):
+        replayed_ks.apply(item)
+        replica.apply_live(item)
+    replica.commit()
+    for other in (replayed_ks, replica):
+        assert other.get(b"k", T0) == big + b"yzz" and other.get(b"new", T0) == b"v"
+        assert other.deadline(b"k") == T0 + 5000 and other.live_bytes == ks.live_bytes
+    with pytest.raises(LimitExceeded):
+        S.append(ks, b"k", b"!" * 10, T0, len(big) + 3)

@@ -32,7 +32,7 @@ EXIT_DAMAGED = 4  # a node refuses to start (corruption, missing files); repair 
 KINDS = {wal.SET: "SET", wal.DEL: "DEL", wal.MSET: "MSET", wal.CHUNK: "CHUNK",
          wal.META: "META", wal.TOMBS: "TOMBS", wal.DROP: "DROP", wal.PXAT: "PXAT",
          wal.DELS: "DELS", wal.ONCE: "ONCE", wal.ONCES: "ONCES",
-         wal.ONCERUN: "ONCERUN", wal.ATOMIC: "ATOMIC"}
+         wal.ONCERUN: "ONCERUN", wal.ATOMIC: "ATOMIC", wal.APPEND: "APPEND"}
 
 
 def escape(data: Any) -> str:

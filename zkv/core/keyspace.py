@@ -116,6 +116,26 @@ class Keyspace:
         self._set_deadline(key, deadline)
         return wal.encode((wal.SET, key, value, deadline))
 
+    def append(self, key: bytes, suffix: bytes) -> bytes:
+        """APPEND: the key's value grows by ``suffix`` (its deadline stays); the record.
+        An APPEND record of the suffix alone, whatever the value's size; with
+        :attr:`full_records` (a copy of the keys on its way somewhere), a SET of the
+        whole key, which a receiver that lacks the key can take as it is."""
+        self._grow(key, suffix)
+        if not self.full_records:
+            return wal.encode((wal.APPEND, key, suffix))
+        deadline = self.deadline(key)
+        value = self.data[key]
+        return wal.encode((wal.SET, key, value) if deadline is None
+                          else (wal.SET, key, value, deadline))
+
+    def _grow(self, key: bytes, suffix: bytes) -> None:
+        old = self.data.get(key)
+        deadline = self.deadline(key) if old is not None else None
+        self._put(key, suffix if old is None else old + suffix)
+        if deadline is not None:
+            self._set_deadline(key, deadline)
+
     # -- deadlines ------------------------------------------------------------------
     def get(self, key: bytes, now: int) -> bytes | None:
         """The value of a key, or None (absent, or its deadline has passed)."""
@@ -324,6 +344,11 @@ class Keyspace:
                 self._tomb(key, True)
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.APPEND:
+            key, suffix = item[1], item[2]
+            if type(key) is not bytes or type(suffix) is not bytes:
+                raise TypeError("key and suffix must be bytes")
+            self._grow(key, suffix)
         elif kind == wal.ATOMIC:
             for inner in _inner_records(item[1], _ATOMIC_INNER):
                 self.apply_live(inner)
@@ -547,6 +572,15 @@ class Keyspace:
             tombs.update(item[1])
         elif kind == wal.META:
             self._apply_meta(item[1])
+        elif kind == wal.APPEND:
+            key, suffix = item[1], item[2]
+            if type(key) is not bytes or type(suffix) is not bytes:
+                raise TypeError("key and suffix must be bytes")
+            old = data.get(key)
+            self.live_bytes += len(suffix) if old is not None else len(key) + len(suffix)
+            data[key] = suffix if old is None else old + suffix
+            if tombs:
+                tombs.discard(key)
         elif kind == wal.ATOMIC:
             for inner in _inner_records(item[1], _ATOMIC_INNER):
                 self.apply(inner)

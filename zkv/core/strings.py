@@ -189,12 +189,13 @@ def append(ks: Keyspace, key: bytes, value: bytes, now: int,
            max_value: int) -> tuple[int, bytes]:
     """APPEND key value: the new length. The key keeps its deadline."""
     old = ks.get(key, now)
-    new = value if old is None else old + value
-    if len(new) > max_value:
+    size = len(value) + (len(old) if old is not None else 0)
+    if size > max_value:
         raise LimitExceeded(f"string exceeds maximum allowed size ({max_value} bytes, "
                             "max_value_bytes)")
-    deadline = ks.deadline(key) if old is not None else None
-    return len(new), ks.set(key, new, deadline)
+    if old is None:  # (missing, or past its deadline: a new key, with no deadline)
+        return size, ks.set(key, value)
+    return size, ks.append(key, value)  # (logs the suffix, not the whole value again)
 
 
 def strlen(ks: Keyspace, key: bytes, now: int) -> int:

@@ -50,6 +50,9 @@ ONCERUN = 11
 # ATOMIC records: an atomic pipeline's records (framed, as bytes; RESP's MULTI/EXEC), in
 # one record so that a torn tail takes all of them or none.
 ATOMIC = 12
+# APPEND key suffix: the key's value grows by suffix, its deadline as it was (a missing
+# key is the suffix alone, as APPEND makes it).
+APPEND = 13
 
 
 def encode(item: Any) -> bytes:
