@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import Proc, Procs, free_port
+from conftest import Proc, Procs, free_port, wait_until
 from load import Load, Mix, Possible, assert_counts_match_ring, read_back
 
 import zkv
@@ -310,6 +310,26 @@ def test_a_second_proxy_cannot_take_over_another_clusters_node(rig: Rig) -> None
     c = rig.start_node()
     admin.add_node(c, wait_timeout=30)  # this cluster's own changes go on as before
     assert admin.status()["epoch"] > before
+
+
+@pytest.mark.timeout(90)
+def test_the_cli_says_why_a_move_it_follows_is_stuck(rig: Rig) -> None:
+    """zkv cli ADD follows the move with a progress bar; a step the move keeps retrying
+    (its new node died) is said, once, and the command ends when the move does."""
+    (a,) = cluster_of(rig, 1)
+    admin = rig.client()
+    preload(admin, 5000)
+    c = rig.start_node()
+    cli = rig.procs.start("cli", "--proxy", rig.address, "ADD", c, "--rate=400")
+    wait_until(lambda: (admin.status()["move"] or {}).get("phase") == "copy", 20)
+    rig.nodes[c].kill()
+    wait_until(lambda: (admin.status()["move"] or {}).get("error"), 20,
+               what="the move's error")
+    cli.wait_for("it is retried", 20)
+    rig.start_node(c)  # back: the move resumes and finishes, and so does the command
+    assert cli.wait_exit(60) == 0
+    assert "done" in cli.output and cli.output.count("it is retried") <= 3
+    assert sorted(admin.status()["members"]) == sorted([a, c])
 
 
 @pytest.mark.timeout(60)

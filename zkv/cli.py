@@ -284,8 +284,16 @@ class Printer:
             TimeElapsedColumn(),
         )
         tasks: dict[tuple[str, str], Any] = {}
+        said: set[str] = set()
         with Progress(*columns, console=self.console, transient=False) as progress:
             def update(status: dict[str, Any]) -> None:
+                error = status.get("error")
+                if error and error not in said:  # (a step the move keeps retrying)
+                    said.add(error)
+                    progress.console.print(
+                        f"move {status.get('phase', '')}: {error}; it is retried (STATUS "
+                        "shows it; MOVE ABORT gives up the move)", markup=False,
+                        highlight=False)
                 elapsed = max(status.get("elapsed_s", 0.0), 1e-3)
                 for st in status["streams"]:
                     pair = (st["source"], st["dest"])
