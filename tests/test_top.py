@@ -4,7 +4,10 @@ killed node shows as down, q quits; and the rates and latencies it computes."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from typing import Any
 
 import pexpect
@@ -41,6 +44,23 @@ def test_top_shows_every_node_and_one_in_trouble(make_cluster: Any) -> None:
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    # into a pipe, without --count: a frame per interval, as top -b prints them
+    piped = subprocess.Popen([sys.executable, "-m", "zkv", "top", "--proxy", cluster.address,
+                              "-i", "0.2"], cwd=str(REPO), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert piped.stdout is not None
+        os.set_blocking(piped.stdout.fileno(), False)
+        out = b""
+        deadline = time.monotonic() + 15
+        while out.count(b"ops/s") < 2 and time.monotonic() < deadline:
+            out += piped.stdout.read() or b""
+            time.sleep(0.1)
+        assert out.count(b"ops/s") >= 2, out[-500:]
+        assert cluster.node_addrs[0].encode() in out
+    finally:
+        os.killpg(piped.pid, signal.SIGKILL)
+        piped.wait(10)
 
 
 def test_rates_latencies_and_trouble_first() -> None:

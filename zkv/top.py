@@ -11,6 +11,7 @@ phase. Nodes in trouble (down, erroring, slow) sort first and are coloured. ``q`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import sys
@@ -182,6 +183,10 @@ def run(proxy: str, interval: float, count: int | None) -> int:
     from rich.live import Live
 
     console = Console(highlight=False)  # addresses as typed, not split by colouring
+    if not console.is_terminal:  # piped: rich's 80 columns would cut the table short
+        from .cli import WIDE
+
+        console = Console(highlight=False, width=max(console.width, WIDE))
     sampler = Sampler()
     client = Client(proxy, timeout=max(2.0, interval * 2))
     stdin = sys.stdin
@@ -192,7 +197,19 @@ def run(proxy: str, interval: float, count: int | None) -> int:
     try:
         if keys:
             tty.setcbreak(stdin.fileno())
-        with Live(console=console, screen=console.is_terminal, auto_refresh=False) as live:
+        # on a terminal, one screen redrawn; into a pipe or file, each frame printed in
+        # turn, as top -b does (a Live display off a terminal shows only its last frame,
+        # at the end: without --count, never)
+        live = Live(console=console, screen=True, auto_refresh=False) \
+            if console.is_terminal else None
+
+        def show(frame: Any) -> None:
+            if live is not None:
+                live.update(frame, refresh=True)
+            else:
+                console.print(frame)
+
+        with live if live is not None else contextlib.nullcontext():
             while count is None or shown < count:
                 try:
                     info, nodes, status = client.info(), client.nodes(), client.status()
@@ -201,14 +218,13 @@ def run(proxy: str, interval: float, count: int | None) -> int:
 
                     failed = True
                     what = exc if isinstance(exc, ZkvError) else "not a zkv proxy"
-                    live.update(Text(f"zkv top: {proxy}: {what}", style="bold red"),
-                                refresh=True)
+                    show(Text(f"zkv top: {proxy}: {what}", style="bold red"))
                 else:
                     failed = False
                     now = time.monotonic()
                     rows, summary = sampler.rows(info, nodes, now)
                     summary["stream_rates"] = sampler.stream_rates(status, now)
-                    live.update(render(rows, summary, status, proxy), refresh=True)
+                    show(render(rows, summary, status, proxy))
                 shown += 1
                 if _wait_for_q(stdin if keys else None, interval):
                     break
