@@ -87,6 +87,12 @@ def test_a_request_over_the_byte_limit_is_refused_before_it_is_buffered_whole() 
         r.feed(head + b"b" * 10)
 
 
+def test_a_negative_array_count_is_no_command_as_redis_takes_it() -> None:
+    assert reader().feed(b"*-5\r\n*1\r\n$4\r\nPING\r\n") == [[b"PING"]]
+    with pytest.raises(resp.RespProtocolError, match="bulk length"):
+        reader().feed(b"*1\r\n$-5\r\n")
+
+
 def test_many_empty_strings_cost_what_they_weigh() -> None:
     """hiredis is fed only whole, checked commands: an array header promising more
     elements than allowed never reaches it (it would allocate them up front)."""
@@ -212,6 +218,9 @@ def test_hello_switches_protocol_and_answers_a_map() -> None:
     hello = parse(p.data)
     assert hello[b"proto"] == 3 and hello[b"id"] == 9 and hello[b"server"] == b"redis"
     assert b"NOPROTO" in plan(b"HELLO", b"4", session=s).data and s.proto == 3
+    for bad in (b"abc", b"03"):  # as Redis answers both
+        assert plan(b"HELLO", bad, session=s).data == \
+            b"-ERR Protocol version is not an integer or out of range\r\n"
     p2 = plan(b"HELLO", b"2", session=s)
     flat = parse(p2.data)
     assert s.proto == 2 and flat[flat.index(b"proto") + 1] == 2

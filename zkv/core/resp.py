@@ -208,8 +208,9 @@ def _count(buf: bytearray, begin: int, end: int, what: str) -> int:
     """The integer of a "*N" or "$N" header: plain ASCII digits (or -1), nothing else,
     exactly what hiredis accepts (int() would take "+1", " 1", "01", "1_0")."""
     text = bytes(buf[begin:end])
-    if text == b"-1":
-        return -1
+    if text == b"-1" or what == "multibulk" and text[:1] == b"-" and text[1:].isdigit() \
+            and len(text) < 21:
+        return -1  # (Redis takes any negative multibulk count for no command)
     if not text or not text.isdigit() or (len(text) > 1 and text[0] == 0x30) \
             or len(text) > 19:
         raise RespProtocolError(f"Protocol error: invalid {what} length")
@@ -900,7 +901,10 @@ def _plan_auth(s: Session, a: list[bytes], ctx: Context) -> Plan:
 def _plan_hello(s: Session, a: list[bytes], ctx: Context) -> Plan:
     proto = s.proto
     if len(a) > 1:
-        proto = _int(a[1]) if a[1].isdigit() else -1
+        try:
+            proto = _int(a[1])
+        except CommandError:
+            return Reply(error("ERR Protocol version is not an integer or out of range"))
         if proto not in (2, 3):
             return Reply(error("NOPROTO unsupported protocol version"))
     i = 2
