@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from zkv.core import protocol as P
 from zkv.core import resp
-from zkv.errors import LimitExceeded, NodeUnavailable, StorageError, Timeout, Unavailable
+from zkv.errors import (
+    CommandError,
+    LimitExceeded,
+    NodeUnavailable,
+    StorageError,
+    Timeout,
+    Unavailable,
+)
 
 STREAM = (b"*3\r\n$3\r\nSET\r\n$3\r\nk\x001\r\n$4\r\na\r\nb\r\n"  # binary key, CRLF in value
           b"PING\r\n"
@@ -206,9 +213,33 @@ def test_scan_cursors_are_integers_mapped_to_zkv_cursors() -> None:
     nxt = resp.plan_command(resp.Session(1), [b"SCAN", str(number).encode()], c)
     assert nxt.args[0] == "ab12:1:f00-3"  # the same zkv cursor, from any connection
     assert parse(p.shape(["0", []], resp.Session(1)))[0] == b"0"
+
     bad = resp.plan_command(resp.Session(1), [b"SCAN", b"99999"], c)
     assert b"invalid cursor" in bad.data
     assert b"syntax error" in resp.plan_command(resp.Session(1), [b"SCAN", b"0", b"X"], c).data
+
+
+def test_one_connections_scans_cannot_push_out_anothers_cursors() -> None:
+    """The table is bounded; each connection's newest cursors are its own, so a client
+    making cursors by the thousand pushes out only its own."""
+    cursors = resp.Cursors(size=100, per_owner=4)
+    victim = cursors.number("v-1", owner=1)
+    for i in range(10_000):
+        cursors.number(f"a-{i}", owner=2)
+    assert cursors.cursor(str(victim).encode()) == "v-1"
+    newest = cursors.number("a-last", owner=2)
+    assert cursors.cursor(str(newest).encode()) == "a-last"
+    with pytest.raises(CommandError, match="invalid cursor"):
+        cursors.cursor(b"5")  # one of the attacker's first: gone
+    # a closed connection's cursors still work from another, until the oldest go
+    cursors.forget_owner(1)
+    assert cursors.cursor(str(victim).encode()) == "v-1"
+    for owner in range(3, 40):
+        for i in range(4):
+            cursors.number(f"o{owner}-{i}", owner=owner)
+    with pytest.raises(CommandError):
+        cursors.cursor(str(victim).encode())
+    assert len(cursors._by_number) <= 100
 
 
 def test_hello_switches_protocol_and_answers_a_map() -> None:

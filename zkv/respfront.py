@@ -159,6 +159,7 @@ class RespFront:
 
     def _gone(self, conn: Conn) -> None:
         conn.gone = True
+        self.cursors.forget_owner(conn.session.id)
         self.conns.pop(conn.ident, None)
         self.dirty.discard(conn)
         self.paused.discard(conn)

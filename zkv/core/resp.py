@@ -45,6 +45,7 @@ REDIS_VERSION = "7.0.0"
 MAX_INLINE = 64 * 1024  # Redis's PROTO_INLINE_MAX_SIZE
 _HEADER_MAX = 24  # "*" or "$", up to 20 digits, CRLF
 CURSORS = 65536  # SCAN cursors remembered per proxy (an unknown one: ERR invalid cursor)
+PER_OWNER = 64  # of them, the newest a connection made that no other can push out
 
 
 class RespProtocolError(ProtocolError):
@@ -379,22 +380,44 @@ class Session:
 class Cursors:
     """SCAN cursors as the integers RESP clients expect (they parse them with int()):
     zkv's own cursors (text naming the ring, the node and its bucket) are remembered
-    here under small numbers, the oldest forgotten past CURSORS."""
+    here under numbers, CURSORS in all. Each connection keeps its PER_OWNER newest, so
+    that no client's scans can push another's cursors out (a pooled client's next SCAN
+    may come on another connection: any connection may use any number); the oldest
+    overall go first only past CURSORS."""
 
-    def __init__(self, size: int = CURSORS) -> None:
-        self.size = size
+    def __init__(self, size: int = CURSORS, per_owner: int = PER_OWNER) -> None:
+        self.size, self.per_owner = size, per_owner
         self._next = 1
-        self._by_number: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._by_number: collections.OrderedDict[int, tuple[int, str]] = \
+            collections.OrderedDict()
+        self._owned: dict[int, collections.deque[int]] = {}
 
-    def number(self, cursor: str) -> int:
+    def number(self, cursor: str, owner: int = 0) -> int:
         if cursor == "0":
             return 0
         n = self._next
         self._next += 1
-        self._by_number[n] = cursor
-        if len(self._by_number) > self.size:
-            self._by_number.popitem(last=False)
+        self._by_number[n] = (owner, cursor)
+        mine = self._owned.setdefault(owner, collections.deque())
+        mine.append(n)
+        while len(mine) > self.per_owner:
+            self._by_number.pop(mine.popleft(), None)
+        while len(self._by_number) > self.size:
+            old, (who, _) = self._by_number.popitem(last=False)
+            theirs = self._owned.get(who)
+            if theirs:
+                try:
+                    theirs.remove(old)
+                except ValueError:
+                    pass
+                if not theirs:
+                    del self._owned[who]
         return n
+
+    def forget_owner(self, owner: int) -> None:
+        """A connection closed: its cursors stay usable (from another connection) but
+        count against nobody's share; the oldest overall go first."""
+        self._owned.pop(owner, None)
 
     def cursor(self, text: bytes) -> str:
         if not text.isdigit() or len(text) > 20:
@@ -402,11 +425,11 @@ class Cursors:
         n = int(text)
         if n == 0:
             return "0"
-        cursor = self._by_number.get(n)
-        if cursor is None:
+        entry = self._by_number.get(n)
+        if entry is None:
             raise CommandError(
                 "invalid cursor (unknown to this proxy, or too old: start again from 0)")
-        return cursor
+        return entry[1]
 
 
 Shape = Callable[[Any, Session], bytes]
@@ -832,7 +855,7 @@ def _plan_scan(s: Session, a: list[bytes], ctx: Context) -> Plan:
         if isinstance(result, ZkvError):
             return error_reply(result)
         nxt, keys = result
-        return array([bulk(str(cursors.number(nxt)).encode()), bulks(keys)])
+        return array([bulk(str(cursors.number(nxt, sess.id)).encode()), bulks(keys)])
 
     if pattern == b"*":
         pattern = None
