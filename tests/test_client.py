@@ -142,6 +142,8 @@ def test_keys_and_values_must_be_text_or_bytes(shared: Cluster) -> None:
     with pytest.raises(TypeError):
         c.get(["k"])
     assert c.set("n", 12) and c.get("n") == b"12"
+    # one key given as a string is that key, as redis-py takes it, not its letters
+    assert c.set("abc", "1") and c.mget("abc") == [b"1"] and c.mget(b"abc") == [b"1"]
 
 
 @pytest.mark.parametrize("address", ["localhost", "", "127.0.0.1:99999", "a b:1", "127.0.0.1:x"])

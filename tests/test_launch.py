@@ -223,6 +223,20 @@ def test_up_with_a_bad_config_is_one_clear_line(
         assert output.startswith("zkv up: error: ") and str(path) in output and expect in output
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv,expect", [
+    (["up", "a.yaml", "--config", "b.yaml"], "two topologies given"),
+    (["proxy", "--port", "1", "--follow", "127.0.0.1:2", "--node", "127.0.0.1:3"],
+     "do not go with --follow"),
+])
+def test_flags_that_contradict_each_other_are_refused(tmp_path: Path, argv: list[str],
+                                                      expect: str) -> None:
+    """(one of them used to be ignored without a word)"""
+    done = subprocess.run([sys.executable, "-m", "zkv", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 1 and expect in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.timeout(90)
 def test_up_serves_redis_clients_where_the_topology_says(
     tmp_path: Path, procs: Procs, reap: list[Callable[[], str]]

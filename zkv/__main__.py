@@ -201,6 +201,9 @@ def _proxy(args: argparse.Namespace) -> int:
         if args.state_dir:
             raise ZkvError("a follower keeps no state: --follow and --state-dir do not go "
                            "together (the config manager at --follow owns the state)")
+        if args.node or args.replica:
+            raise ZkvError("a follower learns the nodes from the config manager at --follow: "
+                           "--node and --replica do not go with --follow")
         follower = Follower(
             manager=format_address(host, port),
             host=args.host or cfg.host,

@@ -379,8 +379,11 @@ class Client(StringCommands):
     def exists(self, key: Key) -> bool:
         return bool(self.call("EXISTS", to_bytes(key, "key")))
 
-    def mget(self, keys: Sequence[Key]) -> list[bytes | None]:
-        result: list[bytes | None] = self.call("MGET", [to_bytes(k, "key") for k in keys])
+    def mget(self, keys: Sequence[Key] | Key) -> list[bytes | None]:
+        one = isinstance(keys, (str, bytes, bytearray, memoryview))
+        # (one key, as redis-py takes it, not its letters)
+        names = [to_bytes(keys, "key")] if one else [to_bytes(k, "key") for k in keys]
+        result: list[bytes | None] = self.call("MGET", names)
         return result
 
     def mset(self, mapping: Mapping[str, Value] | Mapping[bytes, Value] | Mapping[Key, Value]

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from .config import Topology, load_topology
+from .errors import ConfigError
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -50,6 +51,9 @@ def up(args: argparse.Namespace) -> int:
     from .security import curve_for, read_password
 
     if getattr(args, "config_flag", None):
+        if args.config not in (DEFAULT_CONFIG, args.config_flag):
+            raise ConfigError(f"two topologies given ({args.config} and --config "
+                              f"{args.config_flag}): give one")
         args.config = args.config_flag
     topology = load_topology(args.config)  # validate before starting anything
     secure = curve_for(topology.security, f"{args.config}: security") is not None
