@@ -115,13 +115,18 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(
 
     def stats() -> dict[str, Any]:
         info = c.info()
-        return info["proxy"] if target == "proxy" else info
+        if target != "proxy":
+            return info
+        # (through the proxy, the node also runs the GETs one envelope brings only until
+        # their replies pass max_message_bytes: the rest come back short, "not run")
+        return {**info["proxy"], "not_run": sum(
+            n.get("errors", 0) for n in info["nodes"].values() if isinstance(n, dict))}
 
     seen: list[dict[str, Any]] = []
 
     def held_back() -> bool:
         seen.append(stats())
-        return bool(seen[-1]["replies_held_back"] >= 300)
+        return bool(seen[-1]["replies_held_back"] + seen[-1].get("not_run", 0) >= 300)
 
     try:
         wait_until(held_back, 30, what="the server holding back replies")
@@ -135,7 +140,8 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(
     values = [r for r in replies if r == [P.OK, big]]
     held = [r for r in replies if r[0] == P.ERR]
     assert 1 <= len(values) <= 8 and len(values) + len(held) == 400
-    assert all(r[1] == "TOO_LARGE" and "still unread" in r[2] for r in held)
+    assert all(r[1] == "TOO_LARGE" and ("still unread" in r[2] or "not run" in r[2])
+               for r in held)
     s.close(0)
 
 
