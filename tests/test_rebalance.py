@@ -301,6 +301,8 @@ def test_a_second_proxy_cannot_take_over_another_clusters_node(rig: Rig) -> None
                 other.set(key, "rogue")
             except zkv.ZkvError:
                 pass  # refused: fine; acknowledged: it must be this cluster's key, below
+        with pytest.raises(zkv.ClusterError, match="belongs to another cluster"):
+            other.add_node(b)  # this cluster's other node cannot join that one either
     for key, node in owner.items():
         value = admin.get(key)
         # a write the rogue had acknowledged is this cluster's, on its owner

@@ -639,8 +639,8 @@ class Proxy(ProxyShell):
                     "node cannot be two")
         if cluster and cluster != self.state.cluster and info.get("in_cluster"):
             return (f"node {addr} belongs to another cluster ({cluster}, epoch "
-                    f"{info.get('epoch')}, as {info.get('name')}); REMOVE it there first, "
-                    "or start it with a new data directory")
+                    f"{info.get('epoch')}, as {info.get('name')}): its data directory holds "
+                    "that cluster's configuration; start it with a new data directory")
         keys = info.get("keys", 0)
         if keys:
             return (f"node {addr} already holds {keys} keys; a node must be empty to join "
