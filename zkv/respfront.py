@@ -281,8 +281,10 @@ class RespFront:
                 size = len(data)
                 if size > SMALL_REPLY and backlog and backlog + size > self.budget:
                     self.out.held_back += 1
-                    # (a write's reply: it was applied, and is never answered as failed)
-                    done = "this command was applied, but its " if slot.write else ""
+                    # (a write's reply: it ran, and is never answered as if it failed;
+                    # SET NX GET may have changed nothing, so "ran", not "applied")
+                    done = "this command ran (any change it made stands), but its " \
+                        if slot.write else ""
                     data = resp.error(
                         f"ERR {done}reply of {size} bytes not sent: {backlog} bytes of "
                         f"replies to this client are still unread (the limit is "
