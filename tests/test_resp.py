@@ -49,6 +49,7 @@ class Raw:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.reader = hiredis.Reader()  # (for replies(): what was read past them waits)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -73,6 +74,20 @@ class Raw:
             return True
         except TimeoutError:
             return False
+
+    def replies(self, n: int, limit: float = 20.0) -> list[Any]:
+        """The next ``n`` replies, parsed by hiredis (what is read past them is kept for
+        the next call); fails if the connection closes first."""
+        self.sock.settimeout(limit)
+        got: list[Any] = []
+        while len(got) < n:
+            while len(got) < n and (reply := self.reader.gets()) is not False:
+                got.append(reply)
+            if len(got) < n:
+                chunk = self.sock.recv(1 << 20)
+                assert chunk, f"closed after {len(got)} of {n} replies"
+                self.reader.feed(chunk)
+        return got
 
     def close(self) -> None:
         self.sock.close()
@@ -296,15 +311,7 @@ def test_a_client_that_never_reads_cannot_pile_up_replies(raw: Any, shared: Clus
     assert proxy["resp_unread_reply_bytes"] < 4 * BUFFER
     assert r.set("resp:other", "served") and r.get("resp:other") == b"served"
     # once it reads, every command has its reply, in order: the value or why not
-    reader = hiredis.Reader()
-    replies: list[Any] = []
-    conn.sock.settimeout(20)
-    while len(replies) < 200:
-        chunk = conn.sock.recv(1 << 20)
-        assert chunk, "the connection closed"
-        reader.feed(chunk)
-        while (reply := reader.gets()) is not False:
-            replies.append(reply)
+    replies = conn.replies(200)
     held = [x for x in replies if isinstance(x, hiredis.ReplyError)]
     assert held and all("still unread" in str(x) for x in held)
     assert all(x == value for x in replies if not isinstance(x, hiredis.ReplyError))
@@ -472,7 +479,6 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
     words = [b"", b"0", b"-1", b"99999999999999999999999", b"*", b"MATCH", b"COUNT", b"TYPE",
              b"EX", b"SETNAME", b"GETNAME", b"3", b"2", b"a b", b"\x00\xff", b"x" * 3000]
     conn = raw()
-    reader = hiredis.Reader()
     sent = 0
     for _ in range(400):
         args = [rng.choice(names)] + [rng.choice(words) for _ in range(rng.randrange(4))]
@@ -481,14 +487,7 @@ def test_random_commands_and_garbage_never_break_the_front(raw: Any, r: Any,
         conn.send(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
                                                     for a in args))
         sent += 1
-    replies: list[Any] = []
-    conn.sock.settimeout(10)
-    while len(replies) < sent:
-        chunk = conn.sock.recv(1 << 16)
-        assert chunk, f"closed after {len(replies)} of {sent} replies"
-        reader.feed(chunk)
-        while (reply := reader.gets()) is not False:
-            replies.append(reply)
+    replies = conn.replies(sent, limit=10)
     assert not [x for x in replies if "internal" in str(x).lower()]
     for _ in range(30):
         junk = raw()
@@ -523,23 +522,9 @@ def test_pipelined_reads_of_a_big_value_cost_a_node_a_bounded_turn(raw: Any,
     c.set("resp:big", value)
     conn = raw()
     conn.send(b"*1\r\n$4\r\nPING\r\n" * 300)
-    reader = hiredis.Reader()
-    got: list[Any] = []
-    conn.sock.settimeout(20)
-    while len(got) < 300:
-        chunk = conn.sock.recv(1 << 16)
-        assert chunk, "the connection closed"
-        reader.feed(chunk)
-        while (reply := reader.gets()) is not False:
-            got.append(reply)
+    assert conn.replies(300) == [b"PONG"] * 300
     conn.send(b"*2\r\n$3\r\nGET\r\n$8\r\nresp:big\r\n" * 1024)
-    replies: list[Any] = []
-    while len(replies) < 1024:
-        chunk = conn.sock.recv(1 << 20)
-        assert chunk, "the connection closed"
-        reader.feed(chunk)
-        while (reply := reader.gets()) is not False:
-            replies.append(reply)
+    replies = conn.replies(1024)
     errors = [str(x) for x in replies if isinstance(x, hiredis.ReplyError)]
     assert not [e for e in errors if "down" in e], errors[:3]
     assert any("not run" in e for e in errors)

@@ -358,10 +358,9 @@ class Proxy(ProxyShell):
         self._check_admin()
         if addr in self.state.members:
             raise ClusterError(f"{addr} is already a member; nothing changed")
-        home = self.current().shard_of(addr)
-        if home is not None or addr in self.current().addresses():
-            raise ClusterError(f"{addr} is already a node of this cluster (shard {home}); "
-                               "nothing changed")
+        if addr in self.current().addresses():  # (a replica, or a node mid-move)
+            raise ClusterError(f"{addr} is already a node of this cluster (shard "
+                               f"{self.current().shard_of(addr)}); nothing changed")
         weight = options.get("weight", 1.0)
         if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
                 or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT):
