@@ -8,6 +8,7 @@ unknown), never an older one, and no acknowledged delete comes back.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -702,3 +703,114 @@ def test_a_replica_keeps_nothing_of_a_message_it_refuses(tmp_path: Any) -> None:
         assert node.storage.keyspace.data == {b"k": b"v"}
     finally:
         node.storage.close()
+
+
+# -- a node restarted on a wiped (or another) data directory ---------------------------------
+def wipe(cluster: Cluster, addr: str) -> None:
+    """kill -9 the node and delete its data directory (a dead disk, a new machine)."""
+    cluster.kill_node(addr)
+    shutil.rmtree(cluster.topo.data_dirs[addr])
+
+
+def shard_row(cluster: Cluster, shard: str) -> dict[str, Any]:
+    return next(r for r in rows(cluster) if r.get("shard") == shard and r["role"] == "primary")
+
+
+def test_a_primary_back_on_a_wiped_disk_serves_nothing_until_its_replica_takes_over(
+        make_cluster: Any) -> None:
+    """The primary's disk is gone and its in-sync replica is down too. The primary comes
+    back empty: serving would answer from nothing, and the replica, once back, would
+    sync from it and throw the shard's last copy away. It serves nothing, says why, and
+    the replica takes over as soon as it answers."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=3.0)
+    keys = [b"k%d" % i for i in range(200)]
+    assert c.mset({k: b"v-" + k for k in keys})
+    cluster.kill_node(replica)
+    wipe(cluster, shard)
+    cluster.start_node(shard)
+
+    def refused() -> bool:
+        try:
+            c.get(keys[0])
+        except zkv.Unavailable as exc:
+            return "data directory" in str(exc)
+        raise AssertionError("a primary on a wiped disk answered a read")
+
+    wait_until(refused, 15, what="the wiped primary refusing reads")
+    with pytest.raises(zkv.Unavailable, match="data directory"):
+        c.set(b"new", b"x")
+    wait_until(lambda: shard_row(cluster, shard).get("replication") == "lost", 10,
+               what="NODES showing the primary lost")
+    time.sleep(1.0)  # (a few heartbeats: its report must not shrink the in-sync set)
+    assert shard in cluster.client(timeout=3.0).status()["shards"][shard]["primary"]
+    cluster.start_node(replica)
+    wait_until(lambda: primary_of(cluster, shard) == replica, 15, what="the replica promoted")
+    wait_until(lambda: c.mget(keys) == [b"v-" + k for k in keys], 10, what="every key back")
+    wait_in_sync(cluster, 30)  # the wiped node syncs from the replica's copy
+    assert keys_of(shard) == len(keys)
+
+
+def test_an_in_sync_replica_back_on_a_wiped_disk_is_never_promoted(make_cluster: Any) -> None:
+    """The replica's disk is gone and its primary dies: the replica comes back empty,
+    silent from its primary for longer than the grace period. Promoting it would serve
+    nothing where the primary's disk still holds the shard."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=3.0)
+    keys = [b"k%d" % i for i in range(200)]
+    assert c.mset({k: b"v-" + k for k in keys})
+    wipe(cluster, replica)
+    cluster.kill_node(shard)
+    cluster.start_node(replica)
+    wait_until(lambda: next(r for r in rows(cluster) if r["address"] == replica)
+               .get("replication") == "lost", 10, what="NODES showing the replica lost")
+    time.sleep(3.0)  # past the grace period (1.8 s) and a few heartbeats
+    assert primary_of(cluster, shard) == shard
+    with pytest.raises(zkv.Unavailable):
+        c.get(keys[0])
+    cluster.start_node(shard)
+    wait_until(lambda: c.mget(keys) == [b"v-" + k for k in keys], 15, what="every key back")
+    wait_in_sync(cluster, 30)
+    assert primary_of(cluster, shard) == shard and keys_of(replica) == len(keys)
+
+
+def test_failover_force_adopts_a_copy_when_no_in_sync_one_is_left(make_cluster: Any) -> None:
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    assert c.set(b"k", b"v")
+    with pytest.raises(zkv.ClusterError, match="is up and serving"):
+        c.failover(shard, replica, force=True)
+    with pytest.raises(zkv.ClusterError, match="needs the address"):
+        c.failover(shard, force=True)
+    wipe(cluster, replica)
+    wipe(cluster, shard)
+    cluster.start_node(shard)
+    cluster.start_node(replica)
+    wait_until(lambda: shard_row(cluster, shard).get("replication") == "lost", 15,
+               what="NODES showing the primary lost")
+    with pytest.raises(zkv.Unavailable, match="data directory"):
+        c.get(b"k")
+    with pytest.raises(zkv.ClusterError, match="not a node of shard"):
+        c.failover(shard, "127.0.0.1:1", force=True)
+    def zkv_cli(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address,
+                               *words], capture_output=True, text=True, timeout=30, check=False)
+
+    usage = zkv_cli("FAILOVER", shard, "--force")
+    assert usage.returncode == 2 and "needs the node" in usage.stderr + usage.stdout
+    runs: list[subprocess.CompletedProcess[str]] = []
+    wait_until(lambda: runs.append(zkv_cli("FAILOVER", shard, shard, "--force"))
+               or "not reported" not in runs[-1].stdout + runs[-1].stderr, 10,
+               what="the replica's report at this epoch")  # (it restarted: a moment)
+    done = runs[-1]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "forced" in done.stdout and "lost" in done.stdout, done.stdout
+    wait_until(lambda: c.set(b"k", b"after"), 10, what="writes on the adopted copy")
+    assert c.get(b"k") == b"after"
+    wait_in_sync(cluster, 30)

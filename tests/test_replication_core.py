@@ -143,7 +143,10 @@ def test_the_manager_drops_a_laggard_and_adds_a_caught_up_replica() -> None:
     new = plan(s, "S", True, {A: {"role": "primary", "laggards": [B], "caught_up": [C]}})
     assert new is not None and new.epoch == s.epoch + 1
     assert new.shards["S"]["in_sync"] == []  # one change at a time: the drop first
-    new2 = plan(new, "S", True, {A: {"role": "primary", "laggards": [], "caught_up": [C]}})
+    joins = {A: {"role": "primary", "laggards": [], "caught_up": [C]},
+             C: {"role": "replica", "primary": A}}
+    assert plan(new, "S", True, {A: joins[A]}) is None  # (once it answers itself)
+    new2 = plan(new, "S", True, joins)
     assert new2 is not None and new2.shards["S"]["in_sync"] == [C]
     assert plan(new2, "S", True, {A: {"role": "primary", "laggards": [],
                                       "caught_up": []}}) is None
@@ -266,3 +269,73 @@ def test_unacknowledged_bytes_are_bounded_too() -> None:
     for _ in range(20):
         p.ship(b"x" * (16 << 20), 1.0)
     assert "bytes" in p.peers[A].broken
+
+
+# -- data directory identities: a node restarted on an empty or other directory -------------
+def with_ids(ids: dict[str, str], in_sync: list[str] | None = None) -> ClusterState:
+    s = state(in_sync=in_sync)
+    return s.with_shard("S", A, [B], s.shards["S"]["in_sync"], ids)
+
+
+def test_a_joining_replica_and_the_copies_already_counted_on_get_their_ids_recorded() -> None:
+    fresh = state(in_sync=[])
+    mine = {"role": "primary", "caught_up": [], "sessions": {B: "run-1"}, "data_id": "aa"}
+    # a shard new, or from before ids: its primary's copy as it is now
+    s = plan(fresh, "S", True, {A: mine})
+    assert s is not None and s.shards["S"]["ids"] == {A: "aa"}
+    assert plan(s, "S", True, {A: mine}) is None  # nothing more to do
+    mine["caught_up"] = [B]
+    other_session = {B: {"role": "replica", "primary": A, "session": "run-2", "data_id": "bb"}}
+    # a replica that restarted since the copy it made was complete does not join with it
+    assert plan(s, "S", True, {A: mine, **other_session}) is None
+    joined = plan(s, "S", True, {A: mine, B: {**other_session[B], "session": "run-1"}})
+    assert joined is not None and joined.shards["S"]["in_sync"] == [B]
+    assert joined.shards["S"]["ids"] == {A: "aa", B: "bb"}
+    again = ClusterState.from_json(joined.to_json(), "test")
+    assert again == joined
+
+
+def test_a_primary_on_another_directory_is_replaced_by_an_answering_replica_or_kept_out() -> None:
+    s = with_ids({A: "aa", B: "bb"})
+    wiped = {"role": "primary", "laggards": [B], "fresh": [B], "data_id": "ff"}
+    # B is down: the wiped primary's report must not shrink the in-sync set (its
+    # replicas would then sync from an empty copy); the shard waits
+    assert plan(s, "S", True, {A: wiped}) is None
+    assert plan(s, "S", True, {A: {"role": "lost", "data_id": "ff"}}) is None
+    # B answers with its own directory: it takes over at once
+    b = {B: {"role": "replica", "primary": A, "silent": 0.1, "data_id": "bb"}}
+    new = plan(s, "S", True, {A: wiped, **b})
+    assert new is not None and new.primary("S") == B and new.shards["S"]["ids"] == {B: "bb"}
+    # B answers, but from a directory of its own that is not the copy: nobody
+    assert plan(s, "S", True, {A: wiped, B: {**b[B], "data_id": "ee"}}) is None
+
+
+def test_an_in_sync_replica_on_another_directory_leaves_the_set_and_is_never_promoted() -> None:
+    s = with_ids({A: "aa", B: "bb"})
+    fine = {"role": "primary", "laggards": [], "data_id": "aa"}
+    other = {"role": "replica", "primary": A, "silent": GRACE + 1, "data_id": "ee"}
+    dropped = plan(s, "S", True, {A: fine, B: other})
+    assert dropped is not None and dropped.shards["S"]["in_sync"] == []
+    assert dropped.shards["S"]["ids"] == {A: "aa"}  # (only the copies counted on)
+    assert plan(s, "S", False, {B: other}) is None  # the primary is dead: still not B
+    new = plan(s, "S", False, {B: {**other, "data_id": "bb"}})
+    assert new is not None and new.primary("S") == B
+
+
+def test_a_forced_promotion_records_the_new_copy() -> None:
+    s = with_ids({A: "aa", B: "bb"})
+    same = promote(s, "S", A, "a2")  # the primary itself, on a new directory, adopted
+    assert same.shards["S"] == {"primary": A, "replicas": [B], "in_sync": [],
+                                "ids": {A: "a2"}}
+    other = promote(s, "S", B, "b2")
+    assert other.shards["S"] == {"primary": B, "replicas": [A], "in_sync": [],
+                                 "ids": {B: "b2"}}
+
+
+def test_damaged_ids_in_a_configuration_are_refused() -> None:
+    s = with_ids({A: "aa", B: "bb"})
+    for ids in ({A: "not hex"}, {"127.0.0.1:1": "aa"}, [A], {A: 7}):
+        doc = s.to_json()
+        doc["shards"]["S"] = {**doc["shards"]["S"], "ids": ids}
+        with pytest.raises(ClusterError, match="ids"):
+            ClusterState.from_json(doc, "test")

@@ -4,6 +4,7 @@ snapshots, the directory lock and a disk that refuses writes."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -614,3 +615,42 @@ def test_resync_over_random_bytes_does_linear_work() -> None:
     work = wal.Work()
     assert wal.resync(buf, 0, work=work) is None
     assert work.crc_bytes <= 4 * len(buf), work.crc_bytes
+
+
+# -- the directory's identity (what a replicated shard records for each copy) -------------
+def test_a_directory_keeps_its_identity_and_a_new_or_repaired_one_gets_another(
+        tmp_path: Path, opened: list[Storage]) -> None:
+    st, expected = snapshotted(tmp_path, opened)
+    d = tmp_path / "d"
+    first, _ = open_storage(d, opened)
+    identity = first.identity
+    assert len(identity) == 16 and first.keyspace.data == expected
+    first.start_snapshot()  # (a MANIFEST rewritten by a snapshot keeps it)
+    wait_snapshot_done(first)
+    again, _ = reopen(first, opened)
+    assert again.identity == identity
+    again.close()
+    other, _ = open_storage(tmp_path / "other", opened)
+    assert other.identity not in ("", identity)  # a new directory is another copy
+    # a MANIFEST from before identities: the directory gets one, kept from then on
+    manifest = json.loads((d / "MANIFEST").read_text())
+    del manifest["id"]
+    (d / "MANIFEST").write_text(json.dumps(manifest))
+    legacy, _ = open_storage(d, opened)
+    assert legacy.identity not in ("", identity) and legacy.keyspace.data == expected
+    kept = legacy.identity
+    legacy2, _ = reopen(legacy, opened)
+    assert legacy2.identity == kept
+    legacy2.close()
+    # --repair going on without data makes it another copy too (it lost what it held)
+    for name in files(d):
+        if name.startswith("snap-"):
+            (d / name).unlink()
+    repaired, rec = open_storage(d, opened, repair=True)
+    assert rec.warnings and repaired.identity not in ("", kept)
+    # a damaged id in the MANIFEST is a damaged MANIFEST
+    repaired.close()
+    manifest = json.loads((d / "MANIFEST").read_text())
+    (d / "MANIFEST").write_text(json.dumps({**manifest, "id": "not an id!"}))
+    with pytest.raises(StorageError, match="MANIFEST is damaged"):
+        open_storage(d, opened)

@@ -89,7 +89,7 @@ def _digits(token: str) -> bool:
 
 
 ADMIN_FLAGS = {"ADD": ("dry-run", "rate", "weight"), "REMOVE": ("dry-run", "rate", "force"),
-               "MOVE": ("force",)}
+               "MOVE": ("force",), "FAILOVER": ("force",)}
 
 
 def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
@@ -97,8 +97,8 @@ def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
     plain = [t for t in rest if not t.startswith("--")]
     allowed = ADMIN_FLAGS.get(cmd.name, ())
     shown = " ".join(f"[--{f}{'=N' if f in ('rate', 'weight') else ''}]" for f in allowed)
-    first = "ABORT" if cmd.name == "MOVE" else "HOST:PORT"
-    if len(plain) != 1:
+    first = {"MOVE": "ABORT", "FAILOVER": "SHARD [HOST:PORT]"}.get(cmd.name, "HOST:PORT")
+    if not 1 <= len(plain) <= (2 if cmd.name == "FAILOVER" else 1):
         raise UsageError(f"usage: {cmd.name} {first} {shown}")
     options: dict[str, Any] = {}
     for flag in flags:
@@ -113,6 +113,11 @@ def _admin_args(cmd: P.Command, rest: list[str]) -> list[Any]:
             options[name] = float(value)
         else:
             raise UsageError(f"--{name} needs a number: --{name}=N")
+    if cmd.name == "FAILOVER":
+        if options and len(plain) < 2:
+            raise UsageError("FAILOVER --force needs the node to promote: FAILOVER SHARD "
+                             "HOST:PORT --force")
+        return [*plain, options] if options else plain
     if cmd.name == "MOVE" and plain[0].upper() != "ABORT":
         raise UsageError(f"usage: MOVE ABORT {shown}")
     return [plain[0].upper() if cmd.name == "MOVE" else plain[0], options]
@@ -260,9 +265,10 @@ class Printer:
             if replicated:
                 replica = n.get("role") == "replica"
                 repl = n.get("replication") or "?"
-                colour = "green" if repl == "in_sync" else "yellow"
+                colour = "green" if repl == "in_sync" else "red" if repl == "lost" else "yellow"
                 cells["role"] = "└ replica" if replica else "primary"
-                cells["replication"] = f"[{colour}]{repl}[/]" if replica else "-"
+                cells["replication"] = f"[{colour}]{repl}[/]" if replica or repl == "lost" \
+                    else "-"
                 cells["lag"] = "-" if n.get("lag_s") is None else f"{n['lag_s']:.2f}s"
             table.add_row(*(cells[c] for c in cols))
         self.console.print(table)

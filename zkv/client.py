@@ -480,10 +480,22 @@ class Client(StringCommands):
         reply: dict[str, Any] = self.call("REPLICA", "REMOVE", address)
         return reply
 
-    def failover(self, shard: str, address: str | None = None) -> dict[str, Any]:
+    def failover(self, shard: str, address: str | None = None, *,
+                 force: bool = False) -> dict[str, Any]:
         """FAILOVER: hand ``shard`` to an in-sync replica (``address``, or any), losing no
-        acknowledged write; the new primary serves within about a second."""
-        reply: dict[str, Any] = self.call("FAILOVER", shard, *([address] if address else []))
+        acknowledged write; the new primary serves within about a second.
+
+        ``force=True`` (``address`` required) is for a shard with no in-sync copy left
+        (its primary's data directory was wiped, and no in-sync replica answers): the
+        copy at ``address``, which may be the primary itself, becomes the shard's as it
+        is, and whatever it lacks is lost. Refused while the shard's copy still serves
+        or an in-sync replica that holds it answers."""
+        if force and not address:
+            raise ClusterError("failover(force=True) needs the address of the node to promote")
+        args: list[Any] = [address] if address else []
+        if force:
+            args.append({"force": True})
+        reply: dict[str, Any] = self.call("FAILOVER", shard, *args)
         return reply
 
     def _admin(self, op: str, address: str, options: dict[str, Any], rate: float | None,

@@ -874,6 +874,7 @@ class Node:
             "rss_bytes": rss_bytes(),
             "fsync": self.storage.fsync,
             "data_dir": self.storage.dir,
+            "data_id": self.storage.identity,  # (zkv.storage: which copy the directory is)
             "uptime_s": round(time.monotonic() - self.started, 3),
             "ops": dict(self.counters),
             "latency_buckets": self.timings.total(),  # counts per zkv.core.timings.BUCKETS

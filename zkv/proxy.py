@@ -157,9 +157,7 @@ class Proxy(ProxyShell):
     def _replication(self, now: float) -> None:
         """Reconfigure a replicated shard when its nodes' reports call for it
         (zkv.core.replication.plan): one change at a time, each a new epoch."""
-        fresh = 2 * self.health.interval * self.health.misses
-        reports = {addr: report for addr, (when, epoch, report) in self.repl_reports.items()
-                   if epoch == self.state.epoch and now - when <= fresh}
+        reports = self._fresh_reports(now)
         for name in sorted(self.state.shards):
             new = plan_shard(self.state, name, self.health.is_up(name), reports)
             if new is None:
@@ -167,8 +165,13 @@ class Proxy(ProxyShell):
             old, shard = self.state.shards[name], new.shards[name]
             if shard["primary"] != old["primary"]:
                 self.failovers += 1
-                why = ("restarted without its replicas' sessions"
-                       if self.health.is_up(name) else "is not answering")
+                mine = reports.get(old["primary"], {})
+                recorded = self.state.identity(name, old["primary"])
+                why = ("is not answering" if not self.health.is_up(name)
+                       else "answers from a data directory that is not the shard's copy"
+                       if mine.get("role") == "lost" or recorded and
+                       mine.get("data_id") != recorded
+                       else "restarted without its replicas' sessions")
                 log.warning("shard %s: primary %s %s: promoting in-sync replica %s "
                             "(epoch %d)", name, old["primary"], why, shard["primary"],
                             new.epoch)
@@ -182,6 +185,12 @@ class Proxy(ProxyShell):
             self.repl_reports.clear()  # judged by the new epoch's reports from now on
             self.commit(new)
             return
+
+    def _fresh_reports(self, now: float) -> dict[str, dict[str, Any]]:
+        """The nodes' replication reports of late, at this epoch (address -> report)."""
+        fresh = 2 * self.health.interval * self.health.misses
+        return {addr: report for addr, (when, epoch, report) in self.repl_reports.items()
+                if epoch == self.state.epoch and now - when <= fresh}
 
     def _idle(self) -> bool:
         return self.driver is None and not self._admin_busy
@@ -459,7 +468,15 @@ class Proxy(ProxyShell):
         write the old one acknowledged is missed and no two primaries answer."""
         self._check_admin()
         name = self._shard_arg(args[0])
+        options = dict(args[2]) if len(args) > 2 else {}
+        for option in options:
+            if option != "force":
+                raise ClusterError(f"unknown option {option!r} for FAILOVER; it takes force")
+        if options.get("force", False) not in (True, False):
+            raise ClusterError("force must be true or false")
         shard = self.state.shards.get(name)
+        if options.get("force"):
+            return self._force_failover(routing, name, shard, args[1] if len(args) > 1 else "")
         if shard is None or not shard["replicas"]:
             raise ClusterError(f"shard {name} has no replicas; nothing changed")
         live = [a for a in shard["in_sync"] if self.health.is_up(self.key_of(a))]
@@ -494,6 +511,14 @@ class Proxy(ProxyShell):
                 self._fail(routing, ClusterError(
                     f"shard {name} changed meanwhile (NODES shows it now); nothing changed"))
                 return
+            expected = self.state.identity(name, target)
+            found = result.get("data_id") if isinstance(result, dict) else None
+            if expected and found != expected:
+                self._fail(routing, ClusterError(
+                    f"{target} answers from data directory id {found}, not the copy that "
+                    f"joined the in-sync set (id {expected}): it was wiped or replaced "
+                    f"since; shard {name} stays with {shard['primary']}"))
+                return
             new = promote(self.state, name, target)
             self.handovers += 1
             log.warning("shard %s: FAILOVER from %s to %s (epoch %d)", name,
@@ -504,6 +529,69 @@ class Proxy(ProxyShell):
 
         # a last word from the new primary itself: a replica killed a moment ago is
         # still up by its heartbeats, and promoting it would leave the shard with none
+        self._call(self.key_of(target), "INFO", [], answered, min(self.timeout, 1.0))
+
+    def _force_failover(self, routing: list[bytes], name: str, shard: dict[str, Any] | None,
+                        addr: str) -> None:
+        """FAILOVER SHARD ADDR --force: the copy at ADDR (a replica, or the primary itself
+        on a new data directory) becomes the shard's as it is, for a shard that has no
+        in-sync copy left. What the lost copy held and ADDR lacks is lost: refused while
+        the shard's primary still serves its copy or an in-sync replica holding it
+        answers (then a plain FAILOVER, or nothing, loses nothing)."""
+        if shard is None:
+            raise ClusterError(f"{name} is not a replicated shard; nothing changed")
+        if not addr:
+            raise ClusterError("FAILOVER --force needs the node to promote: FAILOVER SHARD "
+                               "HOST:PORT --force")
+        target = self._node_arg(addr, "new primary")
+        if target != shard["primary"] and target not in shard["replicas"]:
+            raise ClusterError(f"{target} is not a node of shard {name}; nothing changed")
+        reports = self._fresh_reports(time.monotonic())
+        primary = shard["primary"]
+        mine = reports.get(primary, {})
+        recorded = self.state.identity(name, primary)
+        lost = mine.get("role") == "lost" or bool(recorded) and "data_id" in mine \
+            and mine["data_id"] != recorded
+        if self.health.is_up(name) and not lost:  # (or not known to be lost yet)
+            raise ClusterError(
+                f"shard {name}'s primary {primary} is up and serving the shard's copy; "
+                "--force would throw it away. Use FAILOVER without --force; nothing changed")
+        live = [a for a in shard["in_sync"] if self.health.is_up(self.key_of(a))]
+        for addr in live:
+            if "data_id" not in reports.get(addr, {}):
+                raise ClusterError(
+                    f"in-sync replica {addr} of shard {name} answers but has not reported "
+                    "its copy at this epoch yet; try again in a moment. Nothing changed")
+            if self.state.identity(name, addr) in ("", reports[addr]["data_id"]):
+                raise ClusterError(
+                    f"in-sync replica {addr} of shard {name} answers: it holds every "
+                    "acknowledged write, and the config manager promotes it on its own (or "
+                    "use FAILOVER without --force); nothing changed")
+        self._admin_busy = True
+
+        def answered(result: Any) -> None:
+            self._admin_busy = False
+            found = result.get("data_id") if isinstance(result, dict) else None
+            if not isinstance(found, str) or not found:
+                self._fail(routing, ClusterError(
+                    f"{target} does not answer ({result}); shard {name} stays with "
+                    f"{primary}"))
+                return
+            if self.state.shards.get(name) != shard or self.publishing is not None:
+                self._fail(routing, ClusterError(
+                    f"shard {name} changed meanwhile (NODES shows it now); nothing changed"))
+                return
+            new = promote(self.state, name, target, found)
+            self.handovers += 1
+            keys = result.get("keys")
+            lost = (f"whatever the shard's last copy held that {target}'s {keys} keys lack "
+                    "is lost")
+            log.error("shard %s: FAILOVER to %s --force (epoch %d): its copy (data directory "
+                      "id %s) is the shard's now; %s", name, target, new.epoch, found, lost)
+            self.commit(new, lambda: self._answer(routing, {
+                "shard": name, "primary": target, "was": primary, "epoch": new.epoch,
+                "forced": True, "keys": keys, "lost": lost}))
+
         self._call(self.key_of(target), "INFO", [], answered, min(self.timeout, 1.0))
 
     def _force_remove(self, routing: list[bytes], addr: str) -> None:

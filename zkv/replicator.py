@@ -90,6 +90,9 @@ class Replicator:
         self.serve_after = 0.0  # a new primary serves from then (monotonic)
         self.dropped: set[bytes] = set()  # keys dropped while a sync's copy streams in
         self.demoted = 0  # replies failed because this node stopped being primary
+        # why this node, named a shard's primary, serves nothing: its data directory is
+        # not the one the shard recorded for it (wiped, or another); "" when it is
+        self.lost = ""
 
     # -- the configuration --------------------------------------------------------------
     def configure(self, state: ClusterState, name: str, address: str | None) -> None:
@@ -99,7 +102,15 @@ class Replicator:
             self.address = address
         shard = state.shards.get(name)
         self.shard, self.min_in_sync = name, state.min_in_sync
-        if shard is not None and shard["primary"] == self.address:
+        lost = self._lost(state, name) if shard is not None else ""
+        if lost != self.lost:
+            if lost:
+                log.error("%s", lost)
+            self.lost = lost
+        if lost:
+            self.replica = None
+            self._stop_primary("its data directory is not the shard's copy")
+        elif shard is not None and shard["primary"] == self.address:
             if self.primary is None:
                 log.info("node %s is the primary of shard %s", self.address, name)
                 # (sessions are named by this run and this reign: a node that is primary
@@ -126,6 +137,23 @@ class Replicator:
         self.gated = shard is not None
         self.release()
 
+    def _lost(self, state: ClusterState, name: str) -> str:
+        """Why this node must not serve as shard ``name``'s primary ("" if it may): the
+        configuration records another data directory as that copy. Serving from this
+        one would answer from an empty or different copy, and its replicas would sync
+        from it, throwing away the copy they hold."""
+        expected = state.identity(name, self.address)
+        mine = self.node.storage.identity
+        if state.primary(name) != self.address or not expected or expected == mine:
+            return ""
+        return (f"node {self.address} is the primary of shard {name}, but its data directory "
+                f"{self.node.storage.dir} (id {mine}) is not the copy the shard holds there "
+                f"(id {expected}): it was wiped or replaced, or the node was started with "
+                "another --data-dir. It serves nothing. Restart it on the right directory; or an "
+                "in-sync replica that answers takes over; or, if that copy is gone, `FAILOVER "
+                f"{name} ADDR --force` makes the copy at ADDR (this node's included) the "
+                "shard's, losing what it lacks")
+
     def _stop_primary(self, why: str) -> None:
         if self.primary is None:
             return
@@ -151,6 +179,8 @@ class Replicator:
     # -- the gate on data requests --------------------------------------------------------
     def gate(self, op: str) -> None:
         """Raise if this node may not serve ``op`` now (only called when gated)."""
+        if self.lost and op not in FREE_OPS:  # (a move's steps too: it holds nothing)
+            raise Unavailable(self.lost)
         if op not in READ_OPS and op not in WRITE_OPS:
             return
         if self.replica is not None:
@@ -536,14 +566,17 @@ class Replicator:
     # -- reporting ------------------------------------------------------------------------------
     def report(self) -> dict[str, Any] | None:
         now = time.monotonic()
+        mine = {"shard": self.shard, "data_id": self.node.storage.identity}
+        if self.lost:
+            return {"role": "lost", "why": self.lost, **mine}
         if self.primary is not None:
-            return {**self.primary.report(now), "shard": self.shard,
+            return {**self.primary.report(now), **mine,
                     "waiting_replies": sum(len(r) for _, r in self.parked)}
         if self.replica is not None:
             assert self.shard is not None
             state = self.node.placement.state if self.node.placement else None
             primary = state.primary(self.shard) if state is not None else ""
-            return {**self.replica.report(now, primary), "shard": self.shard}
+            return {**self.replica.report(now, primary), **mine}
         return None
 
     def close(self) -> None:

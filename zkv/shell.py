@@ -492,9 +492,15 @@ class ProxyShell:
         entry.update(address=primary, shard=name, role="primary")
         report = self.repl_reports.get(primary, (0.0, 0, {}))[2]
         lags, states = report.get("lag", {}), report.get("state", {})
+        if report.get("role") == "lost":  # (its data directory is not the shard's copy)
+            entry.update(replication="lost", error=report.get("why"))
         rows = []
         for addr in shard["replicas"]:
             info = infos.get(NODE_KEY + addr, {})
+            mine = self.repl_reports.get(addr, (0.0, 0, {}))[2]
+            recorded = self.state.identity(name, addr)
+            if recorded and mine.get("data_id") not in (None, recorded):
+                states = {**states, addr: "lost"}  # (back on another data directory)
             rows.append({
                 "address": addr, "shard": name, "role": "replica",
                 "state": "up" if self.health.is_up(NODE_KEY + addr) else "down",

@@ -18,6 +18,12 @@ instead of starting silently with keys missing or older values back. A
 directory from before the MANIFEST is checked by its file numbers (segments
 must run without a gap from the snapshot, or from 1).
 
+The MANIFEST also holds the directory's *identity*, a random id made when the
+directory is first used (and made anew when ``--repair`` goes on without data).
+A replicated shard's configuration records the identity of each copy it counts on
+(zkv.core.replication), so a node restarted on an empty or different directory is
+never taken for the copy it replaced.
+
 Writes are transactions of one event-loop turn: the node mutates the
 :class:`~zkv.core.keyspace.Keyspace`, collects the records, then calls
 :meth:`Storage.commit`, which appends them with one write (and, under
@@ -36,6 +42,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +50,7 @@ from typing import Any
 
 from . import durable, lockfile
 from .core import wal
+from .core.cluster import valid_identity
 from .core.keyspace import Keyspace, ReplayError
 from .core.timings import Timings
 from .durable import fsync_dir
@@ -87,10 +95,14 @@ class Manifest:
     snapshot: int | None
     first: int
     last: int
+    identity: str = ""  # the directory's id ("" in a MANIFEST from before ids)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": MANIFEST_VERSION, "snapshot": self.snapshot,
-                "segments": [self.first, self.last]}
+        doc: dict[str, Any] = {"version": MANIFEST_VERSION, "snapshot": self.snapshot,
+                               "segments": [self.first, self.last]}
+        if self.identity:
+            doc["id"] = self.identity
+        return doc
 
 
 def read_manifest(data_dir: str) -> Manifest | None:
@@ -103,10 +115,16 @@ def read_manifest(data_dir: str) -> Manifest | None:
           and (data.get("snapshot") is None or _seq(data.get("snapshot")))
           and isinstance(data.get("segments"), list) and len(data["segments"]) == 2
           and all(_seq(x) for x in data["segments"])
-          and data["segments"][0] <= data["segments"][1])
+          and data["segments"][0] <= data["segments"][1]
+          and (data.get("id") is None or valid_identity(data["id"])))
     if not ok:
         raise ValueError(f"{path} is damaged: not a zkv manifest (version {MANIFEST_VERSION})")
-    return Manifest(data["snapshot"], data["segments"][0], data["segments"][1])
+    return Manifest(data["snapshot"], data["segments"][0], data["segments"][1],
+                    data.get("id") or "")
+
+
+def new_identity() -> str:
+    return secrets.token_hex(8)
 
 
 def _seq(value: object) -> bool:
@@ -211,6 +229,7 @@ class Storage:
         self._resnapshot = False  # a damaged snapshot was loaded by --repair: replace it
         self.first_seq = 1  # the oldest live segment
         self.snapshot_seq: int | None = None
+        self.identity = ""  # this directory's id (see the module's text), once opened
 
     # -- opening ----------------------------------------------------------
     def open(self) -> Recovery:
@@ -297,7 +316,9 @@ class Storage:
         self.snapshot_seq = base or None
         if not self.check_only:
             self._open_segment(self.seq)
-            write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, self.seq))
+            if not self.identity:
+                self.identity = new_identity()
+            self._write_manifest(self.snapshot_seq, self.first_seq, self.seq)
         self.log_bytes = sum(
             os.path.getsize(os.path.join(self.dir, segment_name(s))) for s in live
             if os.path.exists(os.path.join(self.dir, segment_name(s)))) if live else 0
@@ -319,6 +340,7 @@ class Storage:
                                    "the data files by their numbers instead") from None
             self._warn(report, f"{exc}; --repair checks the data files by their numbers")
             manifest = None
+        self.identity = manifest.identity if manifest is not None else ""
         missing: list[str] = []
         if manifest is not None:
             wanted = manifest.snapshot or 0
@@ -358,8 +380,12 @@ class Storage:
             later = [seq for seq in needed if seq in have and seq not in live]
             self._warn(report, f"--repair: {self.dir} is missing {what}; going on without it: "
                        "the data it held is lost")
+            self.identity = ""  # not the copy it was: a replicated shard must not count on it
             self._set_aside(later, report)
         return base, live
+
+    def _write_manifest(self, snapshot: int | None, first: int, last: int) -> None:
+        write_manifest(self.dir, Manifest(snapshot, first, last, self.identity))
 
     def _set_aside(self, seqs: list[int], report: Recovery) -> None:
         for later in seqs:
@@ -439,6 +465,7 @@ class Storage:
             self._warn(report, f"{path}: --repair loaded {loaded} keys from a damaged "
                        f"snapshot (damage at {where}); {lost}")
             self._resnapshot = True  # until a new snapshot replaces it, --repair stays needed
+            self.identity = ""  # (data lost: not the copy it was, see _files)
         return n
 
     def _replay_segment(self, seq: int, last: bool, report: Recovery) -> tuple[int, bool]:
@@ -476,6 +503,7 @@ class Storage:
         self._warn(report, (
             f"{path}: --repair dropped {len(cut)} bytes from byte offset {damage.offset} "
             f"({reason}); kept in {kept}"))
+        self.identity = ""  # (data lost: not the copy it was, see _files)
         return n, True
 
     def _cut(self, path: str, offset: int, cut: bytes, kept: str) -> None:
@@ -610,7 +638,7 @@ class Storage:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fsync_dir(self.dir)
-            write_manifest(self.dir, Manifest(self.snapshot_seq, self.first_seq, seq))
+            self._write_manifest(self.snapshot_seq, self.first_seq, seq)
         except OSError:
             os.close(fd)
             try:
@@ -651,7 +679,7 @@ class Storage:
             return
         seq, size = result
         try:
-            write_manifest(self.dir, Manifest(seq, seq, self.seq))
+            self._write_manifest(seq, seq, self.seq)
         except OSError as exc:  # the older files stay named and kept; the next start copes
             log.error("could not record snapshot %s of %s in its MANIFEST: %s; keeping the "
                       "older files", snapshot_name(seq), self.dir, exc.strerror or exc)

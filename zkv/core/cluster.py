@@ -29,7 +29,9 @@ class ClusterState:
     vnodes: int
     move: dict[str, Any] | None = None  # an unfinished move, see zkv.rebalance
     # Replicated shards (zkv.core.replication): name -> {"primary": address, "replicas":
-    # [addresses], "in_sync": [the replicas holding every acknowledged write]}. A shard
+    # [addresses], "in_sync": [the replicas holding every acknowledged write], and
+    # "ids": {address: the identity of its data directory (zkv.storage)}, for the
+    # primary and in-sync replicas whose identity is known; absent when none is}. A shard
     # not listed is one node, at the address that is its name.
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_in_sync: int = 1  # copies (primary included) a shard needs to take writes
@@ -132,6 +134,12 @@ class ClusterState:
                     and shard["primary"] not in shard["replicas"]):
                 raise bad(f"shards[{name!r}] must have a primary, replicas and in_sync "
                           "(a subset of the replicas)")
+            ids = shard.get("ids", {})
+            if not (isinstance(ids, dict) and all(
+                    a in (shard["primary"], *shard["in_sync"]) and valid_identity(i)
+                    for a, i in ids.items())):
+                raise bad(f"shards[{name!r}].ids must map the primary and in-sync replicas "
+                          "to data directory ids")
         min_in_sync = data.get("min_in_sync", 1)
         if type(min_in_sync) is not int or min_in_sync < 1:
             raise bad("min_in_sync must be a positive integer")
@@ -139,8 +147,8 @@ class ClusterState:
         if not isinstance(cluster, str) or len(cluster) > 64:
             raise bad("cluster must be a string (the cluster's id)")
         return cls(epoch, {k: float(v) for k, v in members.items()}, vnodes, move,
-                   {str(k): {"primary": v["primary"], "replicas": list(v["replicas"]),
-                             "in_sync": list(v["in_sync"])} for k, v in shards.items()},
+                   {str(k): _shard(v["primary"], v["replicas"], v["in_sync"], v.get("ids"))
+                    for k, v in shards.items()},
                    min_in_sync, cluster)
 
     # Every change is a new epoch: nodes order configurations by it alone, and a
@@ -157,19 +165,41 @@ class ClusterState:
         return replace(self, shards={k: v for k, v in self.shards.items() if k in involved})
 
     def with_shard(self, name: str, primary: str, replicas: list[str],
-                   in_sync: list[str]) -> ClusterState:
+                   in_sync: list[str], ids: dict[str, str] | None = None) -> ClusterState:
         """Shard ``name`` reconfigured (a failover, or its in-sync set changed): one
-        epoch on."""
+        epoch on. The data directory ids it had are kept, with ``ids`` over them, for
+        the nodes still counted on (the primary and in-sync replicas)."""
         shards = dict(self.shards)
-        shards[name] = {"primary": primary, "replicas": list(replicas),
-                        "in_sync": [r for r in replicas if r in in_sync]}
+        known = {**self.shards.get(name, {}).get("ids", {}), **(ids or {})}
+        shards[name] = _shard(primary, replicas, [r for r in replicas if r in in_sync], known)
         return replace(self, epoch=self.epoch + 1, shards=shards)
+
+    def identity(self, name: str, address: str) -> str:
+        """The data directory id recorded for ``address`` in shard ``name`` ("" if none)."""
+        return str(self.shards.get(name, {}).get("ids", {}).get(address, ""))
 
     def with_move(self, move: dict[str, Any] | None,
                   members: dict[str, float] | None = None) -> ClusterState:
         """The move record replaced (and the ring too, with ``members``): one epoch on."""
         return replace(self, epoch=self.epoch + 1, move=move,
                        members=dict(self.members if members is None else members))._pruned()
+
+
+def _shard(primary: str, replicas: list[str], in_sync: list[str],
+           ids: dict[str, str] | None) -> dict[str, Any]:
+    shard: dict[str, Any] = {"primary": primary, "replicas": list(replicas),
+                             "in_sync": list(in_sync)}
+    counted = {primary, *in_sync}
+    kept = {a: i for a, i in sorted((ids or {}).items()) if a in counted}
+    if kept:
+        shard["ids"] = kept
+    return shard
+
+
+def valid_identity(value: object) -> bool:
+    """A data directory's id as MANIFESTs (zkv.storage) and configurations carry it."""
+    return (isinstance(value, str) and 0 < len(value) <= 32
+            and all(c in "0123456789abcdef" for c in value))
 
 
 def _addresses(value: Any) -> bool:

@@ -201,9 +201,11 @@ COMMANDS: dict[str, Command] = {
         Command("REPLICA", ADMIN, ("replica_action", "addr", "addr?"),
                 "Attach node HOST:PORT to shard SHARD as a replica and sync it (ADD), or "
                 "detach a replica (REMOVE).", "ADD SHARD HOST:PORT | REMOVE HOST:PORT"),
-        Command("FAILOVER", ADMIN, ("addr", "addr?"),
+        Command("FAILOVER", ADMIN, ("addr", "addr?", "options?"),
                 "Hand shard SHARD to an in-sync replica (HOST:PORT, or any), losing no "
-                "acknowledged write.", "SHARD [HOST:PORT]"),
+                "acknowledged write (--force: make the copy at HOST:PORT the shard's when "
+                "no in-sync copy is left, losing what it lacks).",
+                "SHARD [HOST:PORT] [--force]"),
         # Node-to-node and proxy-to-node operations used by rebalancing.
         Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
         Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),

@@ -35,7 +35,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import ClusterState
+from .cluster import ClusterState, valid_identity
 
 __all__ = ["BEACON", "GRACE", "LAG", "LEASE", "Primary", "Replica", "plan", "promote"]
 
@@ -206,6 +206,7 @@ class Primary:
         fresh = [p.addr for p in self.peers.values() if p.in_sync and p.broken == FRESH]
         return {"role": "primary", "laggards": laggards, "caught_up": caught_up,
                 "fresh": fresh,
+                "sessions": {p.addr: p.session for p in self.peers.values()},
                 "lease": self.lease_ok(now),
                 "lag": {p.addr: round(p.age(now), 3) for p in self.peers.values()},
                 "state": {p.addr: ("in_sync" if p.in_sync else "synced" if p.synced
@@ -256,39 +257,71 @@ def plan(state: ClusterState, name: str, primary_up: bool,
          reports: dict[str, dict[str, Any]]) -> ClusterState | None:
     """The next configuration for shard ``name``, if it needs one, from the latest
     heartbeat reports of its nodes (address -> report, at this epoch) and whether its
-    primary answers heartbeats."""
+    primary answers heartbeats.
+
+    A node counts as the copy the shard holds only while its report names the data
+    directory recorded for it (``ids``, zkv.storage's identity): one restarted on an
+    empty or another directory is never promoted, and a primary that did so (it then
+    serves nothing, zkv.replicator) is replaced by an in-sync replica that answers."""
     shard = state.shards.get(name)
     if shard is None:
         return None
     primary, replicas, in_sync = shard["primary"], shard["replicas"], shard["in_sync"]
+    ids: dict[str, str] = shard.get("ids", {})
+
+    def same(addr: str) -> bool:  # (its directory is the one recorded, or none is)
+        return addr not in ids or reports.get(addr, {}).get("data_id") == ids[addr]
+
+    def follows(addr: str) -> bool:  # an in-sync replica answering as this shard's
+        report = reports.get(addr, {})
+        return (report.get("role") == "replica" and report.get("primary") == primary
+                and same(addr))
+
     mine = reports.get(primary) if primary_up else None
+    if mine is not None and (mine.get("role") == "lost" or not same(primary)):
+        # it answers from a directory that is not the shard's copy (wiped, replaced):
+        # it serves nothing; an in-sync replica that answers takes over, or none does
+        answering = [a for a in in_sync if follows(a)]
+        return promote(state, name, answering[0]) if answering else None
     if mine is not None and mine.get("role") == "primary":
         if set(_names(mine, "fresh")) & set(in_sync):
             # it restarted: an in-sync replica that answers holds every acknowledged
             # write (this run's log may have lost its tail), and the old run's lease
             # died with it: promote that replica rather than keep this primary
-            answering = [a for a in in_sync if reports.get(a, {}).get("role") == "replica"
-                         and reports[a].get("primary") == primary]
+            answering = [a for a in in_sync if follows(a)]
             if answering:
                 return promote(state, name, answering[0])
-        laggards = [a for a in _names(mine, "laggards") if a in in_sync]
+        laggards = [a for a in in_sync if a in _names(mine, "laggards")
+                    or a in reports and not same(a)]  # (restarted on another directory)
         if laggards:
             return state.with_shard(name, primary, replicas,
                                     [a for a in in_sync if a not in laggards])
-        joining = [a for a in _names(mine, "caught_up") if a in replicas and a not in in_sync]
+        sessions = mine.get("sessions")
+        joining = [a for a in _names(mine, "caught_up") if a in replicas and a not in in_sync
+                   and reports.get(a, {}).get("role") == "replica"
+                   and (not isinstance(sessions, dict)  # (the copy it made is the one
+                        or reports[a].get("session") == sessions.get(a))]  # it holds)
         if joining:
-            return state.with_shard(name, primary, replicas, [*in_sync, *joining])
+            return state.with_shard(name, primary, replicas, [*in_sync, *joining],
+                                    _identities(reports, joining))
+        unknown = _identities(reports, [a for a in (primary, *in_sync) if a not in ids])
+        if unknown:  # (a shard new, or from before ids: its copies as they are now)
+            return state.with_shard(name, primary, replicas, in_sync, unknown)
         return None
     if primary_up:
         return None  # it answers, but not yet as this epoch's primary: wait for it
-    claims = [a for a in in_sync
-              if isinstance(reports.get(a), dict) and reports[a].get("role") == "replica"
-              and reports[a].get("primary") == primary
+    claims = [a for a in in_sync if follows(a)
               and isinstance(reports[a].get("silent"), (int, float))
               and reports[a]["silent"] >= GRACE]
     if not claims:
         return None
     return promote(state, name, claims[0])
+
+
+def _identities(reports: dict[str, dict[str, Any]], addrs: list[str]) -> dict[str, str]:
+    """The data directory ids that the reports of ``addrs`` name."""
+    found = {a: reports.get(a, {}).get("data_id") for a in addrs}
+    return {a: str(i) for a, i in found.items() if valid_identity(i)}
 
 
 def _names(report: dict[str, Any], field_: str) -> list[str]:
@@ -297,9 +330,12 @@ def _names(report: dict[str, Any], field_: str) -> list[str]:
     return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
 
 
-def promote(state: ClusterState, name: str, new: str) -> ClusterState:
+def promote(state: ClusterState, name: str, new: str,
+            identity: str | None = None) -> ClusterState:
     """Shard ``name`` with ``new`` (an in-sync replica) as its primary. Every other node
-    (the old primary included) leaves the in-sync set, to sync again from ``new``."""
+    (the old primary included) leaves the in-sync set, to sync again from ``new``.
+    ``identity``: ``new``'s data directory id, recorded as the shard's copy from now on
+    (a forced failover to a node that was not in sync, or to the primary itself)."""
     shard = state.shards[name]
-    rest = [shard["primary"], *[a for a in shard["replicas"] if a != new]]
-    return state.with_shard(name, new, rest, [])
+    rest = [a for a in (shard["primary"], *shard["replicas"]) if a != new]
+    return state.with_shard(name, new, rest, [], {new: identity} if identity else None)
