@@ -434,11 +434,40 @@ def test_replies_to_other_requests_are_ignored(
 def test_a_server_error_is_not_retried(
     fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client]
 ) -> None:
-    server = fake(lambda n, op: P.encode_error("NODE_DOWN", "node 127.0.0.1:9 is down"))
+    server = fake(lambda n, op: P.encode_error("BAD_COMMAND", "not a counter"))
     c = clients(server.address, timeout=1.0, retries=3)
-    with pytest.raises(zkv.NodeUnavailable, match="127.0.0.1:9"):
+    with pytest.raises(zkv.CommandError, match="not a counter"):
         c.get("k")
-    assert len(server.seen) == 1
+    with pytest.raises(zkv.CommandError, match="not a counter"):
+        c.incr("k")
+    assert len(server.seen) == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("many", [False, True], ids=["call", "call_many"])
+def test_a_read_or_write_that_meets_a_failover_is_tried_again_after_a_pause(
+    fake: Callable[..., FakeServer], clients: Callable[..., zkv.Client], many: bool
+) -> None:
+    """Unavailable (a node down, a new primary not serving yet): reads and writes are
+    tried again, twice by default, then the error is the caller's, naming the node."""
+    down = P.encode_error("NODE_DOWN", "node 127.0.0.1:9 is down")
+    server = fake(lambda n, op: down if n in (0, 1, 3, 4, 5) else P.encode_ok(b"v"))
+    c = clients(server.address, timeout=1.0)
+
+    def call(op: str, *args: Any) -> Any:
+        if not many:
+            return c.call(op, *args)
+        result = c.call_many([(op, args)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    assert call("GET", b"k") == b"v"  # tried three times
+    began = time.monotonic()
+    with pytest.raises(zkv.NodeUnavailable, match="127.0.0.1:9"):
+        call("SET", b"k", b"v")  # three tries, all refused
+    assert len(server.seen) == 6
+    assert time.monotonic() - began >= 0.25  # the pauses, not a busy loop
 
 
 @pytest.mark.timeout(30)

@@ -9,10 +9,13 @@ Keys and values may be ``str`` (sent as UTF-8) or ``bytes``; values come back as
 ``bytes`` and a missing key as ``None``. Every call has a deadline. A request
 that could not be sent at all (nothing listens at the address, the connection
 was refused or shed) fails at once with :class:`zkv.NotSent`, saying why, after
-``retries`` short pauses; since it never left, a write is tried again too. Reads
-that get no reply in time are retried on a fresh socket (the ZeroMQ Guide's Lazy
-Pirate); writes are not, because a retried write could undo a later one: their
-timeout raises :class:`zkv.Timeout`, whose message says the outcome is unknown.
+``retries`` short pauses; since it never left, a write is tried again too. A read
+that gets no reply in time is retried on a fresh socket (the ZeroMQ Guide's Lazy
+Pirate), and so is a write: each carries this client's id and a sequence number, so
+a node that applied it answers its first outcome instead of applying it again. A
+read or write that meets an Unavailable error (its node down, a failover under way)
+is tried again after a short pause. Only when every try has run out is a write's
+outcome unknown: :class:`zkv.Timeout` says so.
 Errors are the :mod:`zkv.errors` family, the same type the server reported.
 
 ``direct=True`` routes on the client: it asks the proxy for the cluster's
@@ -80,7 +83,7 @@ def _checked_address(address: str) -> str:
 
 def _unavailable(reply: bytes) -> bool:
     """Whether a reply is an error of the Unavailable family (the node is down, a
-    failover is under way, ...): worth another try for a write tagged for retries."""
+    failover is under way, ...): worth another try for a read or a tagged write."""
     if not (len(reply) > 1 and reply[1] == 0x01):
         return False
     try:
@@ -219,13 +222,11 @@ class Client(StringCommands):
         ops: list[str] = []
         bodies: list[bytes] = []
         retried: list[bool] = []
-        tagged: list[bool] = []
         for op, args in commands:
             op = op.upper() if isinstance(op, str) else op
-            body, tag, retry = self._request(op, list(args))
+            body, _, retry = self._request(op, list(args))
             ops.append(op)
             bodies.append(body)
-            tagged.append(tag)
             retried.append(retry)
         replies: list[bytes | Timeout | NotSent | None] = [None] * len(bodies)
 
@@ -234,7 +235,7 @@ class Client(StringCommands):
             again: list[int] = []
             pause = False
             for i, reply in zip(pending, self._exchange_many([bodies[i] for i in pending])):
-                if not last and (isinstance(reply, NotSent) or tagged[i] and isinstance(
+                if not last and (isinstance(reply, NotSent) or retried[i] and isinstance(
                         reply, bytes) and _unavailable(reply)):
                     again.append(i)
                     pause = True  # nothing sent, or a failover, say: give it a moment
@@ -321,14 +322,17 @@ class Client(StringCommands):
         tried again after a short pause, a write too, since it never left. A read that
         got no reply in time is sent again on a fresh socket; so is a write (tagged
         with this client's id and a sequence number, so the node that applied it
-        answers its first outcome instead of applying it twice), and a write whose
-        node went down or was not reachable is tried again after a pause. Only when
+        answers its first outcome instead of applying it twice), and a read or write
+        whose node went down or was not reachable is tried again after a pause. Only when
         every try has run out is a write's outcome unknown (``zkv.Timeout`` says so)."""
         op = op.upper() if isinstance(op, str) else op
         kind = P.COMMANDS[op].kind if op in P.COMMANDS else P.WRITE
-        body, tagged, retried = self._request(op, list(args))
+        body, _, retried = self._request(op, list(args))
         if retry is None:
             retry = retried
+        # (a PIPE's own caller sees to its Unavailable replies: a transaction must know
+        # whether it went out, see Pipeline)
+        again_if_unavailable = retry and retried
         attempts = 1 + self.retries
         timeouts = 0
         key = args[0] if args and self._direct is not None else None
@@ -351,7 +355,7 @@ class Client(StringCommands):
                                   + (f" after {timeouts} attempts" if timeouts > 1 else "")
                                   ) from None
                 raise Timeout(f"{exc} after {timeouts} attempts") from None
-            if tagged and not last and _unavailable(reply):
+            if again_if_unavailable and not last and _unavailable(reply):
                 time.sleep(min(self.timeout, RETRY_PAUSE * 2**attempt))  # a failover, say
                 continue
             return P.decode_reply(reply)
