@@ -525,6 +525,61 @@ def test_a_planned_failover_loses_nothing_and_is_quick(make_cluster: Any) -> Non
     assert took < 5
 
 
+@pytest.mark.timeout(120)
+def test_a_planned_failover_shows_a_client_with_default_retries_no_error(
+        make_cluster: Any) -> None:
+    """The old primary steps down and says so: the new one serves at once instead of
+    waiting out the old one's lease (1.2 s, longer than a client's default retries), so
+    a writer on the shard sees no error through two handovers, and loses nothing."""
+    import threading
+
+    cluster = replicated(make_cluster, nodes=2)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    admin = cluster.client(timeout=5.0)
+    ring = Ring({a: 1.0 for a in cluster.node_addrs}, admin.status()["vnodes"])
+    keys = [k for k in (b"h%d" % i for i in range(400)) if ring.owner(k) == shard][:40]
+    acked: dict[bytes, bytes] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        c = zkv.Client(cluster.address, timeout=3.0)  # the default retries
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                key, value = keys[n % len(keys)], b"v%d" % n
+                try:
+                    c.set(key, value)
+                    acked[key] = value
+                    assert c.get(key) == value
+                except zkv.ZkvError as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    acked.pop(key, None)  # (its outcome is unknown)
+                time.sleep(0.002)
+        finally:
+            c.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        assert admin.failover(shard, replica)["primary"] == replica
+        time.sleep(1.0)
+        wait_in_sync(cluster, 30)  # the old primary is a replica again, in sync
+        assert admin.failover(shard, shard)["primary"] == shard
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert not writer.is_alive()
+    assert errors == []
+    assert len(acked) == len(keys)
+    assert admin.mget(list(acked)) == list(acked.values())
+    assert admin.status()["handovers"] == 2
+
+
 # Each (phase, victim) pair of the issue's matrix, three moves per kind: every run kills
 # one victim at each phase of the same move, so the faults also pile up.
 SCHEDULES = [

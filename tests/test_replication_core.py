@@ -131,6 +131,25 @@ def test_a_replica_follows_one_session_in_order() -> None:
     assert "no session" in r.accept({"session": "", "seq": r.next_seq}, 2.1)
 
 
+def test_a_replica_told_its_primary_stepped_down_serves_at_once_when_promoted() -> None:
+    p = primary([A, B], [A, B, C])
+    p.refused(C, p.peers[C].session, "gone")  # a broken session is told nothing
+    r = Replica(started=0.0)
+    assert r.accept({"session": p.peers[A].session, "seq": 0, "sync": True}, 1.0) == ""
+    assert r.serves_from() == pytest.approx(1.0 + LEASE)  # the primary's lease may run
+    farewell = dict(p.resign())
+    assert set(farewell) == {A, B}
+    assert farewell[A]["resign"] is True and farewell[A]["data"] == b""
+    assert not r.resign({**farewell[A], "session": "another"})  # not the one it follows
+    assert not r.resign({**farewell[A], "session": 3})
+    assert r.serves_from() == pytest.approx(1.0 + LEASE)
+    assert r.resign(farewell[A])
+    assert r.serves_from() == float("-inf")
+    # a new session (a new primary's) is not vouched for by the old one's farewell
+    assert r.accept({"session": "next", "seq": 0, "sync": True}, 5.0) == ""
+    assert r.serves_from() == pytest.approx(5.0 + LEASE)
+
+
 def state(primary_: str = A, replicas: list[str] | None = None,
           in_sync: list[str] | None = None) -> ClusterState:
     replicas = [B] if replicas is None else replicas

@@ -24,7 +24,7 @@ from .core import wal
 from .core.cluster import ClusterState
 from .core.keyspace import FILL, Keyspace
 from .core.protocol import INTERNAL
-from .core.replication import LEASE, SYNC_MOVE, Primary, Replica
+from .core.replication import SYNC_MOVE, Primary, Replica
 from .core.ring import RangeSet
 from .core.transfer import SnapshotStream
 from .errors import (
@@ -53,6 +53,7 @@ FREE_OPS = frozenset({"PING", "INFO", "XHEALTH", "XCONFIG", "CONFIG", "XREPL"})
 SHIP_BYTES = 16 << 20  # records in one XREPL message, at most (cut at record boundaries)
 DROP_RUN = 10_000  # keys in one log record when a syncing replica drops what it held
 LINK_HWM = 20_000
+RESIGN_LINGER = 500  # ms a demoted primary's links may take to send its resignation
 XREPL_HEAD = P.encode_request("XREPL", {})[:7]  # how every XREPL request body begins
 COPY_SETTLE = 10.0  # seconds after its copy was sent by which a replica says it is synced
 
@@ -88,6 +89,7 @@ class Replicator:
         self.poller: zmq.Poller | None = None
         self.gated = False  # data requests are checked (a replicated shard)
         self.serve_after = 0.0  # a new primary serves from then (monotonic)
+        self.followed = ""  # the session it followed as a replica before it was promoted
         self.dropped: set[bytes] = set()  # keys dropped while a sync's copy streams in
         self.demoted = 0  # replies failed because this node stopped being primary
         # why this node, named a shard's primary, serves nothing: its data directory is
@@ -118,9 +120,10 @@ class Replicator:
                 self.primary = Primary(name, f"{self.node.incarnation}e{state.epoch}", now)
                 if self.replica is not None:
                     # promoted: the old primary may hold a lease renewed by this node's
-                    # last acknowledgement; serve only once it has surely run out
-                    self.serve_after = max(self.replica.last_heard,
-                                           self.replica.started) + LEASE
+                    # last acknowledgement; serve only once it has surely run out, or
+                    # at once if it said it stopped (a planned handover)
+                    self.serve_after = self.replica.serves_from()
+                    self.followed = self.replica.session
             self.replica = None
             self.primary.configure(shard["replicas"], shard["in_sync"])
             for addr in [a for a in self.links if a not in shard["replicas"]]:
@@ -157,9 +160,14 @@ class Replicator:
     def _stop_primary(self, why: str) -> None:
         if self.primary is None:
             return
+        # the configuration saying so is kept (zkv.node), so this node never serves
+        # at this epoch again: tell the replicas, so that the one promoted need not
+        # wait out this node's lease (sent on, for a moment, after the links close)
+        for addr, msg in self.primary.resign():
+            self._send(addr, msg)
         self.primary = None
         for addr in list(self.links):
-            self._close(addr)
+            self._close(addr, linger=RESIGN_LINGER)
         self._stop_streams()
         error = P.encode_exc(Unavailable(
             f"node {self.address} stopped being the primary of shard {self.shard} ({why}) "
@@ -288,14 +296,14 @@ class Replicator:
             self.poller.register(sock, zmq.POLLIN)
         return sock
 
-    def _close(self, addr: str) -> None:
+    def _close(self, addr: str, linger: int = 0) -> None:
         sock = self.links.pop(addr, None)
         if sock is None:
             return
         del self.by_socket[sock]
         if self.poller is not None:
             self.poller.unregister(sock)
-        sock.close(0)
+        sock.close(linger)
         self.node.close_stream((SYNC_MOVE, addr))
 
     def answered(self, sock: zmq.Socket[bytes]) -> None:
@@ -404,6 +412,8 @@ class Replicator:
             raise StaleEpoch(f"node {self.address} is at epoch {node.epoch}, where "
                              f"{msg.get('from')!r} is not the primary of shard {self.shard}",
                              {"epoch": node.epoch})
+        if msg.get("resign") is True:
+            return self._resigned(msg)
         replica = self.replica
         if replica is None:
             raise Unavailable(f"node {self.address} is not a replica (epoch {node.epoch})")
@@ -444,6 +454,21 @@ class Replicator:
             reply["pull_port"] = node.pull_port  # (until the copy is in: a reply can be lost)
         return reply
 
+    def _resigned(self, msg: dict[str, Any]) -> Any:
+        """The primary this node followed says it has stopped serving: promoted (now,
+        or when the configuration arrives), this node serves at once."""
+        session = msg.get("session")
+        if self.replica is not None:
+            if self.replica.resign(msg):
+                log.info("replica %s: primary %s of shard %s stepped down", self.address,
+                         msg.get("from"), self.shard)
+        elif self.primary is not None and self.followed and session == self.followed:
+            if self.serve_after > time.monotonic():
+                log.info("shard %s: %s stepped down; node %s serves now", self.shard,
+                         msg.get("from"), self.address)
+            self.serve_after = 0.0
+        return {"seq": msg.get("seq")}
+
     def steady(self, body: bytes) -> bytes | None:
         """The reply to an XREPL request by a short path, or None. A synced replica's
         whole load is its primary's records, and a request's general path (a replica's
@@ -463,7 +488,8 @@ class Replicator:
         except ZkvError:
             return None
         msg = item[1] if type(item) is list and len(item) == 2 else None
-        if type(msg) is not dict or "sync" in msg or type(msg.get("data")) is not bytes \
+        if type(msg) is not dict or "sync" in msg or "resign" in msg \
+                or type(msg.get("data")) is not bytes \
                 or type(msg.get("epoch")) is not int or msg["epoch"] != node.epoch \
                 or msg.get("session") != replica.session \
                 or type(msg.get("seq")) is not int or msg["seq"] != replica.next_seq:

@@ -19,6 +19,11 @@ The model is PacificA's (Lin et al., 2008), as Kafka's in-sync replicas also wor
   primary for ``GRACE`` (longer than ``LEASE``) says so in its heartbeat answers, and
   the config manager promotes only such a replica, and only while the primary is not
   answering it. So two primaries never both answer.
+* A planned handover skips the wait: a primary that takes a configuration naming
+  another primary stops serving, then tells each replica so (:meth:`Primary.resign`).
+  It has kept that configuration first, so it never serves at that epoch again; the
+  replica promoted in it, told so by the primary it followed, serves at once
+  (:meth:`Replica.serves_from`) instead of waiting out that primary's lease.
 * A replica that is not in sync (new, returning, or a deposed primary) gets a *sync
   session*: its first message tells it to drop everything it holds and open a catch-up
   move over the whole hash space; the primary streams it a copy of its keys taken once
@@ -157,6 +162,18 @@ class Primary:
                 beacons.append((p.addr, self._message(p, now, b"")))
         return beacons, restart
 
+    def resign(self) -> list[tuple[str, dict[str, Any]]]:
+        """The last message of each live session: this primary has stopped serving
+        (it took, and kept, a configuration naming another primary), so a replica
+        promoted in its place need not wait for its lease to run out."""
+        out = []
+        for p in self.peers.values():
+            if p.session and not p.broken:
+                msg = self._message(p, p.last_sent, b"")
+                msg["resign"] = True
+                out.append((p.addr, msg))
+        return out
+
     # -- what comes back -------------------------------------------------------------
     def ack(self, addr: str, session: Any, seq: Any, synced: bool, now: float) -> bool:
         """A replica holds everything up to message ``seq`` of ``session``. True if
@@ -223,6 +240,24 @@ class Replica:
     last_heard: float = float("-inf")
     synced: bool = False
     started: float = 0.0  # when this replica began to follow (silence counts from it)
+    resigned: str = ""  # the session whose primary said it stopped serving
+
+    def resign(self, msg: dict[str, Any]) -> bool:
+        """The primary of this replica's session says it has stopped serving (see
+        :meth:`Primary.resign`); False (and nothing changes) for any other session's."""
+        session = msg.get("session")
+        if not isinstance(session, str) or not session or session != self.session:
+            return False
+        self.resigned = session
+        return True
+
+    def serves_from(self) -> float:
+        """When this replica, promoted now, may serve: at once if the primary it
+        followed resigned; else once that primary's lease has surely run out (renewed,
+        at the latest, by the last message this replica acknowledged)."""
+        if self.resigned and self.resigned == self.session:
+            return float("-inf")
+        return max(self.last_heard, self.started) + LEASE
 
     def accept(self, msg: dict[str, Any], now: float) -> str:
         """"" if message ``msg`` continues (or, a sync, starts) the session; else why
