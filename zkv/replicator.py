@@ -90,6 +90,7 @@ class Replicator:
         self.gated = False  # data requests are checked (a replicated shard)
         self.serve_after = 0.0  # a new primary serves from then (monotonic)
         self.followed = ""  # the session it followed as a replica before it was promoted
+        self.following = ""  # the primary it follows, as a replica
         self.dropped: set[bytes] = set()  # keys dropped while a sync's copy streams in
         self.demoted = 0  # replies failed because this node stopped being primary
         # why this node, named a shard's primary, serves nothing: its data directory is
@@ -133,6 +134,9 @@ class Replicator:
                 log.info("node %s is a replica of shard %s (primary %s)", self.address, name,
                          shard["primary"])
                 self.replica = Replica(started=now)
+            elif self.following != shard["primary"]:
+                self.replica.resigned = ""  # (a word from the primary it followed before)
+            self.following = shard["primary"]
             self._stop_primary("it is now a replica")
         else:
             self.replica = None
