@@ -188,6 +188,9 @@ def test_a_dead_replica_leaves_the_in_sync_set_and_writes_go_on(make_cluster: An
         wait_until(lambda: not next(r for r in rows(cluster)
                                     if r["address"] == replica)["in_sync"], 10,
                    what="the dead replica leaving the in-sync set")
+        # NODES says it waits, down: not that it is catching up
+        row = next(r for r in rows(cluster) if r["address"] == replica)
+        assert (row["state"], row["replication"]) == ("down", "waiting"), row
         before = load.totals()
         time.sleep(1.5)
         after = load.totals()

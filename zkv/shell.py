@@ -501,12 +501,16 @@ class ProxyShell:
             recorded = self.state.identity(name, addr)
             if recorded and mine.get("data_id") not in (None, recorded):
                 states = {**states, addr: "lost"}  # (back on another data directory)
+            up = self.health.is_up(NODE_KEY + addr)
+            replication = states.get(addr, "in_sync" if addr in shard["in_sync"]
+                                     else "waiting")
+            if not up and replication in ("catching_up", "synced"):
+                replication = "waiting"  # (the primary's session with it is stale)
             rows.append({
                 "address": addr, "shard": name, "role": "replica",
-                "state": "up" if self.health.is_up(NODE_KEY + addr) else "down",
+                "state": "up" if up else "down",
                 "in_sync": addr in shard["in_sync"],
-                "replication": states.get(addr, "in_sync" if addr in shard["in_sync"]
-                                          else "waiting"),
+                "replication": replication,
                 "lag_s": lags.get(addr),
                 "keys": info.get("keys"), "share": entry["share"], "weight": entry["weight"],
                 "fsync": info.get("fsync"), "error": info.get("error"),
