@@ -499,12 +499,12 @@ class ProxyShell:
             info = infos.get(NODE_KEY + addr, {})
             mine = self.repl_reports.get(addr, (0.0, 0, {}))[2]
             recorded = self.state.identity(name, addr)
-            if recorded and mine.get("data_id") not in (None, recorded):
-                states = {**states, addr: "lost"}  # (back on another data directory)
             up = self.health.is_up(NODE_KEY + addr)
             replication = states.get(addr, "in_sync" if addr in shard["in_sync"]
                                      else "waiting")
-            if not up and replication in ("catching_up", "synced"):
+            if recorded and mine.get("data_id") not in (None, recorded):
+                replication = "lost"  # (back on another data directory)
+            elif not up and replication in ("catching_up", "synced"):
                 replication = "waiting"  # (the primary's session with it is stale)
             rows.append({
                 "address": addr, "shard": name, "role": "replica",
