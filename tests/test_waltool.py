@@ -195,6 +195,26 @@ def test_a_running_node_and_a_missing_directory_are_refused(tmp_path: Path,
     assert zkv_wal("frobnicate", str(tmp_path)).returncode == 2
 
 
+def test_a_directory_that_is_not_a_nodes_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8 not a log")
+    before = contents(other)
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    for action in ("check", "repair", "dump"):
+        out = zkv_wal(action, str(other))
+        assert out.returncode == EXIT_ERROR, (action, out)
+        assert "not a zkv data directory" in out.stderr, (action, out.stderr)
+        assert contents(other) == before  # no LOCK, MANIFEST or log made in it
+        out = zkv_wal(action, str(a_file))
+        assert out.returncode == EXIT_ERROR and "not a directory" in out.stderr, (action, out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert zkv_wal("repair", str(empty)).returncode == EXIT_ERROR
+    assert list(empty.iterdir()) == []
+
+
 def test_dump_shows_a_run_of_tagged_writes_with_its_records() -> None:
     from zkv.waltool import lines_of
 

@@ -22,7 +22,7 @@ from typing import Any
 from . import lockfile
 from .core import wal
 from .errors import LogCorruption, StorageError, ZkvError
-from .storage import SEGMENT_RE, SNAPSHOT_RE, Storage, read_manifest, segment_name, snapshot_name
+from .storage import MANIFEST, SEGMENT_RE, SNAPSHOT_RE, Storage, read_manifest, segment_name, snapshot_name
 
 EXIT_CLEAN = 0  # a node starts on it as it is
 EXIT_ERROR = 1  # cannot be checked (no such directory, a node is running on it)
@@ -50,8 +50,27 @@ def escape(data: Any) -> str:
     return '"' + "".join(out) + '"'
 
 
+def not_data(directory: str) -> str | None:
+    """Why ``directory`` is not a node's data directory (missing, a file, or holding none
+    of a MANIFEST, a log segment or a snapshot), or None when it is one. The tools
+    refuse such a directory rather than call it clean, or (repair) make it one."""
+    if not os.path.isdir(directory):
+        return "not a directory" if os.path.exists(directory) else "no such directory"
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if not any(n == MANIFEST or SEGMENT_RE.match(n) or SNAPSHOT_RE.match(n) for n in names):
+        return ("not a zkv data directory (no MANIFEST, log segment or snapshot in it; "
+                "a node's data directory is its --data-dir)")
+    return None
+
+
 def check(directory: str) -> tuple[int, list[str]]:
     """(exit status, report lines) of checking ``directory``."""
+    why = not_data(directory)
+    if why is not None:
+        return EXIT_ERROR, [f"cannot check: {directory}: {why}"]
     storage = Storage(directory, check_only=True)
     try:
         report = storage.open()
@@ -204,9 +223,9 @@ def _plain(obj: Any) -> Any:
 
 
 def dump(directory: str, as_json: bool, out: Any) -> int:
-    if not os.path.isdir(directory):
-        what = "not a directory" if os.path.exists(directory) else "no such directory"
-        print(f"zkv wal dump: error: {directory}: {what}", file=sys.stderr)
+    why = not_data(directory)
+    if why is not None:
+        print(f"zkv wal dump: error: {directory}: {why}", file=sys.stderr)
         return EXIT_ERROR
     holder = lockfile.holder(directory)
     if holder is not None:
@@ -231,8 +250,9 @@ def dump(directory: str, as_json: bool, out: Any) -> int:
 
 
 def repair(directory: str) -> tuple[int, list[str]]:
-    if not os.path.isdir(directory):
-        return EXIT_ERROR, [f"cannot repair: {directory}: no such directory"]
+    why = not_data(directory)
+    if why is not None:
+        return EXIT_ERROR, [f"cannot repair: {directory}: {why}"]
     storage = Storage(directory, repair=True)
     try:
         report = storage.open()
