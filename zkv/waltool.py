@@ -22,7 +22,15 @@ from typing import Any
 from . import lockfile
 from .core import wal
 from .errors import LogCorruption, StorageError, ZkvError
-from .storage import MANIFEST, SEGMENT_RE, SNAPSHOT_RE, Storage, read_manifest, segment_name, snapshot_name
+from .storage import (
+    MANIFEST,
+    SEGMENT_RE,
+    SNAPSHOT_RE,
+    Storage,
+    read_manifest,
+    segment_name,
+    snapshot_name,
+)
 
 EXIT_CLEAN = 0  # a node starts on it as it is
 EXIT_ERROR = 1  # cannot be checked (no such directory, a node is running on it)
