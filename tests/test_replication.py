@@ -583,6 +583,70 @@ def test_a_planned_failover_shows_a_client_with_default_retries_no_error(
     assert admin.status()["handovers"] == 2
 
 
+@pytest.mark.timeout(120)
+def test_a_planned_failover_shows_clients_that_never_retry_no_error(make_cluster: Any) -> None:
+    """Redis clients do not retry, and neither does a zkv.Client with retries=0: the old
+    primary holds its requests (XHANDOVER) until its replica has every write made
+    before, and those held go to the new primary; the proxy keeps its link to the old
+    one open for what is in flight there. So through two handovers no client sees an
+    error, and each counter holds exactly the INCRs acknowledged to it (an INCR whose
+    outcome was unknown would show as an error or a count that does not add up)."""
+    import threading
+
+    import redis
+    from conftest import free_port
+
+    port = free_port()
+    cluster = replicated(make_cluster, nodes=2, resp_port=port)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    admin = cluster.client(timeout=5.0)
+    ring = Ring({a: 1.0 for a in cluster.node_addrs}, admin.status()["vnodes"])
+    counters = [k for k in (b"n%d" % i for i in range(400)) if ring.owner(k) == shard][:6]
+    acked = [0] * len(counters)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def count(i: int) -> None:
+        key = counters[i]
+        if i % 2:
+            r = redis.Redis(port=port, socket_timeout=10)
+            incr, close = r.incr, r.close
+            fails: tuple[type[Exception], ...] = (redis.RedisError,)
+        else:
+            c = zkv.Client(cluster.address, timeout=5.0, retries=0)
+            incr, close, fails = c.incr, c.close, (zkv.ZkvError,)
+        try:
+            while not stop.is_set():
+                try:
+                    incr(key)
+                    acked[i] += 1
+                except fails as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.001)
+        finally:
+            close()
+
+    threads = [threading.Thread(target=count, args=(i,), daemon=True)
+               for i in range(len(counters))]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        assert admin.failover(shard, replica)["primary"] == replica
+        time.sleep(0.5)
+        wait_in_sync(cluster, 30)
+        assert admin.failover(shard, shard)["primary"] == shard
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert errors == []
+    assert admin.mget(counters) == [b"%d" % n for n in acked]
+    assert min(acked) > 0
+
+
 # Each (phase, victim) pair of the issue's matrix, three moves per kind: every run kills
 # one victim at each phase of the same move, so the faults also pile up.
 SCHEDULES = [

@@ -13,6 +13,7 @@ from (internal operations need the cluster key).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -75,6 +76,8 @@ from .storage import Recovery, Storage
 log = logging.getLogger("zkv.node")
 
 MAX_BATCH_PER_TURN = 2048
+MAX_HOLD_MS = 5000  # the longest a handover may hold a primary's data requests
+HELD_BYTES = 64 << 20  # what a handover holds at most (more runs as it comes)
 _OK_ITEM = [P.OK, "OK"]
 # A SCAN page visits at most this many buckets and looks at about this many bytes of
 # keys, whatever COUNT asks, so that one page never holds the loop for long.
@@ -196,6 +199,7 @@ class Node:
             "XBACKUP": self._xbackup,
             "XFLUSH": self._xflush,
             "XHEALTH": self._xhealth,
+            "XHANDOVER": self._xhandover,
             "XREPL": lambda a: self.repl.xrepl(a),
             "CONFIG": lambda a: self.config_doc(),
         }
@@ -209,6 +213,11 @@ class Node:
         self.routers: dict[bytes, float] = {}  # who sent envelopes lately, and when
         self.repl = Replicator(self)  # this node's part in its shard's replication
         self.touched = False  # the request being run read or wrote data (see serve)
+        # A planned handover (XHANDOVER): until then (monotonic; 0: none), or until the
+        # next configuration, data requests wait here, unrun, with their peer's role
+        self.hold_until = 0.0
+        self.held: collections.deque[tuple[list[bytes], str | None]] = collections.deque()
+        self.held_bytes = 0
 
     # -- commands ----------------------------------------------------------
     @property
@@ -601,6 +610,48 @@ class Node:
             health["repl"] = report
         return health
 
+    def _xhandover(self, a: list[Any]) -> Any:
+        """A planned handover of this primary's shard (the config manager's FAILOVER):
+        data requests are held, unrun, for up to ``ms`` or until the next configuration
+        comes (naming the new primary: then they are refused unapplied, STALE_EPOCH, and
+        their routers send them there). The reply waits, like a write's, until every
+        in-sync replica holds every write made before it: so the replica promoted next
+        holds them all, and none is left waiting to be told its outcome is unknown."""
+        spec = a[0] if a else None
+        ms = spec.get("ms") if isinstance(spec, dict) else None
+        if type(ms) is not int or not 0 < ms <= MAX_HOLD_MS:
+            raise ProtocolError(f"expected a map with ms (1 to {MAX_HOLD_MS})")
+        if self.repl.primary is None:
+            raise ClusterError(f"node {self.address} is not a shard's primary; there is "
+                               "nothing to hand over")
+        self.hold_until = time.monotonic() + ms / 1000
+        log.info("shard %s: handing over; data requests held up to %d ms", self.repl.shard,
+                 ms)
+        return {"epoch": self.epoch}
+
+    def _holds(self, body: bytes) -> bool:
+        """Whether a request is held during a handover: every data request (an envelope,
+        or a plain request not in FREE_OPS), while the hold has room."""
+        if self.held_bytes + len(body) > HELD_BYTES:
+            return False  # (then it runs: its outcome may be unknown, as before)
+        if body[:3] == P.ENVELOPE or body[:3] == P.ENVELOPE_TAGGED:
+            return True
+        if body[:7] == XREPL_HEAD:
+            return False
+        try:
+            op, _ = P.parse_request(body, self.limits)
+        except ZkvError:
+            return False  # (answered with its error now)
+        return op not in FREE_OPS and op != "XHANDOVER"
+
+    def held_turn(self, now: float) -> bool:
+        """Whether held requests are to run now (the hold is over)."""
+        if self.hold_until and now >= self.hold_until:
+            log.info("shard %s: no new configuration came during the handover; the held "
+                     "requests run here", self.repl.shard)
+            self.hold_until = 0.0
+        return bool(self.held) and not self.hold_until
+
     # (for zkv.replicator)
     def out_send(self, reply: list[bytes]) -> None:
         assert self.out is not None
@@ -911,6 +962,10 @@ class Node:
                 ),
             ]]
         routing, body = frames[:-1], frames[-1]
+        if self.hold_until and self._holds(body):
+            self.held.append((frames, self.peer_role))
+            self.held_bytes += len(body)
+            return []
         if body[:3] == P.ENVELOPE or body[:3] == P.ENVELOPE_TAGGED:
             # (a router names each of its links ROUTER_ID#n: count routers, not links)
             self.routers[routing[0].partition(b"#")[0] if routing else b""] = time.monotonic()
@@ -1108,6 +1163,7 @@ class Node:
         self.placement, self.ring_name, self.config_address = placement, name, address
         self.cluster_tag = P.cluster_tag(state.cluster)
         self.repl.configure(state, name, address)
+        self.hold_until = 0.0  # (a handover's held requests run, at this epoch)
         return {"epoch": self.epoch}
 
     def _named(self) -> bool:
@@ -1190,7 +1246,8 @@ class Node:
             for guard in self.guards:
                 if guard.monitor in events:
                     guard.handle()
-            if sock in events:
+            backlog = self.held if self.held and self.held_turn(time.monotonic()) else None
+            if sock in events or backlog:
                 # (free: replies that need no replica's word)
                 replies: list[list[bytes]] = []
                 free: list[list[bytes]] = []
@@ -1201,7 +1258,10 @@ class Node:
                 storage.keyspace.full_records = bool(self.outgoing) or repl.catching_up()
                 for _ in range(MAX_BATCH_PER_TURN):
                     self.touched = False
-                    if keyring is not None:
+                    if backlog:  # (what a handover held, first)
+                        frames, self.peer_role = backlog.popleft()
+                        self.held_bytes -= len(frames[-1])
+                    elif keyring is not None:
                         frames, user = wire.recv_user(sock)
                         role = keyring.role(user)
                         if role != CLUSTER and frames[0].startswith(ROUTER_ID_PREFIX):
@@ -1212,7 +1272,8 @@ class Node:
                     for reply in handle(frames):
                         (replies if self.touched or not repl.gated else free).append(reply)
                         turn_bytes += len(reply[-1])
-                    if turn_bytes > self.limits.max_message_bytes or not wire.waiting(sock):
+                    if turn_bytes > self.limits.max_message_bytes or not (
+                            backlog or wire.waiting(sock)):
                         break
                 try:
                     self.commit(durable=self._durable)
@@ -1242,7 +1303,7 @@ class Node:
             now = time.monotonic()
             if repl.primary is not None:
                 repl.tick(now)
-            busy = bool(self.outgoing) and self.pump(now)
+            busy = bool(self.outgoing) and self.pump(now) or bool(backlog)
             if sock in events:
                 served = True
             if storage.keyspace.expires and repl.replica is None and (

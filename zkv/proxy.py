@@ -45,6 +45,7 @@ from .shell import (
 log = logging.getLogger("zkv.proxy")
 
 STATE_FILE = "cluster.json"
+HANDOVER_HOLD_MS = 1500  # what a FAILOVER's old primary holds its requests for, at most
 KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
 
 
@@ -501,23 +502,43 @@ class Proxy(ProxyShell):
         self._admin_busy = True  # (no other change until it is decided)
 
         def answered(result: Any) -> None:
-            self._admin_busy = False
             if isinstance(result, ZkvError):  # (a heartbeat or two late to say it is down)
+                self._admin_busy = False
                 self._fail(routing, ClusterError(
                     f"{target} does not answer ({result}); shard {name} stays with "
                     f"{shard['primary']}"))
                 return
             if self.state.shards.get(name) != shard or self.publishing is not None:
+                self._admin_busy = False
                 self._fail(routing, ClusterError(
                     f"shard {name} changed meanwhile (NODES shows it now); nothing changed"))
                 return
             expected = self.state.identity(name, target)
             found = result.get("data_id") if isinstance(result, dict) else None
             if expected and found != expected:
+                self._admin_busy = False
                 self._fail(routing, ClusterError(
                     f"{target} answers from data directory id {found}, not the copy that "
                     f"joined the in-sync set (id {expected}): it was wiped or replaced "
                     f"since; shard {name} stays with {shard['primary']}"))
+                return
+            # the old primary holds its data requests and answers once its replicas
+            # hold every write made before: none of them is left with an unknown
+            # outcome, and the held ones go to the new primary. (Without its answer
+            # (just died, say) the handover goes on as before: the new primary waits
+            # out its lease, and what it had in flight has an unknown outcome.)
+            self._call(name, "XHANDOVER", [{"ms": HANDOVER_HOLD_MS}], handed,
+                       min(self.timeout, 1.0))
+
+        def handed(result: Any) -> None:
+            self._admin_busy = False
+            if isinstance(result, ZkvError):
+                log.warning("shard %s: the primary %s did not hold its requests for the "
+                            "handover (%s); handing over all the same", name,
+                            shard["primary"], result)
+            if self.state.shards.get(name) != shard or self.publishing is not None:
+                self._fail(routing, ClusterError(
+                    f"shard {name} changed meanwhile (NODES shows it now); nothing changed"))
                 return
             new = promote(self.state, name, target)
             self.handovers += 1

@@ -578,15 +578,60 @@ class ProxyShell:
             self._drop_links()
 
     def _repoint(self, key: str, address: str) -> None:
-        """Shard ``key`` has a new primary: what was in flight to the old one fails
-        (its outcome is unknown), and the link goes to ``address``."""
-        log.warning("shard %s: primary now %s (was %s)", key, address, self.link_address[key])
+        """Shard ``key`` has a new primary at ``address``. When the old one is up (a
+        planned handover), its link stays open under its new key (or, named nowhere
+        now, for one request timeout): what is in flight there still gets its answer,
+        served before it stepped down or refused unapplied (STALE_EPOCH) so that the
+        routing core sends it again, to the new primary. A link already connected to
+        the new primary (the one its heartbeats went over) becomes the shard's, so
+        that no request meets a link still connecting. When the old primary is down,
+        what was in flight to it has failed already (its outcome is unknown)."""
+        was = self.link_address[key]
+        log.warning("shard %s: primary now %s (was %s)", key, address, was)
         now = time.monotonic()
-        self.router.set_down(key, True, now)
-        self._abandon_in_flight(key, f"shard {key} failed over")
-        self._disconnect(key)
-        self._connect(key)
-        self.router.set_down(key, False, now)
+        if self.health.is_up(key):
+            heir = NODE_KEY + was
+            if self._addresses.get(heir) == was and heir not in self.links:
+                self._rename_link(key, heir)
+            else:
+                self._drain(key, now)
+        else:
+            self.router.set_down(key, True, now)
+            self._abandon_in_flight(key, f"shard {key} failed over")
+            self._disconnect(key)
+        donor = next((k for k, a in self.link_address.items()
+                      if a == address and k not in self._addresses), None)
+        if donor is not None:
+            self._rename_link(donor, key)
+        else:
+            self._connect(key)
+        self.router.set_down(key, not self.health.is_up(key), now)
+
+    def _rename_link(self, old: str, new: str) -> None:
+        """The link ``old`` is ``new``'s from now on, with its heartbeat state."""
+        sock = self.links.pop(old)
+        self.links[new] = sock
+        self.link_address[new] = self.link_address.pop(old)
+        self.by_socket[sock] = new
+        health = self.health.nodes.pop(old, None)
+        if health is not None:
+            self.health.nodes[new] = health
+
+    def _drain(self, key: str, now: float) -> None:
+        """Link ``key`` leaves the links but stays open one request timeout, for the
+        answers to what is in flight on it."""
+        sock = self.links.pop(key)
+        name = f"{self.link_address.pop(key)} (draining)"
+        self.by_socket[sock] = name
+        self.health.forget(key)
+
+        def close() -> None:
+            if self.by_socket.get(sock) == name:
+                del self.by_socket[sock]
+                self.poller.unregister(sock)
+                sock.close(0)
+
+        self.timers.append((now + self.timeout + 0.5, close, None))
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
         self.timers.append((time.monotonic() + delay, fn, self._owner))
@@ -620,7 +665,8 @@ class ProxyShell:
             return
         tag, body = frames
         if tag == HEARTBEAT_TAG:
-            self._health_reply(addr, body)
+            if addr in self.links:  # (not one draining after a handover)
+                self._health_reply(addr, body)
             return
         if tag.startswith(ENVELOPE_FRAME):
             waiting = self.envelopes.get(tag)

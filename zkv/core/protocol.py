@@ -222,6 +222,8 @@ COMMANDS: dict[str, Command] = {
         Command("XBACKUP", INTERNAL, ("any",), "internal: stream a copy of every key"),
         Command("XHEALTH", INTERNAL, (), "internal: a heartbeat that says the node's epoch"),
         Command("XREPL", INTERNAL, ("any",), "internal: records from a shard's primary"),
+        Command("XHANDOVER", INTERNAL, ("any",),
+                "internal: hold a primary's data requests for a planned handover"),
         Command("CONFIG", META, ("any?",),
                 "The cluster configuration: epoch, members, any move.", "[SINCE_EPOCH]"),
     )
