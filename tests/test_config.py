@@ -343,6 +343,10 @@ BAD_FIELDS = [
      "nodes:\n  - {port: 8081, data_dir: d, replicas: [{port: 8091, data_dir: d}]}\n",
      ["nodes[0].replicas[0].data_dir: 'd' is already used by nodes[0].data_dir"]),
     ("min_in_sync zero", "proxy: {min_in_sync: 0}\n" + NODE, ["proxy.min_in_sync"]),
+    ("min_in_sync above a shard's copies",
+     "proxy: {min_in_sync: 2}\nnodes:\n  - {port: 8081, replicas: [127.0.0.1:8091]}\n"
+     "  - {port: 8082}\n",
+     ["nodes[1] (127.0.0.1:8082): 1 copy", "fewer than proxy.min_in_sync (2)"]),
 ]
 
 

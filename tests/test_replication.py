@@ -233,6 +233,9 @@ def test_below_min_in_sync_writes_are_refused_and_reads_go_on(make_cluster: Any)
     assert c.get(b"k") == b"after"
     with pytest.raises(zkv.ClusterError, match="fewer than min_in_sync"):
         c.call("REPLICA", "REMOVE", replica)  # its writes would be refused for good
+    with pytest.raises(zkv.ClusterError, match="one copy, fewer than min_in_sync"):
+        c.add_node("127.0.0.1:1", wait=False)  # (a shard of one copy: the same)
+    assert c.status()["members"] == {shard: 1.0}
     assert primary_of(cluster, shard) == shard and c.set(b"k", b"kept")
 
 
@@ -352,6 +355,10 @@ def test_replicas_from_flags(procs: Any, tmp_path: Any) -> None:
     (["--replica", "127.0.0.1:2=127.0.0.1:3"], "127.0.0.1:2 is not a node"),
     (["--replica", "127.0.0.1:1=127.0.0.1:1"], "already a node of the cluster"),
     (["--replica", "127.0.0.1:1=nowhere"], "--replica REPLICA"),
+    # a shard with fewer copies than min_in_sync could never take a write
+    (["--min-in-sync", "2"], "min_in_sync is 2, more copies than shard 127.0.0.1:1 (1 copy)"),
+    (["--replica", "127.0.0.1:1=127.0.0.1:2", "--min-in-sync", "3"],
+     "shard 127.0.0.1:1 (2 copies) has"),
 ])
 def test_bad_replica_flags_are_one_clear_line(procs: Any, tmp_path: Any, args: list[str],
                                               message: str) -> None:

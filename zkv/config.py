@@ -676,6 +676,14 @@ def _topology(data: object, source: str) -> Topology:
             everyone.append(r)
             labels.append(f"nodes[{i}].replicas[{j}]")
     _check_distinct(proxy, everyone, labels)
+    for i, n in enumerate(nodes):
+        copies = 1 + len(replicas.get(n.address, ()))
+        if copies < proxy.min_in_sync:
+            raise ConfigError(
+                f"nodes[{i}] ({n.address}): {copies} {'copy' if copies == 1 else 'copies'} "
+                f"(the node and {copies - 1} replicas), fewer than proxy.min_in_sync "
+                f"({proxy.min_in_sync}): its shard could take no write. List more replicas "
+                "for it, or lower min_in_sync")
     try:
         check_points({n.address: n.weight for n in nodes}, proxy.vnodes)
     except ValueError as exc:

@@ -844,8 +844,14 @@ class Node:
                 if isinstance(out, SnapshotStream):
                     out.last_progress = now
             if isinstance(out, SnapshotStream) and now - out.last_progress > BACKUP_STALL:
-                log.warning("backup %s: nobody took its batches for %.0f s; stream closed",
-                            out.backup_id, BACKUP_STALL)
+                # (a stream sent whole is closed then too, by now surely delivered)
+                what = (f"replica sync to {key[1]}" if out.backup_id.startswith(SYNC_MOVE)
+                        else f"backup {out.backup_id}")
+                if out.done and out.held is None:
+                    log.debug("%s: sent whole; stream closed", what)
+                else:
+                    log.warning("%s: nobody took its batches for %.0f s; stream closed",
+                                what, BACKUP_STALL)
                 self._close_push(key)
                 continue
             busy = busy or not (out.done or out.throttled or out.held is not None)

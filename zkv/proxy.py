@@ -28,7 +28,7 @@ from .core.planner import moved_fraction, plan, summary
 from .core.replication import plan as plan_shard
 from .core.replication import promote
 from .core.ring import DEFAULT_VNODES, MAX_WEIGHT, Ring
-from .errors import ClusterError, NodeUnavailable, ZkvError
+from .errors import ClusterError, ConfigError, NodeUnavailable, ZkvError
 from .mover import (
     SETTINGS,
     MoveDriver,
@@ -217,6 +217,7 @@ class Proxy(ProxyShell):
             state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes,
                                  shards=shards, min_in_sync=min_in_sync,
                                  cluster=secrets.token_hex(8))
+            _refuse_short(state)
             save_state(self.state_dir, state)
             return state
         if not saved.cluster:  # kept from before cluster ids: this cluster gets one now
@@ -253,6 +254,7 @@ class Proxy(ProxyShell):
             log.info("shard %s: new replicas %s from the topology", name, ", ".join(new))
         if state.min_in_sync != min_in_sync:
             state = dataclasses.replace(state, epoch=state.epoch + 1, min_in_sync=min_in_sync)
+        _refuse_short(state)
         if state is not saved:
             save_state(self.state_dir, state)
         return state
@@ -371,6 +373,12 @@ class Proxy(ProxyShell):
         if addr in self.current().addresses():  # (a replica, or a node mid-move)
             raise ClusterError(f"{addr} is already a node of this cluster (shard "
                                f"{self.current().shard_of(addr)}); nothing changed")
+        if self.state.min_in_sync > 1:
+            raise ClusterError(
+                f"{addr} would be a shard of one copy, fewer than min_in_sync "
+                f"({self.state.min_in_sync}): it could take no write. Start the proxy with "
+                "its replicas listed (topology replicas:, or --replica), then ADD it; "
+                "nothing changed")
         weight = options.get("weight", 1.0)
         if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
                 or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT):
@@ -803,3 +811,19 @@ class Proxy(ProxyShell):
             self._drop_links()
 
 __all__ = ["Proxy", "load_state", "save_state"]
+
+
+def _refuse_short(state: ClusterState) -> None:
+    """A configuration where some shard has fewer copies than min_in_sync is refused:
+    that shard could take no write (a mistake, not a setting)."""
+    short = state.short_shards()
+    if short:
+        listed = ", ".join(f"{name} ({copies} {'copy' if copies == 1 else 'copies'})"
+                           for name, copies in short)
+        raise ConfigError(
+            f"min_in_sync is {state.min_in_sync}, more copies than "
+            f"{'shard' if len(short) == 1 else 'shards'} {listed} "
+            f"{'has' if len(short) == 1 else 'have'}: "
+            f"{'it' if len(short) == 1 else 'they'} could take no write. List more replicas "
+            "(replicas: in the topology, or "
+            "--replica PRIMARY=REPLICA), or lower min_in_sync")

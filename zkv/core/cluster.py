@@ -77,6 +77,19 @@ class ClusterState:
                 return name
         return address if address in self.involved() else None
 
+    def short_shards(self) -> list[tuple[str, int]]:
+        """(member, copies) of each shard with fewer copies (its primary and replicas)
+        than min_in_sync: it could never take a write."""
+        if self.min_in_sync <= 1:
+            return []
+        out = []
+        for name in sorted(self.members):
+            shard = self.shards.get(name)
+            copies = 1 + len(shard["replicas"]) if shard is not None else 1
+            if copies < self.min_in_sync:
+                out.append((name, copies))
+        return out
+
     def link_keys(self) -> dict[str, str]:
         """What a router connects to: each shard (at its primary's address) and each
         other node of a replicated shard (``NODE_KEY + address``) -> the address."""
