@@ -471,6 +471,32 @@ def test_a_dead_node_is_replaced_with_replica_add_and_remove(make_cluster: Any, 
     assert keys_of(fresh) == keys_of(primary_of(cluster, shard))
 
 
+def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -> None:
+    """REPLICA REMOVE is told to the node (it no longer takes itself for a replica),
+    and a restart of the proxy with a topology that still lists it does not add it
+    back: only REPLICA ADD does, which refuses a node that holds keys."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    assert c.set(b"k", b"v")
+    assert c.remove_replica(replica)["removed"] == replica
+
+    def told() -> bool:
+        with zkv.Client(replica, timeout=3.0, retries=0) as direct:
+            return direct.info()["in_cluster"] is False
+
+    wait_until(told, 10, what="the removed node told it is out")
+    epoch = c.status()["epoch"]
+    cluster.restart_proxy()  # the topology still lists the replica
+    c = cluster.client(timeout=5.0)
+    assert [r["address"] for r in rows(cluster)] == [shard]
+    assert c.status()["epoch"] == epoch
+    assert c.get(b"k") == b"v" and c.set(b"k", b"w")  # the shard serves, with one copy
+    with pytest.raises(zkv.ClusterError, match="already holds 1 keys"):
+        c.call("REPLICA", "ADD", shard, replica)
+
+
 def test_replica_commands_refuse_mistakes_and_change_nothing(make_cluster: Any, procs: Any,
                                                              tmp_path: Any) -> None:
     from conftest import free_port

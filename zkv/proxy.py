@@ -23,7 +23,7 @@ from typing import Any
 from . import durable, lockfile
 from .config import format_address, parse_address
 from .core import protocol as P
-from .core.cluster import ClusterState
+from .core.cluster import NODE_KEY, ClusterState
 from .core.planner import moved_fraction, plan, summary
 from .core.replication import plan as plan_shard
 from .core.replication import promote
@@ -45,6 +45,7 @@ from .shell import (
 log = logging.getLogger("zkv.proxy")
 
 STATE_FILE = "cluster.json"
+REMOVED_FILE = "removed.json"  # replicas REPLICA REMOVE took out (load_removed)
 HANDOVER_HOLD_MS = 1500  # what a FAILOVER's old primary holds its requests for, at most
 KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
 
@@ -77,6 +78,25 @@ def lock_state_dir(state_dir: str) -> int:
         raise ClusterError(
             f"cannot use {state_dir} as the proxy's state directory: {exc.strerror or exc}"
         ) from None
+
+
+def load_removed(state_dir: str) -> dict[str, Any]:
+    """Replicas taken out by REPLICA REMOVE: address -> {shard, epoch}. A topology that
+    still lists one does not bring it back on a restart (REPLICA ADD does)."""
+    path = os.path.join(state_dir, REMOVED_FILE)
+    try:
+        data = durable.read_json(path)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read it (%s): replicas the topology lists are added back "
+                    "even if REPLICA REMOVE took them out", path, exc)
+        return {}
+    found = data.get("replicas") if isinstance(data, dict) else None
+    return dict(found) if isinstance(found, dict) else {}
+
+
+def save_removed(state_dir: str, removed: dict[str, Any]) -> None:
+    durable.write_json(os.path.join(state_dir, REMOVED_FILE), {"replicas": removed},
+                       indent=2)
 
 
 def save_state(state_dir: str, state: ClusterState) -> None:
@@ -244,8 +264,16 @@ class Proxy(ProxyShell):
         topology's; a replica no longer listed stays (it is not dropped silently)."""
         state = saved
         known = saved.addresses()
+        removed = load_removed(self.state_dir) if replicas else {}
         for name, wanted in sorted(replicas.items()):
             new = [a for a in wanted if a not in known]
+            for a in [a for a in new if a in removed]:
+                log.warning("the topology lists %s as a replica of shard %s, but REPLICA "
+                            "REMOVE took it out (epoch %s): it stays out. REPLICA ADD %s %s "
+                            "brings it back (once it is empty)", a, name,
+                            removed[a].get("epoch") if isinstance(removed[a], dict) else "?",
+                            name, a)
+            new = [a for a in new if a not in removed]
             if name not in saved.members or not new:
                 continue
             shard = state.shards.get(name, {"primary": name, "replicas": [], "in_sync": []})
@@ -445,6 +473,9 @@ class Proxy(ProxyShell):
                                             [*shard["replicas"], addr], shard["in_sync"])
                 log.info("shard %s: replica %s added (epoch %d); it syncs now", name, addr,
                          new.epoch)
+                removed = load_removed(self.state_dir)
+                if removed.pop(addr, None) is not None:
+                    save_removed(self.state_dir, removed)
                 self.commit(new, lambda: self._answer(routing, {
                     "shard": name, "replica": addr, "epoch": new.epoch}))
 
@@ -468,8 +499,43 @@ class Proxy(ProxyShell):
         smaller = state.with_shard(home, entry["primary"], left,
                                    [a for a in entry["in_sync"] if a != gone])
         log.info("shard %s: replica %s removed (epoch %d)", home, gone, smaller.epoch)
-        self.commit(smaller, lambda: self._answer(routing, {
-            "shard": home, "removed": gone, "epoch": smaller.epoch}))
+        removed = load_removed(self.state_dir)
+        removed[gone] = {"shard": home, "epoch": smaller.epoch}
+        save_removed(self.state_dir, removed)  # (first: a restart must not add it back)
+
+        def removed_() -> None:
+            self._answer(routing, {"shard": home, "removed": gone, "epoch": smaller.epoch})
+            self._tell_removed(gone, smaller)
+
+        self.commit(smaller, removed_)
+
+    def _tell_removed(self, gone: str, state: ClusterState) -> None:
+        """Send a node taken out of the cluster the configuration that no longer names
+        it, so that it stops taking itself for a replica (best effort, over a link of
+        its own: a node that is down finds out nothing, and serves nothing either)."""
+        key = NODE_KEY + gone
+        if key in self.links:
+            return  # (named again already)
+        self._connect(key)
+        deadline = time.monotonic() + self.timeout
+
+        def answered(result: Any) -> None:
+            if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
+                    and time.monotonic() < deadline):
+                self._later(0.05, send)
+                return
+            if isinstance(result, ZkvError):
+                log.info("node %s, taken out of the cluster, was not told so: %s", gone,
+                         result)
+            if key in self.links and key not in self._addresses:
+                self._disconnect(key)
+
+        def send() -> None:
+            if key in self.links and key not in self._addresses:
+                self._call(key, "XCONFIG", [{"config": state.to_json(), "name": gone,
+                                             "address": gone}], answered, self.timeout)
+
+        send()
 
     def _failover(self, routing: list[bytes], args: list[Any]) -> None:
         """FAILOVER SHARD [ADDR]: a planned handover to an in-sync replica. The new
