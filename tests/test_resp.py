@@ -254,9 +254,13 @@ def test_resp_and_zkv_client_see_the_same_bytes(shared: Cluster, r: Any) -> None
 
 
 def test_info_and_clients_commands(r: Any) -> None:
+    r.set(b"info:ttl", b"v", ex=100)
     info = r.info()
     assert info["redis_mode"] == "standalone" and "db0" in info
     assert r.info("keyspace")["db0"]["keys"] >= 1
+    assert r.info("keyspace")["db0"]["expires"] >= 1  # (counted on the nodes)
+    assert r.info("nosuch") == {}
+    r.delete(b"info:ttl")
     assert isinstance(r.client_id(), int)
     assert r.echo("hi") == b"hi"
     seconds, _ = r.time()

@@ -283,15 +283,16 @@ def test_flushall_needs_the_admin_flag() -> None:
 def test_info_text_is_in_redis_format() -> None:
     infos = {"proxy": {"pid": 1, "uptime_s": 5, "requests": 3, "errors": 0, "epoch": 2},
              "nodes": {"127.0.0.1:1": {"keys": 2}, "127.0.0.1:2": {"error": "down"}},
-             "totals": {"keys": 2, "live_bytes": 10}}
+             "totals": {"keys": 2, "keys_with_ttl": 1, "live_bytes": 10}}
     text = resp.info_text(infos, [], ctx())
     fields = dict(line.split(":", 1) for line in text.split("\r\n") if ":" in line)
     assert fields["redis_version"] == resp.REDIS_VERSION
     assert fields["redis_mode"] == "standalone"
-    assert fields["db0"] == "keys=2,expires=0,avg_ttl=0"
+    assert fields["db0"] == "keys=2,expires=1,avg_ttl=0"
     assert fields["nodes_up"] == "1"
     only = resp.info_text(infos, ["keyspace"], ctx())
     assert only.startswith("# Keyspace\r\n") and "redis_version" not in only
+    assert resp.info_text(infos, ["nosuch"], ctx()) == ""  # (Redis: an empty reply)
 
 
 def test_commands_before_bad_bytes_come_back_then_the_error() -> None:

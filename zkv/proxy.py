@@ -200,9 +200,11 @@ class Proxy(ProxyShell):
                 gone = sorted(set(old["in_sync"]) - set(shard["in_sync"]))
                 came = sorted(set(shard["in_sync"]) - set(old["in_sync"]))
                 # (a copy fewer is worth a warning; one more is good news)
+                what = (f"{', '.join(gone)} leaves the in-sync set (not acknowledging)"
+                        if gone else f"{', '.join(came)} is in sync" if came
+                        else "the data directory ids of its copies are recorded")
                 log.log(logging.WARNING if gone else logging.INFO, "shard %s: %s (epoch %d)",
-                        name, f"{', '.join(gone)} leaves the in-sync set (not acknowledging)"
-                        if gone else f"{', '.join(came)} is in sync", new.epoch)
+                        name, what, new.epoch)
             self.repl_reports.clear()  # judged by the new epoch's reports from now on
             self.commit(new)
             return
@@ -218,8 +220,8 @@ class Proxy(ProxyShell):
 
     def _node_epoch(self, addr: str, epoch: int) -> None:
         if epoch < self.state.epoch and self.publishing is None and addr in self._addresses:
-            log.info("node %s is at epoch %d, behind %d: sending it the configuration", addr,
-                     epoch, self.state.epoch)
+            log.info("%s is at epoch %d, behind %d: sending it the configuration",
+                     self.state.describe(addr), epoch, self.state.epoch)
             self._push(addr, self.state, lambda ok: None)
 
     def _wants(self, epoch: int) -> None:
@@ -353,8 +355,8 @@ class Proxy(ProxyShell):
     def _push(self, addr: str, state: ClusterState, done: Callable[[bool], None]) -> None:
         def answered(result: Any) -> None:
             if isinstance(result, ZkvError):
-                log.warning("node %s did not take epoch %d: %s (it gets it again once it "
-                            "answers)", addr, state.epoch, result)
+                log.warning("%s did not take epoch %d: %s (it gets it again once it "
+                            "answers)", state.describe(addr), state.epoch, result)
             done(not isinstance(result, ZkvError))
 
         address = self.link_address.get(addr) or self.address_of(addr)

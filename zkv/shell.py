@@ -425,7 +425,8 @@ class ProxyShell:
         def build(infos: dict[str, Any]) -> Any:
             totals: dict[str, int] = {}
             for info in infos.values():
-                for k in ("keys", "live_bytes", "rss_bytes", "log_bytes", "snapshot_bytes"):
+                for k in ("keys", "keys_with_ttl", "live_bytes", "rss_bytes", "log_bytes",
+                          "snapshot_bytes"):
                     if isinstance(info.get(k), int):
                         totals[k] = totals.get(k, 0) + info[k]
             return {"proxy": self.info(), "nodes": infos, "totals": totals}
@@ -659,7 +660,7 @@ class ProxyShell:
     # -- replies from nodes ------------------------------------------------------
     def handle_node(self, addr: str, frames: list[bytes], now: float) -> None:
         if self.health.seen(addr, now):
-            log.info("node %s is up", addr)
+            log.info("%s is up", self.state.describe(addr))
             self.router.set_down(addr, False, now)
         if len(frames) != 2:
             return
@@ -752,11 +753,12 @@ class ProxyShell:
             self._continue(entry, exc)
 
     def _node_down(self, addr: str) -> None:
-        log.warning("node %s is down (no heartbeat reply%s)", addr,
+        what = self.state.describe(addr)
+        log.warning("%s is down (no heartbeat reply%s)", what,
                     "; with CURVE, a node that never answers may hold another cluster key"
                     if self.curve is not None else "")
         self.router.set_down(addr, True, time.monotonic())
-        self._abandon_in_flight(addr, f"node {addr} went down")
+        self._abandon_in_flight(addr, f"{what} went down")
 
     def _abandon_in_flight(self, addr: str, what: str) -> None:
         """Fail what the shell itself has in flight on link ``addr``: ``what`` happened

@@ -62,6 +62,8 @@ class ClusterState:
     def describe(self, name: str) -> str:
         """How errors name shard ``name``: "node ADDR", or for a replicated shard
         "shard NAME (primary ADDR)"."""
+        if name.startswith(NODE_KEY):  # (a link key: one other node of a shard)
+            return f"node {name[len(NODE_KEY):]}"
         shard = self.shards.get(name)
         return f"node {name}" if shard is None else f"shard {name} (primary {shard['primary']})"
 

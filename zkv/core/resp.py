@@ -1142,6 +1142,7 @@ def info_text(infos: dict[str, Any], sections: list[str], ctx: Context) -> str:
     nodes = infos.get("nodes", {})
     totals = infos.get("totals", {})
     live = int(totals.get("keys", 0))
+    ttls = int(totals.get("keys_with_ttl", 0))  # (some may have expired, not yet gone)
     used = int(totals.get("live_bytes", 0))
     uptime = int(proxy.get("uptime_s", 0))
     up = sum(1 for i in nodes.values() if "error" not in i)
@@ -1180,7 +1181,8 @@ def info_text(infos: dict[str, Any], sections: list[str], ctx: Context) -> str:
                             f"keys={info.get('keys', 0)}")
               for i, (addr, info) in enumerate(sorted(nodes.items()))),
         ],
-        "keyspace": [("db0", f"keys={live},expires=0,avg_ttl=0")] if live else [],
+        "keyspace": [("db0", f"keys={live},expires={min(ttls, live)},avg_ttl=0")]
+        if live else [],
     }
     wanted = [x for x in sections if x not in ("all", "default", "everything")]
     lines: list[str] = []
@@ -1191,7 +1193,7 @@ def info_text(infos: dict[str, Any], sections: list[str], ctx: Context) -> str:
             lines.append("")
         lines.append(f"# {name.capitalize() if name != 'zkv' else 'Zkv'}")
         lines.extend(f"{k}:{v}" for k, v in fields)
-    return "\r\n".join(lines) + "\r\n"
+    return "\r\n".join(lines) + "\r\n" if lines else ""  # (no such section: "", as Redis)
 
 
 def _human(n: int) -> str:
