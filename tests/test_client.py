@@ -141,9 +141,28 @@ def test_keys_and_values_must_be_text_or_bytes(shared: Cluster) -> None:
         c.set("k", None)
     with pytest.raises(TypeError):
         c.get(["k"])
+    # (and one of the family: `except zkv.ZkvError` catches every mistake too)
+    with pytest.raises(zkv.BadArgument, match="key must be str or bytes, not NoneType"):
+        c.delete("k", None)
+    with pytest.raises(zkv.ZkvError, match="ex must be an integer"):
+        c.set("k", "v", ex="10")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at most one of nx"):
+        c.expire("k", 5, nx=True, xx=True)
     assert c.set("n", 12) and c.get("n") == b"12"
     # one key given as a string is that key, as redis-py takes it, not its letters
     assert c.set("abc", "1") and c.mget("abc") == [b"1"] and c.mget(b"abc") == [b"1"]
+
+
+def test_delete_and_exists_take_many_keys_as_redis_py_does(shared: Cluster) -> None:
+    c = shared.client()
+    keys = [f"many:{i}" for i in range(20)]  # (over every node)
+    c.mset({k: "v" for k in keys[:15]})
+    assert c.exists(keys[0]) is True and c.exists("many:none") is False
+    assert c.exists(*keys) == 15
+    assert c.exists(keys[0], keys[0], "many:none") == 2  # (named twice: counted twice)
+    assert c.delete(*keys) == 15
+    assert c.exists(*keys) == 0 and c.delete(*keys) == 0
+    assert c.delete(keys[0]) is False
 
 
 @pytest.mark.parametrize("address", ["localhost", "", "127.0.0.1:99999", "a b:1", "127.0.0.1:x"])

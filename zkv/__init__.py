@@ -5,6 +5,7 @@
 
 from .client import Client, MoveHandle, Pipeline
 from .errors import (
+    BadArgument,
     ClusterError,
     CommandError,
     ConfigError,
@@ -29,6 +30,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadArgument",
     "Client",
     "ClusterError",
     "CommandError",

@@ -18,6 +18,8 @@ import datetime
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import BadType, BadValue
+
 Key = str | bytes
 Value = str | bytes | int | float
 Convert = Callable[[Any], Any]
@@ -32,7 +34,7 @@ def to_bytes(value: Any, what: str = "value") -> bytes:
         return bytes(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value).encode()
-    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+    raise BadType(f"{what} must be str or bytes, not {type(value).__name__}")
 
 
 def _same(result: Any) -> Any:
@@ -68,7 +70,7 @@ def _unix(value: int | datetime.datetime, what: str, ms: bool) -> int:
 
 def _int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an integer, not {type(value).__name__}")
+        raise BadType(f"{what} must be an integer, not {type(value).__name__}")
     return value
 
 
@@ -88,7 +90,7 @@ def _expiry_options(ex: Any, px: Any, exat: Any, pxat: Any) -> dict[str, Any]:
 def _flag(nx: bool, xx: bool, gt: bool, lt: bool) -> list[str]:
     flags = [name for name, on in (("NX", nx), ("XX", xx), ("GT", gt), ("LT", lt)) if on]
     if len(flags) > 1:
-        raise ValueError(f"give at most one of nx, xx, gt and lt, not {', '.join(flags)}")
+        raise BadValue(f"give at most one of nx, xx, gt and lt, not {', '.join(flags)}")
     return flags
 
 

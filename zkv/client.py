@@ -42,6 +42,7 @@ import zmq
 from .calls import Convert, StringCommands, to_bytes
 from .core import protocol as P
 from .errors import (
+    BadType,
     ClusterError,
     ConfigError,
     NotSent,
@@ -376,12 +377,29 @@ class Client(StringCommands):
         result: bytes | None = self.call("GET", to_bytes(key, "key"))
         return result
 
-    def delete(self, key: Key) -> bool:
-        """Delete ``key``; whether it existed."""
-        return bool(self.call("DEL", to_bytes(key, "key")))
+    def delete(self, key: Key, *keys: Key) -> int:
+        """Delete ``key``: whether it existed. ``delete(k1, k2, ...)``, as redis-py
+        takes it: how many of them existed (each key's delete on its own node, not
+        one atomic step)."""
+        if not keys:
+            return bool(self.call("DEL", to_bytes(key, "key")))
+        return self._count("DEL", (key, *keys))
 
-    def exists(self, key: Key) -> bool:
-        return bool(self.call("EXISTS", to_bytes(key, "key")))
+    def exists(self, key: Key, *keys: Key) -> int:
+        """Whether ``key`` exists; ``exists(k1, k2, ...)``: how many of them do (a key
+        named twice counts twice, as in Redis)."""
+        if not keys:
+            return bool(self.call("EXISTS", to_bytes(key, "key")))
+        return self._count("EXISTS", (key, *keys))
+
+    def _count(self, op: str, keys: Sequence[Key]) -> int:
+        names = [to_bytes(k, "key") for k in keys]
+        total = 0
+        for result in self.call_many([(op, [k]) for k in names]):
+            if isinstance(result, ZkvError):
+                raise result
+            total += int(result)
+        return total
 
     def mget(self, keys: Sequence[Key] | Key) -> list[bytes | None]:
         one = isinstance(keys, (str, bytes, bytearray, memoryview))
@@ -603,7 +621,7 @@ class Pipeline(StringCommands):
 
     def _do(self, op: str, args: list[Any], convert: Convert = lambda r: r) -> Any:
         if op not in P.PIPE_OPS:
-            raise TypeError(f"{op} cannot be used in a pipeline")
+            raise BadType(f"{op} cannot be used in a pipeline")
         self.converts[len(self.commands)] = convert
         self.commands.append([op, *args])
         return self

@@ -10,8 +10,11 @@ so ``except zkv.NodeUnavailable`` works the same for a local and a remote failur
     │   └── LimitExceeded         TOO_LARGE     a key, value, batch or message over a limit
     ├── CommandError              BAD_COMMAND   a well-formed request that cannot be done
     │   │                                       (e.g. SCAN with an expired cursor)
-    │   └── CrossNode             CROSS_NODE    an atomic pipeline (a transaction) whose
-    │                                           keys live on more than one node
+    │   ├── CrossNode             CROSS_NODE    an atomic pipeline (a transaction) whose
+    │   │                                       keys live on more than one node
+    │   └── BadArgument           (local)       a client method given an argument of the
+    │                                           wrong type or value (also a TypeError or
+    │                                           ValueError, as Python code expects)
     ├── StaleEpoch                STALE_EPOCH   a router's view of the cluster is older than
     │                                           the node's: refresh it and send again
     ├── Moved                     MOVED         the key is another node's at this epoch
@@ -75,6 +78,22 @@ class CrossNode(CommandError):
     node runs a transaction, so its keys must be kept together (a hash tag)."""
 
     code = "CROSS_NODE"
+
+
+class BadArgument(CommandError):
+    """A client method was given an argument it cannot send (a key that is not text or
+    bytes, a count that is not an integer): nothing was sent. Local only; raised as
+    :class:`BadType` or :class:`BadValue`, which are also TypeError and ValueError."""
+
+    local = True
+
+
+class BadType(BadArgument, TypeError):
+    local = True
+
+
+class BadValue(BadArgument, ValueError):
+    local = True
 
 
 class StaleEpoch(ZkvError):
