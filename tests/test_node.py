@@ -825,3 +825,23 @@ def test_an_internal_error_applies_nothing_of_its_request(tmp_path: Path,
         assert reopened.storage.keyspace.data == {b"kept": b"1"}
     finally:
         reopened.storage.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--port", "0"], 2, "'0' is not a port number from 1 to 65535"),
+    (["--port", "abc"], 2, "'abc' is not a port number"),
+    (["--port", "70000"], 2, "'70000' is not a port number"),
+    (["--port", "8081", "--host", "no.such.host.invalid"], 1,
+     "cannot listen on no.such.host.invalid: no such host"),
+])
+def test_command_line_mistakes_are_one_clear_line(tmp_path: Path, args: list[str], code: int,
+                                                  message: str) -> None:
+    for role in ("node", "proxy"):
+        where = tmp_path / role
+        flag = "--data-dir" if role == "node" else "--state-dir"
+        done = subprocess.run([sys.executable, "-m", "zkv", role, *args, flag, str(where)],
+                              capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert done.returncode == code, (role, done)
+        assert message in done.stderr and "Traceback" not in done.stderr, (role, done)
+        assert not where.exists()  # (nothing made for a start that cannot happen)

@@ -107,3 +107,16 @@ def test_a_move_shows_each_stream_with_its_progress_and_rate() -> None:
     assert "move m1: add n9, phase copy" in text
     assert "n1 -> n9" in text and "250 / 400" in text and "75" in text
     assert "300 / 300" in text and "done" in text
+
+
+@pytest.mark.timeout(60)
+def test_top_with_no_proxy_to_watch_says_so_once_and_stops() -> None:
+    from conftest import free_port
+
+    where = f"127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "zkv", "top", "--proxy", where, "-i", "0.2"],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"zkv top: error: {where}: cannot connect to {where}: Connection refused (3 attempts)"]
+    assert "Traceback" not in done.stderr + done.stdout

@@ -148,7 +148,7 @@ def _node(args: argparse.Namespace) -> int:
 def _add_node_parser(sub: Any) -> None:
     p = sub.add_parser("node", help="run a storage node")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port to bind")
+    p.add_argument("--port", type=_port_number, default=None, help="port to bind")
     p.add_argument("--data-dir", default=None, help="data directory (default ./data/HOST-PORT)")
     p.add_argument("--fsync", choices=FSYNC_POLICIES, default=None,
                    help="when the log is fsynced (default everysec)")
@@ -284,7 +284,7 @@ def _port_number(text: str) -> int:
 def _add_proxy_parser(sub: Any) -> None:
     p = sub.add_parser("proxy", help="run the proxy clients connect to")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port to bind (default 8000)")
+    p.add_argument("--port", type=_port_number, default=None, help="port to bind (default 8000)")
     p.add_argument("--config", default=None, help="YAML topology (initial membership, settings)")
     p.add_argument("--state-dir", default=None,
                    help="where membership and moves are kept (default ./data/proxy)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import time
 from typing import Any
@@ -354,7 +355,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(host: str, curve: Curve | None, insecure: bool, what: str) -> None:
-    """Refuse to listen off loopback without CURVE unless told ``insecure``."""
+    """Refuse to listen off loopback without CURVE unless told ``insecure`` (and a host
+    that does not resolve at all, first: that is the mistake to name)."""
+    if not is_loopback(host):
+        try:
+            socket.getaddrinfo(host.strip("[]"), None)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConfigError(f"{what} cannot listen on {host}: no such host or address "
+                              f"({getattr(exc, 'strerror', None) or exc})") from None
     if curve is None and not insecure and not is_loopback(host):
         raise ConfigError(
             f"{what} would listen on {host} without CURVE: anyone who can reach it could "

@@ -218,6 +218,9 @@ def run(proxy: str, interval: float, count: int | None) -> int:
 
                     failed = True
                     what = exc if isinstance(exc, ZkvError) else "not a zkv proxy"
+                    if not shown:  # (nothing to watch: say so once and stop, as top does;
+                        # a proxy lost later is shown until it is back)
+                        raise _NothingToWatch(f"zkv top: error: {proxy}: {what}") from None
                     show(Text(f"zkv top: {proxy}: {what}", style="bold red"))
                 else:
                     failed = False
@@ -230,11 +233,17 @@ def run(proxy: str, interval: float, count: int | None) -> int:
                     break
     except KeyboardInterrupt:
         pass
+    except _NothingToWatch as exc:
+        print(exc, file=sys.stderr)
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         client.close()
     return 1 if failed else 0
+
+
+class _NothingToWatch(Exception):
+    """The first look at the proxy failed: there is nothing to show."""
 
 
 def _wait_for_q(stdin: Any, seconds: float) -> bool:
