@@ -172,6 +172,30 @@ def test_data_commands_become_checked_zkv_requests() -> None:
     assert b"syntax error" in plan(b"SET", b"k", b"v", b"EX").data
 
 
+@pytest.mark.parametrize(("words", "message"), [
+    # the words Redis answers these with, checked against redis-server 7
+    ([b"EXPIRE", b"k", b"10", b"NX", b"XX"],
+     "ERR NX and XX, GT or LT options at the same time are not compatible"),
+    ([b"EXPIRE", b"k", b"10", b"NX", b"GT"],
+     "ERR NX and XX, GT or LT options at the same time are not compatible"),
+    ([b"PEXPIRE", b"k", b"10", b"GT", b"LT"],
+     "ERR GT and LT options at the same time are not compatible"),
+    ([b"EXPIRE", b"k", b"10", b"SOON"], "ERR Unsupported option SOON"),
+    ([b"SETEX", b"k", b"0", b"v"], "ERR invalid expire time in 'setex' command"),
+    ([b"PSETEX", b"k", b"-5", b"v"], "ERR invalid expire time in 'psetex' command"),
+])
+def test_option_mistakes_answer_in_redis_words(words: list[bytes], message: str) -> None:
+    p = plan(*words)
+    assert isinstance(p, resp.Reply) and parse(p.data).args[0] == message
+
+
+def test_expire_flags_redis_allows_together() -> None:
+    p = plan(b"EXPIRE", b"k", b"10", b"XX", b"GT")  # (the same as GT alone)
+    assert isinstance(p, resp.Forward) and p.args == [b"k", 10, "GT"]
+    p = plan(b"EXPIRE", b"k", b"10", b"nx", b"NX")
+    assert isinstance(p, resp.Forward) and p.args == [b"k", 10, "NX"]
+
+
 def test_shapes_turn_zkv_results_into_redis_replies() -> None:
     s2, s3 = resp.Session(1), resp.Session(2, proto=3)
     get = plan(b"GET", b"k")

@@ -761,8 +761,13 @@ def _shape_set(result: Any, s: Session) -> bytes:
 
 
 def _plan_setex(option: str) -> Callable[[Session, list[bytes], Context], Plan]:
+    name = "setex" if option == "ex" else "psetex"
+
     def plan(s: Session, a: list[bytes], ctx: Context) -> Plan:
-        return _req(ctx, "SET", [a[1], a[3], {option: _int(a[2])}], _shape_ok)
+        amount = _int(a[2])
+        if amount <= 0:  # (as Redis words it: SETEX's, not SET's)
+            raise CommandError(f"invalid expire time in '{name}' command")
+        return _req(ctx, "SET", [a[1], a[3], {option: amount}], _shape_ok)
     return plan
 
 
@@ -775,14 +780,21 @@ def _plan_getex(s: Session, a: list[bytes], ctx: Context) -> Plan:
 
 def _plan_expire(op: str) -> Callable[[Session, list[bytes], Context], Plan]:
     def plan(s: Session, a: list[bytes], ctx: Context) -> Plan:
-        if len(a) > 4:
-            raise CommandError("syntax error")
-        flag = []
-        if len(a) == 4:
-            if a[3].upper() not in (b"NX", b"XX", b"GT", b"LT"):
-                raise CommandError(f"Unsupported option {_text(a[3])[:32]}")
-            flag = [a[3].upper()]
-        return _req(ctx, op, [a[1], _int(a[2]), *flag], _shape_int)
+        flags = set()
+        for word in a[3:]:
+            if word.upper() not in (b"NX", b"XX", b"GT", b"LT"):
+                raise CommandError(f"Unsupported option {_text(word)[:32]}")
+            flags.add(word.upper())
+        if b"NX" in flags and len(flags) > 1:  # (Redis's words, and its order of checks)
+            raise CommandError("NX and XX, GT or LT options at the same time are not "
+                               "compatible")
+        if {b"GT", b"LT"} <= flags:
+            raise CommandError("GT and LT options at the same time are not compatible")
+        if flags == {b"XX", b"GT"}:
+            flags = {b"GT"}  # (the same: GT never sets a deadline on a key without one)
+        elif len(flags) > 1:
+            raise CommandError("XX and LT together are not supported; nothing changed")
+        return _req(ctx, op, [a[1], _int(a[2]), *flags], _shape_int)
     return plan
 
 
