@@ -167,9 +167,16 @@ def test_data_keys_may_send_what_the_routing_core_sends_during_a_move() -> None:
         assert not permits(CLIENT, "internal", op) and not permits(ADMIN, "internal", op)
 
 
-def test_listening_off_loopback_needs_curve_or_insecure() -> None:
+def test_listening_off_loopback_needs_curve_or_insecure(monkeypatch: Any) -> None:
+    import socket
+
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a: [] if host.endswith(
+        ".example.com") else resolve(host, *a))  # (as if this machine's DNS knew it)
     for host in ("127.0.0.1", "::1", "localhost", "127.8.9.1"):
         check_exposure(host, None, False, "node x")
+    with pytest.raises(ConfigError, match="cannot listen on node1.invalid: no such host"):
+        check_exposure("node1.invalid", None, False, "node x")  # (the mistake to name)
     for host in ("0.0.0.0", "10.1.2.3", "::", "node1.example.com"):
         with pytest.raises(ConfigError, match=f"would listen on {host} without CURVE"):
             check_exposure(host, None, False, "node x")

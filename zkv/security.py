@@ -357,13 +357,12 @@ def is_loopback(host: str) -> bool:
 def check_exposure(host: str, curve: Curve | None, insecure: bool, what: str) -> None:
     """Refuse to listen off loopback without CURVE unless told ``insecure`` (and a host
     that does not resolve at all, first: that is the mistake to name)."""
-    if not is_loopback(host):
+    if curve is None and not insecure and not is_loopback(host):
         try:
             socket.getaddrinfo(host.strip("[]"), None)
         except (socket.gaierror, UnicodeError) as exc:
             raise ConfigError(f"{what} cannot listen on {host}: no such host or address "
                               f"({getattr(exc, 'strerror', None) or exc})") from None
-    if curve is None and not insecure and not is_loopback(host):
         raise ConfigError(
             f"{what} would listen on {host} without CURVE: anyone who can reach it could "
             "read and write every key and change the cluster. Give it keys (--curve-key and "
