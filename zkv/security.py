@@ -28,12 +28,9 @@ import logging
 import os
 import socket
 import stat
-import time
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from .config import SecurityConfig
 from .errors import ConfigError, NoAuth, NoPerm
@@ -72,6 +69,8 @@ def keygen(prefix: str) -> tuple[str, str]:
         os.makedirs(directory, exist_ok=True)
         old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
         try:
+            import zmq.auth
+
             zmq.auth.create_certificates(directory, name)
         finally:
             os.umask(old)
@@ -108,6 +107,8 @@ def load_public(path: str, what: str = "--server-key") -> bytes:
 
 def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
     try:
+        import zmq.auth
+
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path}: not a key file ({exc})") from None
@@ -232,50 +233,6 @@ def require(role: str | None, op: str, kind: str, where: str) -> None:
                  f"{role} key")
 
 
-class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP thread, asking the keyring; refusals logged (by public key, at most
-    once per key every _LOG_EVERY seconds)."""
-
-    def __init__(self, ctx: zmq.Context[Any], keyring: Keyring, what: str) -> None:
-        super().__init__(ctx, log=logging.getLogger("zkv.zap"))
-        self.keyring = keyring
-        self.what = what
-        self._address = ""
-        self._logged: dict[str, float] = {}  # key -> when its refusal was last logged
-        self._window, self._lines, self._unlogged = -_LOG_EVERY, 0, 0
-        for domain in (DATA_DOMAIN, CLUSTER_DOMAIN):
-            self.configure_curve_callback(domain, self)
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
-        await super().handle_zap_message(msg)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        text = key.decode()
-        if self.keyring.admits(domain, text):
-            return True
-        now = time.monotonic()
-        if now - self._window >= _LOG_EVERY:  # a new window: say what was not logged
-            if self._unlogged:
-                log.warning("%s refused %d more connections in the last %d s (not logged "
-                            "one by one)", self.what, self._unlogged, int(_LOG_EVERY))
-            self._window, self._lines, self._unlogged = now, 0, 0
-        if (now - self._logged.get(text, -_LOG_EVERY) < _LOG_EVERY
-                or self._lines >= _LOG_LINES):
-            self._unlogged += 1
-            return False
-        if len(self._logged) > 1000:
-            self._logged.clear()
-        self._logged[text] = now
-        self._lines += 1
-        known = self.keyring.role(text)
-        why = (f"{_article(known)} {known} key, and only cluster keys may connect here"
-               if known else "not an allowed key")
-        log.warning("%s refused a connection from %s: key %s is %s", self.what,
-                    self._address, text, why)
-        return False
-
-
 def _article(role: str) -> str:
     return "an" if role[:1] in "aeiou" else "a"
 
@@ -288,7 +245,7 @@ class Curve:
                  keyring: Keyring | None = None) -> None:
         self.public, self.secret, self.server_public = public, secret, server_public
         self.keyring = keyring
-        self._auth: _Authenticator | None = None
+        self._auth: Any = None  # (zkv.zap's authenticator, once started)
 
     @classmethod
     def client(cls, curve_key: str, server_key: str | None = None) -> Curve:
@@ -303,7 +260,9 @@ class Curve:
         authenticator, a CURVE server would take any key)."""
         if self.keyring is None:
             raise ConfigError(f"{what}: a server needs its key directories")
-        auth = _Authenticator(ctx, self.keyring, what)
+        from .zap import Authenticator  # (pyzmq's ZAP thread imports asyncio: only here)
+
+        auth = Authenticator(ctx, self.keyring, what)
         auth.start()
         self._auth = auth
 
