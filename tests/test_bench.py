@@ -129,8 +129,8 @@ def test_compare_runs_every_target(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("clients", [1, 3])
 def test_direct_runs_the_direct_routing_client(tmp_path: Path, clients: int) -> None:
-    report = bench_json(tmp_path, "-t", "set,get", "-n", "60", "-c", str(clients), "-P", "3",
-                        "--direct")
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "60", "-r", "100", "-c", str(clients),
+                        "-P", "3", "--direct")
     assert {r["target"] for r in report["results"]} == {"zkv-direct"}
     assert all(r["errors"] == 0 and r["requests"] >= 60 for r in report["results"])
 
@@ -194,7 +194,7 @@ def test_resp_starts_its_own_cluster(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_metrics_on_and_off_in_one_run(tmp_path: Path) -> None:
-    report = bench_json(tmp_path, "-t", "set,get", "-n", "200", "--metrics")
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "200", "-r", "200", "--metrics")
     assert {r["target"] for r in report["results"]} == {"zkv", "zkv-metrics"}
     assert set(report["ratios_metrics"]) == {"set", "get"}
     assert all(x > 0 for x in report["ratios_metrics"].values())

@@ -470,7 +470,7 @@ def wait_move_done(address: str, timeout: float = 90.0) -> dict[str, Any]:
 @pytest.mark.parametrize("victim", ["source", "destination", "proxy"])
 @pytest.mark.parametrize("phase", ["prepare", "copy", "cleanup"])
 def test_kill9_at_every_phase_of_a_move(make_rig: Any, phase: str, victim: str) -> None:
-    rig: Rig = make_rig(2, proxy_env={"ZKV_MOVE_PHASE_PAUSE": str(PHASE_PAUSE)})
+    rig: Rig = make_rig(2, proxy_env={"ZKV_MOVE_PHASE_PAUSE": f"{phase}={PHASE_PAUSE}"})
     initial = {b"pre-%05d" % i: b"v%05d-" % i + b"x" * 30 for i in range(MOVE_KEYS)}
     with zkv.Client(rig.address, timeout=10.0) as c:
         items = list(initial.items())

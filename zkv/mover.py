@@ -60,9 +60,27 @@ POLL_INTERVAL = 0.25
 RETRY_INTERVAL = 1.0
 RESTART_GRACE = 2.0  # a stream the source finished but the destination did not: restart after this
 STEP_TIMEOUT = 60.0
-# Seconds to wait on entering each phase before its first step. Zero in production;
-# the fault tests set it to kill processes at a known phase of a move.
-PHASE_PAUSE = float(os.environ.get("ZKV_MOVE_PHASE_PAUSE", "0") or 0)
+# Seconds to wait on entering a phase before its first step. None in production; the
+# fault tests set ZKV_MOVE_PHASE_PAUSE to kill processes at a known phase of a move:
+# "1.5" (every phase) or "copy=1.5,cleanup=2" (those phases only).
+
+
+def _phase_pauses(text: str) -> dict[str, float]:
+    pauses: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        phase, _, seconds = part.rpartition("=")
+        try:
+            pauses[phase or "*"] = max(0.0, float(seconds))
+        except ValueError:
+            log.warning("ZKV_MOVE_PHASE_PAUSE: %r is not PHASE=SECONDS; ignored", part)
+    return pauses
+
+
+PHASE_PAUSES = _phase_pauses(os.environ.get("ZKV_MOVE_PHASE_PAUSE", ""))
+
+
+def phase_pause(phase: str) -> float:
+    return PHASE_PAUSES.get(phase, PHASE_PAUSES.get("*", 0.0))
 
 
 class Shell(Protocol):
@@ -181,7 +199,7 @@ class MoveDriver:
         self.gen = 0  # bumped on every phase change: replies to older steps are ignored
         self.error: str | None = None
         self.finished = False
-        self.next_at = time.monotonic() + PHASE_PAUSE
+        self.next_at = time.monotonic() + phase_pause(self.phase)
         self._reset_streams()
 
     def _reset_streams(self) -> None:
@@ -268,7 +286,7 @@ class MoveDriver:
         self.shell.commit(self.state)
         self.gen += 1
         self.waiting = 0
-        self.next_at = time.monotonic() + PHASE_PAUSE
+        self.next_at = time.monotonic() + phase_pause(self.phase)
 
     def _set_phase(self, phase: str, **extra: Any) -> None:
         move = dict(self.move, phase=phase, **extra)
