@@ -318,7 +318,7 @@ def test_a_million_keys_expire_and_their_memory_returns_while_serving(
             p.set(b"kept:%06d" % i, b"v" * 8)
         p.execute()
     rate = 50_000 / (time.monotonic() - started)
-    deadline = int(time.time() * 1000 + 1000 * (3 + 1.5 * n / rate))
+    deadline = int(time.time() * 1000 + 1000 * (3 + 1.25 * n / rate))
     for start in range(0, n, 100_000):
         with c.pipeline() as p:
             for i in range(start, start + 100_000):

@@ -115,6 +115,12 @@ def test_killing_a_primary_loses_no_acknowledged_write(make_cluster: Any) -> Non
     """3 shards x 2 nodes, fsync always, writers on every shard: kill -9 each shard's
     primary in turn. Every acknowledged write is readable after each failover, only
     the shard whose primary died sees errors, and only for a few seconds."""
+    kill_primaries(make_cluster, 3)
+
+
+def kill_primaries(make_cluster: Any, kills: int) -> None:
+    """The body of the test above, killing the primaries of the first ``kills`` shards
+    (test_security runs it with CURVE on)."""
     cluster = replicated(make_cluster)
     c = cluster.client(timeout=3.0)
     probe = cluster.client(timeout=1.0)
@@ -122,7 +128,7 @@ def test_killing_a_primary_loses_no_acknowledged_write(make_cluster: Any) -> Non
     probes = {ring.owner(b"probe-%d" % i): b"probe-%d" % i for i in range(200)}
     failovers = []
     with Load(cluster.address, MIX, workers=3, keys_each=200, pause=0.002) as load:
-        for shard in cluster.node_addrs:
+        for shard in cluster.node_addrs[:kills]:
             wait_in_sync(cluster, 30)
             victim = primary_of(cluster, shard)
             began = time.monotonic()
@@ -140,7 +146,7 @@ def test_killing_a_primary_loses_no_acknowledged_write(make_cluster: Any) -> Non
     totals = load.totals()
     assert totals["acked_sets"] > 500, totals
     read_back(c.mget, load.possible())
-    assert c.status()["failovers"] == 3
+    assert c.status()["failovers"] == kills
     # the failover time, detection plus promotion (the issue's target: under 3 s with
     # the default heartbeats; these tests run 200 ms x 3)
     print(f"failover times: {[round(f, 2) for f in failovers]}")
