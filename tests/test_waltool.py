@@ -246,3 +246,14 @@ def test_dump_into_a_closed_pipe_stops_quietly(tmp_path: Path, opened: list[Stor
                          f"{shlex.quote(str(tmp_path / 'd'))} | head -3", shell=True,
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert len(out.stdout.splitlines()) == 3 and out.stderr == ""
+
+
+def test_a_missing_manifest_is_damage_not_clean(tmp_path: Path, opened: list[Storage]) -> None:
+    """Without its MANIFEST, nothing says which segments the data needs: a segment
+    deleted with it would go unmissed, and the directory's id changes on a start."""
+    clean(tmp_path, opened)
+    (tmp_path / "d" / "MANIFEST").unlink()
+    out = zkv_wal("check", str(tmp_path / "d"))
+    assert out.returncode == EXIT_DAMAGED, out
+    assert "has data files but no MANIFEST" in out.stderr and "new id" in out.stderr
+

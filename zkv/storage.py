@@ -105,6 +105,12 @@ class Manifest:
         return doc
 
 
+NO_MANIFEST = (
+    "{} has data files but no MANIFEST: they are taken by their numbers, so a segment "
+    "deleted with it cannot be missed, and the directory gets a new id (a replicated "
+    "shard no longer counts this copy as the one it had)")
+
+
 def read_manifest(data_dir: str) -> Manifest | None:
     """The MANIFEST of a data directory; None if there is none; ValueError if damaged."""
     path = os.path.join(data_dir, MANIFEST)
@@ -355,6 +361,9 @@ class Storage:
             first = max(base, manifest.first)
             last = max([manifest.last, *[s for s in segs if s > manifest.last]])
         else:
+            if snaps or any(os.path.getsize(os.path.join(self.dir, segment_name(s)))
+                            for s in segs):
+                self._warn(report, NO_MANIFEST.format(self.dir))
             base = snaps[-1] if snaps else 0
             later = [s for s in segs if s >= base]
             first = base if base else (later[0] if later else 1)

@@ -24,6 +24,7 @@ from .core import wal
 from .errors import LogCorruption, StorageError, ZkvError
 from .storage import (
     MANIFEST,
+    NO_MANIFEST,
     SEGMENT_RE,
     SNAPSHOT_RE,
     Storage,
@@ -98,6 +99,11 @@ def check(directory: str) -> tuple[int, list[str]]:
                             f"{exc.strerror or exc}"]
     lines = [f"{directory}: {report.records} records, {report.keys} keys"
              + (f" (snapshot {report.snapshot})" if report.snapshot else "")]
+    if any(w == NO_MANIFEST.format(storage.dir) for w in report.warnings):
+        # (a node starts, but what the MANIFEST named cannot be checked: data may be gone)
+        return EXIT_DAMAGED, [*lines, f"damaged: {NO_MANIFEST.format(directory)}",
+                              "restore the MANIFEST from a backup if there is one; a node "
+                              "started on it as it is keeps what the files hold"]
     lines += [f"found: {w}" for w in report.warnings]
     lines += [f"a start would {c}" for c in storage.changes]
     if storage.changes or report.warnings:

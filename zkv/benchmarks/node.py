@@ -36,7 +36,7 @@ import zmq
 
 from ..core import protocol as P
 from ..core import wal
-from ..storage import Storage, segment_name
+from ..storage import Manifest, Storage, new_identity, segment_name, write_manifest
 from .harness import Children, start_node
 
 POLICIES = ("always", "everysec", "no")
@@ -243,6 +243,7 @@ def bench_replay(workdir: str, records: int) -> ReplayResult:
     os.makedirs(data_dir)
     path = os.path.join(data_dir, segment_name(1))
     size = make_log(path, records, keys)
+    write_manifest(data_dir, Manifest(None, 1, 1, new_identity()))  # (as a node leaves it)
     with open(path, "rb") as f:  # warm the page cache, as all three runs read it
         raw = f.read()
 
