@@ -501,6 +501,34 @@ def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -
     assert c.get(b"k") == b"v" and c.set(b"k", b"w")  # the shard serves, with one copy
     with pytest.raises(zkv.ClusterError, match="already holds 1 keys"):
         c.call("REPLICA", "ADD", shard, replica)
+    # a removed.json that cannot be read stops the proxy, rather than letting the
+    # topology's replicas back in
+    removed = next(cluster.topo.path.parent.glob("**/removed.json"))
+    removed.write_text("garbage{")
+    cluster.kill_proxy()
+    proc = cluster.procs.start("proxy", "--config", str(cluster.topo.path), ready=None)
+    assert proc.wait_exit(15) == 1
+    assert "removed.json: cannot read" in proc.output and "Traceback" not in proc.output
+
+
+def test_a_shards_first_node_comes_back_to_it_after_a_failover_and_removal(
+        make_cluster: Any, tmp_path: Any) -> None:
+    """A shard is named by its first node: after a FAILOVER and REPLICA REMOVE of that
+    node, REPLICA ADD of it (emptied) to its own shard takes it back."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    assert c.set(b"k", b"v")
+    assert c.failover(shard, replica)["primary"] == replica
+    wait_in_sync(cluster)
+    assert c.remove_replica(shard)["removed"] == shard
+    cluster.kill_node(shard)
+    shutil.rmtree(cluster.topo.data_dirs[shard])
+    cluster.start_node(shard)
+    row = c.add_replica(shard, shard, wait_timeout=30)
+    assert row["in_sync"] and row["address"] == shard
+    assert keys_of(shard) == 1 and c.get(b"k") == b"v"
 
 
 def test_replica_commands_refuse_mistakes_and_change_nothing(make_cluster: Any, procs: Any,

@@ -76,7 +76,7 @@ from .storage import Recovery, Storage
 log = logging.getLogger("zkv.node")
 
 MAX_BATCH_PER_TURN = 2048
-MAX_HOLD_MS = 5000  # the longest a handover may hold a primary's data requests
+MAX_HOLD_MS = 1500  # the longest a handover may hold a primary's data requests
 HELD_BYTES = 64 << 20  # what a handover holds at most (more runs as it comes)
 _OK_ITEM = [P.OK, "OK"]
 # A SCAN page visits at most this many buckets and looks at about this many bytes of
@@ -373,8 +373,9 @@ class Node:
             raise CommandError(f"bad SCAN cursor {cursor!r}; start again from 0")
         if run != self.incarnation:
             raise CommandError(
-                f"SCAN cursor {cursor!r} is from an earlier run of this node (it restarted); "
-                "start again from 0"
+                f"SCAN cursor {cursor!r} is not from this run of node {self.address} (it "
+                "restarted, or the cursor came from another node of its shard before a "
+                "failover); start again from 0"
             )
         return int(bucket)
 
@@ -625,8 +626,8 @@ class Node:
             raise ClusterError(f"node {self.address} is not a shard's primary; there is "
                                "nothing to hand over")
         self.hold_until = time.monotonic() + ms / 1000
-        log.info("shard %s: handing over; data requests held up to %d ms", self.repl.shard,
-                 ms)
+        log.warning("shard %s: handing over (XHANDOVER); data requests held up to %d ms",
+                    self.repl.shard, ms)
         return {"epoch": self.epoch}
 
     def _holds(self, body: bytes) -> bool:

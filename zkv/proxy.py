@@ -87,11 +87,16 @@ def load_removed(state_dir: str) -> dict[str, Any]:
     try:
         data = durable.read_json(path)
     except (OSError, ValueError) as exc:
-        log.warning("%s: cannot read it (%s): replicas the topology lists are added back "
-                    "even if REPLICA REMOVE took them out", path, exc)
+        raise ClusterError(f"{path}: cannot read the replicas REPLICA REMOVE took out "
+                           f"({exc}); fix or delete it (deleting it lets the topology's "
+                           "replicas back in)") from None
+    if data is None:
         return {}
     found = data.get("replicas") if isinstance(data, dict) else None
-    return dict(found) if isinstance(found, dict) else {}
+    if not isinstance(found, dict) or not all(isinstance(k, str) for k in found):
+        raise ClusterError(f"{path}: expected {{\"replicas\": {{ADDRESS: {{...}}}}}}; fix or "
+                           "delete it (deleting it lets the topology's replicas back in)")
+    return dict(found)
 
 
 def save_removed(state_dir: str, removed: dict[str, Any]) -> None:
@@ -465,7 +470,11 @@ class Proxy(ProxyShell):
             if len(args) != 3:
                 raise ClusterError("usage: REPLICA ADD SHARD HOST:PORT; nothing changed")
             name, addr = self._shard_arg(args[1]), self._node_arg(args[2], "replica")
-            if state.shard_of(addr) is not None or addr in state.involved():
+            # (a shard's name is its first node's address: that node, taken out by
+            # REPLICA REMOVE after a FAILOVER, may come back to its own shard)
+            returning = addr == name and name in state.shards and not any(
+                addr == s["primary"] or addr in s["replicas"] for s in state.shards.values())
+            if not returning and (state.shard_of(addr) is not None or addr in state.involved()):
                 raise ClusterError(f"{addr} is already a node of this cluster (shard "
                                    f"{state.shard_of(addr)}); nothing changed")
             shard = state.shards.get(name, {"primary": name, "replicas": [], "in_sync": []})
@@ -495,7 +504,8 @@ class Proxy(ProxyShell):
         left = [a for a in entry["replicas"] if a != gone]
         if 1 + len(left) < state.min_in_sync:
             raise ClusterError(
-                f"removing {gone} would leave shard {home} {1 + len(left)} copies, fewer "
+                f"removing {gone} would leave shard {home} {1 + len(left)} "
+                f"{'copy' if not left else 'copies'}, fewer "
                 f"than min_in_sync ({state.min_in_sync}): its writes would be refused. "
                 "REPLICA ADD another first; nothing changed")
         smaller = state.with_shard(home, entry["primary"], left,
@@ -529,8 +539,8 @@ class Proxy(ProxyShell):
             if isinstance(result, ZkvError):
                 log.info("node %s, taken out of the cluster, was not told so: %s", gone,
                          result)
-            if key in self.links and key not in self._addresses:
-                self._disconnect(key)
+            # (the link is left to the next configuration's tidying: a REPLICA ADD of
+            # the same node may be using it by now)
 
         def send() -> None:
             if key in self.links and key not in self._addresses:
@@ -775,28 +785,31 @@ class Proxy(ProxyShell):
         With ``must_be_empty``, a node that holds keys is refused: joining would mix
         another data set into this cluster's."""
         self._admin_busy = True
-        temporary = addr not in self.links
+        # (the link to the node at addr: a link named addr may be a shard's, reaching its
+        # primary elsewhere when addr is the shard's first node, since failed over)
+        key = addr if self.link_address.get(addr, addr) == addr else NODE_KEY + addr
+        temporary = key not in self.links
         if temporary:
-            self._connect(addr)
+            self._connect(key)
 
         deadline = time.monotonic() + self.timeout
 
         def answered(result: Any) -> None:
             if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
                     and time.monotonic() < deadline):  # the connection is still being made
-                self._later(0.05, lambda: self._call(addr, "INFO", [], answered, self.timeout))
+                self._later(0.05, lambda: self._call(key, "INFO", [], answered, self.timeout))
                 return
             self._admin_busy = False
             if isinstance(result, ZkvError):
-                if temporary and addr in self.links:
-                    self._disconnect(addr)
+                if temporary and key in self.links:
+                    self._disconnect(key)
                 self._fail(routing, ClusterError(
                     f"node {addr} does not answer ({result}); nothing changed"))
                 return
             why = self._cannot_join(addr, result) if must_be_empty else None
             if why is not None:
-                if temporary and addr in self.links:
-                    self._disconnect(addr)
+                if temporary and key in self.links:
+                    self._disconnect(key)
                 self._fail(routing, ClusterError(f"{why}; nothing changed"))
                 return
             try:
@@ -804,7 +817,7 @@ class Proxy(ProxyShell):
             except ZkvError as exc:
                 self._fail(routing, exc)
 
-        self._call(addr, "INFO", [], answered, self.timeout)
+        self._call(key, "INFO", [], answered, self.timeout)
 
     def _cannot_join(self, addr: str, info: Any) -> str | None:
         """Why the server at ``addr`` (its INFO: ``info``) cannot join this cluster as a

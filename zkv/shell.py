@@ -743,8 +743,8 @@ class ProxyShell:
             entry = pending.pop(tag, None)
             if entry is not None:
                 self._abandon(entry, Timeout(
-                    f"node {entry[1]} did not answer in time; the outcome of a write is unknown"
-                ))
+                    f"{self.state.describe(entry[1])} did not answer in time; the outcome of a "
+                    "write is unknown"))
 
     def _abandon(self, entry: tuple[Any, str, int, list[bytes] | None], exc: ZkvError) -> None:
         if entry[2] == -1:

@@ -526,8 +526,9 @@ class Router:
         """The node would not take these ops as routed (nothing of them was applied):
         route them again, by a newer configuration when ours is the stale one."""
         if sent.kind == _SCAN:
-            sent.extra(Unavailable(f"the cluster's configuration changed under the SCAN "
-                                   f"({exc.code}); retry"))
+            sent.extra(Unavailable(
+                f"the cluster's configuration changed under this SCAN, KEYS or DBSIZE "
+                f"({exc.code}: a FAILOVER, say); start it again"))
             return
         epoch = exc.details.get("epoch")
         for op in sent.ops:
