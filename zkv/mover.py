@@ -60,7 +60,7 @@ POLL_INTERVAL = 0.25
 RETRY_INTERVAL = 1.0
 RESTART_GRACE = 2.0  # a stream the source finished but the destination did not: restart after this
 STEP_TIMEOUT = 60.0
-# Seconds to wait on entering a phase before its first step. None in production; the
+# Seconds to wait on entering a phase before its first step: none in production; the
 # fault tests set ZKV_MOVE_PHASE_PAUSE to kill processes at a known phase of a move:
 # "1.5" (every phase) or "copy=1.5,cleanup=2" (those phases only).
 

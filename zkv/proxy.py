@@ -529,25 +529,34 @@ class Proxy(ProxyShell):
         if key in self.links:
             return  # (named again already)
         self._connect(key)
-        deadline = time.monotonic() + self.timeout
 
         def answered(result: Any) -> None:
-            if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
-                    and time.monotonic() < deadline):
-                self._later(0.05, send)
-                return
             if isinstance(result, ZkvError):
                 log.info("node %s, taken out of the cluster, was not told so: %s", gone,
                          result)
             # (the link is left to the next configuration's tidying: a REPLICA ADD of
             # the same node may be using it by now)
 
-        def send() -> None:
-            if key in self.links and key not in self._addresses:
-                self._call(key, "XCONFIG", [{"config": state.to_json(), "name": gone,
-                                             "address": gone}], answered, self.timeout)
+        self._call_connecting(key, "XCONFIG", [{"config": state.to_json(), "name": gone,
+                                                "address": gone}], answered)
 
-        send()
+    def _call_connecting(self, key: str, op: str, args: list[Any],
+                         done: Callable[[Any], None]) -> None:
+        """``_call`` on a link that may still be connecting (a send on it fails at once):
+        tried again every 50 ms until it goes, for one request timeout."""
+        deadline = time.monotonic() + self.timeout
+
+        def answered(result: Any) -> None:
+            if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
+                    and time.monotonic() < deadline):
+                self._later(0.05, attempt)
+                return
+            done(result)
+
+        def attempt() -> None:
+            self._call(key, op, args, answered, self.timeout)
+
+        attempt()
 
     def _failover(self, routing: list[bytes], args: list[Any]) -> None:
         """FAILOVER SHARD [ADDR]: a planned handover to an in-sync replica. The new
@@ -792,13 +801,7 @@ class Proxy(ProxyShell):
         if temporary:
             self._connect(key)
 
-        deadline = time.monotonic() + self.timeout
-
         def answered(result: Any) -> None:
-            if (isinstance(result, NodeUnavailable) and "not connected" in str(result)
-                    and time.monotonic() < deadline):  # the connection is still being made
-                self._later(0.05, lambda: self._call(key, "INFO", [], answered, self.timeout))
-                return
             self._admin_busy = False
             if isinstance(result, ZkvError):
                 if temporary and key in self.links:
@@ -817,7 +820,7 @@ class Proxy(ProxyShell):
             except ZkvError as exc:
                 self._fail(routing, exc)
 
-        self._call(key, "INFO", [], answered, self.timeout)
+        self._call_connecting(key, "INFO", [], answered)
 
     def _cannot_join(self, addr: str, info: Any) -> str | None:
         """Why the server at ``addr`` (its INFO: ``info``) cannot join this cluster as a
