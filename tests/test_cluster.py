@@ -385,6 +385,43 @@ def test_a_stopped_node_times_out_within_the_deadline_naming_it(cluster: Cluster
 
 
 @pytest.mark.timeout(60)
+def test_a_proxy_that_stalls_does_not_call_its_nodes_down(cluster: Cluster) -> None:
+    """The proxy itself stops for longer than its heartbeat window (a VM pause, a
+    long turn of its own): its nodes kept answering, so when it runs again it must not
+    call them down and fail the requests that waited for it."""
+    c = cluster.client(timeout=8.0, retries=0)
+    keys = {addr: keys_on(c, addr, "stall:", 1)[0] for addr in cluster.node_addrs}
+    assert cluster.proxy is not None
+    errors: list[BaseException] = []
+
+    writers_clients = {k: cluster.client(timeout=8.0, retries=0) for k in keys.values()}
+    for w in writers_clients.values():
+        assert w.ping()  # (connected before the stall: their requests wait in its socket)
+
+    def write(key: str) -> None:
+        try:
+            assert writers_clients[key].set(key, b"after")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    cluster.proxy.signal(signal.SIGSTOP)
+    try:
+        writers = [threading.Thread(target=write, args=(k,)) for k in keys.values()]
+        for t in writers:
+            t.start()
+        time.sleep(1.5)  # (the window is 3 x 200 ms)
+    finally:
+        cluster.proxy.signal(signal.SIGCONT)
+    for t in writers:
+        t.join(10)
+    assert not errors, errors
+    assert c.mget(list(keys.values())) == [b"after"] * len(keys)
+    time.sleep(0.3)
+    assert "is down" not in cluster.proxy.output
+    assert set(cluster.node_states().values()) == {"up"}
+
+
+@pytest.mark.timeout(60)
 def test_a_restarted_proxy_has_the_same_ring_and_answers(cluster: Cluster) -> None:
     c = cluster.client(timeout=3.0)
     data = {f"p{i}": f"v{i}" for i in range(200)}

@@ -226,3 +226,75 @@ def test_option_values_must_be_plain(raw: Any, cluster: Cluster) -> None:
     c.send(cbor2.dumps(["ADD", "127.0.0.1:1", {"weight": [1, 2]}]))
     reply = cbor2.loads(c.recv()[-1])
     assert reply[0] == P.ERR and reply[1] == "BAD_REQUEST"
+
+
+# -- heartbeats, as data (zkv.core.cluster.Health) ------------------------------------
+class _Beats:
+    """Housekeeping ticks of a router: replies to the pings of one tick come in
+    before the next (as replies are read before housekeeping runs)."""
+
+    def __init__(self, health: Any) -> None:
+        self.health, self.owed = health, []
+
+    def tick(self, now: float, answering: set[str]) -> list[str]:
+        for addr in self.owed:
+            if addr in answering:
+                self.health.seen(addr, now)
+        self.owed = self.health.due_pings(now)
+        return self.health.expire(now)
+
+
+def test_a_node_that_stops_answering_is_down_after_its_misses() -> None:
+    from zkv.core.cluster import Health
+
+    health = Health(0.5, 3)
+    health.track("a", 0.0)
+    health.track("b", 0.0)
+    beats = _Beats(health)
+    went: dict[str, float] = {}
+    t = 0.0
+    while t < 5.0:
+        for addr in beats.tick(t, {"a", "b"} if t <= 1.02 else {"a"}):
+            went[addr] = t
+        t = round(t + 0.01, 2)
+    assert set(went) == {"b"}  # (a answers throughout)
+    # b's last answer came at 1.0 s: it is down 3 intervals later, not before
+    assert 2.5 < went["b"] <= 2.6
+    assert health.is_up("a") and not health.is_up("b")
+    health.seen("b", 6.0)
+    assert health.is_up("b")
+
+
+def test_a_router_that_stalled_does_not_call_its_nodes_down() -> None:
+    """The router itself stopped for 4 s (no pings went out): its nodes owed it
+    nothing. Once it runs again they must miss its new heartbeats to be down."""
+    from zkv.core.cluster import Health
+
+    health = Health(0.5, 3)
+    health.track("a", 0.0)
+    beats = _Beats(health)
+    beats.tick(0.0, {"a"})
+    beats.tick(0.01, {"a"})
+    assert beats.tick(4.0, {"a"}) == [] and health.is_up("a")
+    # a node silent from now on is still called down: its last answer came before the
+    # stall, and the heartbeats of 4.0, 4.5 and 5.0 go unanswered
+    t, down_at = 4.01, None
+    while down_at is None and t < 10:
+        if beats.tick(t, set()):
+            down_at = t
+        t = round(t + 0.01, 2)
+    assert down_at is not None and 5.0 < down_at <= 5.1
+
+
+def test_replies_waiting_unread_count_as_answers() -> None:
+    """The router was busy: the node's replies wait in the router's own socket."""
+    from zkv.core.cluster import Health
+
+    health = Health(0.2, 3)
+    health.track("a", 0.0)
+    for t in (0.2, 0.4, 0.6, 0.8, 1.0):
+        health.due_pings(t)
+    assert health.expire(1.0, unread=lambda addr: True) == []
+    assert health.is_up("a")
+    assert health.expire(1.0, unread=lambda addr: False) == ["a"]
+    assert not health.is_up("a")

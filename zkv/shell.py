@@ -774,8 +774,14 @@ class ProxyShell:
                 wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
             except zmq.Again:
                 pass
-        for addr in self.health.expire(now):
+        for addr in self.health.expire(now, self._unread):
             self._node_down(addr)
+
+    def _unread(self, addr: str) -> bool:
+        """Whether replies from ``addr`` wait unread here (this loop was busy, or
+        stopped): the node answered; it is not down."""
+        link = self.links.get(addr)
+        return link is not None and wire.waiting(link)
 
     # -- the loop ------------------------------------------------------------------
     def serve(self) -> None:

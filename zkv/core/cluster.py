@@ -8,6 +8,7 @@ each node's up/down state (the Paranoid Pirate pattern of the ZeroMQ Guide).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -227,12 +228,19 @@ class NodeHealth:
     last_seen: float = 0.0
     last_ping: float = 0.0
     since: float = 0.0  # when the state last changed
+    asked: float = 0.0  # when the first heartbeat since the last reply went (0: none)
 
 
 @dataclass
 class Health:
     """Up/down state of every node from heartbeats: a node is up once it answers,
-    and down after ``misses`` heartbeat intervals without any reply."""
+    and down after ``misses`` heartbeat intervals without any reply, heartbeats
+    having gone unanswered for all but the last of them.
+
+    A router that was itself stopped for a while (a paused VM, a long turn of its own)
+    sent nothing meanwhile, so the node owed it nothing: its silence counts only once
+    heartbeats go out again and go unanswered, and replies waiting unread in the
+    router's own socket (``unread``) count as answers."""
 
     interval: float
     misses: int
@@ -250,7 +258,7 @@ class Health:
         node = self.nodes.get(addr)
         if node is None:
             return False
-        node.last_seen = now
+        node.last_seen, node.asked = now, 0.0
         if not node.up:
             node.up, node.since = True, now
             return True
@@ -262,17 +270,31 @@ class Health:
         for addr, node in self.nodes.items():
             if now - node.last_ping >= self.interval:
                 node.last_ping = now
+                if not node.asked:
+                    node.asked = now
                 due.append(addr)
         return due
 
-    def expire(self, now: float) -> list[str]:
-        """Mark down the nodes silent for too long; returns the ones that just went down."""
-        gone = []
-        limit = self.interval * self.misses
-        for addr, node in self.nodes.items():
-            if node.up and now - node.last_seen > limit:
-                node.up, node.since = False, now
-                gone.append(addr)
+    def overdue(self, now: float) -> list[str]:
+        """Nodes up that have been silent for ``misses`` intervals and have left the
+        heartbeats of all but the last of those intervals unanswered."""
+        silence = self.interval * self.misses
+        unanswered = self.interval * max(self.misses - 1, 0.5)
+        return [addr for addr, node in self.nodes.items()
+                if node.up and node.asked and now - node.last_seen > silence
+                and now - node.asked > unanswered]
+
+    def mark_down(self, addr: str, now: float) -> None:
+        node = self.nodes.get(addr)
+        if node is not None and node.up:
+            node.up, node.since = False, now
+
+    def expire(self, now: float, unread: Callable[[str], bool] | None = None) -> list[str]:
+        """Mark down the nodes silent for too long, except those ``unread`` says have
+        replies waiting to be read; returns the ones that just went down."""
+        gone = [a for a in self.overdue(now) if unread is None or not unread(a)]
+        for addr in gone:
+            self.mark_down(addr, now)
         return gone
 
     def is_up(self, addr: str) -> bool:
