@@ -8,6 +8,7 @@ unknown), never an older one, and no acknowledged delete comes back.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -509,6 +510,34 @@ def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -
     proc = cluster.procs.start("proxy", "--config", str(cluster.topo.path), ready=None)
     assert proc.wait_exit(15) == 1
     assert "removed.json: cannot read" in proc.output and "Traceback" not in proc.output
+
+
+def test_a_replica_removed_while_down_is_told_once_it_is_back(make_cluster: Any) -> None:
+    """REPLICA REMOVE of a dead machine's replica: the node cannot be told then. When
+    it comes back (after a restart of the proxy, too) it is told it is out, rather
+    than taking itself for a replica forever."""
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    c = cluster.client(timeout=5.0)
+    assert c.set(b"k", b"v")
+    cluster.kill_node(replica)
+    assert c.remove_replica(replica)["removed"] == replica
+    cluster.restart_proxy()
+    c = cluster.client(timeout=5.0)
+    cluster.start_node(replica)
+
+    def told() -> bool:
+        with zkv.Client(replica, timeout=3.0, retries=0) as direct:
+            return direct.info()["in_cluster"] is False
+
+    wait_until(told, 15, what="the removed node told it is out")
+    assert cluster.proxy is not None
+    wait_until(lambda: "was told it is out" in cluster.proxy.output, 5,
+               what="the proxy saying so")
+    removed = next(cluster.topo.path.parent.glob("**/removed.json"))
+    assert json.loads(removed.read_text())["replicas"][replica]["told"] is True
+    assert c.get(b"k") == b"v"
 
 
 def test_a_shards_first_node_comes_back_to_it_after_a_failover_and_removal(

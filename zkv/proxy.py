@@ -46,6 +46,7 @@ log = logging.getLogger("zkv.proxy")
 
 STATE_FILE = "cluster.json"
 REMOVED_FILE = "removed.json"  # replicas REPLICA REMOVE took out (load_removed)
+TELL_EVERY = 2.0  # seconds between tries to tell a removed replica (down then) it is out
 HANDOVER_HOLD_MS = 1500  # what a FAILOVER's old primary holds its requests for, at most
 KEY_COUNT_EVERY = 5.0  # seconds between the INFO polls that count each node's keys
 
@@ -145,6 +146,12 @@ class Proxy(ProxyShell):
         self.failovers = 0  # automatic: a primary that stopped answering
         self.handovers = 0  # FAILOVER commands
         self._next_key_count = 0.0
+        # replicas REPLICA REMOVE took out that have not been told so yet (down then):
+        # tried again every TELL_EVERY until they answer (the word is in removed.json)
+        self._untold: set[str] = set()
+        self._telling: set[str] = set()
+        self._tell_failed: set[str] = set()  # (said so in the log once)
+        self._next_tell = 0.0
         self._ops.update({
             "ADD": self._add,
             "REMOVE": self._remove,
@@ -160,6 +167,8 @@ class Proxy(ProxyShell):
         self._warm_up(min(self.timeout, 1.0))
         for addr in sorted(self.state.link_keys()):  # every node gets the configuration
             self._push(addr, self.state, lambda ok: None)  # in effect here (it already is)
+        self._untold = {a for a, entry in load_removed(self.state_dir).items()
+                        if not (isinstance(entry, dict) and entry.get("told"))}
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
             self.driver = MoveDriver(self, self.state)
@@ -179,6 +188,10 @@ class Proxy(ProxyShell):
             self._poll_keys()
         if self.driver is not None:
             self._tick_driver(now)
+        if self._untold and now >= self._next_tell:
+            self._next_tell = now + TELL_EVERY
+            for addr in sorted(self._untold - self._telling):
+                self._tell_removed(addr, self.state)
 
     def _replication(self, now: float) -> None:
         """Reconfigure a replicated shard when its nodes' reports call for it
@@ -487,6 +500,7 @@ class Proxy(ProxyShell):
                 removed = load_removed(self.state_dir)
                 if removed.pop(addr, None) is not None:
                     save_removed(self.state_dir, removed)
+                self._untold.discard(addr)
                 self.commit(new, lambda: self._answer(routing, {
                     "shard": name, "replica": addr, "epoch": new.epoch}))
 
@@ -523,19 +537,36 @@ class Proxy(ProxyShell):
 
     def _tell_removed(self, gone: str, state: ClusterState) -> None:
         """Send a node taken out of the cluster the configuration that no longer names
-        it, so that it stops taking itself for a replica (best effort, over a link of
-        its own: a node that is down finds out nothing, and serves nothing either)."""
+        it, so that it stops taking itself for a replica. One that is down now is told
+        once it is back (tried every TELL_EVERY, across restarts of this proxy: the
+        word is kept in removed.json); until then it serves nothing."""
         key = NODE_KEY + gone
-        if key in self.links:
-            return  # (named again already)
-        self._connect(key)
+        if key in self._addresses:
+            self._untold.discard(gone)  # (named again: REPLICA ADD took it back)
+            return
+        self._untold.add(gone)
+        self._telling.add(gone)
+        if key not in self.links:
+            # (left open once it is told: a REPLICA ADD of the same node may use it;
+            # the next configuration's tidying closes it)
+            self._connect(key)
 
         def answered(result: Any) -> None:
+            self._telling.discard(gone)
             if isinstance(result, ZkvError):
-                log.info("node %s, taken out of the cluster, was not told so: %s", gone,
-                         result)
-            # (the link is left to the next configuration's tidying: a REPLICA ADD of
-            # the same node may be using it by now)
+                if gone not in self._tell_failed:
+                    self._tell_failed.add(gone)
+                    log.info("node %s, taken out of the cluster, was not told so (%s); "
+                             "it is told once it answers", gone, result)
+                return
+            if gone in self._untold:
+                self._untold.discard(gone)
+                self._tell_failed.discard(gone)
+                removed = load_removed(self.state_dir)
+                if isinstance(removed.get(gone), dict):
+                    removed[gone]["told"] = True
+                    save_removed(self.state_dir, removed)
+                log.info("node %s was told it is out of the cluster", gone)
 
         self._call_connecting(key, "XCONFIG", [{"config": state.to_json(), "name": gone,
                                                 "address": gone}], answered)
