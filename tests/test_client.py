@@ -148,6 +148,13 @@ def test_keys_and_values_must_be_text_or_bytes(shared: Cluster) -> None:
         c.set("k", "v", ex="10")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at most one of nx"):
         c.expire("k", 5, nx=True, xx=True)
+    with pytest.raises(ValueError, match="at most one of nx"):
+        c.expire("k", 5, gt=True, lt=True)
+    assert c.set("k", "v", ex=60)
+    assert c.expire("k", 90, xx=True, lt=True) is False  # not earlier
+    assert c.expire("k", 30, xx=True, lt=True) is True and c.ttl("k") <= 30
+    assert c.persist("k") and c.expire("k", 30, xx=True, gt=True) is False
+    assert c.delete("k")
     assert c.set("n", 12) and c.get("n") == b"12"
     # one key given as a string is that key, as redis-py takes it, not its letters
     assert c.set("abc", "1") and c.mget("abc") == [b"1"] and c.mget(b"abc") == [b"1"]

@@ -117,6 +117,13 @@ def test_redis_clients_see_redis_replies(shared: Cluster) -> None:
         assert r.expire("r:a", 50, gt=True) is False  # no deadline (SET took it): forever
         assert r.expire("r:a", 50, nx=True) is True and r.pttl("r:a") > 49_000
         assert r.persist("r:a") is True and r.ttl("r:a") == -1
+        # XX with LT (or GT): both must hold, as on Redis
+        assert r.execute_command("EXPIRE", "r:a", 40, "XX", "LT") == 0  # no deadline
+        assert r.expire("r:a", 60) is True
+        assert r.execute_command("EXPIRE", "r:a", 80, "XX", "LT") == 0  # not earlier
+        assert r.execute_command("EXPIRE", "r:a", 40, "LT", "XX") == 1 and r.ttl("r:a") <= 40
+        assert r.execute_command("EXPIRE", "r:a", 70, "XX", "GT") == 1 and r.ttl("r:a") > 60
+        assert r.persist("r:a") is True
         assert r.execute_command("SETEX", "r:s", 100, "v") is True and 0 < r.ttl("r:s") <= 100
         assert r.psetex("r:p", 100_000, "v") is True and r.getex("r:p", persist=True) == b"v"
         assert r.append("r:p", "w") == 2 and r.strlen("r:p") == 2
@@ -149,6 +156,11 @@ def test_the_cli_takes_redis_option_words(shared: Cluster) -> None:
     bad = cli("SET", "cli:k", "v", "EX")
     assert bad.returncode == 2 and "syntax error" in bad.stderr
     assert "EXPIRE KEY SECONDS [NX|XX|GT|LT]" in cli("HELP", "EXPIRE").stdout
+    assert cli("EXPIRE", "cli:k", "200", "XX", "LT").stdout.strip() == "0"  # not earlier
+    assert cli("EXPIRE", "cli:k", "50", "lt", "xx").stdout.strip() == "1"
+    assert 49 <= int(cli("TTL", "cli:k").stdout) <= 50
+    bad = cli("EXPIRE", "cli:k", "50", "NX", "LT")
+    assert bad.returncode != 0 and "NX, XX, GT or LT" in bad.stderr
 
 
 # -- deadlines where keys go ---------------------------------------------------------------

@@ -282,7 +282,7 @@ command = st.one_of(
                   "keepttl": st.just(True), "get": st.just(True)})),
     st.tuples(st.just("incr"), st.sampled_from(KEYS), st.integers(-3, 3)),
     st.tuples(st.just("pexpire"), st.sampled_from(KEYS), st.integers(-10, 300),
-              st.sampled_from([None, "NX", "XX", "GT", "LT"])),
+              st.sampled_from([None, "NX", "XX", "GT", "LT", "XX GT", "XX LT"])),
     st.tuples(st.just("persist"), st.sampled_from(KEYS)),
     st.tuples(st.just("del"), st.sampled_from(KEYS)),
     st.tuples(st.just("tick"), st.integers(0, 200)),
@@ -354,11 +354,11 @@ def test_expiry_and_counters_match_a_model(commands: list[Any]) -> None:
             got, record = S.expire(ks, "PEXPIRE", key, cmd[2], cmd[3], now)
             current = model.deadlines.get(key)
             new = now + cmd[2]
-            flag = cmd[3]
+            flags = set(cmd[3].split()) if cmd[3] else set()
             ok = old is not None and not (
-                flag == "NX" and current is not None or flag == "XX" and current is None
-                or flag == "GT" and (current is None or new <= current)
-                or flag == "LT" and current is not None and new >= current)
+                "NX" in flags and current is not None or "XX" in flags and current is None
+                or "GT" in flags and (current is None or new <= current)
+                or "LT" in flags and current is not None and new >= current)
             assert got == int(ok)
             if ok:
                 model.deadlines[key] = new

@@ -89,8 +89,11 @@ def _expiry_options(ex: Any, px: Any, exat: Any, pxat: Any) -> dict[str, Any]:
 
 def _flag(nx: bool, xx: bool, gt: bool, lt: bool) -> list[str]:
     flags = [name for name, on in (("NX", nx), ("XX", xx), ("GT", gt), ("LT", lt)) if on]
+    if flags in (["XX", "GT"], ["XX", "LT"]):
+        return [" ".join(flags)]  # (as Redis: both must hold)
     if len(flags) > 1:
-        raise BadValue(f"give at most one of nx, xx, gt and lt, not {', '.join(flags)}")
+        raise BadValue(f"give at most one of nx, xx, gt and lt (or xx with gt or lt), not "
+                       f"{', '.join(f.lower() for f in flags)}")
     return flags
 
 
@@ -191,7 +194,7 @@ class StringCommands:
         """``name`` expires in ``time`` seconds (at once if not positive); whether it
         was set. ``nx``: only if it has no deadline; ``xx``: only if it has one;
         ``gt``/``lt``: only if later/earlier than its deadline (none counts as
-        forever)."""
+        forever); ``xx`` with ``gt`` or ``lt``: both must hold."""
         return self._do("EXPIRE", [to_bytes(name, "key"), _seconds(time, "time"),
                                    *_flag(nx, xx, gt, lt)], _bool)
 

@@ -62,6 +62,8 @@ def parse_command(tokens: list[str]) -> tuple[str, list[Any]]:
         except ZkvError as exc:
             raise UsageError(f"{exc}; usage: {cmd.usage}") from None
         return op, [_bytes(t) for t in rest[:fixed]] + ([opts] if opts else [])
+    if kinds[-1:] == ["expireflag"] and len(rest) == len(kinds) + 1:
+        rest = [*rest[:-2], f"{rest[-2]} {rest[-1]}"]  # (XX GT, XX LT: one flag on the wire)
     if not cmd.required <= len(rest) <= len(cmd.user_args):
         raise UsageError(f"wrong number of arguments; usage: {cmd.usage}")
     args: list[Any] = []

@@ -155,7 +155,7 @@ COMMANDS: dict[str, Command] = {
                 "Subtract N from the integer at KEY; the result.", "KEY N"),
         Command("EXPIRE", WRITE, ("key", "int", "expireflag?"),
                 "KEY expires in SECONDS (NX: only if it has no deadline, XX: only if it has, "
-                "GT/LT: only if later/earlier than its deadline); 1 if set.",
+                "GT/LT: only if later/earlier than its deadline, XX GT/XX LT: both); 1 if set.",
                 "KEY SECONDS [NX|XX|GT|LT]"),
         Command("PEXPIRE", WRITE, ("key", "int", "expireflag?"),
                 "KEY expires in MS milliseconds; as EXPIRE.", "KEY MS [NX|XX|GT|LT]"),
@@ -240,7 +240,7 @@ READ_OPS = SINGLE_KEY_OPS - WRITE_OPS  # (on one key)
 
 _EXPIRY = ("ex", "px", "exat", "pxat")
 _SET_FLAGS = ("keepttl", "nx", "xx", "get")
-EXPIRE_FLAGS = ("NX", "XX", "GT", "LT")
+EXPIRE_FLAGS = ("NX", "XX", "GT", "LT", "XX GT", "XX LT")  # (XX with GT or LT: both hold)
 
 
 def _amount(value: Any, what: str) -> int:
@@ -453,8 +453,11 @@ def _check_arg(kind: str, value: Any, limits: Limits) -> Any:
         if value is None:
             return None
         flag = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if isinstance(flag, str) and " " in flag:  # (LT XX is XX LT)
+            flag = " ".join(sorted(flag.split(), key=lambda word: word.upper() != "XX"))
         if not isinstance(flag, str) or flag.upper() not in EXPIRE_FLAGS:
-            raise ProtocolError("the expire flag must be NX, XX, GT or LT")
+            raise ProtocolError("the expire flag must be NX, XX, GT or LT (or XX GT, XX LT: "
+                                "both hold)")
         return flag.upper()
     return value  # "any": checked by the receiver
 

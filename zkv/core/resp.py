@@ -792,9 +792,9 @@ def _plan_expire(op: str) -> Callable[[Session, list[bytes], Context], Plan]:
             raise CommandError("GT and LT options at the same time are not compatible")
         if flags == {b"XX", b"GT"}:
             flags = {b"GT"}  # (the same: GT never sets a deadline on a key without one)
-        elif len(flags) > 1:
-            raise CommandError("XX and LT together are not supported; nothing changed")
-        return _req(ctx, op, [a[1], _int(a[2]), *flags], _shape_int)
+        words = [b"XX", *(flags - {b"XX"})] if len(flags) > 1 else list(flags)
+        return _req(ctx, op, [a[1], _int(a[2]), *([b" ".join(words)] if words else [])],
+                    _shape_int)
     return plan
 
 

@@ -107,14 +107,17 @@ EXPIRE_UNITS = {"EXPIRE": "ex", "PEXPIRE": "px", "EXPIREAT": "exat", "PEXPIREAT"
 
 def expire(ks: Keyspace, command: str, key: bytes, amount: int, flag: str | None,
            now: int) -> tuple[int, bytes]:
-    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT key time [NX|XX|GT|LT]: 1 if the deadline
-    was set (or the key deleted, for a time already past), 0 if not."""
+    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT key time [NX|XX|GT|LT|XX GT|XX LT]: 1 if the
+    deadline was set (or the key deleted, for a time already past), 0 if not."""
     deadline = _at(EXPIRE_UNITS[command], amount, now, command.lower())
     if ks.get(key, now) is None:
         return 0, b""
     current = ks.deadline(key)
-    if flag == "NX" and current is not None or flag == "XX" and current is None:
+    if flag == "NX" and current is not None or flag is not None and flag[:2] == "XX" \
+            and current is None:
         return 0, b""
+    if flag is not None and flag[:3] == "XX ":
+        flag = flag[3:]  # (XX GT, XX LT: it has a deadline; now as GT or LT)
     # GT and LT compare with the current deadline; no deadline counts as forever
     if flag == "GT" and (current is None or deadline <= current):
         return 0, b""
