@@ -228,6 +228,8 @@ def test_up_with_a_bad_config_is_one_clear_line(
     (["up", "a.yaml", "--config", "b.yaml"], "two topologies given"),
     (["proxy", "--port", "1", "--follow", "127.0.0.1:2", "--node", "127.0.0.1:3"],
      "do not go with --follow"),
+    (["proxy", "--port", "1", "--follow", "127.0.0.1:2", "--min-in-sync", "2"],
+     "--min-in-sync does not go with --follow"),
 ])
 def test_flags_that_contradict_each_other_are_refused(tmp_path: Path, argv: list[str],
                                                       expect: str) -> None:

@@ -832,6 +832,7 @@ def test_an_internal_error_applies_nothing_of_its_request(tmp_path: Path,
     (["--port", "0"], 2, "'0' is not a port number from 1 to 65535"),
     (["--port", "abc"], 2, "'abc' is not a port number"),
     (["--port", "70000"], 2, "'70000' is not a port number"),
+    (["--port", "8081", "--host", ""], 2, "'' is not an address"),  # (not 127.0.0.1)
     (["--port", "8081", "--host", "no.such.host.invalid"], 1,
      "cannot listen on no.such.host.invalid: no such host"),
 ])

@@ -147,7 +147,8 @@ def _node(args: argparse.Namespace) -> int:
 
 def _add_node_parser(sub: Any) -> None:
     p = sub.add_parser("node", help="run a storage node")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", type=_host_name, default=None,
+                   help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_port_number, default=None, help="port to bind")
     p.add_argument("--data-dir", default=None, help="data directory (default ./data/HOST-PORT)")
     p.add_argument("--fsync", choices=FSYNC_POLICIES, default=None,
@@ -204,6 +205,9 @@ def _proxy(args: argparse.Namespace) -> int:
         if args.node or args.replica:
             raise ZkvError("a follower learns the nodes from the config manager at --follow: "
                            "--node and --replica do not go with --follow")
+        if args.min_in_sync:
+            raise ZkvError("min_in_sync is the config manager's setting, which a follower "
+                           "learns from it: --min-in-sync does not go with --follow")
         follower = Follower(
             manager=format_address(host, port),
             host=args.host or cfg.host,
@@ -275,6 +279,14 @@ def _follower_entry(args: argparse.Namespace, port: int) -> Any:
     return None
 
 
+def _host_name(text: str) -> str:
+    """--host: an address or name to bind (an empty one would silently mean 127.0.0.1)."""
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an address: give one, such as 127.0.0.1, 0.0.0.0 or ::")
+    return text
+
+
 def _port_number(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
@@ -283,7 +295,8 @@ def _port_number(text: str) -> int:
 
 def _add_proxy_parser(sub: Any) -> None:
     p = sub.add_parser("proxy", help="run the proxy clients connect to")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", type=_host_name, default=None,
+                   help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_port_number, default=None, help="port to bind (default 8000)")
     p.add_argument("--config", default=None, help="YAML topology (initial membership, settings)")
     p.add_argument("--state-dir", default=None,
