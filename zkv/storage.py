@@ -85,6 +85,7 @@ class Recovery:
     seconds: float = 0.0
     snapshot: str | None = None
     warnings: list[str] = field(default_factory=list)
+    no_manifest: bool = False  # data files but no MANIFEST (NO_MANIFEST): damage
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ class Storage:
         else:
             if snaps or any(os.path.getsize(os.path.join(self.dir, segment_name(s)))
                             for s in segs):
+                report.no_manifest = True
                 self._warn(report, NO_MANIFEST.format(self.dir))
             base = snaps[-1] if snaps else 0
             later = [s for s in segs if s >= base]

@@ -99,7 +99,7 @@ def check(directory: str) -> tuple[int, list[str]]:
                             f"{exc.strerror or exc}"]
     lines = [f"{directory}: {report.records} records, {report.keys} keys"
              + (f" (snapshot {report.snapshot})" if report.snapshot else "")]
-    if NO_MANIFEST.format(storage.dir) in report.warnings:
+    if report.no_manifest:
         # (a node starts, but what the MANIFEST named cannot be checked: data may be gone)
         return EXIT_DAMAGED, [*lines, f"damaged: {NO_MANIFEST.format(directory)}",
                               "restore the MANIFEST from a backup if there is one; a node "
