@@ -510,6 +510,11 @@ def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -
     proc = cluster.procs.start("proxy", "--config", str(cluster.topo.path), ready=None)
     assert proc.wait_exit(15) == 1
     assert "removed.json: cannot read" in proc.output and "Traceback" not in proc.output
+    removed.write_text('{"replicas": {"garbage": {"shard": "x"}}}')  # (edited by hand)
+    proc = cluster.procs.start("proxy", "--config", str(cluster.topo.path), ready=None)
+    assert proc.wait_exit(15) == 1
+    assert "removed.json: a replica's address" in proc.output and "garbage" in proc.output
+    assert "Traceback" not in proc.output
 
 
 def test_a_replica_removed_while_down_is_told_once_it_is_back(make_cluster: Any) -> None:

@@ -97,6 +97,12 @@ def load_removed(state_dir: str) -> dict[str, Any]:
     if not isinstance(found, dict) or not all(isinstance(k, str) for k in found):
         raise ClusterError(f"{path}: expected {{\"replicas\": {{ADDRESS: {{...}}}}}}; fix or "
                            "delete it (deleting it lets the topology's replicas back in)")
+    for addr in found:
+        try:
+            parse_address(addr, "a replica's address")
+        except ConfigError as exc:
+            raise ClusterError(f"{path}: {exc}; fix or delete it (deleting it lets the "
+                               "topology's replicas back in)") from None
     return dict(found)
 
 
@@ -168,7 +174,7 @@ class Proxy(ProxyShell):
         for addr in sorted(self.state.link_keys()):  # every node gets the configuration
             self._push(addr, self.state, lambda ok: None)  # in effect here (it already is)
         self._untold = {a for a, entry in load_removed(self.state_dir).items()
-                        if not (isinstance(entry, dict) and entry.get("told"))}
+                        if not (isinstance(entry, dict) and entry.get("told") is True)}
         if self.state.move is not None:
             log.info("resuming move %s (%s)", self.state.move["id"], self.state.move["phase"])
             self.driver = MoveDriver(self, self.state)
