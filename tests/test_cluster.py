@@ -386,37 +386,46 @@ def test_a_stopped_node_times_out_within_the_deadline_naming_it(cluster: Cluster
 
 @pytest.mark.timeout(60)
 def test_a_proxy_that_stalls_does_not_call_its_nodes_down(cluster: Cluster) -> None:
-    """The proxy itself stops for longer than its heartbeat window (a VM pause, a
-    long turn of its own): its nodes kept answering, so when it runs again it must not
-    call them down and fail the requests that waited for it."""
+    """The proxy itself stops for longer than its heartbeat window and its request
+    deadline (a VM pause, a long turn of its own), under writers on every node: its
+    nodes kept answering, so when it runs again it must neither call them down nor
+    time out the requests whose answers wait in its buffers."""
     c = cluster.client(timeout=8.0, retries=0)
-    keys = {addr: keys_on(c, addr, "stall:", 1)[0] for addr in cluster.node_addrs}
+    keys = {addr: keys_on(c, addr, "stall:", 2) for addr in cluster.node_addrs}
     assert cluster.proxy is not None
+    writers_clients = {k: cluster.client(timeout=8.0, retries=0)
+                       for ks in keys.values() for k in ks}
     errors: list[BaseException] = []
-
-    writers_clients = {k: cluster.client(timeout=8.0, retries=0) for k in keys.values()}
-    for w in writers_clients.values():
-        assert w.ping()  # (connected before the stall: their requests wait in its socket)
+    acked: dict[str, int] = {}
+    stop = threading.Event()
 
     def write(key: str) -> None:
+        client, n = writers_clients[key], 0
         try:
-            assert writers_clients[key].set(key, b"after")
+            while not stop.is_set():
+                assert client.set(key, b"%d" % (n + 1))
+                n += 1
+                acked[key] = n
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    cluster.proxy.signal(signal.SIGSTOP)
+    writers = [threading.Thread(target=write, args=(k,)) for k in writers_clients]
+    for t in writers:
+        t.start()
     try:
-        writers = [threading.Thread(target=write, args=(k,)) for k in keys.values()]
-        for t in writers:
-            t.start()
-        time.sleep(1.5)  # (the window is 3 x 200 ms)
+        for _ in range(3):
+            time.sleep(0.3)
+            cluster.proxy.signal(signal.SIGSTOP)
+            time.sleep(1.5)  # (the window is 3 x 200 ms, the deadline 1 s)
+            cluster.proxy.signal(signal.SIGCONT)
+        time.sleep(0.3)
     finally:
         cluster.proxy.signal(signal.SIGCONT)
-    for t in writers:
-        t.join(10)
+        stop.set()
+        for t in writers:
+            t.join(15)
     assert not errors, errors
-    assert c.mget(list(keys.values())) == [b"after"] * len(keys)
-    time.sleep(0.3)
+    assert c.mget(list(acked)) == [b"%d" % acked[k] for k in acked]
     assert "is down" not in cluster.proxy.output
     assert set(cluster.node_states().values()) == {"up"}
 

@@ -68,6 +68,11 @@ PING_BODY = P.encode_request("XHEALTH")
 ENVELOPE_FRAME = b"\x00env"  # the routing frame of an envelope: this prefix and its number
 ENVELOPE_MAX = 1024  # requests in one envelope
 HOUSEKEEPING_EVERY = 0.01  # seconds between heartbeat/timer checks
+# A loop that was away this long (stopped, a paused VM, a long turn of its own) waits
+# STALL_GRACE before it times out requests or calls nodes down: the nodes' answers may
+# still be in the kernel's buffers, which the I/O thread, stopped too, has yet to read.
+STALL_GAP = 0.25
+STALL_GRACE = 0.2
 MAX_PER_TURN = 4096
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_CLIENT_BUFFER = 64 << 20  # bytes of unread replies one client may have
@@ -768,12 +773,14 @@ class ProxyShell:
             self._abandon(self.pending.pop(tag), NodeUnavailable(
                 f"{what} with this request in flight; the outcome of a write is unknown"))
 
-    def _heartbeat(self, now: float) -> None:
+    def _heartbeat(self, now: float, waking: bool = False) -> None:
         for addr in self.health.due_pings(now):
             try:
                 wire.send(self.links[addr], [HEARTBEAT_TAG, PING_BODY], wire.NOBLOCK)
             except zmq.Again:
                 pass
+        if waking:
+            return  # (the loop was away: answers may not have reached its sockets yet)
         for addr in self.health.expire(now, self._unread):
             self._node_down(addr)
 
@@ -790,6 +797,8 @@ class ProxyShell:
         recv, waiting = wire.recv, wire.waiting
         keyring = self.curve.keyring if self.curve is not None else None
         next_housekeeping = next_tidy = 0.0
+        last_turn = time.monotonic()
+        grace_until = 0.0
         while not self._stop:
             for sock, _ in poller.poll(10):
                 if sock is front:
@@ -822,12 +831,19 @@ class ProxyShell:
                         if sock not in by_socket or not waiting(sock):
                             break
             now = time.monotonic()
+            # (the one clock reading that expiry and heartbeats go by: a stop before it
+            # shows here as a gap, a stop after it leaves them judging by the old time)
+            if now - last_turn > STALL_GAP:
+                grace_until = now + STALL_GRACE
+            last_turn = now
             router = self.router
-            if router.deadlines and router.deadlines[0][0] <= now or router.parked \
-                    or router.delayed:
+            waking = now < grace_until
+            if (router.deadlines and router.deadlines[0][0] <= now or router.parked
+                    or router.delayed) and not waking:
                 router.tick(now)
             self._flush()
-            if self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines:
+            if (self.deadlines and self.deadlines[0][0] <= now or self.slow_deadlines) \
+                    and not waking:
                 self._expire(now)
             resp = self.resp
             if resp is not None:
@@ -842,7 +858,7 @@ class ProxyShell:
                     self.out.tidy()
                     if keyring is not None:
                         keyring.refresh(now)
-                self._heartbeat(now)
+                self._heartbeat(now, waking)
                 if self.timers:
                     self._run_timers(now)
                 self._housekeeping(now)
