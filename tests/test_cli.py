@@ -384,3 +384,18 @@ def test_watching_takes_no_command_and_needs_a_server(cli: Run, shared: Cluster)
     no_traceback(done)
     done = cli(options=("--stat", "--count", "1"), proxy=shared.node_addrs[0])
     assert done.returncode == 1 and "not a proxy" in out(done)
+
+
+@pytest.mark.timeout(90)
+def test_add_shows_each_streams_true_counts(make_cluster: Any, tmp_path: Path) -> None:
+    """A stream with nothing to copy shows 0/0 keys, not 1/0 (the full bar is drawn
+    without changing the count)."""
+    cluster = make_cluster(nodes=2)
+    port = free_port()
+    cluster.procs.node(port, str(tmp_path / "new"))
+    done = subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address,
+                           "ADD", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done
+    counts = re.findall(r"(\d+)/(\d+) keys", done.stdout)
+    assert counts and all(a == b == "0" for a, b in counts), done.stdout

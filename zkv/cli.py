@@ -287,7 +287,7 @@ class Printer:
 
         columns = (
             TextColumn("{task.description}"), BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.fields[total_text]} keys"),
+            TextColumn("{task.fields[keys_text]}/{task.fields[total_text]} keys"),
             TextColumn("{task.fields[mib]:.1f} MiB"), TextColumn("{task.fields[rate]:,.0f} keys/s"),
             TimeElapsedColumn(),
         )
@@ -308,19 +308,20 @@ class Printer:
                     if pair not in tasks:
                         tasks[pair] = progress.add_task(
                             f"{st['source']} -> {st['dest']}", total=None,
-                            total_text="?", mib=0.0, rate=0.0)
+                            keys_text="0", total_text="?", mib=0.0, rate=0.0)
                     total = st.get("total")
                     keys = st["keys"]
                     if st["done"]:
                         total = keys if total is None else max(total, keys)
                     progress.update(
-                        tasks[pair], completed=keys, total=total,
+                        tasks[pair], completed=keys, total=total, keys_text=f"{keys:,}",
                         total_text=f"{total:,}" if total is not None else "?",
                         mib=st["bytes"] / 2**20, rate=keys / elapsed,
                     )
             final = handle.wait(on_progress=update)
             for task in tasks.values():
                 t = progress.tasks[task]
+                # (a full bar; the counts stay as they were: 0/0 for a stream with no keys)
                 progress.update(task, total=t.completed or 1, completed=t.completed or 1)
         return final
 
@@ -474,7 +475,8 @@ def _setup_readline() -> None:
 
 def shell(client: Client, printer: Printer) -> int:
     _setup_readline()
-    printer.out(f"zkv cli connected to {client.address}; type HELP for commands, EXIT to leave")
+    # (nothing is sent yet: the first command finds out whether the proxy is there)
+    printer.out(f"zkv cli for {client.address}; type HELP for commands, EXIT to leave")
     prompt = f"zkv {client.address}> "
     while True:
         try:
