@@ -397,5 +397,6 @@ def test_add_shows_each_streams_true_counts(make_cluster: Any, tmp_path: Path) -
                            "ADD", f"127.0.0.1:{port}"], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     assert done.returncode == 0, done
-    counts = re.findall(r"(\d+)/(\d+) keys", done.stdout)
-    assert counts and all(a == b == "0" for a, b in counts), done.stdout
+    # (a move this small may end before a poll sees its totals: then they show as ?)
+    counts = re.findall(r"(\d+)/(\d+|\?) keys", done.stdout)
+    assert counts and all(a == "0" and b in ("0", "?") for a, b in counts), done.stdout
