@@ -478,6 +478,15 @@ def test_a_dead_node_is_replaced_with_replica_add_and_remove(make_cluster: Any, 
     assert keys_of(fresh) == keys_of(primary_of(cluster, shard))
 
 
+def wait_told_out(replica: str, timeout: float) -> None:
+    """Until the node at ``replica`` says it is in no cluster (REPLICA REMOVE told it)."""
+    def told() -> bool:
+        with zkv.Client(replica, timeout=3.0, retries=0) as direct:
+            return direct.info()["in_cluster"] is False
+
+    wait_until(told, timeout, what="the removed node told it is out")
+
+
 def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -> None:
     """REPLICA REMOVE is told to the node (it no longer takes itself for a replica),
     and a restart of the proxy with a topology that still lists it does not add it
@@ -489,11 +498,7 @@ def test_a_removed_replica_stays_out_across_a_proxy_restart(make_cluster: Any) -
     assert c.set(b"k", b"v")
     assert c.remove_replica(replica)["removed"] == replica
 
-    def told() -> bool:
-        with zkv.Client(replica, timeout=3.0, retries=0) as direct:
-            return direct.info()["in_cluster"] is False
-
-    wait_until(told, 10, what="the removed node told it is out")
+    wait_told_out(replica, 10)
     epoch = c.status()["epoch"]
     cluster.restart_proxy()  # the topology still lists the replica
     c = cluster.client(timeout=5.0)
@@ -532,11 +537,7 @@ def test_a_replica_removed_while_down_is_told_once_it_is_back(make_cluster: Any)
     c = cluster.client(timeout=5.0)
     cluster.start_node(replica)
 
-    def told() -> bool:
-        with zkv.Client(replica, timeout=3.0, retries=0) as direct:
-            return direct.info()["in_cluster"] is False
-
-    wait_until(told, 15, what="the removed node told it is out")
+    wait_told_out(replica, 15)
     assert cluster.proxy is not None
     wait_until(lambda: "was told it is out" in cluster.proxy.output, 5,
                what="the proxy saying so")
