@@ -110,6 +110,27 @@ def test_followers_are_started_following_the_proxy(tmp_path: Path) -> None:
         assert argv[argv.index("--follow") + 1] == topo.proxy_addr
 
 
+def test_the_procfile_starts_what_zkv_up_starts() -> None:
+    """honcho start (the Procfile) and zkv up run the same processes under the same names."""
+    procfile = {}
+    for line in (REPO / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, cmd = line.partition(":")
+            procfile[name.strip()] = shlex.split(cmd)
+    up = {name: shlex.split(cmd) for name, cmd in
+          commands(load_topology(REPO / "configs/local.yaml"), "configs/local.yaml")}
+    assert list(procfile) == list(up)
+
+    def what(argv: list[str]) -> tuple[str, ...]:  # the role, the config, port, manager
+        rest = argv[argv.index("zkv") + 1:] if "zkv" in argv else argv[argv.index("-m") + 2:]
+        opts = dict(zip(rest[1::2], rest[2::2]))
+        return (rest[0], opts["--config"], opts.get("--port", ""), opts.get("--follow", ""))
+
+    for name in up:
+        assert procfile[name][0] == "exec", name
+        assert what(procfile[name]) == what(up[name]), name
+
+
 def test_commands_for_the_example_topologies() -> None:
     for path in sorted((REPO / "configs").glob("*.yaml")):
         topology = load_topology(path)

@@ -30,9 +30,11 @@ def commands(
     ]
     out.append(("proxy", f"exec {zkv} proxy --config {cfg}"))
     manager = shlex.quote(topology.proxy.address)
+    several = len(topology.followers) > 1  # one is "follower", as in the Procfile
     out += [
-        (f"follower{i}", f"exec {zkv} proxy --config {cfg} --host {shlex.quote(f.host)} "
-                         f"--port {f.port} --follow {manager}")
+        (f"follower{i if several else ''}",
+         f"exec {zkv} proxy --config {cfg} --host {shlex.quote(f.host)} "
+         f"--port {f.port} --follow {manager}")
         for i, f in enumerate(topology.followers, 1)
     ]
     return out
