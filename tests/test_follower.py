@@ -70,6 +70,27 @@ def test_a_follower_serves_data_and_follows_every_change(make_cluster: Any, proc
     assert len(f.nodes()) == 3
 
 
+def test_a_follower_started_before_its_manager_waits_for_it_quietly(
+        make_cluster: Any) -> None:
+    """zkv up and honcho start every process at once, so a follower often asks before
+    its manager is listening: no warning for that, and it serves once the manager is up."""
+    cluster: Cluster = make_cluster(nodes=2)
+    cluster.kill_proxy()
+    address, proc = start_follower(cluster)
+    time.sleep(0.5)  # a few asks unanswered
+    cluster.start_proxy()
+    f = cluster.client(timeout=5, retries=2, address=address)
+    assert f.set("k", "v") and f.get("k") == b"v"
+    wait_until(lambda: f.info()["proxy"]["manager_up"], 10, what="the manager reached")
+    assert f.status()["epoch"] >= 1
+    assert "does not answer" not in proc.output and "WARNING" not in proc.output
+    assert "waiting for the config manager" in proc.output
+    # once it has answered, losing it is worth a warning
+    cluster.kill_proxy()
+    wait_until(lambda: "does not answer" in proc.output, 5,
+               what="a warning that the config manager is gone")
+
+
 def test_with_the_manager_killed_data_goes_on_through_a_follower(make_cluster: Any) -> None:
     cluster: Cluster = make_cluster(nodes=3)
     address, _ = start_follower(cluster)

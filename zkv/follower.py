@@ -33,6 +33,9 @@ log = logging.getLogger("zkv.follower")
 # seconds between two asks for a newer configuration (tests make a follower lag with a
 # long one, ZKV_FOLLOWER_POLL)
 POLL = float(os.environ.get("ZKV_FOLLOWER_POLL", "0.25") or 0.25)
+# seconds after its start in which a follower waits quietly for a config manager that
+# has never answered (zkv up and honcho start every process at once)
+START_GRACE = 10.0
 FORWARDED = ("ADD", "REMOVE", "MOVE", "STATUS", "REPLICA", "FAILOVER")
 
 
@@ -56,6 +59,8 @@ class Follower(ProxyShell):
         self.manager = manager
         self.seeds = list(seeds or [])  # nodes to ask while there is no configuration yet
         self.manager_up: bool | None = None  # unknown until the first answer
+        self._first_ask: float | None = None
+        self._said_waiting = False
         self.manager_sock: zmq.Socket[bytes] | None = None
         self._next_poll = 0.0
         self._asking = 0  # CONFIG requests out
@@ -88,10 +93,21 @@ class Follower(ProxyShell):
             return
         self._next_poll = now + POLL
         self._asking = 1
+        if self._first_ask is None:
+            self._first_ask = now
 
         def from_manager(result: Any) -> None:
             self._asking = 0
             if isinstance(result, ZkvError):
+                starting = (self.manager_up is None
+                            and time.monotonic() - (self._first_ask or 0.0) < START_GRACE)
+                if starting:  # started with it: a warning now would be noise
+                    if not self._said_waiting:
+                        log.info("waiting for the config manager %s (%s); following the "
+                                 "nodes meanwhile", self.manager, result)
+                    self._said_waiting = True
+                    self._ask_nodes()
+                    return
                 if self.manager_up is not False:
                     log.warning("the config manager %s does not answer (%s); following the "
                                 "nodes meanwhile", self.manager, result)
