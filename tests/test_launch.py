@@ -157,6 +157,14 @@ def test_up_starts_everything_with_prefixed_logs_and_sigint_stops_it_all(
     pids = cluster_pids(topo.proxy_addr, 3)
     use(topo.proxy_addr)
     assert all(alive(pid) for pid in pids.values())
+    # a second zkv up of the same topology starts nothing, and says why before anything
+    again = subprocess.run([sys.executable, "-m", "zkv", "up", str(topo.path)],
+                           cwd=procs.cwd, capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert again.returncode == 1, again
+    assert "seems to be running already" in again.stderr and f"in use by pid {pids['proxy']}" \
+        in again.stderr, again.stderr
+    assert "Ctrl-C" not in again.stdout and "Traceback" not in again.stderr
 
     started = time.monotonic()
     up.signal(signal.SIGINT)  # to zkv up alone: it must stop the others

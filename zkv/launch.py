@@ -12,8 +12,9 @@ import shlex
 import sys
 from typing import Any
 
+from . import lockfile
 from .config import Topology, load_topology
-from .errors import ConfigError
+from .errors import ClusterError, ConfigError
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -47,6 +48,18 @@ def _shards(topology: Topology) -> str:
     return f" ({len(topology.nodes)} shards, {sum(map(len, copies.values()))} replicas)"
 
 
+def _in_use(topology: Topology) -> list[str]:
+    """The topology's directories that a running process holds, each with its pid."""
+    dirs = [(f"node {n.address}", n.resolved_data_dir()) for n in topology.all_nodes()]
+    dirs.append(("the proxy", topology.proxy.state_dir))
+    out = []
+    for who, directory in dirs:
+        pid = lockfile.holder(directory)
+        if pid is not None:
+            out.append(f"{directory} ({who}) is in use by pid {pid}")
+    return out
+
+
 def up(args: argparse.Namespace) -> int:
     from honcho.manager import Manager
 
@@ -61,6 +74,9 @@ def up(args: argparse.Namespace) -> int:
     secure = curve_for(topology.security, f"{args.config}: security") is not None
     if topology.security.resp_password_file:
         read_password(topology.security.resp_password_file)
+    busy = _in_use(topology)  # before the banner: nothing of it would start
+    if busy:
+        raise ClusterError(f"{args.config} seems to be running already: {'; '.join(busy)}")
     manager = Manager()
     for name, cmd in commands(topology, args.config):
         manager.add_process(name, cmd)
