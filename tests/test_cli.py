@@ -200,6 +200,7 @@ def test_bad_options_are_usage_errors(env: dict[str, str], options: tuple[str, .
     assert done.returncode == 2, done
     no_traceback(done)
     assert options[0].encode() in done.stderr
+    assert b"usage: zkv [-h] COMMAND" not in done.stderr  # zkv cli's own usage, if any
 
 
 def test_help_one_shot(cli: Run) -> None:
