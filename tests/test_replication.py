@@ -729,8 +729,27 @@ def test_a_planned_failover_shows_clients_that_never_retry_no_error(make_cluster
         finally:
             close()
 
+    sized = [0]
+
+    def size() -> None:  # whole-cluster reads, through both fronts, as the epochs change
+        r = redis.Redis(port=port, socket_timeout=10)
+        c = zkv.Client(cluster.address, timeout=5.0, retries=0)
+        try:
+            while not stop.is_set():
+                try:
+                    assert r.dbsize() >= 0 and c.dbsize() >= 0
+                    assert isinstance(c.keys("n*"), list)
+                    sized[0] += 1
+                except (redis.RedisError, zkv.ZkvError) as exc:
+                    errors.append(f"DBSIZE or KEYS: {type(exc).__name__}: {exc}")
+                time.sleep(0.002)
+        finally:
+            r.close()
+            c.close()
+
     threads = [threading.Thread(target=count, args=(i,), daemon=True)
                for i in range(len(counters))]
+    threads.append(threading.Thread(target=size, daemon=True))
     for t in threads:
         t.start()
     try:
@@ -746,7 +765,7 @@ def test_a_planned_failover_shows_clients_that_never_retry_no_error(make_cluster
             t.join(10)
     assert errors == []
     assert admin.mget(counters) == [b"%d" % n for n in acked]
-    assert min(acked) > 0
+    assert min(acked) > 0 and sized[0] > 0
 
 
 # Each (phase, victim) pair of the matrix, three moves per kind: every run kills

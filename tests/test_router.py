@@ -17,6 +17,7 @@ import cbor2
 import pytest
 
 from zkv.core import protocol as P
+from zkv.core import router as router_module
 from zkv.core.cluster import ClusterState
 from zkv.core.placement import Placement
 from zkv.core.ring import RangeSet, key_hash
@@ -176,6 +177,50 @@ def test_a_stale_router_is_refused_then_routes_by_the_new_epoch(nodes: dict[str,
         for name, node in nodes.items():
             if name != p2.owner(k):
                 assert k not in node.storage.keyspace.data
+
+
+def test_dbsize_and_keys_are_sent_again_by_a_newer_epoch(nodes: dict[str, Node],
+                                                         monkeypatch: Any) -> None:
+    """A FAILOVER makes a new epoch with the same ring: a DBSIZE or KEYS in flight by the
+    old one is refused by the nodes that have the new one, and is sent again by it,
+    counting every key once (a KEYS walk starts the refused member again)."""
+    net = Net(nodes)
+    s1, s2 = state(1, [A, B, C]), state(2, [A, B, C])
+    net.config(s1)
+    r = router_for(s1)
+    keys = [b"d%03d" % i for i in range(300)]
+    assert net.run(r, [["MSET", [x for k in keys[i:i + 100] for x in (k, b"v")]]
+                       for i in range(0, 300, 100)]) == ["OK"] * 3
+    net.config(s2)  # the manager's push: the nodes have the new epoch, the router not yet
+    dbsize, listed = net.run(r, [["DBSIZE"], ["KEYS", b"d*"]], configs={2: s2})
+    assert dbsize == 300 and sorted(listed) == keys
+    assert r.placement.epoch == 2
+    # refused mid-walk (pages of 10 keys): that member's walk starts again, no key twice
+    monkeypatch.setattr(router_module, "KEYS_PAGE", 10)
+    s3 = state(3, [A, B, C])
+    r.request("k", P.encode_request("KEYS", b"d*"), 1.0)
+    assert net.step(r, 1.0) == []  # every member's first page, by epoch 2
+    net.config(s3)
+    answers: list[Any] = []
+    now = 1.0
+    while not answers and now < 2.0:
+        answers += net.step(r, now)
+        if r.need == 3 and r.placement.epoch < 3:
+            r.set_placement(Placement(s3))
+        now += 0.01
+        r.tick(now)
+    [(_, body)] = answers
+    assert sorted(decode(body)) == keys
+    # a member still behind the router: waited for, then counted
+    s4 = state(4, [A, B, C])
+    net.config(s4, B)
+    r3 = router_for(s4)
+    r3.request("c", P.encode_request("DBSIZE"), 0.0)
+    assert net.step(r3, 0.0) == []  # A and C are at epoch 3: BEHIND
+    net.config(s4, A, C)
+    r3.tick(0.06)
+    answers = net.step(r3, 0.06) + net.step(r3, 0.06)
+    assert [(c, decode(b)) for c, b in answers] == [("c", 300)]
 
 
 def test_a_router_waits_for_a_node_that_is_behind(nodes: dict[str, Node]) -> None:

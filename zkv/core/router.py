@@ -364,6 +364,12 @@ class Router:
         self.inflight[tag] = _Sent(node, kind, ops, deadline, self.placement.epoch, extra)
         self.deadlines.append((deadline, tag))
 
+    def _send_call(self, call: _Call) -> None:
+        try:
+            self._send(call.node, call.body, _SCAN, [], call.deadline, call)
+        except ZkvError as exc:
+            call(exc)
+
     def _answer_body(self, client: Any, body: bytes) -> None:
         self._ready.answers.append((client, body))
 
@@ -377,6 +383,9 @@ class Router:
     def _route(self, op: Op) -> None:
         """Send an op where the placement says, as a step of its chain if its key moves."""
         try:
+            if op.kind == "CALL":  # a whole-cluster call's part, refused once: again
+                self._send_call(op.args[0])
+                return
             if op.kind == "RAWPIPE":  # a pipeline sent whole to one node: split it anew
                 self._pipe(op.job.client, op.args[0], op.job.deadline)
                 return
@@ -525,13 +534,22 @@ class Router:
     def _refused(self, sent: _Sent, exc: ZkvError, now: float) -> None:
         """The node would not take these ops as routed (nothing of them was applied):
         route them again, by a newer configuration when ours is the stale one."""
+        ops = sent.ops
         if sent.kind == _SCAN:
-            sent.extra(Unavailable(
-                f"the cluster's configuration changed under this SCAN, KEYS or DBSIZE "
-                f"({exc.code}: a FAILOVER, say); start it again"))
-            return
+            call = sent.extra
+            if not isinstance(call, _Call):  # a SCAN page: its cursor was that process's
+                call(Unavailable(
+                    f"the cluster's configuration changed under this SCAN "
+                    f"({exc.code}: a FAILOVER, say); start it again from 0"))
+                return
+            if call.restart is not None:
+                call.body = call.restart()
+            op = Op(Job(None, "call", 1, call.deadline), 0, "CALL", [call])
+            op.tries = call.tries
+            call.tries += 1
+            ops = [op]
         epoch = exc.details.get("epoch")
-        for op in sent.ops:
+        for op in ops:
             op.tries += 1
             op.state = None  # its chain starts again where it is routed (XSEEN too)
             if op.tries > MAX_REROUTES:
@@ -663,6 +681,10 @@ class Router:
         """An op's outcome (a value, or a ZkvError): into its job, which may then answer."""
         job = op.job
         if job.done:
+            return
+        if job.kind == "call":
+            job.done = True
+            op.args[0](result)
             return
         if job.kind == "one":
             job.done = True
@@ -958,11 +980,9 @@ class Router:
                 state.done = True
                 self._answer_body(client, P.encode_ok(state.used))
 
+        body = P.encode_request("DBSIZE")
         for addr in members:
-            try:
-                self._send(addr, P.encode_request("DBSIZE"), _SCAN, [], deadline, count)
-            except ZkvError as exc:
-                count(exc)
+            self._send_call(_Call(addr, body, deadline, count))
 
     # -- listing -----------------------------------------------------------------------
     def _no_listing_during_move(self) -> None:
@@ -1020,8 +1040,17 @@ class Router:
             return
         budget = self.limits.max_message_bytes - 1024
         state = _KeysWalk(len(members))
+        found_at: dict[str, list[bytes]] = {addr: [] for addr in members}
 
-        def walk(addr: str, cursor: str) -> None:
+        def first_page() -> bytes:
+            return P.encode_request("SCAN", "0", pattern, KEYS_PAGE)
+
+        def restart(addr: str) -> bytes:  # refused for a stale view: that member anew
+            state.used -= sum(len(k) + 16 for k in found_at[addr])
+            found_at[addr] = []
+            return first_page()
+
+        def walk(addr: str, cursor: str, tries: int) -> None:
             def page(result: Any) -> None:
                 if state.done:
                     return
@@ -1030,7 +1059,7 @@ class Router:
                     self._answer_error(client, result)
                     return
                 nxt, found = result
-                state.keys.extend(found)
+                found_at[addr].extend(found)
                 state.used += sum(len(k) + 16 for k in found)
                 if state.used > budget:
                     state.done = True
@@ -1038,31 +1067,49 @@ class Router:
                         f"KEYS would return more than max_message_bytes ({budget} bytes); "
                         "use SCAN, which pages"))
                 elif nxt != "0":
-                    walk(addr, nxt)
+                    walk(addr, nxt, call.tries)
                 else:
                     state.left -= 1
                     if state.left == 0:
                         state.done = True
-                        self._answer_body(client, P.encode_ok(state.keys))
+                        self._answer_body(client, P.encode_ok(
+                            [k for m in members for k in found_at[m]]))
 
-            try:
-                self._send(addr, P.encode_request("SCAN", cursor, pattern, KEYS_PAGE), _SCAN,
-                           [], deadline, page)
-            except ZkvError as exc:
-                page(exc)
+            body = first_page() if cursor == "0" else P.encode_request(
+                "SCAN", cursor, pattern, KEYS_PAGE)
+            call = _Call(addr, body, deadline, page, lambda: restart(addr), tries)
+            self._send_call(call)
 
         for addr in members:
-            walk(addr, "0")
+            walk(addr, "0", 0)
 
 
 class _KeysWalk:
-    """A KEYS request's walk over the nodes' SCAN pages."""
+    """A DBSIZE or KEYS request's progress over the nodes: members left to answer, keys
+    (or bytes of keys) so far, whether it has answered."""
 
-    __slots__ = ("done", "keys", "left", "used")
+    __slots__ = ("done", "left", "used")
 
     def __init__(self, nodes: int) -> None:
         self.left, self.used, self.done = nodes, 0, False
-        self.keys: list[bytes] = []
+
+
+class _Call:
+    """One member's part of a whole-cluster call (DBSIZE, a KEYS walk): its reply goes to
+    ``done``. Refused for a stale view (a FAILOVER's new epoch, say), it is sent again
+    by the newer configuration, as ops are: ``restart`` then gives the body to send
+    (a KEYS walk starts that member again, since a cursor belongs to one process)."""
+
+    __slots__ = ("body", "deadline", "done", "node", "restart", "tries")
+
+    def __init__(self, node: str, body: bytes, deadline: float, done: Any,
+                 restart: Any = None, tries: int = 0) -> None:
+        self.node, self.body, self.deadline, self.done = node, body, deadline, done
+        self.restart = restart
+        self.tries = tries
+
+    def __call__(self, result: Any) -> None:
+        self.done(result)
 
 
 class _Done:
