@@ -366,6 +366,9 @@ def test_replicas_from_flags(procs: Any, tmp_path: Any) -> None:
     (["--min-in-sync", "2"], "min_in_sync is 2, more copies than shard 127.0.0.1:1 (1 copy)"),
     (["--replica", "127.0.0.1:1=127.0.0.1:2", "--min-in-sync", "3"],
      "shard 127.0.0.1:1 (2 copies) has"),
+    # a mistyped host would be a member down for ever (.invalid never resolves)
+    (["--node", "no-such-host.invalid:5"], "node no-such-host.invalid:5: cannot resolve"),
+    (["--replica", "127.0.0.1:1=replica.invalid:5"], "node replica.invalid:5: cannot resolve"),
 ])
 def test_bad_replica_flags_are_one_clear_line(procs: Any, tmp_path: Any, args: list[str],
                                               message: str) -> None:
@@ -373,6 +376,7 @@ def test_bad_replica_flags_are_one_clear_line(procs: Any, tmp_path: Any, args: l
                        *args, ready=None)
     assert proc.wait_exit(15) != 0
     assert message in proc.output and "Traceback" not in proc.output
+    assert not (tmp_path / "s" / "cluster.json").exists()  # nothing saved to start from
 
 
 def test_a_replica_survives_malformed_replication_messages(make_cluster: Any) -> None:

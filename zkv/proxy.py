@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,21 @@ def lock_state_dir(state_dir: str) -> int:
         raise ClusterError(
             f"cannot use {state_dir} as the proxy's state directory: {exc.strerror or exc}"
         ) from None
+
+
+def _refuse_unresolvable(addresses: list[str]) -> None:
+    """A new cluster's nodes must have names that resolve: a mistyped host would become a
+    member that is down for ever, with its share of the keys failing. (Only at the
+    first start: a saved cluster's member that does not resolve today is down, as any.)"""
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ClusterError(
+                f"node {address}: cannot resolve {host} "
+                f"({getattr(exc, 'strerror', None) or exc}); check --node, --replica or "
+                "the topology's nodes (nothing was started or saved)") from None
 
 
 def load_removed(state_dir: str) -> dict[str, Any]:
@@ -258,6 +274,7 @@ class Proxy(ProxyShell):
                        replicas: dict[str, list[str]], min_in_sync: int) -> ClusterState:
         saved = load_state(self.state_dir)
         if saved is None:
+            _refuse_unresolvable([*members, *(a for r in replicas.values() for a in r)])
             shards = {name: {"primary": name, "replicas": list(r), "in_sync": []}
                       for name, r in replicas.items() if r and name in members}
             state = ClusterState(epoch=1 if members else 0, members=dict(members), vnodes=vnodes,
