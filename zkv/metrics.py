@@ -162,8 +162,8 @@ def proxy_families(shell: Any) -> Iterator[Any]:
                  {"zmq": clients, "resp": len(shell.resp.conns) if shell.resp else 0},
                  ("front",))
     yield _gauge("zkv_node_up", "Whether this proxy sees the node up (1) or down (0).",
-                 {addr: 1 if shell.health.is_up(addr) else 0 for addr in list(shell.links)
-                  if addr in shell._addresses},  # (not a link to a node taken out)
+                 {addr: 1 if shell.health.is_up(addr) else 0
+                  for addr in shell.configured_links()},
                  ("node",))
     yield _gauge("zkv_epoch", "Cluster configuration epoch this proxy routes by.",
                  shell.state.epoch)

@@ -220,6 +220,11 @@ class ProxyShell:
         allows admin commands (FLUSHALL) there."""
         self.resp_port, self.resp_admin = port, admin
 
+    def configured_links(self) -> list[str]:
+        """The links open to nodes of the configuration in effect (not those kept open to
+        a node taken out, to tell it so)."""
+        return [key for key in self.links if key in self._addresses]
+
     def address_of(self, key: str) -> str:
         """The address link key ``key`` reaches (a shard's primary, or the node named)."""
         found = self._addresses.get(key)
