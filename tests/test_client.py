@@ -686,3 +686,56 @@ def test_a_shared_clients_long_batch_keeps_every_write(make_cluster: Any, direct
     assert sorted(got) == list(range(1, n + 1))
     keys = [f"batch:{direct}:{i}" for i in range(0, n, 97)]
     assert c.mget(keys) == [k.rsplit(":", 1)[1].encode() for k in keys]
+
+
+STOPPED_CLIENT = """
+import sys, zkv
+c = zkv.Client(sys.argv[1], timeout=1.0, retries=0, direct=sys.argv[2] == "direct")
+c.set("n", "0")
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    print("got", c.incr("n"), flush=True)
+except zkv.ZkvError as exc:
+    print("error", type(exc).__name__, exc, flush=True)
+c.close()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["proxy", "direct"])
+def test_a_client_stopped_while_its_reply_came_takes_the_reply(
+        make_cluster: Any, mode: str) -> None:
+    """A client process stopped (SIGSTOP, a paused VM) past its timeout, while the reply
+    to its write arrived: on waking it reads the reply rather than calling the write's
+    outcome unknown. (Its reply is in the kernel's buffers; libzmq's I/O thread, stopped
+    too, has not read it yet when the client's wait comes back.)"""
+    import signal
+    import subprocess
+    import sys
+
+    cluster: Cluster = make_cluster(nodes=1)
+    server = cluster.proxy if mode == "proxy" else cluster.nodes[cluster.node_addrs[0]]
+    client = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_CLIENT, cluster.address, mode],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "ready"
+        server.signal(signal.SIGSTOP)  # the request waits in the server's buffers...
+        try:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            time.sleep(0.3)  # ...while the client waits for its reply
+            client.send_signal(signal.SIGSTOP)
+        finally:
+            server.signal(signal.SIGCONT)  # the reply comes while the client is stopped
+        time.sleep(2.0)  # past the client's timeout
+        client.send_signal(signal.SIGCONT)
+        out, _ = client.communicate(timeout=20)
+    finally:
+        client.kill()
+        client.wait()
+    assert out.strip().splitlines()[-1] == "got 1", out
+    c = cluster.client()
+    assert c.get("n") == b"1"

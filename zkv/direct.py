@@ -37,7 +37,7 @@ from .core.cluster import ClusterState
 from .core.placement import Placement
 from .core.router import CORE_OPS, Router, _is_error
 from .errors import LimitExceeded, NodeUnavailable, NotSent, Timeout, ZkvError
-from .link import Link
+from .link import STALL_GAP, STALL_GRACE, Link
 
 if TYPE_CHECKING:
     from .security import Curve
@@ -85,6 +85,10 @@ class DirectRouting:
         self.envelopes: dict[bytes, tuple[str, set[int]]] = {}
         self.refreshes = 0  # configurations asked for (for tests and INFO-like curiosity)
         self._pollers: dict[str, tuple[Any, zmq.Poller]] = {}  # node -> (its socket, poller)
+        # after a stall of this process (see zkv.link.STALL_GAP), no deadline is judged
+        # before this, so that replies left in the kernel's buffers are read first
+        self._grace_until = 0.0
+        self._waited = 0.0  # when the last wait of this round ended (or the round began)
 
     # -- the configuration ---------------------------------------------------------------
     @property
@@ -211,7 +215,9 @@ class DirectRouting:
         deadline = now + timeout
         while True:
             left = deadline - time.monotonic()
-            events = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            events = dict(poller.poll(max(1, int(left * 1000)) if left > 0 else 0))
+            if not events and time.monotonic() - deadline > STALL_GAP:  # (zkv.link)
+                events = dict(poller.poll(int(STALL_GRACE * 1000)))
             if not events:
                 link.close()  # Lazy Pirate: a fresh socket for what comes next
                 raise Timeout(f"no reply from node {node} within {timeout:g}s")
@@ -250,6 +256,7 @@ class DirectRouting:
             next(self._clients)
         self._round = (base, out)
         self._received = 0
+        self._waited = now  # (a stall is judged within this round)
         sent = 0
         progress = now
         while self._received < n:
@@ -262,7 +269,9 @@ class DirectRouting:
                 break
             left = progress + timeout - now
             if left <= 0:
-                break
+                if now >= self._grace_until:
+                    break
+                left = self._grace_until - now
             got = self._wait(min(left, self._next_event(now)))
             if got:
                 progress = time.monotonic()
@@ -416,10 +425,16 @@ class DirectRouting:
         if self.proxy.sock is not None and self.via_proxy:
             poller.register(self.proxy.sock, zmq.POLLIN)
         got = False
+        started = time.monotonic()
+        if started < self._grace_until:
+            seconds = max(seconds, 0.005)  # (no deadline is due yet: no busy loop)
         events = poller.poll(max(0, int(seconds * 1000))) if poller.sockets else []
         if not poller.sockets:
             time.sleep(max(0.0, min(seconds, 0.01)))
         now = time.monotonic()
+        if (now - started > seconds + STALL_GAP  # stopped in the wait, or between two
+                or started - self._waited > STALL_GAP):
+            self._grace_until = now + STALL_GRACE
         for sock, _ in events:
             if sock in watched:
                 node, link = watched[sock]
@@ -434,8 +449,9 @@ class DirectRouting:
                     self._proxy_reply(frames)
                 else:
                     self._node_reply(frames, now)
-        if self.router is not None:
+        if self.router is not None and now >= self._grace_until:
             self.router.tick(now)
+        self._waited = time.monotonic()
         return got
 
     def _node_lost(self, node: str) -> None:

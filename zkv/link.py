@@ -72,6 +72,25 @@ _PLAIN_FAILURES: dict[int, str] = {
 }
 
 
+# A wait that came back this much later than asked means this process was stopped
+# (SIGSTOP, a paused VM, swapping). Replies that came meanwhile may still be in the
+# kernel's buffers, since libzmq's I/O thread was stopped too: look STALL_GRACE more
+# before calling a request timed out.
+STALL_GAP = 0.25
+STALL_GRACE = 0.2
+
+
+def wait_readable(sock: zmq.Socket[bytes], deadline: float) -> bool:
+    """Whether ``sock`` has a message by ``deadline`` (time.monotonic()). Woken well
+    past the deadline (this process was stopped), it looks STALL_GRACE more."""
+    left = deadline - time.monotonic()
+    if sock.poll(max(1, int(left * 1000)) if left > 0 else 0):
+        return True
+    if time.monotonic() - deadline > STALL_GAP:
+        return bool(sock.poll(int(STALL_GRACE * 1000)))
+    return False
+
+
 class Link:
     def __init__(self, ctx: zmq.Context[Any], address: str, hwm: int = 100_000,
                  curve: Curve | None = None) -> None:
@@ -216,7 +235,7 @@ class Link:
             left = deadline - time.monotonic()
             if not self.answered and left > 0:
                 self._first_wait(left, len(body))  # a fresh connection may be shed
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            if not wait_readable(sock, deadline):
                 self._watch(self._events(0))
                 lost = " (the connection was lost)" if self.lost else ""
                 self.close()  # Lazy Pirate: a fresh socket for whatever comes next
@@ -272,8 +291,7 @@ class Link:
                     failure = exc
                     break
             assert self.sock is not None
-            left = progress + timeout - time.monotonic()
-            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+            if not wait_readable(self.sock, progress + timeout):
                 failure = Timeout(f"no reply from {self.address} within {timeout:g}s")
                 self.close()
                 break
