@@ -690,8 +690,9 @@ def test_a_shared_clients_long_batch_keeps_every_write(make_cluster: Any, direct
 
 STOPPED_CLIENT = """
 import sys, zkv
-c = zkv.Client(sys.argv[1], timeout=1.0, retries=0, direct=sys.argv[2] == "direct")
+c = zkv.Client(sys.argv[1], timeout=1.0, retries=5, direct=sys.argv[2] == "direct")
 c.set("n", "0")
+c.retries = 0
 print("ready", flush=True)
 sys.stdin.readline()
 try:
@@ -730,7 +731,7 @@ def test_a_client_stopped_while_its_reply_came_takes_the_reply(
             client.send_signal(signal.SIGSTOP)
         finally:
             server.signal(signal.SIGCONT)  # the reply comes while the client is stopped
-        time.sleep(2.0)  # past the client's timeout
+        time.sleep(1.6)  # well past the client's timeout
         client.send_signal(signal.SIGCONT)
         out, _ = client.communicate(timeout=20)
     finally:
