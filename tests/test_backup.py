@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Cluster
+from conftest import REPO, Cluster, wait_until
 
+import zkv
 from zkv.core import wal
 from zkv.core.ring import Ring
 
@@ -119,7 +120,11 @@ def test_refusals_are_clear(cluster: Cluster, tmp_path: Path) -> None:
     assert out.returncode == 1 and "cannot listen on '192.0.2.1'" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "elsewhere").exists()
     out = zkv_cmd("restore", str(tmp_path / "nothing-here"), "--proxy", cluster.address)
+    assert out.returncode == 1 and "nothing-here: no such directory" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = zkv_cmd("restore", str(tmp_path / "empty"), "--proxy", cluster.address)
     assert out.returncode == 1 and "MANIFEST.json is missing" in out.stderr
+    assert out.stdout == ""  # (no blank line from a progress bar not shown)
     c = cluster.client()
     c.mset({f"r{i}": "v" for i in range(500)})
     assert zkv_cmd("backup", "--proxy", cluster.address, str(tmp_path / "bk")).returncode == 0
@@ -140,3 +145,113 @@ def test_refusals_are_clear(cluster: Cluster, tmp_path: Path) -> None:
     plain.write_text("x")
     out = zkv_cmd("backup", "--proxy", cluster.address, str(plain))
     assert out.returncode == 1 and "is not a directory" in out.stderr
+
+
+def test_keys_that_expire_while_a_node_streams_them_do_not_fail_the_backup(
+        tmp_path: Path) -> None:
+    """A node counts its keys when the backup starts and skips those that have expired
+    by the time it streams them: fewer keys than counted, every batch there, is a whole
+    backup (a cache-style workload could never be backed up otherwise)."""
+    import zmq
+
+    from zkv import backup as B
+    from zkv.core.transfer import SnapshotStream
+
+    now_ms = int(time.time() * 1000)
+    items = [(b"k%04d" % i, b"v") for i in range(2500)]
+    expiring = {k: now_ms - 1 for k, _ in items[::10]}  # due by the time they are sent
+    stream = SnapshotStream("bk-1", "127.0.0.1:1", items, dict(expiring), batch_keys=1000)
+    ctx: zmq.Context[Any] = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://bk")
+        push.connect("inproc://bk")
+        while (batch := stream.next_batch({}, 0.0, expiring, now_ms)) is not None:
+            push.send(batch)
+        with open(tmp_path / "f", "wb") as f:
+            got = B._receive(pull, "bk-1", {"127.0.0.1:1": f}, {"127.0.0.1:1": len(items)},
+                             2.0, None, len(items))
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
+    assert got == {"127.0.0.1:1": len(items) - len(expiring)}
+
+
+def test_a_backup_refuses_a_cluster_that_changed_under_it(make_cluster: Any, tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
+    """A REMOVE that lands between the configuration read and the last node's copy
+    could leave a node's keys out (it handed them on first): the backup fails, keeps
+    nothing, and a backup run again holds every key."""
+    from zkv import backup as B
+
+    cluster: Cluster = make_cluster(3)
+    c = cluster.client(timeout=10)
+    data = {b"c%05d" % i: b"v%05d" % i for i in range(3000)}
+    c.mset(data)
+    real = B._receive
+
+    def remove_first(*args: Any) -> Any:
+        got = real(*args)
+        assert c.remove_node(cluster.node_addrs[2], wait_timeout=60)["finished"]
+        return got
+
+    monkeypatch.setattr(B, "_receive", remove_first)
+    with pytest.raises(zkv.ClusterError, match="configuration changed during the backup"):
+        B.backup(cluster.address, str(tmp_path / "bk"))
+    assert not (tmp_path / "bk").exists()  # nothing kept: no files without a manifest
+    monkeypatch.setattr(B, "_receive", real)
+    manifest = B.backup(cluster.address, str(tmp_path / "bk"))
+    assert manifest["keys"] == len(data) and len(manifest["nodes"]) == 2
+
+
+def test_a_restore_checks_the_target_before_writing_anything(make_cluster: Any,
+                                                             tmp_path: Path) -> None:
+    source: Cluster = make_cluster(2)
+    c = source.client(timeout=10)
+    c.mset({b"small%03d" % i: b"v" for i in range(300)})
+    c.set(b"big", b"x" * 3000)
+    assert zkv_cmd("backup", "--proxy", source.address, str(tmp_path / "bk")).returncode == 0
+    # a target whose limits the backup's values are over
+    target: Cluster = make_cluster(2, limits={"max_value_bytes": 2048})
+    out = zkv_cmd("restore", str(tmp_path / "bk"), "--proxy", target.address)
+    assert out.returncode == 1 and "over the max_value_bytes (2048)" in out.stderr, out.stderr
+    t = target.client(timeout=10)
+    assert t.dbsize() == 0 and "nothing was restored" in out.stderr
+    # a target with a node down: its keys would not be counted, nor could they be written
+    other: Cluster = make_cluster(2)
+    other.kill_node(other.node_addrs[1])
+    o = other.client(timeout=5)
+    wait_until(lambda: any(n["state"] != "up" for n in o.nodes()), 15, what="a node down")
+    out = zkv_cmd("restore", str(tmp_path / "bk"), "--proxy", other.address)
+    assert out.returncode == 1 and "is down; restore needs every node up" in out.stderr
+    # a node file whose batch holds something other than bytes (its checksums right)
+    victim = sorted((tmp_path / "bk").glob("node-*.zkv"))[0]
+    records = [item for _, item in wal.LogScan(victim.read_bytes())]
+    chunk = next(i for i, r in enumerate(records) if r[0] == wal.CHUNK)
+    records[chunk] = (wal.CHUNK, [[1, 2], b"v", *records[chunk][1][2:]])
+    victim.write_bytes(b"".join(wal.encode(tuple(r)) for r in records))
+    out = zkv_cmd("restore", str(tmp_path / "bk"), "--proxy", target.address)
+    assert out.returncode == 1 and "not keys and values" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and t.dbsize() == 0
+
+
+def test_a_backup_after_a_failover_reads_each_shards_primary(make_cluster: Any,
+                                                            tmp_path: Path) -> None:
+    """After a FAILOVER a shard's first node is a replica, or dead: the backup asks the
+    shard's primary now, and holds every key."""
+    from test_replication import replicated, wait_in_sync
+
+    cluster = replicated(make_cluster, nodes=2)
+    c = cluster.client(timeout=10)
+    data = {b"f%04d" % i: b"v%04d" % i for i in range(2000)}
+    c.mset(data)
+    shard = cluster.node_addrs[0]
+    replica = cluster.replica_addrs[shard][0]
+    assert c.failover(shard, replica)["primary"] == replica
+    wait_in_sync(cluster)
+    cluster.kill_node(shard)  # the old primary, a replica now: gone
+    out = zkv_cmd("backup", "--proxy", cluster.address, "--timeout", "5", str(tmp_path / "bk"))
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "bk" / "MANIFEST.json").read_text())
+    assert manifest["keys"] == len(data) and set(manifest["nodes"]) == set(cluster.node_addrs)

@@ -6,11 +6,12 @@
 A backup asks every member (XBACKUP) to copy its keys as of one moment (one loop
 turn on that node: a prefix of its acknowledged writes) and stream the copy, in
 batches as a move does (PUSH to this process's PULL socket), and writes each node's
-stream to a file of its own, in the log's record format (so ``zkv wal dump`` reads
-it), then a MANIFEST.json naming the epoch, the ring and each file's key count,
-last. Refused while a move is under way. A restore loads a backup into an empty
-cluster of any size: each file's keys go through the proxy in MSET batches of a
-thousand, so the new ring places every key.
+stream to a file of its own, in the log's record format (checksummed records; a
+restore checks every file whole before it writes anything), then a MANIFEST.json
+naming the epoch, the ring and each file's key count, last. Refused while a move is
+under way, and failed if the epoch changed before the last stream ended. A restore
+loads a backup into an empty cluster of any size: each file's keys go through the
+proxy in MSET batches of a thousand, so the new ring places every key.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     members = sorted(config["members"])
     if not members:
         raise ClusterError("the cluster has no nodes: nothing to back up")
+    shards = config.get("shards")
+    shards = shards if isinstance(shards, dict) else {}
+    # each shard's keys from its primary now (after a FAILOVER, not its first node)
+    primary = {m: str(e.get("primary") or m) if isinstance(e := shards.get(m), dict) else m
+               for m in members}
     made = not os.path.exists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -87,6 +93,7 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     pull.setsockopt(zmq.RCVHWM, 16)
     pull.setsockopt(zmq.IPV6, 1)
     files: dict[str, Any] = {}
+    finished = False
     try:
         host = f"[{listen}]" if ":" in listen else listen
         try:
@@ -100,7 +107,7 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
         endpoint = f"tcp://{host}:{port}"
         expected: dict[str, int] = {}
         for member in members:
-            with Client(member, timeout=timeout, curve_key=curve_key,
+            with Client(primary[member], timeout=timeout, curve_key=curve_key,
                         server_key=server_key) as node:
                 answer = node.call("XBACKUP", {"id": backup_id, "pull": endpoint})
             expected[member] = int(answer["keys"])
@@ -113,32 +120,68 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
                 f.write(wal.encode((wal.META, {"backup": backup_id, "node": member})))
                 files[member] = f
             got = _receive(pull, backup_id, files, expected, timeout, progress, total)
+            for f in files.values():
+                f.close()
         except OSError as exc:
             raise ClusterError(f"cannot write the backup in {directory}: "
                                f"{exc.strerror or exc}") from None
+        # a move (or FAILOVER) between reading the configuration and the last node's
+        # copy could leave keys out: a node may have handed them on before its copy
+        with Client(proxy, timeout=timeout, curve_key=curve_key, server_key=server_key) as c:
+            now = c.call("CONFIG")
+        epoch = now.get("epoch") if isinstance(now, dict) else None
+        if epoch != doc.get("epoch"):
+            raise ClusterError(
+                f"the cluster's configuration changed during the backup (epoch "
+                f"{doc.get('epoch')}, now {epoch}: a move, a FAILOVER or a replica joining "
+                "or leaving); nothing was kept: run it again")
+        manifest = {
+            "version": VERSION, "backup": backup_id, "proxy": proxy,
+            "taken": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "epoch": doc.get("epoch"), "config": config,
+            "nodes": {m: {"file": _file_name(i), "keys": got[m]}
+                      for i, m in enumerate(members)},
+            "keys": sum(got.values()),
+        }
+        try:
+            durable.fsync_dir(directory)
+            durable.write_json(os.path.join(directory, MANIFEST), manifest, indent=2)
+        except OSError as exc:
+            raise ClusterError(f"cannot write the backup's {MANIFEST} in {directory}: "
+                               f"{exc.strerror or exc}") from None
+        finished = True
     finally:
         for member in members:
             try:
-                with Client(member, timeout=2.0, curve_key=curve_key,
+                with Client(primary[member], timeout=2.0, curve_key=curve_key,
                             server_key=server_key) as node:
                     node.call("XBACKUP", {"id": backup_id, "close": True})
             except ZkvError:
                 pass  # the node closes an unread stream itself after a while
         for f in files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass  # (a full disk: said above; the file goes below)
         if server is not None:
             server.stop()
         ctx.destroy(0)
-    durable.fsync_dir(directory)
-    manifest = {
-        "version": VERSION, "backup": backup_id, "proxy": proxy,
-        "taken": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "epoch": doc.get("epoch"), "config": config,
-        "nodes": {m: {"file": _file_name(i), "keys": got[m]} for i, m in enumerate(members)},
-        "keys": sum(got.values()),
-    }
-    durable.write_json(os.path.join(directory, MANIFEST), manifest, indent=2)
+        if not finished:  # no manifest: what was written is no backup, and goes
+            _discard(directory, [_file_name(i) for i in range(len(members))], made)
     return manifest
+
+
+def _discard(directory: str, names: list[str], made: bool) -> None:
+    for name in [*names, MANIFEST]:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    if made:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
 
 
 def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
@@ -171,9 +214,11 @@ def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
         got[source] += len(pairs) // 2
         done += len(pairs) // 2
         if final:
-            if sent != got[source] or got[source] != expected[source]:
+            # (fewer than the node counted at the start: keys that expired meanwhile,
+            # which the node does not send; ``sent`` says every batch it sent came)
+            if sent != got[source] or got[source] > expected[source]:
                 raise Unavailable(f"the stream from {source} ended with {got[source]} keys "
-                                  f"of {expected[source]}; the backup is incomplete")
+                                  f"of {sent} sent; the backup is incomplete")
             f.write(wal.encode((wal.META, {"end": got[source]})))
             f.flush()
             os.fsync(f.fileno())
@@ -184,6 +229,11 @@ def _receive(pull: zmq.Socket[Any], backup_id: str, files: dict[str, Any],
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ClusterError(f"{directory} is not a directory: give the directory zkv backup "
+                           "wrote")
+    if not os.path.exists(directory):
+        raise ClusterError(f"{directory}: no such directory")
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path) as f:
@@ -208,10 +258,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _read_keys(directory: str, node: str,
-               entry: dict[str, Any]) -> tuple[list[list[bytes]], dict[bytes, int]]:
+def _read_keys(directory: str, node: str, entry: dict[str, Any],
+               backup_id: Any = None) -> tuple[list[list[bytes]], dict[bytes, int]]:
     """A node file's CHUNK records and the deadlines of its keys that have one, checked
-    whole (records, end marker, key count)."""
+    whole (records, end marker, key count, keys and values bytes, the backup's id)."""
     path = os.path.join(directory, entry["file"])
     try:
         with open(path, "rb") as f:
@@ -221,9 +271,12 @@ def _read_keys(directory: str, node: str,
     scan = wal.LogScan(buf)
     chunks: list[list[bytes]] = []
     deadlines: dict[bytes, int] = {}
-    count, end = 0, None
+    count, end, ids = 0, None, set()
     for _, item in scan:
         if item[0] == wal.CHUNK and isinstance(item[1], list):
+            if len(item[1]) % 2 or not all(type(x) is bytes for x in item[1]):
+                raise ClusterError(f"{path} holds a batch that is not keys and values (bytes); "
+                                   "nothing was restored")
             chunks.append(item[1])
             count += len(item[1]) // 2
         elif item[0] == wal.PXAT and isinstance(item[1], list):
@@ -232,13 +285,47 @@ def _read_keys(directory: str, node: str,
                              if type(k) is bytes and type(t) is int and t > 0)
         elif item[0] == wal.META and isinstance(item[1], dict) and "end" in item[1]:
             end = item[1]["end"]
+        elif item[0] == wal.META and isinstance(item[1], dict) and "backup" in item[1]:
+            ids.add(item[1]["backup"])
     if scan.damage is not None:
         raise ClusterError(f"{path} is damaged at byte offset {scan.damage.offset} "
                            f"({scan.damage.reason}); nothing was restored")
+    if backup_id is not None and ids != {backup_id}:
+        named = ", ".join(map(str, ids)) or "none named"
+        raise ClusterError(f"{path} is of another backup than its manifest ({named}, not "
+                           f"{backup_id}); nothing was restored")
     if end != count or count != entry["keys"]:
         raise ClusterError(f"{path} holds {count} keys, its end marker says {end} and the "
                            f"manifest {entry['keys']}: incomplete; nothing was restored")
     return chunks, deadlines
+
+
+PARTIAL = ("the cluster holds those keys now: empty it (FLUSHALL on the RESP front of a proxy "
+           "started with --resp-admin) to run the restore again")
+
+
+def _fits(files: dict[str, tuple[list[list[bytes]], dict[bytes, int]]],
+          limits: dict[str, Any], proxy: str) -> None:
+    """Every key once, and within the target's size limits (else nothing is written)."""
+    max_key = limits.get("max_key_bytes")
+    max_value = limits.get("max_value_bytes")
+    seen: set[bytes] = set()
+    for node, (chunks, _) in files.items():
+        for pairs in chunks:
+            for key, value in zip(pairs[0::2], pairs[1::2]):
+                if key in seen:
+                    raise ClusterError(f"the backup holds key {key[:64]!r} twice (again in "
+                                       f"{node}'s file); nothing was restored")
+                seen.add(key)
+                if isinstance(max_key, int) and len(key) > max_key:
+                    raise ClusterError(
+                        f"key {key[:64]!r} is {len(key)} bytes, over the max_key_bytes "
+                        f"({max_key}) of the cluster behind {proxy}; nothing was restored")
+                if isinstance(max_value, int) and len(value) > max_value:
+                    raise ClusterError(
+                        f"the value of {key[:64]!r} is {len(value)} bytes, over the "
+                        f"max_value_bytes ({max_value}) of the cluster behind {proxy}; "
+                        "nothing was restored")
 
 
 def restore(directory: str, proxy: str, timeout: float = 10.0,
@@ -247,18 +334,25 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
     manifest = read_manifest(directory)
     total = int(manifest.get("keys", 0))
     with Client(proxy, timeout=timeout) as c:
+        down = [n["address"] for n in c.nodes() if n.get("state") != "up"]
+        if down:  # (its keys would not be counted below, and the restore would stop)
+            raise ClusterError(f"node {', '.join(down)} of the cluster behind {proxy} is "
+                               "down; restore needs every node up; nothing was restored")
         held = int(c.info().get("totals", {}).get("keys", 0))
         if held:
             raise ClusterError(f"the cluster behind {proxy} holds {held} keys; restore needs "
                                "an empty cluster")
         if c.status().get("move") is not None:
             raise ClusterError("a move is under way; restore once STATUS shows none")
+        doc = c.call("CONFIG")
+        limits = doc.get("limits") if isinstance(doc, dict) else None
         # every file is checked whole before anything is written
-        files = {node: _read_keys(directory, node, entry)
+        files = {node: _read_keys(directory, node, entry, manifest.get("backup"))
                  for node, entry in sorted(manifest["nodes"].items())}
         if sum(manifest["nodes"][n]["keys"] for n in files) != total:
             raise ClusterError(f"the manifest's key count ({total}) is not the sum of its "
                                "nodes'; nothing was restored")
+        _fits(files, limits if isinstance(limits, dict) else {}, proxy)
         done = 0
         started = time.monotonic()
         try:
@@ -277,15 +371,22 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
                         if progress is not None:
                             progress(done, total)
         except ZkvError as exc:
-            raise ClusterError(f"restore stopped after {done} of {total} keys: {exc}; the "
-                               "cluster holds those keys now (empty it to run the restore "
-                               "again)") from None
+            raise ClusterError(f"restore stopped after {done} of {total} keys: {exc}; "
+                               f"{PARTIAL}") from None
+        except KeyboardInterrupt:
+            raise ClusterError(f"interrupted after {done} of {total} keys; {PARTIAL}") \
+                from None
     return {"keys": done, "nodes": len(manifest["nodes"]), "backup": manifest.get("backup"),
             "seconds": round(time.monotonic() - started, 3)}
 
 
 def _with_progress(label: str, run: Callable[[Progress], dict[str, Any]]) -> dict[str, Any]:
+    import sys
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    if not sys.stdout.isatty():  # (a bar, even a transient one, leaves a blank line)
+        return run(lambda done, total: None)
 
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                   transient=True) as bar:
@@ -298,8 +399,11 @@ def _with_progress(label: str, run: Callable[[Progress], dict[str, Any]]) -> dic
 
 
 def backup_main(args: Any) -> int:
-    manifest = _with_progress("backup", lambda p: backup(args.proxy, args.dir, args.listen,
-                                                          args.timeout, p))
+    try:
+        manifest = _with_progress("backup", lambda p: backup(
+            args.proxy, args.dir, args.listen, args.timeout, p))
+    except KeyboardInterrupt:
+        raise ClusterError(f"interrupted; nothing was kept in {args.dir}") from None
     print(f"backed up {manifest['keys']} keys of {len(manifest['nodes'])} nodes (epoch "
           f"{manifest['epoch']}) into {args.dir}")
     return 0
