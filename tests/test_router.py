@@ -211,12 +211,17 @@ def test_dbsize_and_keys_are_sent_again_by_a_newer_epoch(nodes: dict[str, Node],
         r.tick(now)
     [(_, body)] = answers
     assert sorted(decode(body)) == keys
+    # refused by a configuration with other nodes: no count of a ring that is gone
+    s5 = state(5, [A, B])
+    net.config(s5)
+    [answer] = net.run(r, [["DBSIZE"]], now=3.0, configs={5: s5})
+    assert answer[0] == "ERR" and r.placement.epoch == 5
     # a member still behind the router: waited for, then counted
-    s4 = state(4, [A, B, C])
+    s4 = state(6, [A, B, C])
     net.config(s4, B)
     r3 = router_for(s4)
     r3.request("c", P.encode_request("DBSIZE"), 0.0)
-    assert net.step(r3, 0.0) == []  # A and C are at epoch 3: BEHIND
+    assert net.step(r3, 0.0) == []  # A and C are at epoch 5: BEHIND
     net.config(s4, A, C)
     r3.tick(0.06)
     answers = net.step(r3, 0.06) + net.step(r3, 0.06)

@@ -384,7 +384,13 @@ class Router:
         """Send an op where the placement says, as a step of its chain if its key moves."""
         try:
             if op.kind == "CALL":  # a whole-cluster call's part, refused once: again
-                self._send_call(op.args[0])
+                call = op.args[0]
+                p = self.placement
+                if p.state.move is not None or frozenset(p.ring.members) != call.members:
+                    raise Unavailable(
+                        "the cluster's nodes changed under this DBSIZE or KEYS (a move); "
+                        "nothing of it was kept: run it again")
+                self._send_call(call)
                 return
             if op.kind == "RAWPIPE":  # a pipeline sent whole to one node: split it anew
                 self._pipe(op.job.client, op.args[0], op.job.deadline)
@@ -981,8 +987,9 @@ class Router:
                 self._answer_body(client, P.encode_ok(state.used))
 
         body = P.encode_request("DBSIZE")
+        ring = frozenset(members)
         for addr in members:
-            self._send_call(_Call(addr, body, deadline, count))
+            self._send_call(_Call(addr, body, deadline, count, ring))
 
     # -- listing -----------------------------------------------------------------------
     def _no_listing_during_move(self) -> None:
@@ -1041,6 +1048,7 @@ class Router:
         budget = self.limits.max_message_bytes - 1024
         state = _KeysWalk(len(members))
         found_at: dict[str, list[bytes]] = {addr: [] for addr in members}
+        ring = frozenset(members)
 
         def first_page() -> bytes:
             return P.encode_request("SCAN", "0", pattern, KEYS_PAGE)
@@ -1077,7 +1085,7 @@ class Router:
 
             body = first_page() if cursor == "0" else P.encode_request(
                 "SCAN", cursor, pattern, KEYS_PAGE)
-            call = _Call(addr, body, deadline, page, lambda: restart(addr), tries)
+            call = _Call(addr, body, deadline, page, ring, lambda: restart(addr), tries)
             self._send_call(call)
 
         for addr in members:
@@ -1100,11 +1108,12 @@ class _Call:
     by the newer configuration, as ops are: ``restart`` then gives the body to send
     (a KEYS walk starts that member again, since a cursor belongs to one process)."""
 
-    __slots__ = ("body", "deadline", "done", "node", "restart", "tries")
+    __slots__ = ("body", "deadline", "done", "members", "node", "restart", "tries")
 
     def __init__(self, node: str, body: bytes, deadline: float, done: Any,
-                 restart: Any = None, tries: int = 0) -> None:
+                 members: frozenset[str], restart: Any = None, tries: int = 0) -> None:
         self.node, self.body, self.deadline, self.done = node, body, deadline, done
+        self.members = members  # the ring's when the call began: sent again only by it
         self.restart = restart
         self.tries = tries
 
