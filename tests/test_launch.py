@@ -290,3 +290,16 @@ def test_up_serves_redis_clients_where_the_topology_says(
             assert r.set(f"up-resp-{port}", "yes") and r.get(f"up-resp-{port}") == b"yes"
         finally:
             r.close()
+
+
+def test_up_with_a_data_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    topo = tmp_path / "t.yaml"
+    topo.write_text(f"proxy:\n  port: {free_port()}\n  state_dir: {tmp_path / 'st'}\n"
+                    f"nodes:\n  - address: 127.0.0.1:{free_port()}\n"
+                    f"    data_dir: {tmp_path / 'afile'}\n")
+    done = subprocess.run([sys.executable, "-m", "zkv", "up", str(topo)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "it is a file, not a directory" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

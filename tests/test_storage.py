@@ -563,6 +563,9 @@ def test_a_data_dir_that_cannot_be_used_is_one_clear_error(tmp_path: Path,
         open_storage(path, opened)
     assert str(path) in str(info.value)
     assert "directory" in str(info.value)
+    assert "File exists" not in str(info.value)  # (what makedirs says of a file)
+    if kind == "file":
+        assert "it is a file, not a directory" in str(info.value)
 
 
 def test_a_torn_tail_on_a_full_disk_is_refused_not_cut_blindly(

@@ -54,7 +54,10 @@ def _in_use(topology: Topology) -> list[str]:
     dirs.append(("the proxy", topology.proxy.state_dir))
     out = []
     for who, directory in dirs:
-        pid = lockfile.holder(directory)
+        try:
+            pid = lockfile.holder(directory)
+        except OSError:
+            continue  # (not a directory, say: the process started on it says so)
         if pid is not None:
             out.append(f"{directory} ({who}) is in use by pid {pid}")
     return out

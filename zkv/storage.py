@@ -246,9 +246,10 @@ class Storage:
         if self.check_only:
             return self._check(started)
         try:
+            if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+                raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory",
+                                         self.dir)  # (makedirs would say "File exists")
             os.makedirs(self.dir, exist_ok=True)
-            if not os.path.isdir(self.dir):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.dir)
             self._lock()
         except OSError as exc:
             raise StorageError(self._os_problem(exc, "cannot use the data directory")) from None
