@@ -255,3 +255,24 @@ def test_a_backup_after_a_failover_reads_each_shards_primary(make_cluster: Any,
     assert out.returncode == 0, out.stderr
     manifest = json.loads((tmp_path / "bk" / "MANIFEST.json").read_text())
     assert manifest["keys"] == len(data) and set(manifest["nodes"]) == set(cluster.node_addrs)
+
+
+def test_a_stopped_node_fails_the_backup_within_its_timeout(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
+    """--timeout is what a node that does not answer costs: one try of each request,
+    not one per retry, and no closing word sent to a node that never opened a stream."""
+    import signal
+
+    cluster.client().set("k", "v")
+    victim = sorted(cluster.node_addrs)[-1]
+    cluster.nodes[victim].signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        out = zkv_cmd("backup", "--proxy", cluster.address, "--timeout", "1",
+                      str(tmp_path / "bk"))
+        took = time.monotonic() - started
+    finally:
+        cluster.nodes[victim].signal(signal.SIGCONT)
+    assert out.returncode == 1 and victim in out.stderr and "in time" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "bk").exists()
+    assert took < 1.0 + 3.0, took  # (before: 3 tries and 3 closing tries, over 9 s)

@@ -93,6 +93,7 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
     pull.setsockopt(zmq.RCVHWM, 16)
     pull.setsockopt(zmq.IPV6, 1)
     files: dict[str, Any] = {}
+    expected: dict[str, int] = {}  # keys each node said it streams
     finished = False
     try:
         host = f"[{listen}]" if ":" in listen else listen
@@ -105,9 +106,10 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
                                "--listen must be an address of this machine that the "
                                "nodes can reach") from None
         endpoint = f"tcp://{host}:{port}"
-        expected: dict[str, int] = {}
         for member in members:
-            with Client(primary[member], timeout=timeout, curve_key=curve_key,
+            # (one try: --timeout is what a node that does not answer costs; a node
+            # that got the request and did not answer closes its stream itself)
+            with Client(primary[member], timeout=timeout, retries=0, curve_key=curve_key,
                         server_key=server_key) as node:
                 answer = node.call("XBACKUP", {"id": backup_id, "pull": endpoint})
             expected[member] = int(answer["keys"])
@@ -151,10 +153,10 @@ def backup(proxy: str, directory: str, listen: str = "127.0.0.1", timeout: float
                                f"{exc.strerror or exc}") from None
         finished = True
     finally:
-        for member in members:
+        for member in expected:  # (the nodes whose streams were opened)
             try:
-                with Client(primary[member], timeout=2.0, curve_key=curve_key,
-                            server_key=server_key) as node:
+                with Client(primary[member], timeout=min(2.0, timeout), retries=0,
+                            curve_key=curve_key, server_key=server_key) as node:
                     node.call("XBACKUP", {"id": backup_id, "close": True})
             except ZkvError:
                 pass  # the node closes an unread stream itself after a while
