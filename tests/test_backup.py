@@ -145,6 +145,12 @@ def test_refusals_are_clear(cluster: Cluster, tmp_path: Path) -> None:
     plain.write_text("x")
     out = zkv_cmd("backup", "--proxy", cluster.address, str(plain))
     assert out.returncode == 1 and "is not a directory" in out.stderr
+    # a node's address given for the proxy's: said so (zkv cli's STATUS alike)
+    node = cluster.node_addrs[0]
+    for out in (zkv_cmd("backup", "--proxy", node, str(tmp_path / "bk2")),
+                zkv_cmd("cli", "--proxy", node, "STATUS")):
+        assert out.returncode == 1, out
+        assert f"storage node ({node}): send it to the cluster's proxy" in out.stderr
 
 
 def test_keys_that_expire_while_a_node_streams_them_do_not_fail_the_backup(

@@ -906,7 +906,8 @@ class Node:
     def execute(self, op: str, args: list[Any]) -> Any:
         handler = self._handlers.get(op)
         if handler is None:
-            raise CommandError(f"{op} is not served by a storage node")
+            raise CommandError(f"{op} is not served by a storage node ({self.address}): "
+                               "send it to the cluster's proxy")
         if op != "ONCE":  # (counted as the write it tags)
             self.counters[op] = self.counters.get(op, 0) + 1
         return handler(args)
