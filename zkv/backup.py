@@ -306,28 +306,27 @@ PARTIAL = ("the cluster holds those keys now: empty it (FLUSHALL on the RESP fro
            "started with --resp-admin) to run the restore again")
 
 
-def _fits(files: dict[str, tuple[list[list[bytes]], dict[bytes, int]]],
-          limits: dict[str, Any], proxy: str) -> None:
-    """Every key once, and within the target's size limits (else nothing is written)."""
+def _fits(node: str, chunks: list[list[bytes]], limits: dict[str, Any], proxy: str,
+          seen: set[bytes]) -> None:
+    """Every key of a node's file once in the backup (``seen``: the keys of the files
+    checked before it), and within the target's size limits (else nothing is written)."""
     max_key = limits.get("max_key_bytes")
     max_value = limits.get("max_value_bytes")
-    seen: set[bytes] = set()
-    for node, (chunks, _) in files.items():
-        for pairs in chunks:
-            for key, value in zip(pairs[0::2], pairs[1::2]):
-                if key in seen:
-                    raise ClusterError(f"the backup holds key {key[:64]!r} twice (again in "
-                                       f"{node}'s file); nothing was restored")
-                seen.add(key)
-                if isinstance(max_key, int) and len(key) > max_key:
-                    raise ClusterError(
-                        f"key {key[:64]!r} is {len(key)} bytes, over the max_key_bytes "
-                        f"({max_key}) of the cluster behind {proxy}; nothing was restored")
-                if isinstance(max_value, int) and len(value) > max_value:
-                    raise ClusterError(
-                        f"the value of {key[:64]!r} is {len(value)} bytes, over the "
-                        f"max_value_bytes ({max_value}) of the cluster behind {proxy}; "
-                        "nothing was restored")
+    for pairs in chunks:
+        for key, value in zip(pairs[0::2], pairs[1::2]):
+            if key in seen:
+                raise ClusterError(f"the backup holds key {key[:64]!r} twice (again in "
+                                   f"{node}'s file); nothing was restored")
+            seen.add(key)
+            if isinstance(max_key, int) and len(key) > max_key:
+                raise ClusterError(
+                    f"key {key[:64]!r} is {len(key)} bytes, over the max_key_bytes "
+                    f"({max_key}) of the cluster behind {proxy}; nothing was restored")
+            if isinstance(max_value, int) and len(value) > max_value:
+                raise ClusterError(
+                    f"the value of {key[:64]!r} is {len(value)} bytes, over the "
+                    f"max_value_bytes ({max_value}) of the cluster behind {proxy}; "
+                    "nothing was restored")
 
 
 def restore(directory: str, proxy: str, timeout: float = 10.0,
@@ -348,17 +347,28 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
             raise ClusterError("a move is under way; restore once STATUS shows none")
         doc = c.call("CONFIG")
         limits = doc.get("limits") if isinstance(doc, dict) else None
-        # every file is checked whole before anything is written
-        files = {node: _read_keys(directory, node, entry, manifest.get("backup"))
-                 for node, entry in sorted(manifest["nodes"].items())}
-        if sum(manifest["nodes"][n]["keys"] for n in files) != total:
+        limits = limits if isinstance(limits, dict) else {}
+        nodes = sorted(manifest["nodes"].items())
+        if sum(entry["keys"] for _, entry in nodes) != total:
             raise ClusterError(f"the manifest's key count ({total}) is not the sum of its "
                                "nodes'; nothing was restored")
-        _fits(files, limits if isinstance(limits, dict) else {}, proxy)
+        # every file is checked whole before anything is written, one at a time (what
+        # is held meanwhile is one node's keys and values, and every key)
+        seen: set[bytes] = set()
+        for node, entry in nodes:
+            _fits(node, _read_keys(directory, node, entry, manifest.get("backup"))[0],
+                  limits, proxy, seen)
+        del seen
         done = 0
         started = time.monotonic()
         try:
-            for chunks, deadlines in files.values():
+            for node, entry in nodes:  # (read again, and checked again as it is read)
+                try:
+                    chunks, deadlines = _read_keys(directory, node, entry,
+                                                   manifest.get("backup"))
+                except ClusterError as exc:
+                    raise ClusterError(f"{entry['file']} changed after it was checked "
+                                       f"({str(exc).split(';')[0]})") from None
                 for pairs in chunks:
                     for i in range(0, len(pairs), 2 * RESTORE_BATCH):
                         chunk = pairs[i : i + 2 * RESTORE_BATCH]
@@ -372,6 +382,7 @@ def restore(directory: str, proxy: str, timeout: float = 10.0,
                         done += len(chunk) // 2
                         if progress is not None:
                             progress(done, total)
+                chunks, deadlines = [], {}  # (gone before the next file is read)
         except ZkvError as exc:
             raise ClusterError(f"restore stopped after {done} of {total} keys: {exc}; "
                                f"{PARTIAL}") from None
