@@ -648,3 +648,34 @@ def test_a_fresh_proxy_serves_a_node_it_is_still_connecting_to(
             c.close()
     finally:
         link.close()
+
+
+@pytest.mark.timeout(60)
+def test_flushall_from_zkv_cli_empties_every_node_or_nothing(cluster: Cluster) -> None:
+    """FLUSHALL on the ZeroMQ front (zkv cli, Client.flushall): every node's keys go;
+    with a node down it is refused before any node flushes."""
+    c = cluster.client(retries=0)
+    c.mset({f"f{i}": "v" for i in range(300)})
+    assert all(n["keys"] > 0 for n in c.nodes())
+
+    def cli(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address,
+                               *words], cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    done = cli("FLUSHALL")
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+    assert c.dbsize() == 0 and c.get("f1") is None
+    assert cli("FLUSHALL", "NOW").returncode != 0  # (no arguments)
+    c.mset({f"g{i}": "v" for i in range(300)})
+    victim = cluster.node_addrs[1]
+    cluster.kill_node(victim)
+    cluster.wait_state(victim, "down", timeout=10.0)
+    with pytest.raises(zkv.NodeUnavailable, match=f"node {victim} is down.*nothing was flushed"):
+        c.flushall()
+    done = cli("FLUSHALL")
+    assert done.returncode == 1 and "nothing was flushed" in done.stderr
+    assert "Traceback" not in done.stderr
+    for addr in cluster.node_addrs:
+        if addr != victim:
+            with zkv.Client(addr, timeout=2.0) as node:
+                assert int(node.call("DBSIZE")) > 0  # every other node kept its keys

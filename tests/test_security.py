@@ -262,9 +262,14 @@ def test_data_keys_read_and_write_and_only_admin_keys_change_the_cluster(secure:
         data.remove_node(secure.node_addrs[0])
     with pytest.raises(NoPerm, match="MOVE needs an admin key"):
         data.call("MOVE", "ABORT")
+    with pytest.raises(NoPerm, match="FLUSHALL needs an admin key"):
+        data.flushall()
     assert len(data.status()["members"]) == 2  # nothing changed
     admin = client(secure, keys.admin)
     assert admin.get("greeting") == b"hello"
+    admin.set("scratch", "x")
+    assert admin.flushall() and admin.dbsize() == 0  # (greeting too: set it back)
+    admin.set("greeting", "hello")
     # an admin's ADD gets as far as checking the node: its right was not the problem
     with pytest.raises(zkv.ZkvError) as err:
         admin.add_node(f"127.0.0.1:{free_port()}")

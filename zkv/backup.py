@@ -302,8 +302,8 @@ def _read_keys(directory: str, node: str, entry: dict[str, Any],
     return chunks, deadlines
 
 
-PARTIAL = ("the cluster holds those keys now: empty it (FLUSHALL on the RESP front of a proxy "
-           "started with --resp-admin) to run the restore again")
+PARTIAL = ("the cluster holds those keys now: empty it (zkv cli FLUSHALL) to run the restore "
+           "again")
 
 
 def _fits(node: str, chunks: list[list[bytes]], limits: dict[str, Any], proxy: str,

@@ -448,6 +448,11 @@ class Client(StringCommands):
         return dict(self.call("STATUS"))
 
     # -- administration ------------------------------------------------------------
+    def flushall(self) -> bool:
+        """FLUSHALL: every key of the cluster goes, on every node (each shard's replicas
+        too). Refused, flushing nothing, while a move is under way or a node is down."""
+        return bool(self.call("FLUSHALL") == "OK")
+
     def add_node(self, address: str, *, weight: float | None = None, dry_run: bool = False,
                  rate: float | None = None, wait: bool = True,
                  wait_timeout: float | None = None) -> dict[str, Any] | MoveHandle:

@@ -213,6 +213,7 @@ class ProxyShell:
             "NODES": self._nodes,
             "RING": self._ring,
             "STATUS": lambda r, a: self._answer(r, self.status()),
+            "FLUSHALL": lambda r, a: self.flush_all(r),
         }
 
     def enable_resp(self, port: int | None, admin: bool = False) -> None:
@@ -448,7 +449,8 @@ class ProxyShell:
         self._info(client, [])
 
     def flush_all(self, client: Any) -> None:
-        """FLUSHALL (the RESP front's admin command): every member drops every key."""
+        """FLUSHALL (an admin command; on the RESP front, with --resp-admin): every
+        member drops every key."""
         if self.state.move is not None:
             self._fail(client, CommandError(
                 "FLUSHALL is not available while a move is under way; retry when STATUS "

@@ -206,6 +206,9 @@ COMMANDS: dict[str, Command] = {
                 "acknowledged write (--force: make the copy at HOST:PORT the shard's when "
                 "no in-sync copy is left, losing what it lacks).",
                 "SHARD [HOST:PORT] [--force]"),
+        Command("FLUSHALL", ADMIN, (),
+                "Drop every key of the cluster, on every node (refused while a move is "
+                "under way or a node is down)."),
         # Node-to-node and proxy-to-node operations used by rebalancing.
         Command("XBEGIN", INTERNAL, ("any",), "internal: open an incoming move"),
         Command("XSEND", INTERNAL, ("any",), "internal: stream a range to another node"),
