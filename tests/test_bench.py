@@ -229,3 +229,13 @@ def test_replicas_beside_none_in_one_run(tmp_path: Path) -> None:
     assert repl["keys"] == 2000 and repl["catch_up_keys_per_sec"] > 0
     assert repl["move_keys_per_sec"] > 0 and repl["catch_up_vs_move"] > 0
     assert len(repl["failover_seconds"]) == 1 and all(t > 0 for t in repl["failover_seconds"])
+
+
+@pytest.mark.timeout(90)
+def test_follower_runs_each_test_through_a_follower_proxy_too(tmp_path: Path) -> None:
+    report = bench_json(tmp_path, "-t", "set,get", "-n", "100", "-r", "100", "--follower")
+    assert {(r["target"], r["test"]) for r in report["results"]} == {
+        (t, test) for t in ("zkv", "zkv-follower") for test in ("set", "get")}
+    assert all(r["errors"] == 0 and r["requests"] >= 100 for r in report["results"])
+    assert set(report["ratios_follower"]) == {"set", "get"}
+    assert all(x > 0 for x in report["ratios_follower"].values())

@@ -3,7 +3,7 @@
     zkv bench [-t set,get,mset,mget,incr,setex] [-n REQUESTS] [-c CLIENTS] [-P PIPELINE] [--window]
               [-d VALUE_BYTES] [-r KEYSPACE] [--json] [--proxy HOST:PORT] [--compare]
               [--fsync everysec|always|no] [--nodes 3] [--workers W]
-              [--curve] [--memory [KEYS]] [--recovery [RECORDS]]
+              [--curve] [--follower] [--memory [KEYS]] [--recovery [RECORDS]]
 
 Without ``--proxy`` the bench starts its own cluster (``--nodes`` nodes and a proxy,
 ``python -m zkv node/proxy`` on free loopback ports, data in a temporary directory)
@@ -19,6 +19,10 @@ workload against each target in turn and prints zkv's ratio to each:
                  (its own process) that answers with a body of the size zkv answers
     floor-1hop   the same without the device
     redis        redis-server (appendonly, appendfsync = --fsync) through redis-py
+
+``--follower`` starts a follower proxy of the same cluster (``zkv proxy --follow``)
+and runs each test through it too: the row ``zkv-follower``; ``ratios_follower`` is
+its throughput over the config manager's (the ``zkv`` row).
 
 ``--curve`` makes CURVE keys in the bench's directory (zkv.security.keygen: a cluster
 key, and a client key in a clients directory) and starts a second cluster with CURVE on
@@ -95,6 +99,7 @@ from .benchmarks.harness import (
     free_port,
     redis_available,
     start_cluster,
+    start_follower,
     start_node,
     start_redis,
 )
@@ -134,6 +139,7 @@ class Config:
     metrics: bool = False
     replicas: int = 0  # also a cluster with this many replicas per shard (zkv-replicas)
     curve: bool = False  # also a cluster with CURVE on (zkv-curve)
+    follower: bool = False  # also through a follower proxy of the cluster (zkv-follower)
     failovers: int = 3  # with replicas: how many failovers to time
     memory: int | None = None
     recovery: int | None = None
@@ -845,6 +851,8 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
         targets.append(("zkv-replicas",
                         start_cluster(children, cfg.nodes, cfg.fsync, name="replicated-",
                                       replicas=cfg.replicas)[0]))
+    if cfg.follower:  # the same cluster through a follower proxy (zkv proxy --follow)
+        targets.append(("zkv-follower", start_follower(children, proxy)))
     if cfg.compare or cfg.direct:
         targets.append(("zkv-direct", proxy))
     if cfg.compare:
@@ -885,7 +893,8 @@ def _throughput(cfg: Config, children: Children, runner: Runner,
             if ratios:
                 report.setdefault("ratios_curve", {})[test] = ratios
     for test in cfg.tests:
-        for row, key in (("zkv-metrics", "ratios_metrics"), ("zkv-replicas", "ratios_replicas")):
+        for row, key in (("zkv-metrics", "ratios_metrics"), ("zkv-replicas", "ratios_replicas"),
+                         ("zkv-follower", "ratios_follower")):
             on, off = by.get((row, test)), by.get(("zkv", test))
             if on and off:
                 report.setdefault(key, {})[test] = round(on / off, 3)
@@ -1060,6 +1069,9 @@ def show(report: dict[str, Any], console: Any) -> None:
         console.print(f"{test.upper()}: with CURVE, "
                       + ", ".join(f"{p} {x:.2f}x" for p, x in ratios.items())
                       + " the throughput without")
+    for test, ratio in report.get("ratios_follower", {}).items():
+        console.print(f"{test.upper()}: through a follower proxy, {ratio:.2f}x the "
+                      "throughput through the config manager")
     for test, ratio in report.get("ratios_replicas", {}).items():
         console.print(f"{test.upper()}: with {report['config'].get('replicas', 1)} "
                       f"replica(s) per shard, {ratio:.2f}x the throughput without")
@@ -1171,6 +1183,9 @@ def add_parser(sub: Any) -> None:
                    help="also run a second cluster with CURVE on every link (keys made for "
                         "the run; row zkv-curve, and with --compare floor-curve and "
                         "floor-1hop-curve; ratios_curve: each against its plain row)")
+    p.add_argument("--follower", action="store_true",
+                   help="also run through a follower proxy of the same cluster (zkv proxy "
+                        "--follow; row zkv-follower; ratios_follower: it against zkv)")
     p.add_argument("--failovers", type=_positive, default=3, metavar="N",
                    help="with --replicas: time N failovers (default 3)")
     p.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec",
@@ -1198,7 +1213,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   keyspace=args.keyspace, workers=workers, fsync=args.fsync, nodes=args.nodes,
                   proxy=args.proxy, direct=args.direct, compare=args.compare, resp=args.resp,
                   metrics=args.metrics, replicas=args.replicas, failovers=args.failovers,
-                  curve=args.curve,
+                  curve=args.curve, follower=args.follower,
                   memory=args.memory,
                   recovery=args.recovery)
 

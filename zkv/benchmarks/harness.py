@@ -222,6 +222,26 @@ def start_cluster(children: Children, nodes: int, fsync: str,
     return f"127.0.0.1:{port}", addrs
 
 
+def start_follower(children: Children, proxy: str, name: str = "follower") -> str:
+    """A follower proxy of the cluster whose config manager is at ``proxy``; its address
+    once it serves (it has learned the configuration and reached every node)."""
+    port = free_port()
+    children.spawn(name, zkv_argv("proxy", "--port", str(port), "--follow", proxy,
+                                  "--timeout-ms", str(int(REPLY_TIMEOUT * 1000))),
+                   ready="zkv proxy")
+    address = f"127.0.0.1:{port}"
+    from ..client import Client
+
+    with Client(address, timeout=2.0) as c:
+        deadline = time.monotonic() + 30.0
+        while not all(n.get("state") == "up" for n in c.nodes()):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the follower at {address} did not see every node up "
+                                  "within 30 s")
+            time.sleep(0.1)
+    return address
+
+
 def redis_available() -> str | None:
     """Why redis cannot be a baseline here, or None."""
     if shutil.which("redis-server") is None:
