@@ -9,12 +9,14 @@ model of its acknowledged writes checks what is left afterwards (tests/load.py).
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, Procs, free_port, wait_until
+from conftest import REPO, Cluster, Procs, free_port, wait_until
 from load import Load, Mix, assert_counts_match_ring, read_back
 
 import zkv
@@ -267,3 +269,35 @@ def test_a_delete_during_a_move_that_fails_deletes_nothing(make_cluster: Any, pr
     wait_until(lambda: c.get(key) == data[key], 20, what="the key read back after the restart")
     wait_no_move(c)
     assert c.get(key) == data[key]  # the failed DEL deleted nothing
+
+
+def test_an_add_rolled_back_by_move_abort_is_not_reported_done(
+        make_cluster: Any, procs: Procs, tmp_path: Path) -> None:
+    """The ADD's waiter (Client.add_node, zkv cli ADD) is told the move was rolled back,
+    and zkv cli exits 1, not "done"; MOVE ABORT's own waiter ends quietly."""
+    cluster = held_cluster(make_cluster, held="copy")
+    c = cluster.client(timeout=10, retries=2)
+    preload(c, 1000)
+    addr, _ = new_node(procs, tmp_path)
+    adding = subprocess.Popen(
+        [sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address, "--raw", "ADD", addr],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        move = wait_phase(c, "copy")
+        handle = zkv.client.MoveHandle(c, {"id": move["id"]}, "ADD", addr)
+        c.abort_move(wait_timeout=60)  # (returns: the rollback is what it asked for)
+        with pytest.raises(zkv.ClusterError, match=f"rolled back.*{addr} is not a member"):
+            handle.wait(60)
+        out, err = adding.communicate(timeout=60)
+    finally:
+        adding.kill()
+    assert adding.returncode == 1, (out, err)
+    assert "rolled back" in err and "Traceback" not in err
+    assert "done" not in out
+    last = c.status()["last_move"]
+    assert last["id"] == move["id"] and last["outcome"] == "rolled back"
+    # a move that finishes says so, with the counts it ended with
+    done = c.add_node(addr, wait_timeout=60)
+    assert isinstance(done, dict) and done["finished"]
+    assert c.status()["last_move"]["outcome"] == "finished"
+    assert sum(st["keys"] for st in done["streams"]) == zkv.Client(addr).info()["keys"] > 0

@@ -163,6 +163,14 @@ class Printer:
             shown = "(nil)" if value is None else text(value)
             self.console.print(shown, style="bold" if value else "dim", markup=False)
 
+    def warn(self, line: str) -> None:
+        """Something the user must know of a command that succeeded (stderr)."""
+        if self.raw:
+            sys.stderr.write(f"warning: {line}\n")
+        else:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"warning: {line}", style="yellow", markup=False)
+
     def error(self, exc: ZkvError | UsageError) -> None:
         code = getattr(exc, "code", "USAGE")
         if self.raw:
@@ -319,6 +327,9 @@ class Printer:
                         mib=st["bytes"] / 2**20, rate=keys / elapsed,
                     )
             final = handle.wait(on_progress=update)
+            if final.get("streams"):  # (the counts the move ended with, not the last poll's)
+                update({"streams": [dict(st, done=True) for st in final["streams"]],
+                        "elapsed_s": final.get("elapsed_s") or 0.0})
             for task in tasks.values():
                 t = progress.tasks[task]
                 # (a full bar; the counts stay as they were: 0/0 for a stream with no keys)
@@ -396,10 +407,11 @@ def run_admin(client: Client, printer: Printer, op: str, args: list[Any]) -> int
     plan: dict[str, Any] = client.call(op, *args)
     if op == "MOVE" or plan.get("forced"):
         if plan.get("lost"):
-            printer.error(ZkvError(f"{args[0]} removed by force: {plan['lost']} are LOST"))
+            printer.warn(f"{args[0]} removed by force: {plan['lost']} are LOST")
         if plan.get("message"):
             printer.out(f"{op} {args[0]}: {plan['message']}")
-        handle = MoveHandle(client, plan)
+        # (MOVE ABORT's handle follows a rollback: its end is what was asked for)
+        handle = MoveHandle(client, plan, rollback=op == "MOVE")
         if handle.id is None or handle.status() is None:
             printer.out(f"{op} {args[0]}: done (epoch {client.status()['epoch']})")
             return EXIT_OK
@@ -407,7 +419,7 @@ def run_admin(client: Client, printer: Printer, op: str, args: list[Any]) -> int
         printer.plan(op, args[0], plan)
         if plan.get("dry_run"):
             return EXIT_OK
-        handle = MoveHandle(client, plan)
+        handle = MoveHandle(client, plan, op, args[0])
         if handle.id is None:
             printer.out(f"{op} {args[0]}: done (epoch {plan['epoch']}); there were no keys "
                         "to move")

@@ -487,7 +487,7 @@ class Client(StringCommands):
         moving ranges wait meanwhile). ``force=True`` gives up on nodes that are down,
         losing what they hold of the move. Waits for the rollback by default."""
         reply: dict[str, Any] = self.call("MOVE", "ABORT", {"force": force} if force else {})
-        handle = MoveHandle(self, reply)
+        handle = MoveHandle(self, reply, rollback=True)
         if not wait:
             return handle
         return handle.wait(wait_timeout)
@@ -532,7 +532,7 @@ class Client(StringCommands):
         plan: dict[str, Any] = self.call(op, address, options)
         if plan.get("dry_run") or (plan.get("forced") and "id" not in plan):
             return plan
-        handle = MoveHandle(self, plan)
+        handle = MoveHandle(self, plan, op, address)
         if not wait:
             return handle
         return handle.wait(wait_timeout)
@@ -566,10 +566,15 @@ def wait_in_sync(client: Client, address: str, timeout: float | None = None,
 class MoveHandle:
     """A move started by ``add_node``/``remove_node(wait=False)``: follow it or wait for it."""
 
-    def __init__(self, client: Client, plan: dict[str, Any]) -> None:
+    def __init__(self, client: Client, plan: dict[str, Any], op: str = "",
+                 address: str = "", rollback: bool = False) -> None:
         self.client = client
         self.plan = plan
+        self.rollback = rollback  # MOVE ABORT's: the move is meant to be rolled back
         self.id: str | None = plan.get("id")
+        # what it is to do: "add" (the node is a member at the end) or "remove" (it is not)
+        self.kind = str(plan.get("kind") or ("remove" if "removed" in plan else op.lower()))
+        self.node = str(plan.get("node") or plan.get("removed") or address)
 
     def status(self) -> dict[str, Any] | None:
         """The move's progress, or None once it has finished."""
@@ -583,17 +588,36 @@ class MoveHandle:
 
     def wait(self, timeout: float | None = None, poll: float = 0.2,
              on_progress: Any | None = None) -> dict[str, Any]:
-        """Block until the move has finished; ``on_progress(status)`` on every poll."""
+        """Block until the move has finished; ``on_progress(status)`` on every poll.
+        The plan, with ``finished``, the epoch and (when the proxy still knows them) the
+        streams' final counts. A move rolled back (MOVE ABORT) raises ClusterError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status()
             if status is None:
-                return {**self.plan, "finished": True, "epoch": self.client.status()["epoch"]}
+                return self._ended()
             if on_progress is not None:
                 on_progress(status)
             if deadline is not None and time.monotonic() > deadline:
                 raise Timeout(f"move {self.id} still running after {timeout:g}s: {status}")
             time.sleep(poll)
+
+    def _ended(self) -> dict[str, Any]:
+        now = self.client.status()
+        last = now.get("last_move")  # (the proxy's word on how it ended, if it still knows)
+        last = last if isinstance(last, dict) and last.get("id") == self.id else None
+        if not self.rollback and self.kind in ("add", "remove") and self.node:
+            member = self.node in (now.get("members") or {})
+            if member != (self.kind == "add"):
+                where = "not" if self.kind == "add" else "still"
+                raise ClusterError(f"move {self.id} ({self.kind.upper()} {self.node}) did not "
+                                   f"finish: it was rolled back (MOVE ABORT), and {self.node} "
+                                   f"is {where} a member")
+        out = {**self.plan, "finished": True, "epoch": now["epoch"]}
+        if last is not None:
+            out["streams"] = last.get("streams", [])
+            out["elapsed_s"] = last.get("elapsed_s")
+        return out
 
 
 PIPELINE_CHUNK = 512  # commands per PIPE message (so that 100-byte values stay below the

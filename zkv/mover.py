@@ -199,6 +199,7 @@ class MoveDriver:
         self.gen = 0  # bumped on every phase change: replies to older steps are ignored
         self.error: str | None = None
         self.finished = False
+        self.aborted = False  # MOVE ABORT was taken (in prepare: the move is just gone)
         self.next_at = time.monotonic() + phase_pause(self.phase)
         self._reset_streams()
 
@@ -311,6 +312,8 @@ class MoveDriver:
     def abort(self, force: bool) -> str:
         """MOVE ABORT: what happens now, in words. ClusterError if it is too late."""
         phase = self.phase
+        if phase in ("prepare", "copy"):
+            self.aborted = True
         if phase == "prepare":
             for dest in sorted({t.dest for t in self.transfers}):  # best effort: no data there
                 self.shell.send(dest, "XEND", [{"id": self.move["id"]}], lambda r: None, 10.0)
@@ -531,6 +534,12 @@ class MoveDriver:
         requests += [(s, "XEND", [{"id": self.stream_id}])
                      for s in self._live(sorted({t.source for t in self.transfers}))]
         self._step(requests, lambda a, r: None, self._finish)
+
+    def outcome(self) -> dict[str, Any]:
+        """What a finished move came to: its last status, and ``outcome``: "finished"
+        (the new membership is in effect) or "rolled back" (MOVE ABORT: the old one is)."""
+        return {**self.status(), "phase": "done",
+                "outcome": "rolled back" if self.aborted or self.reverting else "finished"}
 
     def status(self) -> dict[str, Any]:
         streams = []

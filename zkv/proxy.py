@@ -164,6 +164,7 @@ class Proxy(ProxyShell):
         }
         self.publishing: ClusterState | None = None  # sent to the nodes, not yet in effect
         self.driver: MoveDriver | None = None
+        self.last_move: dict[str, Any] | None = None  # MoveDriver.outcome() of the last one
         self._admin_busy = False
         self.failovers = 0  # automatic: a primary that stopped answering
         self.handovers = 0  # FAILOVER commands
@@ -336,6 +337,8 @@ class Proxy(ProxyShell):
             "members": dict(self.state.members),
             "vnodes": self.state.vnodes,
             "move": self.driver.status() if self.driver else None,
+            # the last move this proxy saw end (since it started), and how it ended
+            "last_move": self.last_move,
             "failovers": self.failovers,
             "handovers": self.handovers,
             "shards": {k: dict(v) for k, v in self.state.shards.items()},
@@ -916,7 +919,7 @@ class Proxy(ProxyShell):
         started = self.state.with_move(move)
         self.commit(started)  # in effect once every node has it; the driver waits for that
         self.driver = MoveDriver(self, started)
-        reply["id"] = move["id"]
+        reply["id"], reply["kind"], reply["node"] = move["id"], kind, addr
         self._answer(routing, reply)
 
     def _repair_move(self) -> None:
@@ -945,6 +948,7 @@ class Proxy(ProxyShell):
             self.driver.next_at = now + 1.0
         if self.driver.finished and self.publishing is None:
             # (only once its last configuration is in effect: STATUS shows no move then)
+            self.last_move = self.driver.outcome()
             self.driver = None
             self._drop_links()
 
