@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-from conftest import Cluster, Procs, free_port, wait_until
+from conftest import REPO, Cluster, Procs, free_port, wait_until
 
 import zkv
 from zkv.core import protocol as P
@@ -298,3 +300,29 @@ def test_replies_waiting_unread_count_as_answers() -> None:
     assert health.is_up("a")
     assert health.expire(1.0, unread=lambda addr: False) == ["a"]
     assert not health.is_up("a")
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_that_cannot_listen_leaves_no_cluster_behind(procs: Procs,
+                                                             tmp_path: Path) -> None:
+    """A first start that fails (its RESP port in use) must not have saved a cluster:
+    started again with corrected flags, the proxy takes the nodes given now."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        taken = busy.getsockname()[1]
+        state = tmp_path / "state"
+        wrong, right = free_port(), free_port()
+        out = subprocess.run(
+            [sys.executable, "-m", "zkv", "proxy", "--port", str(free_port()), "--state-dir",
+             str(state), "--node", f"127.0.0.1:{wrong}", "--resp-port", str(taken)],
+            capture_output=True, text=True, timeout=30, cwd=REPO)
+    finally:
+        busy.close()
+    assert out.returncode == 1 and f"cannot listen for RESP on 127.0.0.1:{taken}" in out.stderr
+    assert not (state / STATE_FILE).exists()
+    proc = procs.start("proxy", "--port", str(free_port()), "--state-dir", str(state),
+                       "--node", f"127.0.0.1:{right}", ready="zkv proxy")
+    proc.wait_for(f"members=127.0.0.1:{right} ", 10)
+    assert json.loads((state / STATE_FILE).read_text())["members"] == {f"127.0.0.1:{right}": 1.0}

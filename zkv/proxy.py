@@ -156,6 +156,7 @@ class Proxy(ProxyShell):
         self.state_dir = state_dir
         notes: list[str] = []
         self._lock_fd = lock_state_dir(state_dir)
+        self._unsaved = False  # a new cluster's first state, saved once the proxy listens
         state = self._initial_state(members or {}, vnodes, notes, replicas or {}, min_in_sync)
         super().__init__(state, host, port, timeout_ms, heartbeat_ms, heartbeat_misses, limits,
                          max_clients, client_buffer_bytes, knows_every_write=True, notes=notes)
@@ -185,6 +186,9 @@ class Proxy(ProxyShell):
 
     # -- what the config manager adds to the shell ---------------------------------------
     def _before_serve(self) -> None:
+        if self._unsaved:
+            save_state(self.state_dir, self.state)
+            self._unsaved = False
         self._repair_move()
         self._apply_state(self.state)
         self._warm_up(min(self.timeout, 1.0))
@@ -282,7 +286,9 @@ class Proxy(ProxyShell):
                                  shards=shards, min_in_sync=min_in_sync,
                                  cluster=secrets.token_hex(8))
             _refuse_short(state)
-            save_state(self.state_dir, state)
+            # saved once the proxy listens (_before_serve): a start that fails to (a port
+            # in use, say) leaves no cluster behind to be started by mistake next time
+            self._unsaved = True
             return state
         if not saved.cluster:  # kept from before cluster ids: this cluster gets one now
             saved = dataclasses.replace(saved, epoch=saved.epoch + 1,
