@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,3 +304,25 @@ def test_up_with_a_data_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "it is a file, not a directory" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_up_with_a_port_in_use_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    topo = tmp_path / "t.yaml"
+    topo.write_text(f"proxy:\n  port: {free_port()}\n  state_dir: {tmp_path / 'st'}\n"
+                    f"  resp_port: {taken}\n"
+                    f"nodes:\n  - address: 127.0.0.1:{free_port()}\n"
+                    f"    data_dir: {tmp_path / 'n1'}\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "zkv", "up", str(topo)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=20, check=False)
+    finally:
+        busy.close()
+    assert done.returncode == 1
+    assert f"127.0.0.1:{taken} (the proxy's RESP front)" in done.stderr
+    assert "nothing was started" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == "" and not (tmp_path / "n1").exists() and not (tmp_path / "st").exists()

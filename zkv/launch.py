@@ -8,7 +8,9 @@ the same launch for ``honcho start``.
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
+import socket
 import sys
 from typing import Any
 
@@ -63,6 +65,44 @@ def _in_use(topology: Topology) -> list[str]:
     return out
 
 
+def _ports(topology: Topology) -> list[tuple[str, str, int]]:
+    """(who, host, port) for every port the topology's processes listen on."""
+    out: list[tuple[str, str, int]] = []
+    for n in topology.all_nodes():
+        out.append((f"node {n.address}", n.host, n.port))
+        if n.metrics_port:
+            out.append((f"node {n.address}'s metrics", n.host, n.metrics_port))
+    p = topology.proxy
+    out.append(("the proxy", p.host, p.port))
+    out += [(f"the proxy's {what}", p.host, port)
+            for what, port in (("RESP front", p.resp_port), ("metrics", p.metrics_port)) if port]
+    for f in topology.followers:
+        out.append((f"follower {f.address}", f.host, f.port))
+        out += [(f"follower {f.address}'s {what}", f.host, port)
+                for what, port in (("RESP front", f.resp_port), ("metrics", f.metrics_port))
+                if port]
+    return out
+
+
+def _ports_taken(topology: Topology) -> list[str]:
+    """The topology's ports that something on this machine already listens on."""
+    out = []
+    for who, host, port in _ports(topology):
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(host, port,
+                                                               type=socket.SOCK_STREAM)[0]
+        except (OSError, UnicodeError):
+            continue  # (the process started on it says what is wrong)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    out.append(f"{host}:{port} ({who})")
+    return out
+
+
 def up(args: argparse.Namespace) -> int:
     from honcho.manager import Manager
 
@@ -80,6 +120,11 @@ def up(args: argparse.Namespace) -> int:
     busy = _in_use(topology)  # before the banner: nothing of it would start
     if busy:
         raise ClusterError(f"{args.config} seems to be running already: {'; '.join(busy)}")
+    taken = _ports_taken(topology)
+    if taken:
+        raise ClusterError(f"{args.config}: port{'s' if len(taken) > 1 else ''} already in use "
+                           f"on this machine, by another program or another topology: "
+                           f"{', '.join(taken)}; nothing was started")
     manager = Manager()
     for name, cmd in commands(topology, args.config):
         manager.add_process(name, cmd)
