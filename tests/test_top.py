@@ -14,6 +14,7 @@ import pexpect
 import pytest
 from conftest import REPO, Cluster
 
+from zkv import top
 from zkv.top import Sampler
 
 
@@ -120,3 +121,20 @@ def test_top_with_no_proxy_to_watch_says_so_once_and_stops() -> None:
     assert done.stderr.strip().splitlines() == [
         f"zkv top: error: {where}: cannot connect to {where}: Connection refused (3 attempts)"]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_cluster_fits_an_80_column_terminal_uncut() -> None:
+    """Rows of six nodes with large figures, at 80 columns: nothing cut to an ellipsis."""
+    from rich.console import Console
+
+    rows = [dict(address=f"127.0.0.1:80{81 + i}", state="up",
+                 role="primary" if i < 3 else "replica", ops_s=12345.0, p50=0.00021,
+                 p99=0.0031, keys=1234567, memory=123456789, log=98765432, errors_s=0.0,
+                 trouble=False) for i in range(6)]
+    summary = {"epoch": 12, "requests_s": 23456.0, "errors_s": 0.0, "clients": 5,
+               "keys": 3456789}
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(top.render(rows, summary, {}, "127.0.0.1:8000"))
+    shown = console.export_text()
+    assert "…" not in shown and "1,234,567" in shown and "117.74M" in shown, shown
+    assert all(len(line) <= 80 for line in shown.splitlines())

@@ -130,12 +130,15 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any], status: dict[str
                 f"{_num(summary['requests_s'])} req/s  {_num(summary['errors_s'])} err/s  "
                 f"{summary['clients']} clients  {_num(summary['keys'])} keys   (q quits)",
                 style="bold")
-    table = Table(expand=True)
+    # (no borders, one space between columns: 80 columns fit a cluster's rows, and a
+    # wider terminal gets them unchanged rather than stretched)
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
     widest = max([len(r["address"]) for r in rows] + [4])
     table.add_column("node", no_wrap=True, min_width=widest)  # never cut an address
-    for name in ("state", "role", "ops/s", "p50 ms", "p99 ms", "keys", "memory", "log",
-                 "errors/s"):
-        table.add_column(name, justify="left" if name in ("state", "role") else "right")
+    for name in ("state", "role", "ops/s", "p50ms", "p99ms", "keys", "memory", "log",
+                 "err/s"):
+        table.add_column(name, justify="left" if name in ("state", "role") else "right",
+                         no_wrap=True)
     for r in rows:
         style = "bold red" if r["state"] != "up" else (
             "yellow" if r["trouble"] else "")
