@@ -1061,3 +1061,26 @@ def test_failover_force_adopts_a_copy_when_no_in_sync_one_is_left(make_cluster: 
     wait_until(lambda: c.set(b"k", b"after"), 10, what="writes on the adopted copy")
     assert c.get(b"k") == b"after"
     wait_in_sync(cluster, 30)
+
+
+def test_zkv_cli_replica_add_without_a_terminal_prints_two_plain_lines(
+        make_cluster: Any, procs: Any, tmp_path: Any) -> None:
+    """REPLICA ADD through zkv cli with its output to a pipe: what it did, then that
+    the replica is in sync; no blank line where a terminal's progress bar would be."""
+    from conftest import free_port
+
+    cluster = replicated(make_cluster, nodes=1)
+    shard = cluster.node_addrs[0]
+    cluster.client().mset({f"k{i}": "v" for i in range(200)})
+    port = free_port()
+    procs.node(port, str(tmp_path / "fresh"))
+    fresh = f"127.0.0.1:{port}"
+    done = subprocess.run([sys.executable, "-m", "zkv", "cli", "--proxy", cluster.address,
+                           "REPLICA", "ADD", shard, fresh], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(lines), done.stdout
+    assert lines[0].startswith(f"REPLICA ADD {fresh}: joins shard {shard}")
+    assert lines[1].startswith(f"REPLICA ADD {fresh}: in sync")
+    assert keys_of(fresh) == 200

@@ -437,7 +437,7 @@ def run_replica_add(client: Client, printer: Printer, args: list[Any]) -> int:
     reply = client.call("REPLICA", *args)
     shard, addr = reply["shard"], reply["replica"]
     printer.out(f"REPLICA ADD {addr}: joins shard {shard} (epoch {reply['epoch']}); syncing")
-    if printer.raw:
+    if printer.raw or not printer.console.is_terminal:  # (a bar would leave a blank line)
         wait_in_sync(client, addr)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
