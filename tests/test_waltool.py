@@ -185,12 +185,17 @@ def test_dump_reads_a_snapshot_then_its_segments(tmp_path: Path, opened: list[St
 def test_a_running_node_and_a_missing_directory_are_refused(tmp_path: Path,
                                                            opened: list[Storage]) -> None:
     st, _ = open_storage(tmp_path / "d", opened)  # holds the lock, like a running node
-    out = zkv_wal("check", str(tmp_path / "d"))
-    assert out.returncode == EXIT_ERROR and f"pid {os.getpid()}" in out.stderr
+    for action in ("check", "repair", "dump"):  # each says so the same way
+        out = zkv_wal(action, str(tmp_path / "d"))
+        assert out.returncode == EXIT_ERROR and out.stderr.startswith(
+            f"zkv wal {action}: error: data directory {tmp_path / 'd'} is in use by a running "
+            f"node (pid {os.getpid()})"), out.stderr
+        assert "stop it first" in out.stderr
     st.close()
     for action in ("check", "repair", "dump"):
         out = zkv_wal(action, str(tmp_path / "nowhere"))
-        assert out.returncode == EXIT_ERROR and "no such directory" in out.stdout + out.stderr
+        assert out.returncode == EXIT_ERROR and out.stderr == (
+            f"zkv wal {action}: error: {tmp_path / 'nowhere'}: no such directory\n")
         assert not (tmp_path / "nowhere").exists()
     assert zkv_wal("frobnicate", str(tmp_path)).returncode == 2
 

@@ -267,6 +267,10 @@ def repair(directory: str) -> tuple[int, list[str]]:
     why = not_data(directory)
     if why is not None:
         return EXIT_ERROR, [f"cannot repair: {directory}: {why}"]
+    holder = lockfile.holder(directory)
+    if holder is not None:
+        return EXIT_ERROR, [f"cannot repair: data directory {directory} is in use by a running "
+                            f"node (pid {holder}): stop it first"]
     storage = Storage(directory, repair=True)
     try:
         report = storage.open()
@@ -300,6 +304,8 @@ def _main(args: argparse.Namespace) -> int:
     status, lines = check(args.dir) if args.action == "check" else repair(args.dir)
     stream = sys.stdout if status in (EXIT_CLEAN, EXIT_TORN) else sys.stderr
     for line in lines:
+        if status == EXIT_ERROR:  # (as every zkv command says an error: "zkv wal check: ")
+            line = f"zkv wal {args.action}: error: {line.removeprefix(f'cannot {args.action}: ')}"
         print(line, file=stream)
     return status
 
