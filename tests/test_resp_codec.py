@@ -287,6 +287,12 @@ def test_client_and_connection_commands() -> None:
     assert parse(plan(b"CLIENT", b"GETNAME", session=s).data) == b"worker-1"
     assert parse(plan(b"CLIENT", b"ID", session=s).data) == 5
     assert plan(b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-py", session=s).data == resp.OK
+    # a value that would forge CLIENT INFO's fields (helper-22), or of any length: refused
+    forged = plan(b"CLIENT", b"SETINFO", b"LIB-NAME", b"x\r\nid=999 name=admin", session=s)
+    assert forged.data.startswith(b"-ERR LIB-NAME cannot contain spaces")
+    assert b"over 128 bytes" in plan(b"CLIENT", b"SETINFO", b"LIB-VER", b"1" * 129,
+                                     session=s).data
+    assert "lib-name=redis-py " in resp.client_line(s)
     assert b"space" in plan(b"CLIENT", b"SETNAME", b"a b", session=s).data
     assert plan(b"SELECT", b"0").data == resp.OK
     assert b"out of range" in plan(b"SELECT", b"1").data
@@ -332,3 +338,23 @@ def test_commands_before_bad_bytes_come_back_then_the_error() -> None:
 def test_keyed_requests_encode_as_cbor2_would(op: str, key: bytes, value: bytes) -> None:
     args = [key, value] if op == "SET" else [key]
     assert P.encode_keyed(op, args) == P.encode_request(op, *args)
+
+
+def test_connections_made_one_after_another_cannot_push_out_a_live_scan() -> None:
+    """helper-22's attack: many connections each make their share of cursors and close;
+    a connection still scanning keeps its cursor. With more live connections than the
+    table holds, those holding the most give first."""
+    cursors = resp.Cursors(size=100, per_owner=4)
+    victim = cursors.number("v-1", owner=1)
+    for owner in range(2, 500):  # each makes 4 (its whole share), then closes
+        for i in range(4):
+            cursors.number(f"o{owner}-{i}", owner=owner)
+        cursors.forget_owner(owner)
+    assert cursors.cursor(str(victim).encode()) == "v-1"
+    for owner in range(500, 560):  # live ones, 240 cursors for a table of 100
+        for i in range(4):
+            cursors.number(f"o{owner}-{i}", owner=owner)
+    assert cursors.cursor(str(victim).encode()) == "v-1"  # it holds the fewest
+    assert len(cursors._by_number) <= 100
+    newest = cursors.number("v-2", owner=1)
+    assert cursors.cursor(str(newest).encode()) == "v-2"

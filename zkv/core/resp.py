@@ -45,6 +45,7 @@ REDIS_VERSION = "7.0.0"
 MAX_INLINE = 64 * 1024  # Redis's PROTO_INLINE_MAX_SIZE
 _HEADER_MAX = 24  # "*" or "$", up to 20 digits, CRLF
 CURSORS = 65536  # SCAN cursors remembered per proxy (an unknown one: ERR invalid cursor)
+CLIENT_INFO_MAX = 128  # bytes of a CLIENT SETINFO value (a library's name or version)
 PER_OWNER = 64  # of them, the newest a connection made that no other can push out
 
 
@@ -380,17 +381,21 @@ class Session:
 class Cursors:
     """SCAN cursors as the integers RESP clients expect (they parse them with int()):
     zkv's own cursors (text naming the ring, the node and its bucket) are remembered
-    here under numbers, CURSORS in all. Each connection keeps its PER_OWNER newest, so
-    that no client's scans can push another's cursors out (a pooled client's next SCAN
-    may come on another connection: any connection may use any number); the oldest
-    overall go first only past CURSORS."""
+    here under numbers, CURSORS in all. Each connection keeps at most PER_OWNER, its
+    newest (a pooled client's next SCAN may come on another connection: any connection
+    may use any number). Past CURSORS, what goes first is a closed connection's
+    (oldest first), then the oldest of a connection holding the most: so no client's
+    scans, nor many connections' made one after another, can push out the cursor of a
+    connection that holds fewer, as long as fewer than CURSORS connections scan."""
 
     def __init__(self, size: int = CURSORS, per_owner: int = PER_OWNER) -> None:
         self.size, self.per_owner = size, per_owner
         self._next = 1
-        self._by_number: collections.OrderedDict[int, tuple[int, str]] = \
-            collections.OrderedDict()
+        self._by_number: dict[int, tuple[int, str]] = {}
         self._owned: dict[int, collections.deque[int]] = {}
+        # the live owners by how many cursors each holds (1..per_owner): who gives first
+        self._by_count: list[dict[int, None]] = [{} for _ in range(per_owner + 1)]
+        self._orphans: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def number(self, cursor: str, owner: int = 0) -> int:
         if cursor == "0":
@@ -399,25 +404,47 @@ class Cursors:
         self._next += 1
         self._by_number[n] = (owner, cursor)
         mine = self._owned.setdefault(owner, collections.deque())
+        before = len(mine)
         mine.append(n)
-        while len(mine) > self.per_owner:
+        if len(mine) > self.per_owner:
             self._by_number.pop(mine.popleft(), None)
+        self._recount(owner, before, len(mine))
         while len(self._by_number) > self.size:
-            old, (who, _) = self._by_number.popitem(last=False)
-            theirs = self._owned.get(who)
-            if theirs:
-                try:
-                    theirs.remove(old)
-                except ValueError:
-                    pass
-                if not theirs:
-                    del self._owned[who]
+            self._evict()
         return n
 
+    def _recount(self, owner: int, before: int, after: int) -> None:
+        if before != after:
+            if before:
+                self._by_count[before].pop(owner, None)
+            if after:
+                self._by_count[after][owner] = None
+
+    def _evict(self) -> None:
+        if self._orphans:
+            old, _ = self._orphans.popitem(last=False)
+            self._by_number.pop(old, None)
+            return
+        for count in range(self.per_owner, 0, -1):
+            if self._by_count[count]:
+                owner = next(iter(self._by_count[count]))
+                mine = self._owned[owner]
+                self._by_number.pop(mine.popleft(), None)
+                self._recount(owner, count, count - 1)
+                if not mine:
+                    del self._owned[owner]
+                return
+        self._by_number.pop(next(iter(self._by_number)))  # (not reached: all are owned)
+
     def forget_owner(self, owner: int) -> None:
-        """A connection closed: its cursors stay usable (from another connection) but
-        count against nobody's share; the oldest overall go first."""
-        self._owned.pop(owner, None)
+        """A connection closed: its cursors stay usable (from another connection) until
+        room is needed, when they are the first to go."""
+        mine = self._owned.pop(owner, None)
+        if mine:
+            self._by_count[len(mine)].pop(owner, None)
+            for n in mine:
+                if n in self._by_number:
+                    self._orphans[n] = None
 
     def cursor(self, text: bytes) -> str:
         if not text.isdigit() or len(text) > 20:
@@ -636,7 +663,7 @@ def plan_command(session: Session, args: list[bytes], ctx: Context) -> Plan:
         return _refused(session, _unknown(args))
     n = len(args)
     if (ctx.password is not None and not session.authed
-            and name not in (b"auth", b"hello", b"quit")):
+            and name not in (b"auth", b"hello", b"quit", b"reset")):
         return Reply(error("NOAUTH Authentication required."))
     if (spec.arity > 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
         why = f"wrong number of arguments for '{spec.name}' command"
@@ -926,8 +953,7 @@ def _plan_auth(s: Session, a: list[bytes], ctx: Context) -> Plan:
     if len(a) > 3:
         raise CommandError("syntax error")
     user, password = (b"default", a[1]) if len(a) == 2 else (a[1], a[2])
-    if not _password_ok(ctx, user, password):
-        s.authed = False
+    if not _password_ok(ctx, user, password):  # (a login already made stays, as Redis's)
         return Reply(error(_WRONGPASS))
     s.authed = True
     return Reply(OK)
@@ -991,13 +1017,19 @@ def _plan_client(s: Session, a: list[bytes], ctx: Context) -> Plan:
     if sub == b"ID" and len(a) == 2:
         return Reply(integer(s.id))
     if sub == b"SETINFO" and len(a) == 4:
-        attr = a[2].upper()
-        if attr == b"LIB-NAME":
-            s.lib_name = a[3]
-        elif attr == b"LIB-VER":
-            s.lib_ver = a[3]
-        else:
+        attr, value = a[2].upper(), a[3]
+        if attr not in (b"LIB-NAME", b"LIB-VER"):
             raise CommandError(f"Unrecognized option '{_text(a[2])[:64]}'")
+        # (as Redis checks them: shown in CLIENT INFO, they must not forge its fields)
+        if any(c <= 0x20 or c >= 0x7F for c in value):
+            raise CommandError(f"{attr.decode()} cannot contain spaces, newlines or special "
+                               "characters.")
+        if len(value) > CLIENT_INFO_MAX:
+            raise CommandError(f"{attr.decode()} is over {CLIENT_INFO_MAX} bytes")
+        if attr == b"LIB-NAME":
+            s.lib_name = value
+        else:
+            s.lib_ver = value
         return Reply(OK)
     if sub == b"INFO" and len(a) == 2:
         return Reply(bulk(client_line(s).encode()))
