@@ -213,7 +213,11 @@ def test_resp_auth_is_asked_before_anything_else() -> None:
     assert run(b"HELLO", b"3").startswith(b"-NOAUTH HELLO must be called")
     assert run(b"AUTH", b"wrong").startswith(b"-WRONGPASS")
     assert run(b"AUTH", b"nobody", b"s3cret").startswith(b"-WRONGPASS")
+    assert run(b"RESET") == b"+RESET\r\n"  # (taken before AUTH, as Redis takes it)
     assert run(b"AUTH", b"s3cret") == b"+OK\r\n"
+    assert run(b"PING") == b"+PONG\r\n"
+    # a wrong password after a login (a pooled client during a rotation) keeps the login
+    assert run(b"AUTH", b"old-password").startswith(b"-WRONGPASS")
     assert run(b"PING") == b"+PONG\r\n"
     assert run(b"RESET") == b"+RESET\r\n"
     assert run(b"PING").startswith(b"-NOAUTH")  # RESET forgets the login, as Redis's

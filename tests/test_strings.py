@@ -105,6 +105,13 @@ def test_counters_are_signed_64_bit_decimal_text() -> None:
         assert ks.get(b"bad", T0) == bad  # unchanged
     S.set_(ks, b"t", b"5", {"ex": 100}, T0)
     assert S.incrby(ks, b"t", 1, T0)[0] == 6 and ks.deadline(b"t") == T0 + 100_000
+    # DECRBY of -2**63: its negation is no 64-bit integer, refused whatever the value
+    # (even where the sum would fit: -2**63 - (-2**63) == 0), as Redis refuses it
+    ks.set(b"min", str(S.INT64_MIN).encode())
+    with pytest.raises(CommandError, match="decrement would overflow"):
+        S.decrby(ks, b"min", S.INT64_MIN, T0)
+    assert ks.get(b"min", T0) == str(S.INT64_MIN).encode()
+    assert S.decrby(ks, b"n", 5, T0)[0] == -15
 
 
 def test_append_strlen_getset_getdel_setnx_msetnx() -> None:

@@ -169,7 +169,7 @@ class Node:
             "INCR": lambda a: self._wrote(strings.incrby(self._ks, a[0], 1, _now())),
             "DECR": lambda a: self._wrote(strings.incrby(self._ks, a[0], -1, _now())),
             "INCRBY": lambda a: self._wrote(strings.incrby(self._ks, a[0], a[1], _now())),
-            "DECRBY": lambda a: self._wrote(strings.incrby(self._ks, a[0], -a[1], _now())),
+            "DECRBY": lambda a: self._wrote(strings.decrby(self._ks, a[0], a[1], _now())),
             "EXPIRE": lambda a: self._expire("EXPIRE", a),
             "PEXPIRE": lambda a: self._expire("PEXPIRE", a),
             "EXPIREAT": lambda a: self._expire("EXPIREAT", a),

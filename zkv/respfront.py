@@ -43,6 +43,7 @@ MIN_IN_FLIGHT = 8  # ...however large its replies
 FIRST_IN_FLIGHT = 16  # in flight before the size of a connection's replies is known
 MAX_PER_TURN = 256  # messages read from the socket in one loop turn
 RECV_HWM = 64
+LISTEN_BACKLOG = 511  # as redis-server (the kernel caps it at net.core.somaxconn)
 
 
 class Slot:
@@ -106,6 +107,9 @@ class RespFront:
         # per connection: at most this many reads (of up to 8 KiB) queue in ZeroMQ before
         # it stops reading that connection (TCP then holds the client back)
         sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+        # connections waiting to be accepted: Redis's tcp-backlog (ZeroMQ's 100 made a
+        # burst of new connections wait a second each for the kernel to retry)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         try:
             sock.bind(f"tcp://{self.address}")
         except zmq.ZMQError as exc:

@@ -58,7 +58,7 @@ from .guard import (
     raise_fd_limit,
     rss_bytes,
 )
-from .respfront import RespFront
+from .respfront import LISTEN_BACKLOG, RespFront
 from .security import Curve, check_exposure, check_resp_exposure, require
 
 log = logging.getLogger("zkv.proxy")
@@ -901,6 +901,7 @@ class ProxyShell:
         front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         front.setsockopt(zmq.RCVHWM, 100_000)
         front.setsockopt(zmq.IPV6, 1)
+        front.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # (a burst of clients, as on RESP)
         try:
             check_exposure(self.host, self.curve, self.insecure, f"proxy {self.address}")
             if self.resp_port:

@@ -174,6 +174,14 @@ def incrby(ks: Keyspace, key: bytes, delta: int, now: int) -> tuple[int, bytes]:
     return new, ks.set(key, str(new).encode(), deadline)
 
 
+def decrby(ks: Keyspace, key: bytes, amount: int, now: int) -> tuple[int, bytes]:
+    """DECRBY: INCRBY of -amount; of -2**63 (whose negation is no 64-bit integer) it is
+    refused whatever the value, as Redis refuses it."""
+    if amount == INT64_MIN:
+        raise CommandError("decrement would overflow")
+    return incrby(ks, key, -amount, now)
+
+
 def getset(ks: Keyspace, key: bytes, value: bytes, now: int) -> tuple[Any, bytes]:
     """GETSET key value: the old value; the key's deadline goes."""
     old = ks.get(key, now)
