@@ -679,3 +679,21 @@ def test_flushall_from_zkv_cli_empties_every_node_or_nothing(cluster: Cluster) -
         if addr != victim:
             with zkv.Client(addr, timeout=2.0) as node:
                 assert int(node.call("DBSIZE")) > 0  # every other node kept its keys
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_of_many_keys_with_a_node_down_says_what_went(cluster: Cluster) -> None:
+    """DEL of keys on every node, one node down: the error says how many keys were not
+    deleted and how many of the others were (they went: a client told only of the
+    failure would take them for still there), from zkv.Client and from RESP alike."""
+    c = cluster.client(retries=0)
+    victim = cluster.node_addrs[0]
+    gone = keys_on(c, victim, "dv:", 2)
+    others = [k for addr in cluster.node_addrs[1:] for k in keys_on(c, addr, "do:", 2)]
+    c.mset({k: "v" for k in gone + others})
+    cluster.kill_node(victim)
+    cluster.wait_state(victim, "down", timeout=10.0)
+    with pytest.raises(zkv.NodeUnavailable, match=f"node {victim} is down; 2 of the 6 keys "
+                                                  "were not deleted, and 4 of the others were"):
+        c.delete(*gone, *others)
+    assert c.exists(*others) == 0

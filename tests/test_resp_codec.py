@@ -203,8 +203,14 @@ def test_shapes_turn_zkv_results_into_redis_replies() -> None:
     assert get.shape(None, s2) == b"$-1\r\n" and get.shape(None, s3) == b"_\r\n"
     dels = plan(b"DEL", b"a", b"a", b"b")
     assert dels.shape([[0, True], [0, False], [0, True]], s2) == b":2\r\n"
+    # a DEL whose key's node failed: the error, saying what went elsewhere
+    down = [P.ERR, "NODE_DOWN", "node 127.0.0.1:1 is down"]
+    assert dels.shape([[0, True], down, [0, False]], s2) == (
+        b"-CLUSTERDOWN node 127.0.0.1:1 is down; 1 of the 3 keys were not deleted, and 1 of "
+        b"the others were\r\n")
     exists = plan(b"EXISTS", b"a", b"a")
     assert exists.shape([[0, 1], [0, 1]], s2) == b":2\r\n"
+    assert exists.shape([[0, 1], down], s2) == b"-CLUSTERDOWN node 127.0.0.1:1 is down\r\n"
     assert plan(b"MGET", b"a", b"b").shape([b"1", None], s2) == b"*2\r\n$1\r\n1\r\n$-1\r\n"
     assert plan(b"TYPE", b"a").shape(1, s2) == b"+string\r\n"
     assert plan(b"TYPE", b"a").shape(0, s2) == b"+none\r\n"

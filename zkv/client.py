@@ -394,11 +394,18 @@ class Client(StringCommands):
 
     def _count(self, op: str, keys: Sequence[Key]) -> int:
         names = [to_bytes(k, "key") for k in keys]
-        total = 0
+        total, failed, first = 0, 0, None
         for result in self.call_many([(op, [k]) for k in names]):
             if isinstance(result, ZkvError):
-                raise result
-            total += int(result)
+                failed += 1
+                first = first or result
+            else:
+                total += int(result)
+        if first is not None and op == "DEL":  # (the other keys went: say so)
+            raise type(first)(f"{first.message}; {failed} of the {len(names)} keys were not "
+                              f"deleted, and {total} of the others were", first.details)
+        if first is not None:
+            raise first
         return total
 
     def mget(self, keys: Sequence[Key] | Key) -> list[bytes | None]:

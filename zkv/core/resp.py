@@ -755,13 +755,34 @@ def _shape_count(result: Any, s: Session) -> bytes:
     """A PIPE of DELs or EXISTSes: how many said yes (the first error, if any)."""
     if isinstance(result, ZkvError):
         return error_reply(result)
-    total = 0
+    total, first = 0, None
     for item in result:
         try:
             total += int(P.result_of(item))
         except ZkvError as exc:
-            return error_reply(exc)
+            first = first or exc
+    if first is not None:
+        return error_reply(first)
     return integer(total)
+
+
+def _shape_deleted(result: Any, s: Session) -> bytes:
+    """A PIPE of DELs: how many went. If a key's node failed, the error, saying what
+    the other nodes did: their keys went, and a client told only of the failure would
+    take them for still there."""
+    if isinstance(result, ZkvError):
+        return error_reply(result)
+    deleted, failed, first = 0, 0, None
+    for item in result:
+        try:
+            deleted += int(P.result_of(item))
+        except ZkvError as exc:
+            failed += 1
+            first = first or exc
+    if first is None:
+        return integer(deleted)
+    return error(f"{_PREFIX.get(first.code, 'ERR')} {first.message}; {failed} of the "
+                 f"{len(result)} keys were not deleted, and {deleted} of the others were")
 
 
 def _shape_type(result: Any, s: Session) -> bytes:
@@ -851,7 +872,8 @@ def _plan_keys_count(op: str) -> Callable[[Session, list[bytes], Context], Plan]
         if len(keys) > ctx.limits.max_batch:
             raise LimitExceeded(f"{op} of {len(keys)} keys is over the batch limit of "
                                 f"{ctx.limits.max_batch}")
-        return _req(ctx, "PIPE", [[[op, k] for k in keys]], _shape_count)
+        return _req(ctx, "PIPE", [[[op, k] for k in keys]],
+                    _shape_deleted if op == "DEL" else _shape_count)
     return plan
 
 
