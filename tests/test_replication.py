@@ -548,6 +548,13 @@ def test_a_replica_removed_while_down_is_told_once_it_is_back(make_cluster: Any)
     removed = next(cluster.topo.path.parent.glob("**/removed.json"))
     assert json.loads(removed.read_text())["replicas"][replica]["told"] is True
     assert c.get(b"k") == b"v"
+    # the node says so, when told and at each start after (not "a primary of shard")
+    out = f"node {replica} is no longer in the cluster"
+    wait_until(lambda: out in cluster.nodes[replica].output, 5, what="the node saying so")
+    cluster.kill_node(replica)
+    cluster.start_node(replica)
+    wait_until(lambda: out in cluster.nodes[replica].output, 10, what="it saying so again")
+    assert "is the primary of shard" not in cluster.nodes[replica].output
 
 
 def test_a_shards_first_node_comes_back_to_it_after_a_failover_and_removal(

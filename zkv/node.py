@@ -1162,6 +1162,7 @@ class Node:
             except ZkvError as exc:
                 raise ProtocolError(f"config: {exc}") from None
         self._check_same_node(state, address)
+        was_named = self.placement is not None and self._named()
         try:
             durable.write_json(path, {"config": state.to_json(), "name": name,
                                       "address": address})
@@ -1172,7 +1173,14 @@ class Node:
         self.cluster_tag = P.cluster_tag(state.cluster)
         self.repl.configure(state, name, address)
         self.hold_until = 0.0  # (a handover's held requests run, at this epoch)
+        if was_named and not self._named():
+            log.warning("%s", self._out_of_cluster())
         return {"epoch": self.epoch}
+
+    def _out_of_cluster(self) -> str:
+        return (f"node {self.address} is no longer in the cluster (its configuration, epoch "
+                f"{self.epoch}, does not name it): it serves nothing until it is added again "
+                "(ADD, or REPLICA ADD)")
 
     def _named(self) -> bool:
         """Whether the configuration this node holds names it (as a member, a moving node,
@@ -1224,6 +1232,8 @@ class Node:
             self.cluster_tag = P.cluster_tag(state.cluster)
             self.repl.configure(state, self.ring_name,
                                 address if isinstance(address, str) else None)
+            if not self._named():
+                log.warning("%s", self._out_of_cluster())
         except (ValueError, ZkvError, AttributeError) as exc:
             log.warning("%s: cannot use the kept cluster configuration (%s); waiting for the "
                         "config manager to send it", path, exc)
