@@ -170,6 +170,8 @@ def test_data_commands_become_checked_zkv_requests() -> None:
     p = plan(b"SET", b"k", b"v", b"EX", b"10", b"NX")
     assert isinstance(p, resp.Forward) and p.args == [b"k", b"v", {"ex": 10, "nx": True}]
     assert b"syntax error" in plan(b"SET", b"k", b"v", b"EX").data
+    for bad in (b"05", b"-0", b"+5", b" 5"):  # integers as Redis reads them (string2ll)
+        assert b"not an integer" in plan(b"SET", b"k", b"v", b"EX", bad).data, bad
 
 
 @pytest.mark.parametrize(("words", "message"), [

@@ -250,7 +250,7 @@ def _amount(value: Any, what: str) -> int:
     """An integer argument: an int, or its decimal text (as typed, or from RESP)."""
     if isinstance(value, (bytes, str)):
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-        if not re.fullmatch(r"-?[0-9]{1,19}", text):
+        if not re.fullmatch(r"0|-?[1-9][0-9]{0,18}", text):  # (as Redis: no "05", no "-0")
             raise ProtocolError(f"value is not an integer or out of range ({what}: "
                                 f"{text[:32]!r})")
         value = int(text)
