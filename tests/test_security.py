@@ -440,6 +440,36 @@ def test_a_nodes_pull_socket_takes_pushes_only_from_cluster_keys(secure: Any,
     assert f"key {public_of(keys.client)} is a client key" in secure.nodes[node].output
 
 
+def test_a_cluster_key_removed_is_cut_off_a_push_it_opened_before(
+        procs: Any, keys: Keys, tmp_path: Path, zctx: Any) -> None:
+    """helper-21: ZAP sees only a connection's handshake, so a key taken out of
+    --cluster-keys could go on pushing batches on a PUSH opened before; each batch's
+    key is checked now."""
+    extra = tmp_path / "extra"
+    public, secret = keygen(str(extra / "backup"))
+    port = free_port()
+    node = procs.start("node", "--port", str(port), "--data-dir", str(tmp_path / "n"),
+                       "--curve-key", keys.cluster_secret, "--clients", keys.clients,
+                       "--cluster-keys", str(extra), ready="zkv node")
+    with zkv.Client(f"127.0.0.1:{port}", timeout=3.0, curve_key=keys.cluster_secret,
+                    server_key=keys.cluster) as c:
+        pull = c.call("XSTAT")["pull_port"]
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    Curve.client(secret, keys.cluster).connect(push)
+    push.connect(f"tcp://127.0.0.1:{pull}")
+    push.send(b"not a batch")
+    wait_until(lambda: "dropped a bad transfer batch" in node.output, 10,
+               what="the batch read while the key is allowed")
+    os.unlink(public)
+    wait_until(lambda: "key directories changed" in node.output, 10, what="the refresh")
+    push.send(b"not a batch either")
+    key = public_of(secret)
+    wait_until(lambda: f"dropped a transfer batch from key {key}" in node.output, 10,
+               what="the batch refused")
+    push.close(0)
+
+
 def test_adding_a_key_lets_it_in_and_removing_it_cuts_it_off_without_a_restart(
         make_cluster: Any, keys: Keys, tmp_path: Path) -> None:
     cluster = make_cluster(nodes=1, security=keys)
@@ -494,6 +524,14 @@ def test_insecure_setups_off_loopback_refuse_to_start(procs: Any, tmp_path: Path
     bad = procs.start("node", "--port", str(free_port()), "--data-dir", str(tmp_path / "b"),
                       "--curve-key", str(loose))
     assert bad.wait_exit(20) == 1 and "run chmod 600" in bad.output
+    # a node whose server key is not its own: its replication and stream links would
+    # never get through (helper-21: promoted, its replicas never synced, nothing said)
+    other = procs.start("node", "--port", str(free_port()), "--data-dir", str(tmp_path / "o"),
+                        "--curve-key", keys.cluster_secret, "--clients", keys.clients,
+                        "--server-key", keys.client.removesuffix("_secret"))
+    assert other.wait_exit(20) == 1 and "is not the public half of this node's key" \
+        in other.output and "Traceback" not in other.output
+    assert not (tmp_path / "o").exists()
     # --insecure: knowingly, and it starts
     procs.start("node", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir",
                 str(tmp_path / "i"), "--insecure", ready="zkv node")

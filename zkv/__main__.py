@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import FSYNC_POLICIES
-from .errors import ZkvError
+from .errors import ConfigError, ZkvError
 
 EXIT_USAGE = 2
 
@@ -72,7 +72,7 @@ def _security(args: argparse.Namespace, topo: Any, what: str) -> Any:
 
 
 def _secure(args: argparse.Namespace, topo: Any, host: str, what: str,
-            resp_port: int | None = None) -> Callable[[Any], None]:
+            resp_port: int | None = None, node: bool = False) -> Callable[[Any], None]:
     """Check a node's or proxy's security settings before anything is opened or written
     (off loopback without CURVE, it must not start: not even lock a state directory);
     returns what gives the server its CURVE identity (and the RESP front its password)."""
@@ -80,6 +80,14 @@ def _secure(args: argparse.Namespace, topo: Any, host: str, what: str,
     from .security import check_exposure, check_resp_exposure, read_password
 
     settings, curve = _security(args, topo, what)
+    if node and curve is not None and curve.server_public != curve.public:
+        # (a node presents its own key to every peer, and its links to other nodes,
+        # replication's and streams', expect the server key: the two are one key, or
+        # those links never get through, and nothing said so)
+        raise ConfigError(
+            f"{what}: the server key ({settings.server_key}) is not the public half of this "
+            f"node's key ({settings.key}): every node holds the one cluster key, which it "
+            "presents and expects of other nodes; leave the server key out")
     check_exposure(host, curve, settings.insecure, what)
     password = (read_password(settings.resp_password_file)
                 if settings.resp_password_file and resp_port else None)
@@ -140,7 +148,7 @@ def _node(args: argparse.Namespace) -> int:
         client_buffer_bytes=cfg.client_buffer_bytes,
     )
     node.metrics_port = args.metrics_port or cfg.metrics_port
-    _secure(args, topo, cfg.host, f"node {node.address}")(node)
+    _secure(args, topo, cfg.host, f"node {node.address}", node=True)(node)
     node.run(on_ready=lambda line: print(line, flush=True))
     return 0
 

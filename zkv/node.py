@@ -211,6 +211,7 @@ class Node:
         self.cluster_tag = b""  # names its cluster in envelopes (zkv.core.protocol)
         self._checking = False  # the request being run is checked key by key
         self.routers: dict[bytes, float] = {}  # who sent envelopes lately, and when
+        self._refused_pushers: set[str] = set()  # keys whose stream batches were dropped
         self.repl = Replicator(self)  # this node's part in its shard's replication
         self.touched = False  # the request being run read or wrote data (see serve)
         # A planned handover (XHANDOVER): until then (monotonic; 0: none), or until the
@@ -1258,6 +1259,7 @@ class Node:
         storage = self.storage
         busy = False
         next_tidy = 0.0
+        pull_keys = self.curve.keyring if self.curve is not None else None
         served, expire_next = False, 0.0  # (requests since active expiry's last slice)
         while not self._stop:
             events = dict(poller.poll(0 if busy else 100))
@@ -1311,9 +1313,16 @@ class Node:
                 bodies = []
                 for _ in range(8):
                     try:
-                        bodies.append(pull.recv(zmq.NOBLOCK))
+                        frame = pull.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
+                    # (a key taken out of the key directories is refused at once, even
+                    # on a connection it opened before: ZAP saw only its handshake)
+                    if pull_keys is not None and pull_keys.role(
+                            str(frame.get("User-Id"))) != CLUSTER:
+                        self._refused_push(str(frame.get("User-Id")))
+                        continue
+                    bodies.append(frame.bytes)
                 try:
                     self.receive(bodies)
                 except StorageError as exc:
@@ -1341,6 +1350,14 @@ class Node:
                              "back", len(storage.keyspace))
                 if self.curve is not None and self.curve.keyring is not None:
                     self.curve.keyring.refresh(now)
+
+    def _refused_push(self, user: str) -> None:
+        """A stream batch from a key that has no cluster rights now: dropped, said once."""
+        self.errors += 1
+        if user not in self._refused_pushers:
+            self._refused_pushers.add(user)
+            log.warning("dropped a transfer batch from key %s: it has no cluster rights "
+                        "(now; was it taken out of the key directories?)", user)
 
     def expire_due(self, limit: int) -> bool:
         """Active expiry, at most ``limit`` keys a turn: delete keys whose deadline has
