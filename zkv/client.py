@@ -618,8 +618,9 @@ class MoveHandle:
             if member != (self.kind == "add"):
                 where = "not" if self.kind == "add" else "still"
                 raise ClusterError(f"move {self.id} ({self.kind.upper()} {self.node}) did not "
-                                   f"finish: it was rolled back (MOVE ABORT), and {self.node} "
-                                   f"is {where} a member")
+                                   "finish: it was rolled back (MOVE ABORT, or a REMOVE "
+                                   f"--force of its node), and {self.node} is {where} a "
+                                   "member")
         out = {**self.plan, "finished": True, "epoch": now["epoch"]}
         if last is not None:
             out["streams"] = last.get("streams", [])

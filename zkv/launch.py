@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from . import lockfile
-from .config import Topology, load_topology
+from .config import Topology, format_address, load_topology
 from .errors import ClusterError, ConfigError
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -99,7 +99,7 @@ def _ports_taken(topology: Topology) -> list[str]:
                 probe.bind(where)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    out.append(f"{host}:{port} ({who})")
+                    out.append(f"{format_address(host, port)} ({who})")
     return out
 
 

@@ -199,6 +199,7 @@ class MoveDriver:
         self.gen = 0  # bumped on every phase change: replies to older steps are ignored
         self.error: str | None = None
         self.finished = False
+        self.counts: dict[tuple[str, str], dict[str, Any]] = {}  # each stream's last report
         self.aborted = False  # MOVE ABORT was taken (in prepare: the move is just gone)
         self.next_at = time.monotonic() + phase_pause(self.phase)
         self._reset_streams()
@@ -482,6 +483,8 @@ class MoveDriver:
                 "bytes": inc.get("bytes", 0) if inc else 0,
                 "total": out.get("total_keys") if out else None,
             }
+            if inc:  # (kept past the phase's end, for outcome())
+                self.counts[pair] = self.progress[pair]
             if inc and inc.get("done"):
                 self.done_streams.add(pair)
             elif inc and inc.get("broken"):
@@ -538,7 +541,11 @@ class MoveDriver:
     def outcome(self) -> dict[str, Any]:
         """What a finished move came to: its last status, and ``outcome``: "finished"
         (the new membership is in effect) or "rolled back" (MOVE ABORT: the old one is)."""
-        return {**self.status(), "phase": "done",
+        status = self.status()
+        for st in status["streams"]:  # (the counts a stream ended with: a phase that
+            # came after it, a rollback's cleanup say, has reset what status() reads)
+            st.update(self.counts.get((st["source"], st["dest"]), {}))
+        return {**status, "phase": "done",
                 "outcome": "rolled back" if self.aborted or self.reverting else "finished"}
 
     def status(self) -> dict[str, Any]:

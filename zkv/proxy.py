@@ -791,6 +791,12 @@ class Proxy(ProxyShell):
             elif move["node"] == addr and move["kind"] == "add":
                 message = ("giving up the ADD of " + addr + ": "
                            + self.driver.abort(force=True))
+                # (what it held were copies, still at their old owners: only the writes
+                # it took during the move are lost)
+                lost = ("the writes it took during the move (of its "
+                        + (f"{known[0]} keys as it last reported" if known else
+                           "keys, a number not reported") + "; the rest are still on their "
+                        "old owners)")
             else:
                 raise ClusterError(
                     f"{addr} is part of move {move['id']} ({move['kind'].upper()} "

@@ -275,6 +275,9 @@ class ProxyShell:
         self.poller.unregister(sock)
         sock.close(0)
         self.health.forget(addr)
+        # (a link made again to this address starts up: the router must not keep it down,
+        # since no heartbeat will ever tell it the node came back)
+        self.router.set_down(addr, False, time.monotonic())
 
     # -- sending ---------------------------------------------------------------
     def _forward(self, addr: str, body: bytes, target: Any, part: int = -1,
