@@ -227,6 +227,12 @@ def test_resp_auth_is_asked_before_anything_else() -> None:
     open_ctx = resp.Context(P.DEFAULT_LIMITS, resp.Cursors())
     plan = resp.plan_command(resp.Session(2), [b"AUTH", b"x"], open_ctx)
     assert isinstance(plan, resp.Reply) and b"without any password configured" in plan.data
+    # with a user, as Redis answers it when the default user has no password
+    for words, reply in (([b"AUTH", b"default", b"x"], b"+OK\r\n"),
+                         ([b"AUTH", b"alice", b"x"], b"-WRONGPASS"),
+                         ([b"AUTH", b"a", b"b", b"c"], b"-ERR syntax error")):
+        plan = resp.plan_command(resp.Session(2), words, open_ctx)
+        assert isinstance(plan, resp.Reply) and plan.data.startswith(reply), (words, plan)
 
 
 # -- through real processes ------------------------------------------------------------------

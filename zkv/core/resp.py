@@ -969,11 +969,13 @@ def _password_ok(ctx: Context, user: bytes, password: bytes) -> bool:
 
 
 def _plan_auth(s: Session, a: list[bytes], ctx: Context) -> Plan:
-    if ctx.password is None:
-        raise CommandError("AUTH <password> called without any password configured for the "
-                           "default user. Are you sure your configuration is correct?")
     if len(a) > 3:
         raise CommandError("syntax error")
+    if ctx.password is None:
+        if len(a) == 3:  # (the default user has no password: as Redis's nopass, any will do)
+            return Reply(OK) if a[1] == b"default" else Reply(error(_WRONGPASS))
+        raise CommandError("AUTH <password> called without any password configured for the "
+                           "default user. Are you sure your configuration is correct?")
     user, password = (b"default", a[1]) if len(a) == 2 else (a[1], a[2])
     if not _password_ok(ctx, user, password):  # (a login already made stays, as Redis's)
         return Reply(error(_WRONGPASS))
