@@ -172,6 +172,15 @@ def test_data_commands_become_checked_zkv_requests() -> None:
     assert b"syntax error" in plan(b"SET", b"k", b"v", b"EX").data
     for bad in (b"05", b"-0", b"+5", b" 5"):  # integers as Redis reads them (string2ll)
         assert b"not an integer" in plan(b"SET", b"k", b"v", b"EX", bad).data, bad
+    # an option twice is taken, the last EX counting; conflicting ones are refused
+    # (as redis-server 7 answers each)
+    p = plan(b"SET", b"k", b"v", b"EX", b"10", b"EX", b"20", b"NX", b"NX", b"GET", b"GET")
+    assert isinstance(p, resp.Forward) and p.args == [b"k", b"v",
+                                                      {"ex": 20, "nx": True, "get": True}]
+    assert isinstance(plan(b"SET", b"k", b"v", b"KEEPTTL", b"KEEPTTL"), resp.Forward)
+    assert isinstance(plan(b"GETEX", b"k", b"PERSIST", b"PERSIST"), resp.Forward)
+    for words in ([b"EX", b"10", b"PX", b"100"], [b"EX", b"10", b"KEEPTTL"], [b"NX", b"XX"]):
+        assert b"syntax error" in plan(b"SET", b"k", b"v", *words).data, words
 
 
 @pytest.mark.parametrize(("words", "message"), [

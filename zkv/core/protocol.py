@@ -295,19 +295,20 @@ def _set_options(value: Any, limits: Limits, getex: bool = False) -> dict[str, A
 
 def options_from_words(command: str, words: list[bytes]) -> dict[str, Any]:
     """The options map of SET or GETEX from the words a user (or a Redis client) gives
-    after the key and value, as Redis takes them: ``EX 10 NX GET``."""
+    after the key and value, as Redis takes them: ``EX 10 NX GET``. An option given
+    twice is taken (the last EX of ``EX 10 EX 20`` counts), as Redis takes it; two
+    options that conflict (EX and PX, NX and XX) are refused."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(words):
         word = words[i].decode("ascii", "replace").lower()
         if word in _EXPIRY or word == "ifeq" and command == "SET":
-            if i + 1 >= len(words) or word in out:
+            if i + 1 >= len(words):
                 raise ProtocolError("syntax error")
             out[word] = words[i + 1] if word == "ifeq" else _amount(words[i + 1], word.upper())
             i += 2
             continue
-        if (word in _SET_FLAGS and command == "SET" or word == "persist" and command == "GETEX") \
-                and word not in out:
+        if word in _SET_FLAGS and command == "SET" or word == "persist" and command == "GETEX":
             out[word] = True
             i += 1
             continue
