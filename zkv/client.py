@@ -402,8 +402,8 @@ class Client(StringCommands):
             else:
                 total += int(result)
         if first is not None and op == "DEL":  # (the other keys went: say so)
-            raise type(first)(f"{first.message}; {failed} of the {len(names)} keys were not "
-                              f"deleted, and {total} of the others were", first.details)
+            raise type(first)(P.partial_delete(first.message, failed, len(names), total),
+                              first.details)
         if first is not None:
             raise first
         return total

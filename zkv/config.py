@@ -404,6 +404,25 @@ class Topology:
             out.extend(self.replicas.get(n.address, ()))
         return out
 
+    def listeners(self) -> list[tuple[str, str, int]]:
+        """(who, host, port) for every port the topology's processes listen on."""
+        out: list[tuple[str, str, int]] = []
+        for n in self.all_nodes():
+            out.append((f"node {n.address}", n.host, n.port))
+            if n.metrics_port:
+                out.append((f"node {n.address}'s metrics", n.host, n.metrics_port))
+        p = self.proxy
+        out.append(("the proxy", p.host, p.port))
+        out += [(f"the proxy's {what}", p.host, port)
+                for what, port in (("RESP front", p.resp_port), ("metrics", p.metrics_port))
+                if port]
+        for f in self.followers:
+            out.append((f"follower {f.address}", f.host, f.port))
+            out += [(f"follower {f.address}'s {what}", f.host, port)
+                    for what, port in (("RESP front", f.resp_port),
+                                       ("metrics", f.metrics_port)) if port]
+        return out
+
     def replica_map(self) -> dict[str, list[str]]:
         """Shard name -> its replicas' addresses (shards with replicas only)."""
         return {k: [r.address for r in v] for k, v in self.replicas.items() if v}

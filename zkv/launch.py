@@ -65,29 +65,10 @@ def _in_use(topology: Topology) -> list[str]:
     return out
 
 
-def _ports(topology: Topology) -> list[tuple[str, str, int]]:
-    """(who, host, port) for every port the topology's processes listen on."""
-    out: list[tuple[str, str, int]] = []
-    for n in topology.all_nodes():
-        out.append((f"node {n.address}", n.host, n.port))
-        if n.metrics_port:
-            out.append((f"node {n.address}'s metrics", n.host, n.metrics_port))
-    p = topology.proxy
-    out.append(("the proxy", p.host, p.port))
-    out += [(f"the proxy's {what}", p.host, port)
-            for what, port in (("RESP front", p.resp_port), ("metrics", p.metrics_port)) if port]
-    for f in topology.followers:
-        out.append((f"follower {f.address}", f.host, f.port))
-        out += [(f"follower {f.address}'s {what}", f.host, port)
-                for what, port in (("RESP front", f.resp_port), ("metrics", f.metrics_port))
-                if port]
-    return out
-
-
 def _ports_taken(topology: Topology) -> list[str]:
     """The topology's ports that something on this machine already listens on."""
     out = []
-    for who, host, port in _ports(topology):
+    for who, host, port in topology.listeners():
         try:
             family, kind, proto, _, where = socket.getaddrinfo(host, port,
                                                                type=socket.SOCK_STREAM)[0]

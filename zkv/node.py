@@ -1318,10 +1318,11 @@ class Node:
                         break
                     # (a key taken out of the key directories is refused at once, even
                     # on a connection it opened before: ZAP saw only its handshake)
-                    if pull_keys is not None and pull_keys.role(
-                            str(frame.get("User-Id"))) != CLUSTER:
-                        self._refused_push(str(frame.get("User-Id")))
-                        continue
+                    if pull_keys is not None:
+                        user = str(frame.get("User-Id"))
+                        if pull_keys.role(user) != CLUSTER:
+                            self._refused_push(user)
+                            continue
                     bodies.append(frame.bytes)
                 try:
                     self.receive(bodies)

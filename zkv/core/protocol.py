@@ -740,6 +740,13 @@ def error_item(exc: ZkvError) -> list[Any]:
     return [ERR, exc.code, exc.message]
 
 
+def partial_delete(message: str, failed: int, keys: int, deleted: int) -> str:
+    """The error of a DEL of ``keys`` keys of which ``failed`` failed (``message``: the
+    first failure's): the others' deletes stand, so it says how many went."""
+    return (f"{message}; {failed} of the {keys} keys were not deleted, and {deleted} of the "
+            "others were")
+
+
 def result_of(item: Any) -> Any:
     """The result a decoded reply carries, or raise the error it reports."""
     if isinstance(item, list) and item:

@@ -751,19 +751,24 @@ def _shape_bulks(result: Any, s: Session) -> bytes:
     return error_reply(result) if isinstance(result, ZkvError) else bulks(result, s.proto)
 
 
-def _shape_count(result: Any, s: Session) -> bytes:
-    """A PIPE of DELs or EXISTSes: how many said yes (the first error, if any)."""
-    if isinstance(result, ZkvError):
-        return error_reply(result)
-    total, first = 0, None
+def _tally(result: list[Any]) -> tuple[int, int, ZkvError | None]:
+    """A PIPE of DELs or EXISTSes: how many said yes, how many failed, the first error."""
+    total, failed, first = 0, 0, None
     for item in result:
         try:
             total += int(P.result_of(item))
         except ZkvError as exc:
+            failed += 1
             first = first or exc
-    if first is not None:
-        return error_reply(first)
-    return integer(total)
+    return total, failed, first
+
+
+def _shape_count(result: Any, s: Session) -> bytes:
+    """A PIPE of EXISTSes: how many said yes (the first error, if any)."""
+    if isinstance(result, ZkvError):
+        return error_reply(result)
+    total, _, first = _tally(result)
+    return integer(total) if first is None else error_reply(first)
 
 
 def _shape_deleted(result: Any, s: Session) -> bytes:
@@ -772,17 +777,11 @@ def _shape_deleted(result: Any, s: Session) -> bytes:
     take them for still there."""
     if isinstance(result, ZkvError):
         return error_reply(result)
-    deleted, failed, first = 0, 0, None
-    for item in result:
-        try:
-            deleted += int(P.result_of(item))
-        except ZkvError as exc:
-            failed += 1
-            first = first or exc
+    deleted, failed, first = _tally(result)
     if first is None:
         return integer(deleted)
-    return error(f"{_PREFIX.get(first.code, 'ERR')} {first.message}; {failed} of the "
-                 f"{len(result)} keys were not deleted, and {deleted} of the others were")
+    return error(f"{_PREFIX.get(first.code, 'ERR')} "
+                 f"{P.partial_delete(first.message, failed, len(result), deleted)}")
 
 
 def _shape_type(result: Any, s: Session) -> bytes:
